@@ -1,0 +1,1 @@
+"""PEFT LoRA adapters: loading, registry, residency in the page pool, prefetch, merging."""

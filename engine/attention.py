@@ -1,0 +1,116 @@
+"""Paged attention as the model sees it: per-forward metadata and the backend that runs it.
+
+A batch is laid out decodes first: the first ``num_decodes`` tokens each belong to a
+different sequence with one new token; the remaining tokens are prefill chunks, packed.
+The backend is a variation point (a pair of ops plus a registry): the torch references run on
+the CPU, the Triton kernels on a GPU (or under the Triton interpreter in tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import paged_attention as kernels
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this forward's tokens read and write the KV cache.
+
+    Attributes:
+        new_k_slots: (num_tokens,) the page each new token's K is written to.
+        new_v_slots: (num_tokens,) the page each new token's V is written to.
+        num_decodes: how many leading tokens are single-token decodes.
+        decode_seq_lens: (num_decodes,) int32 context length including the new token.
+        decode_k_slots: (num_decodes, max_len) int32 K page of every position.
+        decode_v_slots: (num_decodes, max_len) int32 V page of every position.
+        prefill_cu_seqlens: (num_prefills + 1,) int32 offsets of each chunk among the
+            prefill tokens.
+        prefill_seq_lens: (num_prefills,) int32 context length after the chunk.
+        prefill_k_slots: (num_prefills, max_len) int32.
+        prefill_v_slots: (num_prefills, max_len) int32.
+    """
+
+    new_k_slots: torch.Tensor
+    new_v_slots: torch.Tensor
+    num_decodes: int
+    decode_seq_lens: torch.Tensor
+    decode_k_slots: torch.Tensor
+    decode_v_slots: torch.Tensor
+    prefill_cu_seqlens: torch.Tensor
+    prefill_seq_lens: torch.Tensor
+    prefill_k_slots: torch.Tensor
+    prefill_v_slots: torch.Tensor
+
+    @property
+    def num_prefills(self) -> int:
+        return int(self.prefill_seq_lens.shape[0])
+
+
+DecodeFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+PrefillFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+    torch.Tensor,
+]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A pair of paged-attention ops (see ``kernels/paged_attention.py`` for their math).
+
+    Attributes:
+        decode: ``(q, pool, k_slots, v_slots, seq_lens, scale) -> out``.
+        prefill: ``(q, pool, k_slots, v_slots, cu_seqlens, seq_lens, scale) -> out``.
+    """
+
+    name: str
+    decode: DecodeFn
+    prefill: PrefillFn
+
+    def forward(
+        self, q: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Attention for a whole batch: ``q`` (num_tokens, num_heads, head_dim)."""
+        nd = meta.num_decodes
+        parts = []
+        if nd:
+            parts.append(
+                self.decode(
+                    q[:nd], pool, meta.decode_k_slots, meta.decode_v_slots,
+                    meta.decode_seq_lens, scale,
+                )
+            )
+        if meta.num_prefills:
+            parts.append(
+                self.prefill(
+                    q[nd:], pool, meta.prefill_k_slots, meta.prefill_v_slots,
+                    meta.prefill_cu_seqlens, meta.prefill_seq_lens, scale,
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    # The torch references: the CPU execution path.
+    "torch": AttentionBackend(
+        "torch", kernels.paged_decode_attention_ref, kernels.paged_prefill_attention_ref
+    ),
+    # The Triton kernels: GPUs, and the interpreter in tests.
+    "triton": AttentionBackend(
+        "triton", kernels.paged_decode_attention, kernels.paged_prefill_attention
+    ),
+}
+
+
+def attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
+    """The named backend, or by default Triton on CUDA and the torch reference elsewhere."""
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]

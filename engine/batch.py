@@ -1,0 +1,71 @@
+"""The contract between the scheduler and the model runner: one plain description per step.
+
+The scheduler fills it; the runner turns it into tensors. Neither reaches into the other's
+state: everything the runner needs about a request for this step is copied in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one request computed in this step.
+
+    Attributes:
+        request_id: whose tokens these are.
+        token_ids: the tokens to run, at positions ``start_pos .. start_pos + len - 1``.
+        start_pos: tokens of this request already in the KV cache.
+        k_slots: the K page of every token at positions ``0 .. start_pos + len - 1``.
+        v_slots: the V page of every token at those positions.
+        sample: True when the chunk reaches the request's last token, so the step samples
+            the next token; a prefill chunk that stops short samples nothing.
+        params: how to sample.
+        generator: the request's private random stream (seeded requests), else None.
+        banned_token_ids: ids the sampler must not pick (stop tokens before ``min_tokens``).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    k_slots: list[int]
+    v_slots: list[int]
+    sample: bool
+    params: SamplingParams
+    generator: torch.Generator | None
+    banned_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this chunk."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work: chunks in the order the runner will lay them out.
+
+    Attributes:
+        chunks: every request with tokens this step.
+        preempted_ids: requests pushed back to the waiting queue by this step's schedule.
+    """
+
+    chunks: list[ScheduledChunk]
+    preempted_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks

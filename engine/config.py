@@ -1,0 +1,162 @@
+"""Engine configuration: a few frozen, validated dataclasses.
+
+"auto" values (dtype, device, pool size) are resolved by :func:`EngineConfig.create` before the
+dataclasses are built, so every field of a constructed config is concrete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Where the bundled demo model lives: served when no model directory is given.
+DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
+
+
+def resolve_dtype(name: str, model_dir: Path) -> torch.dtype:
+    """Map ``--dtype`` to a torch dtype; "auto" takes the checkpoint's ``torch_dtype``."""
+    if name == "auto":
+        config = json.loads((model_dir / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        if name not in _DTYPES:
+            name = "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how.
+
+    Attributes:
+        model_dir: a Hugging Face model directory (config.json, *.safetensors, tokenizer).
+        dtype: the dtype weights are loaded in and activations computed in.
+        device: where the model and the page pool live.
+        max_model_len: the longest sequence (prompt + generated tokens) accepted.
+    """
+
+    model_dir: Path
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise ValueError(f"{self.model_dir.name}: not a model directory (no config.json)")
+        if self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The unified page pool's size, as a page count.
+
+    A page is one vector slot of ``num_kv_heads * head_dim`` elements in every layer: one
+    token's K, or one token's V, or (later) rank-rows of an adapter.
+    """
+
+    num_pages: int
+
+    def __post_init__(self) -> None:
+        if self.num_pages < 2:
+            raise ValueError("the page pool needs at least 2 pages (one token's K and V)")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits.
+
+    Attributes:
+        max_num_seqs: the most requests running at once.
+        max_num_batched_tokens: the per-step token budget shared by prefill chunks and decodes.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, grouped by concern."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    seed: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        model_dir: str | Path | None = None,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        num_pages: int | None = None,
+        pool_memory: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        seed: int = 0,
+    ) -> EngineConfig:
+        """Build a config, resolving "auto" values from the checkpoint and the machine.
+
+        The pool is sized by ``num_pages`` or, failing that, by ``pool_memory`` bytes; with
+        neither, enough pages for ``max_num_seqs`` full-length sequences (capped at 1 GiB).
+        """
+        path = Path(model_dir) if model_dir is not None else DEMO_DIR / "model"
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path.name}: not a model directory (no config.json)")
+        hf = json.loads((path / "config.json").read_text())
+        torch_dtype = resolve_dtype(dtype, path)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        limit = _context_limit(hf)
+        model_len = min(max_model_len or limit, limit)
+        page_bytes = _page_bytes(hf, torch_dtype)
+        if num_pages is None:
+            if pool_memory is None:
+                want = 2 * model_len * max_num_seqs * page_bytes
+                pool_memory = min(want, 1 << 30)
+            num_pages = pool_memory // page_bytes
+        return cls(
+            model=ModelConfig(path, torch_dtype, dev, model_len),
+            cache=CacheConfig(num_pages),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            seed=seed,
+        )
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _context_limit(hf: dict[str, Any]) -> int:
+    """The longest context the checkpoint supports exactly.
+
+    A Mistral-style sliding window is not implemented, so contexts stop at the window, where
+    full attention and windowed attention still agree.
+    """
+    limit = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True):
+        limit = min(limit, int(window))
+    return limit
+
+
+def _page_bytes(hf: dict[str, Any], dtype: torch.dtype) -> int:
+    """Bytes one page takes across all layers."""
+    num_heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
+    width = int(hf.get("num_key_value_heads") or num_heads) * head_dim
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(hf["num_hidden_layers"]) * width * itemsize

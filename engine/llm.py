@@ -1,0 +1,48 @@
+"""A blocking, batch-at-once front end over :class:`LLMEngine`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model and generate for a list of prompts.
+
+    Example:
+        >>> llm = LLM()  # the bundled demo model
+        >>> llm.generate(["hello="], SamplingParams(temperature=0))[0].text
+        'hello'
+    """
+
+    def __init__(
+        self, model_dir: str | Path | None = None, *, attention: str | None = None, **config: Any
+    ) -> None:
+        """``config`` takes the keyword arguments of :meth:`EngineConfig.create`."""
+        self.engine = LLMEngine(EngineConfig.create(model_dir, **config), attention=attention)
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (continuously batched); outputs in prompt order."""
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not progress) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[i] for i in ids]

@@ -1,0 +1,190 @@
+"""The engine loop: ``step()`` = schedule → run → update.
+
+Requests may be added and aborted from any thread: those calls validate at once (raising
+``ValueError`` for a request that can never run) and leave the request in an inbox that the
+next ``step()`` drains, so the scheduler's state is only ever touched by the stepping thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.attention import attention_backend
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import PAGES_PER_TOKEN, KVCache
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.page_pool import PagePool
+from engine.request import Request
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous batching of generation requests over one model and its page pool.
+
+    Args:
+        config: what to load and how big the pool and the batches are.
+        attention: the attention backend by name ("torch", "triton"); default by device.
+    """
+
+    def __init__(self, config: EngineConfig, attention: str | None = None) -> None:
+        self.config = config
+        mc = config.model
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(mc.model_dir)
+        backend = attention_backend(attention, mc.device)
+        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backend)
+        arch = self.model.arch
+        self.pool = PagePool(
+            arch.num_layers, config.cache.num_pages, arch.kv_width, mc.dtype, mc.device
+        )
+        self.kv_cache = KVCache(self.pool)
+        self.eos_token_ids = _eos_token_ids(mc.model_dir, self.tokenizer)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.eos_token_ids)
+        sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
+        self.runner = ModelRunner(self.model, self.pool.layers, sampler)
+        self.requests: dict[str, Request] = {}
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.num_steps = 0
+        logger.info(
+            "page pool: %d pages of %d elements per layer (%.1f MiB)",
+            self.pool.num_pages, self.pool.page_width,
+            self.pool.num_pages * self.pool.page_bytes / 2**20,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Safe to call from any thread.
+
+        Raises:
+            ValueError: the prompt is empty or has unknown token ids, or the request can never
+                fit the model's context or the page pool.
+        """
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        self._validate(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.config.model.device)
+            generator.manual_seed(params.seed)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, ids, params.stop, params.skip_special_tokens
+            ),
+            generator=generator,
+        )
+        with self._lock:
+            if request_id in self.requests or any(r.request_id == request_id for r in self._inbox):
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._inbox.append(request)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab_size = self.model.arch.vocab_size
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        total = len(ids) + params.max_tokens
+        limit = self.config.model.max_model_len
+        if total > limit:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the context length {limit}"
+            )
+        if PAGES_PER_TOKEN * total > self.pool.num_pages:
+            raise ValueError(
+                f"the request needs up to {PAGES_PER_TOKEN * total} pages; the pool has "
+                f"{self.pool.num_pages}"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step and free its pages. Safe to call from any thread."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self.requests)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule → run → update. Returns the outputs of requests that advanced."""
+        aborted = self._drain_inbox()
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled) if not scheduled.is_empty else {}
+        advanced = self.scheduler.update(scheduled, sampled, self.requests)
+        self.num_steps += 1
+        return aborted + [self._output(r) for r in advanced]
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for request in inbox:
+            self.requests[request.request_id] = request
+            self.scheduler.add(request)
+        outputs = []
+        for request_id in aborts:
+            request = self.requests.get(request_id)
+            if request is not None and not request.finished:
+                self.scheduler.finish(request, "abort")
+                outputs.append(self._output(request))
+        return outputs
+
+    def _output(self, request: Request) -> RequestOutput:
+        finished = request.finished
+        delta = request.detokenizer.release(finished)
+        if finished:
+            del self.requests[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            text=request.detokenizer.released_text,
+            delta=delta,
+            token_ids=list(request.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            finished=finished,
+            finish_reason=request.finish_reason,
+        )
+
+    def check_integrity(self) -> None:
+        """Assert the page pool's invariants across all tenants."""
+        self.pool.check_integrity()
+        assert self.kv_cache.num_requests() <= len(self.scheduler.running)
+
+
+def _eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {int(eos)}
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

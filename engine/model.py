@@ -1,0 +1,209 @@
+"""The decoder: one plain ``nn.Module`` for the Llama, Mistral and Qwen2 families.
+
+Module names follow transformers', so a checkpoint's tensor names load as they are. The
+model keeps no per-request state: every forward receives the batch's positions, attention
+metadata and the page pool's per-layer tensors as arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.rope import RotaryEmbedding
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The shape of a supported decoder, read from its transformers config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def kv_width(self) -> int:
+        """Elements of one token's K (or V) in one layer: the page width."""
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelArch:
+        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {arch} is not supported; one of {SUPPORTED_ARCHITECTURES}")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (silu only)")
+        num_heads = config.num_attention_heads
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            qkv_bias=is_qwen2 or attention_bias,  # Qwen2 always biases q, k and v
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_positions=config.max_position_embeddings,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as transformers does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+        super().__init__()
+        self.arch = arch
+        q_width, kv_width = arch.num_heads * arch.head_dim, arch.kv_width
+        self.q_proj = nn.Linear(arch.hidden_size, q_width, bias=arch.qkv_bias)
+        self.k_proj = nn.Linear(arch.hidden_size, kv_width, bias=arch.qkv_bias)
+        self.v_proj = nn.Linear(arch.hidden_size, kv_width, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(q_width, arch.hidden_size, bias=arch.o_bias)
+        self.scale = arch.head_dim**-0.5
+        self.rope = rope  # shared by all layers; owns no parameters
+        self.backend = backend
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        pool: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        arch = self.arch
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, arch.num_heads, arch.head_dim)
+        k = self.k_proj(x).view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        v = self.v_proj(x).view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        q, k = self.rope(positions, q, k)
+        kv_pool = pool.view(-1, arch.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
+        kv_pool[meta.new_k_slots] = k
+        kv_pool[meta.new_v_slots] = v
+        out = self.backend.forward(q, kv_pool, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, arch.num_heads * arch.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+        super().__init__()
+        self.self_attn = Attention(arch, rope, backend)
+        self.mlp = MLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), pool, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, rope, backend) for _ in range(arch.num_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over packed, paged batches.
+
+    Args:
+        config: the transformers config of the checkpoint.
+        backend: the paged-attention ops to run.
+    """
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.arch = arch = ModelArch.from_config(config)
+        self.rotary_emb = RotaryEmbedding(config, arch.head_dim, arch.max_positions)
+        self.model = DecoderModel(arch, self.rotary_emb, backend)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config ties them.
+
+        Call again after ``to_empty``: materialising a meta model unties shared parameters.
+        """
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        pools: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states (num_tokens, hidden_size) of packed tokens.
+
+        Args:
+            input_ids: (num_tokens,) decodes first, then prefill chunks (see AttentionMetadata).
+            positions: (num_tokens,) each token's position in its sequence.
+            meta: where each token reads and writes the KV cache.
+            pools: the page pool's per-layer tensors, (num_pages, page_width) each.
+        """
+        x = self.model.embed_tokens(input_ids)
+        for layer, pool in zip(self.model.layers, pools, strict=True):
+            x = layer(positions, x, pool, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,70 @@
+"""A request's state as it moves through the engine.
+
+Lifecycle: WAITING (queued, or preempted and queued again) → RUNNING (has KV pages, gets
+tokens scheduled each step) → FINISHED. A preempted request drops its pages and its
+``num_computed_tokens`` falls to 0: on resumption its prompt and the tokens it already
+generated are recomputed as one longer prefill, and generation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and everything the engine tracks about it.
+
+    Attributes:
+        request_id: unique among unfinished requests.
+        prompt_token_ids: the prompt.
+        params: sampling and stopping.
+        detokenizer: turns ``output_token_ids`` into released text.
+        generator: the request's private random stream when ``params.seed`` is set.
+        output_token_ids: tokens generated so far.
+        num_computed_tokens: tokens whose K/V are in the cache (prompt first, then outputs).
+        finish_reason: "stop" / "length" / "abort" once finished.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: what the cache must hold before the next sample."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``start:end`` of prompt + output, without concatenating the whole list."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        head = prompt[start:] if start < len(prompt) else []
+        lo = max(start - len(prompt), 0)
+        return head + self.output_token_ids[lo : end - len(prompt)]

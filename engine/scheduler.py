@@ -1,0 +1,176 @@
+"""Continuous batching over the page pool.
+
+The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
+
+    budget = max_num_batched_tokens
+    1. Running requests, oldest first. Each wants the tokens it has not computed yet:
+       1 for a decode, the rest of its prompt (capped by the budget) for a prefill, so long
+       prompts are prefilled in chunks across steps while decodes keep flowing.
+       If the KV cache cannot hold those tokens, preempt the newest running request
+       (drop its pages; it rejoins the head of the waiting queue and is recomputed later)
+       and retry, until the request fits or is itself the one preempted.
+    2. If nothing was preempted, admit waiting requests first-come-first-served while the
+       budget, ``max_num_seqs`` and the free pages allow; an admitted prompt may take only
+       part of the budget and continue as a chunked prefill in later steps.
+
+There are no prefill and decode phases: both share one budget in one batch. A request
+whose chunk reaches its last token samples one new token in :meth:`update`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.config import SchedulerConfig
+from engine.kv_cache import KVCache
+from engine.page_pool import OutOfPages
+from engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the KV cache's page lists."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCache, eos_token_ids: set[int]):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: dict[str, int] = {}  # request id -> tokens scheduled this step
+        preempted: list[Request] = []
+
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._reserve(request, num_new, preempted):
+                chunks[request.request_id] = num_new
+                budget -= num_new
+
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            num_new = min(request.num_tokens, budget)
+            try:
+                self.kv_cache.grow(request.request_id, num_new)
+            except OutOfPages:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks[request.request_id] = num_new
+            budget -= num_new
+
+        scheduled = [r for r in self.running if r.request_id in chunks]
+        return SchedulerOutput(
+            chunks=[self._chunk(r, chunks[r.request_id]) for r in scheduled],
+            preempted_ids=[r.request_id for r in preempted],
+        )
+
+    def _reserve(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Grow the request's pages for ``num_new`` tokens, preempting newer requests."""
+        target = request.num_computed_tokens + num_new
+        while True:
+            try:
+                self.kv_cache.grow(request.request_id, target)
+                return True
+            except OutOfPages:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    return False
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        end = start + num_new
+        k_slots, v_slots = self.kv_cache.slots(request.request_id, end)
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.token_ids(start, end),
+            start_pos=start,
+            k_slots=k_slots,
+            v_slots=v_slots,
+            sample=end == request.num_tokens,
+            params=request.params,
+            generator=request.generator,
+            banned_token_ids=self._banned(request),
+        )
+
+    def _banned(self, request: Request) -> tuple[int, ...]:
+        """Token ids that may not be sampled next: stop tokens while under ``min_tokens``."""
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else tuple(self.eos_token_ids)
+        return eos + params.stop_token_ids
+
+    def update(
+        self, output: SchedulerOutput, sampled: dict[str, int], requests: dict[str, Request]
+    ) -> list[Request]:
+        """Advance every scheduled request by its chunk and append its sampled token.
+
+        Returns the requests that produced a token (finished ones included).
+        """
+        advanced: list[Request] = []
+        for chunk in output.chunks:
+            request = requests[chunk.request_id]
+            request.num_computed_tokens += chunk.num_tokens
+            if not chunk.sample:
+                continue
+            token = sampled[chunk.request_id]
+            request.output_token_ids.append(token)
+            request.detokenizer.add_token(token)
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+            advanced.append(request)
+        return advanced
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        num_out = len(request.output_token_ids)
+        # Below min_tokens the sampler masks these ids, so they cannot appear here early.
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids or request.detokenizer.stopped:
+            return "stop"
+        if num_out >= params.max_tokens:
+            return "length"
+        return None
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Retire a request (finished or aborted) and free its pages."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason

@@ -1,0 +1,110 @@
+"""Tiny random models of each supported family, saved as Hugging Face directories.
+
+Weights are random (seeded) with a larger initializer range than transformers' default, so
+logits are decisive and greedy comparisons are not decided by float rounding at near-ties.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+PAD, BOS, EOS = 0, 1, 2
+VOCAB_SIZE = 320  # 3 specials + 256 bytes, rounded up
+
+
+def save_byte_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (every UTF-8 byte is a token) that prepends <s>."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", BOS)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    # GQA 4:1 and Llama-3 rope scaling, untied.
+    "llama": (
+        LlamaConfig,
+        {
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Tied embeddings, head_dim not derived from hidden_size.
+    "mistral": (
+        MistralConfig,
+        {
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "sliding_window": None,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # q/k/v bias, untied.
+    "qwen2": (
+        Qwen2Config,
+        {"num_attention_heads": 4, "num_key_value_heads": 1, "tie_word_embeddings": False},
+    ),
+}
+
+
+def make_model(
+    path: Path, family: str = "llama", *, num_layers: int = 2, seed: int = 0, **overrides: Any
+) -> Path:
+    """Save a random tiny ``family`` model with a byte tokenizer under ``path``."""
+    config_cls, extra = FAMILIES[family]
+    fields: dict[str, Any] = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": num_layers,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.1,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "pad_token_id": PAD,
+        **extra,
+        **overrides,
+    }
+    config = config_cls(**fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen2":
+        # transformers zero-initialises biases; random ones make the bias path observable.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    save_byte_tokenizer(path)
+    return path

@@ -81,15 +81,24 @@ class AttentionBackend:
         if nd:
             parts.append(
                 self.decode(
-                    q[:nd], pool, meta.decode_k_slots, meta.decode_v_slots,
-                    meta.decode_seq_lens, scale,
+                    q[:nd],
+                    pool,
+                    meta.decode_k_slots,
+                    meta.decode_v_slots,
+                    meta.decode_seq_lens,
+                    scale,
                 )
             )
         if meta.num_prefills:
             parts.append(
                 self.prefill(
-                    q[nd:], pool, meta.prefill_k_slots, meta.prefill_v_slots,
-                    meta.prefill_cu_seqlens, meta.prefill_seq_lens, scale,
+                    q[nd:],
+                    pool,
+                    meta.prefill_k_slots,
+                    meta.prefill_v_slots,
+                    meta.prefill_cu_seqlens,
+                    meta.prefill_seq_lens,
+                    scale,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)

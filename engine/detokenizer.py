@@ -43,12 +43,8 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> None:
         """Append a token; sets :attr:`stopped` when the text now contains a stop string."""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
-        prefix = decode(
-            self._ids[self._prefix_offset : self._read_offset],
-            skip_special_tokens=self._skip_special,
-        )
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return  # an incomplete character (or a token that renders as nothing)
         new_text = full[len(prefix) :]
@@ -57,6 +53,11 @@ class IncrementalDetokenizer:
         self.text += new_text
         if self._stop:
             self._find_stop(start)
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        assert isinstance(text, str)
+        return text
 
     def _find_stop(self, start: int) -> None:
         hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
+        prompts: Sequence[str | list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         progress: bool = False,
     ) -> list[RequestOutput]:

@@ -63,7 +63,8 @@ class LLMEngine:
         self.num_steps = 0
         logger.info(
             "page pool: %d pages of %d elements per layer (%.1f MiB)",
-            self.pool.num_pages, self.pool.page_width,
+            self.pool.num_pages,
+            self.pool.page_width,
             self.pool.num_pages * self.pool.page_bytes / 2**20,
         )
 
@@ -152,10 +153,10 @@ class LLMEngine:
             self.scheduler.add(request)
         outputs = []
         for request_id in aborts:
-            request = self.requests.get(request_id)
-            if request is not None and not request.finished:
-                self.scheduler.finish(request, "abort")
-                outputs.append(self._output(request))
+            aborted = self.requests.get(request_id)
+            if aborted is not None and not aborted.finished:
+                self.scheduler.finish(aborted, "abort")
+                outputs.append(self._output(aborted))
         return outputs
 
     def _output(self, request: Request) -> RequestOutput:

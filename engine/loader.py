@@ -29,7 +29,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def load_config(model_dir: Path) -> PretrainedConfig:
     """The transformers config; remote code is never trusted."""
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    config: PretrainedConfig = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return config
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -40,7 +41,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{model_dir.name}: no *.safetensors weights (pickle checkpoints are refused)")
+        raise ValueError(
+            f"{model_dir.name}: no *.safetensors weights (pickle checkpoints are refused)"
+        )
     return files
 
 
@@ -73,7 +76,9 @@ def load_model(
             raise ValueError(f"unexpected tensor {name} in checkpoint")
         param = params[name]
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
+            )
         with torch.no_grad():
             param.copy_(tensor)
         loaded.add(name)
@@ -85,7 +90,9 @@ def load_model(
     model.eval()
     logger.info(
         "loaded %s: %d layers, %.1fM parameters, %s",
-        model_dir.name, model.arch.num_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6, dtype,
+        model_dir.name,
+        model.arch.num_layers,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
     )
     return model

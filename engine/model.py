@@ -51,7 +51,9 @@ class ModelArch:
     def from_config(cls, config: PretrainedConfig) -> ModelArch:
         arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {arch} is not supported; one of {SUPPORTED_ARCHITECTURES}")
+            raise ValueError(
+                f"architecture {arch} is not supported; one of {SUPPORTED_ARCHITECTURES}"
+            )
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (silu only)")
@@ -119,8 +121,9 @@ class Attention(nn.Module):
         kv_pool = pool.view(-1, arch.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
         kv_pool[meta.new_k_slots] = k
         kv_pool[meta.new_v_slots] = v
-        out = self.backend.forward(q, kv_pool, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, arch.num_heads * arch.head_dim))
+        attn = self.backend.forward(q, kv_pool, meta, self.scale)
+        out: torch.Tensor = self.o_proj(attn.reshape(num_tokens, arch.num_heads * arch.head_dim))
+        return out
 
 
 class MLP(nn.Module):
@@ -132,7 +135,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -147,7 +151,8 @@ class DecoderLayer(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), pool, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class DecoderModel(nn.Module):
@@ -202,8 +207,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for layer, pool in zip(self.model.layers, pools, strict=True):
             x = layer(positions, x, pool, meta)
-        return self.model.norm(x)
+        out: torch.Tensor = self.model.norm(x)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them."""
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()

@@ -87,7 +87,8 @@ class ModelRunner:
     def _table(self, rows: list[list[int]]) -> torch.Tensor:
         """Pad page lists into a (num_rows, max_len) int32 table; padding is never read."""
         width = max((len(r) for r in rows), default=0)
-        return self._int32([r + [0] * (width - len(r)) for r in rows]).view(len(rows), width)
+        flat = [page for r in rows for page in (*r, *[0] * (width - len(r)))]
+        return self._int32(flat).view(len(rows), width)
 
 
 def _last_token_indices(chunks: list[ScheduledChunk]) -> list[int]:

@@ -37,7 +37,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if not 0.0 <= self.temperature:
+        if not self.temperature >= 0.0:
             raise ValueError("temperature must be non-negative")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")

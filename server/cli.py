@@ -1,0 +1,79 @@
+"""The ``loraserve`` command line.
+
+    loraserve generate [--model MODEL_DIR] [--dtype ...] PROMPT [PROMPT ...]
+
+With no model it runs the bundled demo model (``examples/demo/model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine import LLM, SamplingParams
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a Hugging Face model directory")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
+    pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_pages=args.num_pages,
+        pool_memory=args.pool_memory,
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    for prompt, out in zip(args.prompts, llm.generate(args.prompts, params), strict=True):
+        print(f"{prompt!r} -> {out.text!r} ({out.finish_reason})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text for prompts, offline")
+    _add_engine_args(generate)
+    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except ValueError as e:
+        print(f"loraserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,10 +2,17 @@
 
     python benchmarks/engine_vs_hf.py [--model DIR] [--num-prompts 64] [--output-len 64]
 
-Both systems generate exactly ``output_len`` tokens per prompt (EOS ignored), greedy, in
-float32 on the same machine, in one process, one after the other. transformers gets its
-best case: every prompt in one left-padded batch. With no ``--model``, a random tiny Llama
-(the size of the bundled demo model) is built in a temporary directory.
+Every request has a planned output length, and both systems generate exactly that many tokens
+for it (EOS ignored), greedy, in float32, in one process, one after the other. Two workloads:
+
+* ``fixed``: every request wants ``output_len`` tokens: transformers' best case, one
+  left-padded batch with no wasted decode steps;
+* ``varied``: each request wants a length drawn uniformly from [output_len / 8, output_len]
+  (seeded), as real traffic does; ``generate`` must run its batch to the longest request
+  and discard the rest, while continuous batching retires each request when it is done.
+
+Throughput counts only the planned tokens. With no ``--model``, a random tiny Llama (the
+size of the bundled demo model) is built in a temporary directory.
 """
 
 from __future__ import annotations
@@ -25,37 +32,50 @@ from engine import LLM, SamplingParams
 from tests.tiny_models import make_model
 
 
-def prompts_for(num: int, vocab: int, seed: int) -> list[list[int]]:
+def make_workload(
+    num: int, vocab: int, output_len: int, varied: bool, seed: int
+) -> tuple[list[list[int]], list[int]]:
+    """Seeded prompts (8 to 128 tokens) and each request's planned output length."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 128))] for _ in range(num)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 128))] for _ in range(num)]
+    lengths = [
+        rng.randint(max(1, output_len // 8), output_len) if varied else output_len
+        for _ in range(num)
+    ]
+    return prompts, lengths
 
 
-def run_loraserve(model_dir: Path, prompts: list[list[int]], output_len: int) -> float:
+def run_loraserve(model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> float:
     llm = LLM(model_dir, dtype="float32", max_num_seqs=len(prompts))
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], params)  # warm-up
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    llm.generate(prompts[:2], params[:2])  # warm-up
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, progress=True)
+    outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == output_len for o in outs)
+    assert [len(o.token_ids) for o in outs] == lengths
     return elapsed
 
 
-def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int) -> float:
+def run_transformers(model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> float:
+    """One left-padded batch run to the longest planned length; extra tokens are discarded."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(
-        max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=pad
-    )
-    model.generate(ids[:2], attention_mask=mask[:2], **kwargs)  # warm-up
-    start = time.perf_counter()
+    longest = max(lengths)
+    kwargs = {
+        "max_new_tokens": longest,
+        "min_new_tokens": longest,
+        "do_sample": False,
+        "pad_token_id": pad,
+    }
     with torch.inference_mode():
+        model.generate(ids[:2], attention_mask=mask[:2], **kwargs)  # warm-up
+        start = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, **kwargs)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] == width + output_len
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == width + longest
     return elapsed
 
 
@@ -66,6 +86,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
+    print(f"torch threads {torch.get_num_threads()}, float32, greedy")
+    print(
+        f"{'workload':9s} {'system':24s} {'seconds':>8s} {'req/s':>7s} {'out tok/s':>10s} "
+        f"{'total tok/s':>12s}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(
             Path(tmp) / "tiny",
@@ -77,27 +102,25 @@ def main() -> None:
             num_key_value_heads=2,
             rope_scaling=None,
         )
-        prompts = prompts_for(args.num_prompts, 259, args.seed)
-        n_in = sum(len(p) for p in prompts)
-        n_out = args.num_prompts * args.output_len
-        results = {
-            "loraserve": run_loraserve(model_dir, prompts, args.output_len),
-            "transformers generate (one padded batch)": run_transformers(
-                model_dir, prompts, args.output_len
-            ),
-        }
-    print(
-        f"\n{args.num_prompts} prompts, {n_in} prompt tokens, {n_out} generated tokens, "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    print(f"{'system':44s} {'seconds':>8s} {'req/s':>8s} {'out tok/s':>10s} {'total tok/s':>12s}")
-    for name, secs in results.items():
-        print(
-            f"{name:44s} {secs:8.2f} {args.num_prompts / secs:8.2f} {n_out / secs:10.1f} "
-            f"{(n_in + n_out) / secs:12.1f}"
-        )
-    base = results["transformers generate (one padded batch)"]
-    print(f"loraserve / transformers throughput: {base / results['loraserve']:.2f}x")
+        for workload in ("fixed", "varied"):
+            prompts, lengths = make_workload(
+                args.num_prompts, 259, args.output_len, workload == "varied", args.seed
+            )
+            n_in, n_out = sum(len(p) for p in prompts), sum(lengths)
+            secs = {
+                "loraserve": run_loraserve(model_dir, prompts, lengths),
+                "transformers generate": run_transformers(model_dir, prompts, lengths),
+            }
+            for name, t in secs.items():
+                print(
+                    f"{workload:9s} {name:24s} {t:8.2f} {len(prompts) / t:7.2f} "
+                    f"{n_out / t:10.1f} {(n_in + n_out) / t:12.1f}"
+                )
+            ratio = secs["transformers generate"] / secs["loraserve"]
+            print(
+                f"{workload:9s} loraserve / transformers throughput: {ratio:.2f}x "
+                f"({len(prompts)} requests, {n_in} prompt + {n_out} generated tokens)"
+            )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ class ScheduledChunk:
         request_id: whose tokens these are.
         token_ids: the tokens to run, at positions ``start_pos .. start_pos + len - 1``.
         start_pos: tokens of this request already in the KV cache.
-        k_slots: the K page of every token at positions ``0 .. start_pos + len - 1``.
-        v_slots: the V page of every token at those positions.
+        new_k_slots: the K page of each of this chunk's tokens.
+        new_v_slots: the V page of each of this chunk's tokens (earlier tokens' pages were
+            sent with earlier chunks; the runner keeps them).
         sample: True when the chunk reaches the request's last token, so the step samples
             the next token; a prefill chunk that stops short samples nothing.
         params: how to sample.
@@ -33,8 +34,8 @@ class ScheduledChunk:
     request_id: str
     token_ids: list[int]
     start_pos: int
-    k_slots: list[int]
-    v_slots: list[int]
+    new_k_slots: list[int]
+    new_v_slots: list[int]
     sample: bool
     params: SamplingParams
     generator: torch.Generator | None
@@ -56,11 +57,14 @@ class SchedulerOutput:
 
     Attributes:
         chunks: every request with tokens this step.
-        preempted_ids: requests pushed back to the waiting queue by this step's schedule.
+        preempted_ids: requests pushed back to the waiting queue by this step's schedule
+            (their pages are gone; they restart from position 0).
+        finished_ids: requests retired (finished or aborted) since the previous schedule.
     """
 
     chunks: list[ScheduledChunk]
     preempted_ids: list[str]
+    finished_ids: list[str]
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,11 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # The Rust tokenizer decodes directly, skipping transformers' per-call conversions;
+        # only equivalent when transformers would not post-process the text.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend_decode = backend.decode if backend is not None and not cleans else None
         self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         # [prefix_offset, read_offset) was decoded last time as context; from read_offset on,
         # tokens are not yet rendered into text.
@@ -55,6 +60,8 @@ class IncrementalDetokenizer:
             self._find_stop(start)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return str(self._backend_decode(ids, skip_special_tokens=self._skip_special))
         text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
         assert isinstance(text, str)
         return text

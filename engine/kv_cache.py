@@ -43,9 +43,9 @@ class KVCache:
         if pages:
             self.pool.release(pages)
 
-    def slots(self, request_id: str, num_tokens: int) -> tuple[list[int], list[int]]:
-        """The K pages and the V pages of the request's first ``num_tokens`` tokens."""
-        pages = self._pages[request_id][: PAGES_PER_TOKEN * num_tokens]
+    def slots(self, request_id: str, start: int, end: int) -> tuple[list[int], list[int]]:
+        """The K pages and the V pages of the request's tokens ``start .. end - 1``."""
+        pages = self._pages[request_id][PAGES_PER_TOKEN * start : PAGES_PER_TOKEN * end]
         return pages[0::2], pages[1::2]
 
     def num_requests(self) -> int:

@@ -28,6 +28,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(mc.model_dir, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.eos_token_ids)
         sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
-        self.runner = ModelRunner(self.model, self.pool.layers, sampler)
+        slot_tables = SlotTables(
+            config.scheduler.max_num_seqs, config.model.max_model_len, mc.device
+        )
+        self.runner = ModelRunner(self.model, self.pool.layers, sampler, slot_tables)
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -139,7 +143,7 @@ class LLMEngine:
         """Schedule → run → update. Returns the outputs of requests that advanced."""
         aborted = self._drain_inbox()
         scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled) if not scheduled.is_empty else {}
+        sampled = self.runner.execute(scheduled)
         advanced = self.scheduler.update(scheduled, sampled, self.requests)
         self.num_steps += 1
         return aborted + [self._output(r) for r in advanced]

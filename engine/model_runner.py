@@ -13,6 +13,7 @@ from engine.attention import AttentionMetadata
 from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.model import CausalLM
 from engine.sampler import Sampler
+from engine.slot_tables import SlotTables
 
 
 class ModelRunner:
@@ -22,17 +23,28 @@ class ModelRunner:
         model: the loaded model.
         pools: the page pool's per-layer tensors.
         sampler: picks next tokens from logits.
+        slot_tables: the runner's copy of each running request's page table.
     """
 
-    def __init__(self, model: CausalLM, pools: list[torch.Tensor], sampler: Sampler) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        pools: list[torch.Tensor],
+        sampler: Sampler,
+        slot_tables: SlotTables,
+    ) -> None:
         self.model = model
         self.pools = pools
         self.sampler = sampler
+        self.slot_tables = slot_tables
         self.device = pools[0].device
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, int]:
         """Run the step; return the sampled token of each chunk that samples."""
+        self.slot_tables.release(output.finished_ids + output.preempted_ids)
+        if output.is_empty:
+            return {}
         chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model(input_ids, positions, meta, self.pools)
@@ -47,6 +59,7 @@ class ModelRunner:
     def _prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        rows = self.slot_tables.write(chunks)
         ids: list[int] = []
         positions: list[int] = []
         new_k: list[int] = []
@@ -54,26 +67,27 @@ class ModelRunner:
         for c in chunks:
             ids.extend(c.token_ids)
             positions.extend(range(c.start_pos, c.seq_len))
-            new_k.extend(c.k_slots[c.start_pos :])
-            new_v.extend(c.v_slots[c.start_pos :])
-        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
-        decodes, prefills = chunks[:num_decodes], chunks[num_decodes:]
+            new_k.extend(c.new_k_slots)
+            new_v.extend(c.new_v_slots)
+        nd = sum(1 for c in chunks if c.num_tokens == 1)
+        decodes, prefills = chunks[:nd], chunks[nd:]
         cu_seqlens = [0]
         for c in prefills:
             cu_seqlens.append(cu_seqlens[-1] + c.num_tokens)
-        dev = self.device
-        long = torch.long
+        decode_k, decode_v = self._tables(rows[:nd], decodes)
+        prefill_k, prefill_v = self._tables(rows[nd:], prefills)
+        dev, long = self.device, torch.long
         meta = AttentionMetadata(
             new_k_slots=torch.tensor(new_k, dtype=long, device=dev),
             new_v_slots=torch.tensor(new_v, dtype=long, device=dev),
-            num_decodes=num_decodes,
+            num_decodes=nd,
             decode_seq_lens=self._int32([c.seq_len for c in decodes]),
-            decode_k_slots=self._table([c.k_slots for c in decodes]),
-            decode_v_slots=self._table([c.v_slots for c in decodes]),
+            decode_k_slots=decode_k,
+            decode_v_slots=decode_v,
             prefill_cu_seqlens=self._int32(cu_seqlens),
             prefill_seq_lens=self._int32([c.seq_len for c in prefills]),
-            prefill_k_slots=self._table([c.k_slots for c in prefills]),
-            prefill_v_slots=self._table([c.v_slots for c in prefills]),
+            prefill_k_slots=prefill_k,
+            prefill_v_slots=prefill_v,
         )
         return (
             torch.tensor(ids, dtype=long, device=dev),
@@ -84,11 +98,12 @@ class ModelRunner:
     def _int32(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
 
-    def _table(self, rows: list[list[int]]) -> torch.Tensor:
-        """Pad page lists into a (num_rows, max_len) int32 table; padding is never read."""
-        width = max((len(r) for r in rows), default=0)
-        flat = [page for r in rows for page in (*r, *[0] * (width - len(r)))]
-        return self._int32(flat).view(len(rows), width)
+    def _tables(
+        self, rows: list[int], chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V tables of ``chunks``, as wide as the longest of them."""
+        width = max((c.seq_len for c in chunks), default=0)
+        return self.slot_tables.gather(rows, width)
 
 
 def _last_token_indices(chunks: list[ScheduledChunk]) -> list[int]:

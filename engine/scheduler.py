@@ -38,6 +38,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._retired: list[str] = []  # finished or aborted since the last schedule()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -79,9 +80,11 @@ class Scheduler:
             budget -= num_new
 
         scheduled = [r for r in self.running if r.request_id in chunks]
+        retired, self._retired = self._retired, []
         return SchedulerOutput(
             chunks=[self._chunk(r, chunks[r.request_id]) for r in scheduled],
             preempted_ids=[r.request_id for r in preempted],
+            finished_ids=retired,
         )
 
     def _reserve(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
@@ -110,13 +113,13 @@ class Scheduler:
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        k_slots, v_slots = self.kv_cache.slots(request.request_id, end)
+        k_slots, v_slots = self.kv_cache.slots(request.request_id, start, end)
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_ids(start, end),
             start_pos=start,
-            k_slots=k_slots,
-            v_slots=v_slots,
+            new_k_slots=k_slots,
+            new_v_slots=v_slots,
             sample=end == request.num_tokens,
             params=request.params,
             generator=request.generator,
@@ -172,5 +175,6 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self.kv_cache.free(request.request_id)
+        self._retired.append(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -17,9 +17,8 @@ class KVCache:
     """Grows and frees the per-request page lists of the KV cache."""
 
     def __init__(self, pool: PagePool) -> None:
-        self.pool = pool
         self._pages: dict[str, list[int]] = {}
-        pool.register(Tenant.KV, self)
+        self.pages = pool.tenant(Tenant.KV, self)
 
     def pages_needed(self, request_id: str, num_tokens: int) -> int:
         """Pages that :meth:`grow` would take to cover ``num_tokens`` tokens."""
@@ -34,14 +33,14 @@ class KVCache:
         """
         need = self.pages_needed(request_id, num_tokens)
         if need:
-            new = self.pool.allocate(need, Tenant.KV)
+            new = self.pages.allocate(need)
             self._pages.setdefault(request_id, []).extend(new)
 
     def free(self, request_id: str) -> None:
         """Return every page of the request to the pool (no-op if it holds none)."""
         pages = self._pages.pop(request_id, None)
         if pages:
-            self.pool.release(pages)
+            self.pages.release(pages)
 
     def slots(self, request_id: str, start: int, end: int) -> tuple[list[int], list[int]]:
         """The K pages and the V pages of the request's tokens ``start .. end - 1``."""

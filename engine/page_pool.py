@@ -143,6 +143,11 @@ class PagePool:
                 self._tenant[page] = Tenant.FREE
                 self._free.append(page)
 
+    def tenant(self, tenant: Tenant, holder: PageHolder) -> TenantPages:
+        """Register ``holder`` and return the typed view through which it takes pages."""
+        self.register(tenant, holder)
+        return TenantPages(self, tenant)
+
     def check_integrity(self) -> None:
         """Assert the allocator's invariants and that every tenant's books match the pool's.
 
@@ -170,3 +175,33 @@ class PagePool:
                 assert self._tenant[page] is tenant, f"{tenant.name} holds page {page} it lacks"
                 assert self._refcount[page] == count, f"page {page}: refcount != holders"
             assert len(held) == per_tenant[tenant], f"{tenant.name} holds pages not its own"
+
+
+class TenantPages:
+    """One tenant's view of the pool: allocations are always tagged with that tenant.
+
+    Handing a tenant this view (rather than the pool) keeps it from mislabelling pages, and
+    lets code outside ``engine`` (the adapter residency) take pages without importing it.
+    """
+
+    def __init__(self, pool: PagePool, tenant: Tenant) -> None:
+        self._pool = pool
+        self._tenant = tenant
+
+    @property
+    def layers(self) -> list[torch.Tensor]:
+        return self._pool.layers
+
+    @property
+    def page_width(self) -> int:
+        return self._pool.page_width
+
+    @property
+    def num_free(self) -> int:
+        return self._pool.num_free
+
+    def allocate(self, n: int) -> list[int]:
+        return self._pool.allocate(n, self._tenant)
+
+    def release(self, pages: Iterable[int]) -> None:
+        self._pool.release(pages)

@@ -114,12 +114,3 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
         "triton", kernels.paged_decode_attention, kernels.paged_prefill_attention
     ),
 }
-
-
-def attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """The named backend, or by default Triton on CUDA and the torch reference elsewhere."""
-    if name is None:
-        name = "triton" if device.type == "cuda" else "torch"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]

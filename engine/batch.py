@@ -29,6 +29,8 @@ class ScheduledChunk:
         params: how to sample.
         generator: the request's private random stream (seeded requests), else None.
         banned_token_ids: ids the sampler must not pick (stop tokens before ``min_tokens``).
+        adapter_slot: the slot of its adapter in the LoRA page tables, -1 for the base model.
+        adapter_rank: its adapter's largest rank (0 for the base model).
     """
 
     request_id: str
@@ -40,6 +42,8 @@ class ScheduledChunk:
     params: SamplingParams
     generator: torch.Generator | None
     banned_token_ids: tuple[int, ...] = ()
+    adapter_slot: int = -1
+    adapter_rank: int = 0
 
     @property
     def num_tokens(self) -> int:

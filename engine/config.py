@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,33 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Adapter serving limits.
+
+    Attributes:
+        max_lora_rank: adapters with a larger rank are refused.
+        max_loras: the most adapters resident in the pool at once (rows of the kernels'
+            page tables; the weights themselves take pool pages only while resident).
+        host_cache_bytes: capacity of the host-memory tier of parsed adapters.
+    """
+
+    max_lora_rank: int = 64
+    max_loras: int = 256
+    host_cache_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank <= 0 or self.max_loras <= 0 or self.host_cache_bytes <= 0:
+            raise ValueError("max_lora_rank, max_loras and host_cache_bytes must be positive")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, grouped by concern."""
 
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0
 
     @classmethod
@@ -108,6 +129,8 @@ class EngineConfig:
         pool_memory: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        max_lora_rank: int = 64,
+        max_loras: int = 256,
         seed: int = 0,
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
@@ -133,6 +156,7 @@ class EngineConfig:
             model=ModelConfig(path, torch_dtype, dev, model_len),
             cache=CacheConfig(num_pages),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            lora=LoraConfig(max_lora_rank, max_loras),
             seed=seed,
         )
 

@@ -18,7 +18,8 @@ class KVCache:
 
     def __init__(self, pool: PagePool) -> None:
         self._pages: dict[str, list[int]] = {}
-        self.pages = pool.tenant(Tenant.KV, self)
+        self.pages = pool.tenant(Tenant.KV)
+        pool.register(Tenant.KV, self)
 
     def pages_needed(self, request_id: str, num_tokens: int) -> int:
         """Pages that :meth:`grow` would take to cover ``num_tokens`` tokens."""

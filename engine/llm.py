@@ -24,10 +24,10 @@ class LLM:
     """
 
     def __init__(
-        self, model_dir: str | Path | None = None, *, attention: str | None = None, **config: Any
+        self, model_dir: str | Path | None = None, *, kernels: str | None = None, **config: Any
     ) -> None:
         """``config`` takes the keyword arguments of :meth:`EngineConfig.create`."""
-        self.engine = LLMEngine(EngineConfig.create(model_dir, **config), attention=attention)
+        self.engine = LLMEngine(EngineConfig.create(model_dir, **config), kernels=kernels)
 
     def generate(
         self,

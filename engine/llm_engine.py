@@ -16,14 +16,17 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.attention import attention_backend
-from engine.config import EngineConfig
+from adapters.base_layout import BaseModelLayout
+from adapters.manager import AdapterManager
+from adapters.residency import AdapterResidency
+from engine.config import EngineConfig, LoraConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
 from engine.loader import load_model
+from engine.model import Backends
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
-from engine.page_pool import PagePool
+from engine.page_pool import PagePool, Tenant
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -38,27 +41,32 @@ class LLMEngine:
 
     Args:
         config: what to load and how big the pool and the batches are.
-        attention: the attention backend by name ("torch", "triton"); default by device.
+        kernels: "torch" (the references) or "triton"; by default Triton on CUDA only.
     """
 
-    def __init__(self, config: EngineConfig, attention: str | None = None) -> None:
+    def __init__(self, config: EngineConfig, kernels: str | None = None) -> None:
         self.config = config
         mc = config.model
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(mc.model_dir)
-        backend = attention_backend(attention, mc.device)
-        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backend)
+        backends = Backends.select(kernels, mc.device)
+        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backends)
         arch = self.model.arch
         self.pool = PagePool(
             arch.num_layers, config.cache.num_pages, arch.kv_width, mc.dtype, mc.device
         )
         self.kv_cache = KVCache(self.pool)
+        self.adapters = self._adapter_manager(config.lora)
         self.eos_token_ids = _eos_token_ids(mc.model_dir, self.tokenizer)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.eos_token_ids)
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_cache, self.eos_token_ids, self.adapters
+        )
         sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
         slot_tables = SlotTables(
             config.scheduler.max_num_seqs, config.model.max_model_len, mc.device
         )
-        self.runner = ModelRunner(self.model, self.pool.layers, sampler, slot_tables)
+        self.runner = ModelRunner(
+            self.model, self.pool.layers, sampler, slot_tables, self.adapters.residency.tables
+        )
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -72,6 +80,45 @@ class LLMEngine:
             self.pool.num_pages * self.pool.page_bytes / 2**20,
         )
 
+    def _adapter_manager(self, config: LoraConfig) -> AdapterManager:
+        arch = self.model.arch
+        layout = BaseModelLayout.for_decoder(
+            num_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+        )
+        residency = AdapterResidency(
+            self.pool.tenant(Tenant.ADAPTER),
+            layout.num_layers,
+            layout.linear_shapes,
+            max_slots=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+        )
+        self.pool.register(Tenant.ADAPTER, residency)
+        return AdapterManager(residency, layout, config.max_lora_rank, config.host_cache_bytes)
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def load_lora(self, name: str, path: str | Path, replace: bool = False) -> None:
+        """Validate and register a PEFT LoRA adapter under ``name``. Safe from any thread.
+
+        Raises:
+            AdapterError: the adapter is invalid (code and message say why) or the name is
+                taken (``adapter_already_loaded``) and ``replace`` is False.
+        """
+        self.adapters.load(name, Path(path), replace=replace)
+
+    def unload_lora(self, name: str) -> None:
+        """Unregister ``name``. Requests already using it finish on its weights.
+
+        Raises:
+            AdapterError: ``model_not_found`` when no adapter has that name.
+        """
+        self.adapters.unload(name)
+
     # -- requests -------------------------------------------------------------------------
 
     def add_request(
@@ -79,14 +126,23 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Safe to call from any thread.
+
+        Args:
+            prompt: text (tokenized with special tokens) or token ids.
+            params: sampling and stopping; greedy-free defaults when None.
+            request_id: unique among unfinished requests; generated when None.
+            lora: the name of a loaded adapter, or None for the base model.
 
         Raises:
             ValueError: the prompt is empty or has unknown token ids, or the request can never
                 fit the model's context or the page pool.
+            AdapterError: ``lora`` names no loaded adapter (``model_not_found``).
         """
         params = params or SamplingParams()
+        adapter = self.adapters.get(lora) if lora is not None else None
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         self._validate(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -102,6 +158,7 @@ class LLMEngine:
                 self.tokenizer, ids, params.stop, params.skip_special_tokens
             ),
             generator=generator,
+            adapter=adapter,
         )
         with self._lock:
             if request_id in self.requests or any(r.request_id == request_id for r in self._inbox):
@@ -143,6 +200,8 @@ class LLMEngine:
         """Schedule → run → update. Returns the outputs of requests that advanced."""
         aborted = self._drain_inbox()
         scheduled = self.scheduler.schedule()
+        aborted += [self._output(r) for r in self.scheduler.failed]
+        self.scheduler.failed.clear()
         sampled = self.runner.execute(scheduled)
         advanced = self.scheduler.update(scheduled, sampled, self.requests)
         self.num_steps += 1
@@ -154,7 +213,10 @@ class LLMEngine:
             aborts, self._aborts = self._aborts, []
         for request in inbox:
             self.requests[request.request_id] = request
+            if request.adapter is not None:
+                self.adapters.acquire(request.adapter)
             self.scheduler.add(request)
+        self.adapters.sync()
         outputs = []
         for request_id in aborts:
             aborted = self.requests.get(request_id)
@@ -176,12 +238,22 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             finished=finished,
             finish_reason=request.finish_reason,
+            error=request.error,
         )
 
     def check_integrity(self) -> None:
-        """Assert the page pool's invariants across all tenants."""
+        """Assert the page pool's invariants across both tenants, and the adapter pins."""
         self.pool.check_integrity()
         assert self.kv_cache.num_requests() <= len(self.scheduler.running)
+        pins: dict[int, int] = {}
+        for request in self.scheduler.running:
+            if request.adapter is not None:
+                pins[request.adapter.id] = pins.get(request.adapter.id, 0) + 1
+        residency = self.adapters.residency
+        for adapter_id, count in pins.items():
+            resident = residency.get(adapter_id)
+            assert resident is not None and resident.pins == count, "adapter pins drifted"
+        assert sum(r.pins for r in residency.residents()) == sum(pins.values())
 
 
 def _eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:

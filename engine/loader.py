@@ -18,8 +18,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
-from engine.attention import AttentionBackend
-from engine.model import CausalLM
+from engine.model import Backends, CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +55,12 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend
+    model_dir: Path, dtype: torch.dtype, device: torch.device, backends: Backends
 ) -> CausalLM:
     """Build the model for ``model_dir`` and load its weights in ``dtype`` on ``device``."""
     config = load_config(model_dir)
     with torch.device("meta"):
-        model = CausalLM(config, backend)
+        model = CausalLM(config, backends)
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()

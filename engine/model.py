@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import ATTENTION_BACKENDS, AttentionBackend
+from engine.forward_batch import ForwardBatch
+from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.rope import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -77,6 +79,22 @@ class ModelArch:
         )
 
 
+@dataclass(frozen=True)
+class Backends:
+    """The kernel implementations a model runs (variation points, chosen once at load)."""
+
+    attention: AttentionBackend
+    lora: LoraBackend
+
+    @classmethod
+    def select(cls, name: str | None, device: torch.device) -> Backends:
+        """By name ("torch" references, "triton" kernels); by default Triton on CUDA only."""
+        name = name or ("triton" if device.type == "cuda" else "torch")
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
+        return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name])
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as transformers does."""
 
@@ -93,9 +111,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, arch: ModelArch, layer: int, rope: RotaryEmbedding, backends: Backends):
         super().__init__()
         self.arch = arch
+        self.layer = layer
         q_width, kv_width = arch.num_heads * arch.head_dim, arch.kv_width
         self.q_proj = nn.Linear(arch.hidden_size, q_width, bias=arch.qkv_bias)
         self.k_proj = nn.Linear(arch.hidden_size, kv_width, bias=arch.qkv_bias)
@@ -103,64 +122,77 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_width, arch.hidden_size, bias=arch.o_bias)
         self.scale = arch.head_dim**-0.5
         self.rope = rope  # shared by all layers; owns no parameters
-        self.backend = backend
+        self.backends = backends
 
     def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        pool: torch.Tensor,
-        meta: AttentionMetadata,
+        self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        arch = self.arch
+        arch, pool, lora = self.arch, batch.pools[self.layer], batch.lora
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, arch.num_heads, arch.head_dim)
-        k = self.k_proj(x).view(num_tokens, arch.num_kv_heads, arch.head_dim)
-        v = self.v_proj(x).view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if lora is not None:
+            for target, projected in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                self.backends.lora.apply(lora, pool, self.layer, target, x, projected)
+        q = q.view(num_tokens, arch.num_heads, arch.head_dim)
+        k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
         q, k = self.rope(positions, q, k)
         kv_pool = pool.view(-1, arch.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
-        kv_pool[meta.new_k_slots] = k
-        kv_pool[meta.new_v_slots] = v
-        attn = self.backend.forward(q, kv_pool, meta, self.scale)
-        out: torch.Tensor = self.o_proj(attn.reshape(num_tokens, arch.num_heads * arch.head_dim))
+        kv_pool[batch.attn.new_k_slots] = k
+        kv_pool[batch.attn.new_v_slots] = v
+        attn = self.backends.attention.forward(q, kv_pool, batch.attn, self.scale)
+        attn = attn.reshape(num_tokens, arch.num_heads * arch.head_dim)
+        out: torch.Tensor = self.o_proj(attn)
+        if lora is not None:
+            self.backends.lora.apply(lora, pool, self.layer, "o_proj", attn, out)
         return out
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, layer: int, backends: Backends) -> None:
         super().__init__()
         h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
+        self.layer = layer
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.backends = backends
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        lora, pool = batch.lora, batch.pools[self.layer]
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if lora is not None:
+            self.backends.lora.apply(lora, pool, self.layer, "gate_proj", x, gate)
+            self.backends.lora.apply(lora, pool, self.layer, "up_proj", x, up)
+        hidden = F.silu(gate) * up
+        out: torch.Tensor = self.down_proj(hidden)
+        if lora is not None:
+            self.backends.lora.apply(lora, pool, self.layer, "down_proj", hidden, out)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, arch: ModelArch, layer: int, rope: RotaryEmbedding, backends: Backends):
         super().__init__()
-        self.self_attn = Attention(arch, rope, backend)
-        self.mlp = MLP(arch)
+        self.self_attn = Attention(arch, layer, rope, backends)
+        self.mlp = MLP(arch, layer, backends)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata
+        self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), pool, meta)
-        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x), batch)
         return out
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backends: Backends):
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, rope, backend) for _ in range(arch.num_layers)
+            DecoderLayer(arch, i, rope, backends) for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -170,14 +202,14 @@ class CausalLM(nn.Module):
 
     Args:
         config: the transformers config of the checkpoint.
-        backend: the paged-attention ops to run.
+        backends: the paged-attention and LoRA ops to run.
     """
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: PretrainedConfig, backends: Backends) -> None:
         super().__init__()
         self.arch = arch = ModelArch.from_config(config)
         self.rotary_emb = RotaryEmbedding(config, arch.head_dim, arch.max_positions)
-        self.model = DecoderModel(arch, self.rotary_emb, backend)
+        self.model = DecoderModel(arch, self.rotary_emb, backends)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.tie_weights()
 
@@ -190,23 +222,18 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        pools: list[torch.Tensor],
+        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         """Hidden states (num_tokens, hidden_size) of packed tokens.
 
         Args:
             input_ids: (num_tokens,) decodes first, then prefill chunks (see AttentionMetadata).
             positions: (num_tokens,) each token's position in its sequence.
-            meta: where each token reads and writes the KV cache.
-            pools: the page pool's per-layer tensors, (num_pages, page_width) each.
+            batch: the KV-cache and adapter metadata and the page pool.
         """
         x = self.model.embed_tokens(input_ids)
-        for layer, pool in zip(self.model.layers, pools, strict=True):
-            x = layer(positions, x, pool, meta)
+        for layer in self.model.layers:
+            x = layer(positions, x, batch)
         out: torch.Tensor = self.model.norm(x)
         return out
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
 from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.forward_batch import ForwardBatch
+from engine.lora import LoraMetadata
 from engine.model import CausalLM
 from engine.sampler import Sampler
 from engine.slot_tables import SlotTables
@@ -24,6 +27,7 @@ class ModelRunner:
         pools: the page pool's per-layer tensors.
         sampler: picks next tokens from logits.
         slot_tables: the runner's copy of each running request's page table.
+        lora_tables: where resident adapters' weights are (written by the residency).
     """
 
     def __init__(
@@ -32,11 +36,13 @@ class ModelRunner:
         pools: list[torch.Tensor],
         sampler: Sampler,
         slot_tables: SlotTables,
+        lora_tables: LoraTables,
     ) -> None:
         self.model = model
         self.pools = pools
         self.sampler = sampler
         self.slot_tables = slot_tables
+        self.lora_tables = lora_tables
         self.device = pools[0].device
 
     @torch.inference_mode()
@@ -47,7 +53,8 @@ class ModelRunner:
             return {}
         chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
         input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, meta, self.pools)
+        batch = ForwardBatch(meta, self.pools, self._lora_metadata(chunks, meta.num_decodes))
+        hidden = self.model(input_ids, positions, batch)
         sampling = [c for c in chunks if c.sample]
         if not sampling:
             return {}
@@ -93,6 +100,24 @@ class ModelRunner:
             torch.tensor(ids, dtype=long, device=dev),
             torch.tensor(positions, dtype=long, device=dev),
             meta,
+        )
+
+    def _lora_metadata(self, chunks: list[ScheduledChunk], nd: int) -> LoraMetadata | None:
+        """Each token's adapter slot, or None when no chunk uses an adapter."""
+        max_rank = max(c.adapter_rank for c in chunks)
+        if max_rank == 0:
+            return None
+        prefills = chunks[nd:]
+        seg_starts = [0]
+        for c in prefills:
+            seg_starts.append(seg_starts[-1] + c.num_tokens)
+        return LoraMetadata(
+            num_decodes=nd,
+            token_adapters=self._int32([c.adapter_slot for c in chunks[:nd]]),
+            seg_starts=self._int32(seg_starts),
+            seg_adapters=self._int32([c.adapter_slot for c in prefills]),
+            max_rank=max_rank,
+            tables=self.lora_tables,
         )
 
     def _int32(self, values: list[int]) -> torch.Tensor:

@@ -17,6 +17,7 @@ class RequestOutput:
         prompt_token_ids: the prompt as the engine saw it.
         finished: whether this is the request's last output.
         finish_reason: "stop", "length" or "abort" once finished, else None.
+        error: why the engine aborted the request (e.g. its adapter failed to load).
     """
 
     request_id: str
@@ -26,3 +27,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    error: str | None = None

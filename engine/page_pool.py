@@ -143,9 +143,10 @@ class PagePool:
                 self._tenant[page] = Tenant.FREE
                 self._free.append(page)
 
-    def tenant(self, tenant: Tenant, holder: PageHolder) -> TenantPages:
-        """Register ``holder`` and return the typed view through which it takes pages."""
-        self.register(tenant, holder)
+    def tenant(self, tenant: Tenant) -> TenantPages:
+        """The typed view through which ``tenant`` takes and returns pages."""
+        if tenant is Tenant.FREE:
+            raise ValueError("FREE is not a tenant")
         return TenantPages(self, tenant)
 
     def check_integrity(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.registry import AdapterEntry
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
@@ -37,6 +38,10 @@ class Request:
         output_token_ids: tokens generated so far.
         num_computed_tokens: tokens whose K/V are in the cache (prompt first, then outputs).
         finish_reason: "stop" / "length" / "abort" once finished.
+        adapter: the LoRA adapter it runs with, or None for the base model.
+        error: why it was aborted, when the engine aborted it (e.g. its adapter failed to load).
+        waited_for_adapter: it was first considered for admission before its adapter was in
+            host memory or the pool (a prefetch miss); None until first considered.
     """
 
     request_id: str
@@ -50,6 +55,9 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
+    adapter: AdapterEntry | None = None
+    error: str | None = None
+    waited_for_adapter: bool | None = None
 
     @property
     def num_tokens(self) -> int:

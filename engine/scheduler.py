@@ -1,4 +1,4 @@
-"""Continuous batching over the page pool.
+"""Continuous batching over the page pool, adapters included.
 
 The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
 
@@ -6,12 +6,17 @@ The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
     1. Running requests, oldest first. Each wants the tokens it has not computed yet:
        1 for a decode, the rest of its prompt (capped by the budget) for a prefill, so long
        prompts are prefilled in chunks across steps while decodes keep flowing.
-       If the KV cache cannot hold those tokens, preempt the newest running request
-       (drop its pages; it rejoins the head of the waiting queue and is recomputed later)
-       and retry, until the request fits or is itself the one preempted.
+       If the KV cache cannot hold those tokens, evict adapters no running request uses;
+       if that is not enough, preempt the newest running request (drop its pages; it
+       rejoins the head of the waiting queue and is recomputed later) and retry, until the
+       request fits or is itself the one preempted.
     2. If nothing was preempted, admit waiting requests first-come-first-served while the
-       budget, ``max_num_seqs`` and the free pages allow; an admitted prompt may take only
-       part of the budget and continue as a chunked prefill in later steps.
+       budget, ``max_num_seqs`` and the pages allow. A request's adapter must be resident
+       first: the pages it needs count against the pool like the KV cache's (evicting
+       unused adapters when needed). A request whose adapter is still loading from disk is
+       passed over, not waited for, so requests behind it still run.
+    3. Copy the adapters of the next waiting requests into free pages (prefetch), so they
+       are resident by the time they are admitted.
 
 There are no prefill and decode phases: both share one budget in one batch. A request
 whose chunk reaches its last token samples one new token in :meth:`update`.
@@ -21,23 +26,37 @@ from __future__ import annotations
 
 from collections import deque
 
+from adapters.errors import AdapterError
+from adapters.manager import AdapterManager, Readiness
 from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCache
 from engine.page_pool import OutOfPages
 from engine.request import Request, RequestStatus
 
+_PREFETCH_AHEAD = 8  # waiting requests whose adapters step 3 copies into free pages
+
 
 class Scheduler:
-    """Owns the waiting queue, the running set and the KV cache's page lists."""
+    """Owns the waiting queue, the running list and the KV cache's page lists."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCache, eos_token_ids: set[int]):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCache,
+        eos_token_ids: set[int],
+        adapters: AdapterManager | None = None,
+    ) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.eos_token_ids = eos_token_ids
+        self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefetch_hits = 0
+        self.prefetch_misses = 0
+        self.failed: list[Request] = []  # aborted by the engine since last drained
         self._retired: list[str] = []  # finished or aborted since the last schedule()
 
     def add(self, request: Request) -> None:
@@ -61,23 +80,11 @@ class Scheduler:
                 chunks[request.request_id] = num_new
                 budget -= num_new
 
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting[0]
-            num_new = min(request.num_tokens, budget)
-            try:
-                self.kv_cache.grow(request.request_id, num_new)
-            except OutOfPages:
-                break
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            chunks[request.request_id] = num_new
-            budget -= num_new
+        if not preempted:
+            budget = self._admit(budget, chunks)
+        if self.adapters is not None:
+            ahead = [r.adapter for r in list(self.waiting)[:_PREFETCH_AHEAD] if r.adapter]
+            self.adapters.prefetch_into_pool(ahead)
 
         scheduled = [r for r in self.running if r.request_id in chunks]
         retired, self._retired = self._retired, []
@@ -87,23 +94,76 @@ class Scheduler:
             finished_ids=retired,
         )
 
+    def _admit(self, budget: int, chunks: dict[str, int]) -> int:
+        """Admit waiting requests FCFS (step 2); returns the budget left."""
+        for request in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            readiness = self._adapter_readiness(request)
+            if readiness is Readiness.LOADING:
+                continue  # its adapter is still on its way from disk: do not hold others
+            if readiness is Readiness.NO_ROOM:
+                break
+            num_new = min(request.num_tokens, budget)
+            if not self._grow(request, num_new, keep_adapter=True):
+                break
+            self.waiting.remove(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if request.adapter is not None and self.adapters is not None:
+                self.adapters.pin(request.adapter)
+            chunks[request.request_id] = num_new
+            budget -= num_new
+        return budget
+
+    def _adapter_readiness(self, request: Request) -> Readiness | None:
+        """Make the request's adapter resident if it can be; None for base-model requests."""
+        if request.adapter is None or self.adapters is None:
+            return None
+        if request.waited_for_adapter is None:
+            request.waited_for_adapter = not self.adapters.is_ready(request.adapter)
+            if request.waited_for_adapter:
+                self.prefetch_misses += 1
+            else:
+                self.prefetch_hits += 1
+        try:
+            return self.adapters.ensure_resident(request.adapter)
+        except AdapterError as e:
+            request.error = e.message
+            self.finish(request, "abort")
+            self.failed.append(request)
+            return Readiness.LOADING  # gone from the queue; move on
+
+    def _grow(self, request: Request, num_tokens: int, keep_adapter: bool = False) -> bool:
+        """Give the request KV pages for ``num_tokens`` tokens, evicting unused adapters."""
+        try:
+            self.kv_cache.grow(request.request_id, num_tokens)
+            return True
+        except OutOfPages as e:
+            if self.adapters is None:
+                return False
+            keep = [request.adapter.id] if keep_adapter and request.adapter else []
+            if not self.adapters.residency.reclaim(e.requested, keep=keep):
+                return False
+        self.kv_cache.grow(request.request_id, num_tokens)
+        return True
+
     def _reserve(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
-        """Grow the request's pages for ``num_new`` tokens, preempting newer requests."""
+        """Grow a running request's pages for ``num_new`` tokens, preempting newer requests."""
         target = request.num_computed_tokens + num_new
-        while True:
-            try:
-                self.kv_cache.grow(request.request_id, target)
-                return True
-            except OutOfPages:
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    return False
+        while not self._grow(request, target):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.free(request.request_id)
+        if request.adapter is not None and self.adapters is not None:
+            self.adapters.unpin(request.adapter)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -114,6 +174,9 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         k_slots, v_slots = self.kv_cache.slots(request.request_id, start, end)
+        slot, rank = -1, 0
+        if request.adapter is not None and self.adapters is not None:
+            slot, rank = self.adapters.slot(request.adapter)
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_ids(start, end),
@@ -124,6 +187,8 @@ class Scheduler:
             params=request.params,
             generator=request.generator,
             banned_token_ids=self._banned(request),
+            adapter_slot=slot,
+            adapter_rank=rank,
         )
 
     def _banned(self, request: Request) -> tuple[int, ...]:
@@ -169,12 +234,16 @@ class Scheduler:
         return None
 
     def finish(self, request: Request, reason: str) -> None:
-        """Retire a request (finished or aborted) and free its pages."""
+        """Retire a request (finished or aborted): free its pages, drop its adapter."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+            if request.adapter is not None and self.adapters is not None:
+                self.adapters.unpin(request.adapter)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self.kv_cache.free(request.request_id)
+        if request.adapter is not None and self.adapters is not None:
+            self.adapters.release(request.adapter)
         self._retired.append(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -108,3 +108,44 @@ def make_model(
     model.save_pretrained(path, safe_serialization=True)
     save_byte_tokenizer(path)
     return path
+
+
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int,
+    alpha: float,
+    targets: list[str] | str,
+    seed: int,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    std: float = 0.3,
+) -> Path:
+    """Save a random PEFT LoRA adapter for the model in ``base_dir`` (PEFT's own format).
+
+    A and B are both random (PEFT would start B at zero, a no-op), large enough to change
+    greedy outputs visibly.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        lora_dropout=0.0,
+        bias="none",
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    model.save_pretrained(out_dir)
+    return out_dir

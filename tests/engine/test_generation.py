@@ -101,7 +101,7 @@ def test_triton_kernels_give_the_same_tokens(llama_dir: Path) -> None:
     """The engine on the Triton backend (under the interpreter on CPU) matches transformers."""
     prompts = [p[:20] for p in random_prompts(7, seed=2)]
     config = EngineConfig.create(llama_dir, dtype="float32", max_num_batched_tokens=16)
-    engine = LLMEngine(config, attention="triton")
+    engine = LLMEngine(config, kernels="triton")
     params = SamplingParams(temperature=0.0, max_tokens=6)
     done = run_staggered(engine, prompts, params, per_step=2)
     for i, prompt in enumerate(prompts):

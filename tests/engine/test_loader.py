@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.attention import attention_backend
 from engine.config import EngineConfig
 from engine.loader import load_model
+from engine.model import Backends
 from tests.references import hf_greedy
 
 CPU = torch.device("cpu")
@@ -48,7 +48,7 @@ def test_sharded_checkpoint_loads_and_matches(llama_dir: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights(llama_dir: Path, dtype: torch.dtype) -> None:
-    model = load_model(llama_dir, dtype, CPU, attention_backend(None, CPU))
+    model = load_model(llama_dir, dtype, CPU, Backends.select(None, CPU))
     assert {p.dtype for p in model.parameters()} == {dtype}
     reference = load_file(llama_dir / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -60,7 +60,7 @@ def test_auto_dtype_reads_the_checkpoint(llama_dir: Path) -> None:
 
 
 def test_tied_embeddings_stay_tied(model_dirs: dict[str, Path]) -> None:
-    model = load_model(model_dirs["mistral"], torch.float32, CPU, attention_backend(None, CPU))
+    model = load_model(model_dirs["mistral"], torch.float32, CPU, Backends.select(None, CPU))
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
@@ -69,7 +69,7 @@ def test_pickle_only_checkpoint_is_refused(llama_dir: Path, tmp_path: Path) -> N
     shutil.copytree(llama_dir, dst)
     (dst / "model.safetensors").rename(dst / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"no \*\.safetensors weights"):
-        load_model(dst, torch.float32, CPU, attention_backend(None, CPU))
+        load_model(dst, torch.float32, CPU, Backends.select(None, CPU))
 
 
 def test_missing_and_misshapen_tensors_are_refused(llama_dir: Path, tmp_path: Path) -> None:
@@ -79,11 +79,11 @@ def test_missing_and_misshapen_tensors_are_refused(llama_dir: Path, tmp_path: Pa
     del weights["model.norm.weight"]
     save_file(weights, dst / "model.safetensors")
     with pytest.raises(ValueError, match="lacks 1 tensors"):
-        load_model(dst, torch.float32, CPU, attention_backend(None, CPU))
+        load_model(dst, torch.float32, CPU, Backends.select(None, CPU))
     weights["model.norm.weight"] = torch.ones(3)
     save_file(weights, dst / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.norm\.weight: shape"):
-        load_model(dst, torch.float32, CPU, attention_backend(None, CPU))
+        load_model(dst, torch.float32, CPU, Backends.select(None, CPU))
 
 
 def test_unsupported_architecture_is_refused(llama_dir: Path, tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_unsupported_architecture_is_refused(llama_dir: Path, tmp_path: Path) ->
     config["architectures"] = ["FalconForCausalLM"]
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not supported"):
-        load_model(dst, torch.float32, CPU, attention_backend(None, CPU))
+        load_model(dst, torch.float32, CPU, Backends.select(None, CPU))
 
 
 def test_invalid_config_values() -> None:

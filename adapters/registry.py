@@ -1,0 +1,102 @@
+"""Which adapters exist, by name, and how many unfinished requests use each.
+
+A name maps to the current :class:`AdapterEntry`; every load creates a new entry with a new
+id, so unloading a name while requests still use it leaves those requests holding the old
+entry (and its weights) until they finish, while the name is free for a new load.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.errors import AdapterError
+
+
+@dataclass(eq=False)
+class AdapterEntry:
+    """One loaded adapter.
+
+    Attributes:
+        id: unique for the registry's lifetime; keys the host cache and the pool.
+        name: what requests call it (the OpenAI ``model`` field).
+        path: its directory, read again if its weights must be reloaded.
+        max_rank: the largest rank of any of its modules.
+        nbytes: its weights' size.
+        refs: unfinished requests naming it; it cannot leave the pool while running
+            requests use it, nor be forgotten while any do.
+        unloading: unregistered, waiting for ``refs`` to drain.
+    """
+
+    id: int
+    name: str
+    path: Path
+    max_rank: int
+    nbytes: int
+    refs: int = 0
+    unloading: bool = False
+    error: str | None = field(default=None)
+
+
+class AdapterRegistry:
+    """Thread-safe name → entry map (HTTP handlers load and unload while the engine runs)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, AdapterEntry] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def register(
+        self, name: str, path: Path, max_rank: int, nbytes: int, replace: bool = False
+    ) -> tuple[AdapterEntry, AdapterEntry | None]:
+        """Add ``name``; returns (new entry, the entry it replaced or None).
+
+        Raises:
+            AdapterError: ``adapter_already_loaded`` when the name is taken and not replaced.
+        """
+        with self._lock:
+            old = self._by_name.get(name)
+            if old is not None and not replace:
+                raise AdapterError(
+                    "adapter_already_loaded", f"an adapter named {name!r} is already loaded"
+                )
+            entry = AdapterEntry(next(self._ids), name, path, max_rank, nbytes)
+            self._by_name[name] = entry
+            if old is not None:
+                old.unloading = True
+            return entry, old
+
+    def get(self, name: str) -> AdapterEntry:
+        """The entry for ``name``.
+
+        Raises:
+            AdapterError: ``model_not_found`` for a name that is not loaded.
+        """
+        with self._lock:
+            entry = self._by_name.get(name)
+        if entry is None:
+            raise AdapterError("model_not_found", f"the model {name!r} does not exist")
+        return entry
+
+    def unregister(self, name: str) -> AdapterEntry:
+        """Remove ``name``; its entry is marked unloading and returned.
+
+        Raises:
+            AdapterError: ``model_not_found`` for a name that is not loaded.
+        """
+        with self._lock:
+            entry = self._by_name.pop(name, None)
+        if entry is None:
+            raise AdapterError("model_not_found", f"the adapter {name!r} is not loaded")
+        entry.unloading = True
+        return entry
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._by_name)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_name)

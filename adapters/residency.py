@@ -1,0 +1,265 @@
+"""The adapter tenant of the unified page pool: which adapters are resident, and where.
+
+Layout. For each target layer an adapter touches, with rank r (its largest over layers):
+
+* A, ``[r, in_features]``, row by row: row j takes ``ceil(in_features / page_width)`` pages;
+* Bᵀ, ``[r, out_features]``, row by row: row j takes ``ceil(out_features / page_width)``.
+
+The pages are allocated once from the same free list as the KV cache; a page id addresses the
+same row in every layer's tensor, so layer ℓ's A and B live at those pages in layer ℓ's pool.
+A rank-r adapter thus takes pages in proportion to r; nothing is padded to a maximum rank.
+
+Every resident adapter also gets a *slot*: a row in the device page tables the kernels read
+(:class:`LoraTables`), holding its page ids, and its rank and scaling per (layer, target).
+Rank 0 marks a (layer, target) it does not touch; rows past a layer's own rank (with a
+per-layer ``rank_pattern``) are allocated but never read.
+
+Residency policy: adapters pinned by running requests are never evicted; the rest are evicted
+least recently used first when the KV cache or another adapter needs pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from adapters.base_layout import LINEAR_TARGETS
+from kernels.lora import write_rows
+
+logger = logging.getLogger(__name__)
+
+# The linear layers an adapter may target, in the order of the rank/scaling tables' last axis.
+TARGETS = LINEAR_TARGETS
+
+
+class PageLender(Protocol):
+    """The adapter tenant's view of the page pool (``engine.page_pool.TenantPages``)."""
+
+    @property
+    def layers(self) -> list[torch.Tensor]: ...
+
+    @property
+    def page_width(self) -> int: ...
+
+    @property
+    def num_free(self) -> int: ...
+
+    def allocate(self, n: int) -> list[int]: ...
+
+    def release(self, pages: Iterable[int]) -> None: ...
+
+
+class ModuleWeights(Protocol):
+    """One LoRA module: ``lora_a`` (rank, in_features), ``lora_b`` (out_features, rank)."""
+
+    @property
+    def lora_a(self) -> torch.Tensor: ...
+
+    @property
+    def lora_b(self) -> torch.Tensor: ...
+
+    @property
+    def scaling(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class LoraTables:
+    """Where resident adapters' weights are, by slot (device tensors the kernels read).
+
+    Attributes:
+        a_pages: per target, ``(max_slots, max_lora_rank, ceil(in_features / page_width))``
+            int32: the pages of each row of A.
+        b_pages: per target, ``(max_slots, max_lora_rank, ceil(out_features / page_width))``
+            int32: the pages of each row of Bᵀ.
+        ranks: ``(max_slots, num_layers, len(TARGETS))`` int32; 0 where untouched.
+        scalings: ``(max_slots, num_layers, len(TARGETS))`` float32.
+    """
+
+    a_pages: dict[str, torch.Tensor]
+    b_pages: dict[str, torch.Tensor]
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+
+
+@dataclass
+class Resident:
+    """A resident adapter: its slot, its pages, and how many running requests pin it."""
+
+    slot: int
+    pages: list[int]
+    max_rank: int
+    pins: int = 0
+
+
+class AdapterResidency:
+    """Places adapters in pool pages, tracks them, evicts them.
+
+    Args:
+        pages: the adapter tenant's view of the pool.
+        num_layers: layers of the base model.
+        shapes: (in_features, out_features) of each target layer.
+        max_slots: the most adapters resident at once (rows of the page tables).
+        max_lora_rank: the largest rank an adapter may have.
+    """
+
+    def __init__(
+        self,
+        pages: PageLender,
+        num_layers: int,
+        shapes: Mapping[str, tuple[int, int]],
+        max_slots: int,
+        max_lora_rank: int,
+    ) -> None:
+        self.pages = pages
+        self.num_layers = num_layers
+        self.shapes = dict(shapes)
+        device = pages.layers[0].device
+        width = pages.page_width
+        self._chunks = {
+            t: (math.ceil(fan_in / width), math.ceil(fan_out / width))
+            for t, (fan_in, fan_out) in self.shapes.items()
+        }
+        self.tables = LoraTables(
+            a_pages={
+                t: torch.zeros(max_slots, max_lora_rank, a, dtype=torch.int32, device=device)
+                for t, (a, _) in self._chunks.items()
+            },
+            b_pages={
+                t: torch.zeros(max_slots, max_lora_rank, b, dtype=torch.int32, device=device)
+                for t, (_, b) in self._chunks.items()
+            },
+            ranks=torch.zeros(
+                max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device
+            ),
+            scalings=torch.zeros(max_slots, num_layers, len(TARGETS), device=device),
+        )
+        self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self.num_placed = 0
+        self.num_evicted = 0
+
+    # -- queries --------------------------------------------------------------------------
+
+    def get(self, adapter_id: int) -> Resident | None:
+        return self._resident.get(adapter_id)
+
+    def __contains__(self, adapter_id: int) -> bool:
+        return adapter_id in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def residents(self) -> list[Resident]:
+        return list(self._resident.values())
+
+    @property
+    def num_pages(self) -> int:
+        return sum(len(r.pages) for r in self._resident.values())
+
+    def pages_needed(self, modules: Mapping[tuple[int, str], ModuleWeights]) -> int:
+        """Pages an adapter with these modules takes."""
+        return sum(rank * sum(self._chunks[t]) for t, rank in _ranks_by_target(modules).items())
+
+    def held_pages(self) -> Iterator[int]:
+        for resident in self._resident.values():
+            yield from resident.pages
+
+    # -- placement ------------------------------------------------------------------------
+
+    def place(self, adapter_id: int, modules: Mapping[tuple[int, str], ModuleWeights]) -> Resident:
+        """Copy an adapter into pool pages and give it a slot.
+
+        Raises:
+            OutOfPages: (from the pool) too few free pages; nothing changed.
+            RuntimeError: every slot is taken.
+        """
+        if not self._free_slots:
+            raise RuntimeError("every adapter slot is in use")
+        ranks = _ranks_by_target(modules)
+        pages = self.pages.allocate(self.pages_needed(modules))
+        slot = self._free_slots.pop()
+        tables = self.tables
+        device = tables.ranks.device
+        offset = 0
+        page_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for target, rank in ranks.items():
+            a_chunks, b_chunks = self._chunks[target]
+            a = torch.tensor(pages[offset : offset + rank * a_chunks], dtype=torch.int32)
+            offset += rank * a_chunks
+            b = torch.tensor(pages[offset : offset + rank * b_chunks], dtype=torch.int32)
+            offset += rank * b_chunks
+            a, b = a.view(rank, a_chunks).to(device), b.view(rank, b_chunks).to(device)
+            tables.a_pages[target][slot, :rank] = a
+            tables.b_pages[target][slot, :rank] = b
+            page_tables[target] = (a, b)
+        tables.ranks[slot] = 0
+        tables.scalings[slot] = 0.0
+        for (layer, target), module in modules.items():
+            a, b = page_tables[target]
+            rank = module.lora_a.shape[0]
+            pool = self.pages.layers[layer]
+            write_rows(pool, a[:rank], module.lora_a.to(device=device, dtype=pool.dtype))
+            lora_b_t = module.lora_b.t().contiguous()  # (rank, out_features)
+            write_rows(pool, b[:rank], lora_b_t.to(device=device, dtype=pool.dtype))
+            t = TARGETS.index(target)
+            tables.ranks[slot, layer, t] = rank
+            tables.scalings[slot, layer, t] = module.scaling
+        resident = Resident(slot, pages, max(ranks.values(), default=0))
+        self._resident[adapter_id] = resident
+        self.num_placed += 1
+        return resident
+
+    def evict(self, adapter_id: int) -> None:
+        """Free an unpinned adapter's pages and slot."""
+        resident = self._resident.pop(adapter_id)
+        assert resident.pins == 0, "evicting an adapter that running requests use"
+        self.tables.ranks[resident.slot] = 0
+        self.pages.release(resident.pages)
+        self._free_slots.append(resident.slot)
+        self.num_evicted += 1
+
+    def reclaim(self, num_pages: int, keep: Iterable[int] = ()) -> bool:
+        """Evict unpinned adapters, least recently used first, until ``num_pages`` are free.
+
+        Adapters in ``keep`` stay. Returns whether enough pages are free now.
+        """
+        kept = set(keep)
+        for adapter_id in list(self._resident):
+            if self.pages.num_free >= num_pages:
+                break
+            resident = self._resident[adapter_id]
+            if resident.pins == 0 and adapter_id not in kept:
+                self.evict(adapter_id)
+        return self.pages.num_free >= num_pages
+
+    def can_reclaim(self, keep: Iterable[int] = ()) -> int:
+        """Pages that :meth:`reclaim` could free (unpinned adapters not in ``keep``)."""
+        kept = set(keep)
+        return sum(len(r.pages) for i, r in self._resident.items() if r.pins == 0 and i not in kept)
+
+    def touch(self, adapter_id: int) -> None:
+        """Mark as most recently used."""
+        self._resident.move_to_end(adapter_id)
+
+    def pin(self, adapter_id: int) -> None:
+        self._resident[adapter_id].pins += 1
+        self.touch(adapter_id)
+
+    def unpin(self, adapter_id: int) -> None:
+        resident = self._resident[adapter_id]
+        assert resident.pins > 0
+        resident.pins -= 1
+
+
+def _ranks_by_target(modules: Mapping[tuple[int, str], ModuleWeights]) -> dict[str, int]:
+    """Each target's rank: the largest over the layers the adapter touches."""
+    ranks: dict[str, int] = {}
+    for (_, target), module in modules.items():
+        ranks[target] = max(ranks.get(target, 0), int(module.lora_a.shape[0]))
+    return ranks

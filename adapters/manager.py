@@ -63,8 +63,10 @@ class AdapterManager:
         self.max_lora_rank = max_lora_rank
         self.registry = AdapterRegistry()
         self.host_cache: HostCache[LoraAdapterWeights] = HostCache(host_cache_bytes)
-        self._load: LoadFn = load or (lambda path: load_lora_adapter(path, layout, max_lora_rank))
-        self.prefetcher = Prefetcher(lambda entry: self._load(entry.path), self.host_cache)
+        # Where weights come from: the files, through the validating loader. Replaceable
+        # (tests substitute a deliberately slow or failing source).
+        self.source: LoadFn = load or (lambda path: load_lora_adapter(path, layout, max_lora_rank))
+        self.prefetcher = Prefetcher(lambda entry: self.source(entry.path), self.host_cache)
         self._unloads: list[AdapterEntry] = []
         self._lock = threading.Lock()
         self._live: dict[int, AdapterEntry] = {}  # entries some request or the registry holds
@@ -77,7 +79,7 @@ class AdapterManager:
         Raises:
             AdapterError: the adapter is invalid, or the name is taken.
         """
-        weights = self._load(path)
+        weights = self.source(path)
         pages = self.residency.pages_needed(weights.modules)
         if pages > self.residency.pages.num_free + self.residency.num_pages:
             raise AdapterError(
@@ -156,7 +158,7 @@ class AdapterManager:
             self.prefetcher.request(entry)
             return Readiness.LOADING
         need = self.residency.pages_needed(weights.modules)
-        if not self.residency.reclaim(need, keep=[entry.id, *keep]):
+        if not self.residency.reclaim(need, keep=[entry.id, *keep], slot=True):
             return Readiness.NO_ROOM
         self.residency.place(entry.id, weights.modules)
         return Readiness.RESIDENT
@@ -169,7 +171,8 @@ class AdapterManager:
             weights = self.host_cache.get(entry.id)
             if weights is None:
                 continue
-            if self.residency.pages_needed(weights.modules) > self.residency.pages.num_free:
+            need = self.residency.pages_needed(weights.modules)
+            if need > self.residency.pages.num_free or not self.residency.has_free_slot:
                 break
             self.residency.place(entry.id, weights.modules)
 

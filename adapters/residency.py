@@ -224,19 +224,28 @@ class AdapterResidency:
         self._free_slots.append(resident.slot)
         self.num_evicted += 1
 
-    def reclaim(self, num_pages: int, keep: Iterable[int] = ()) -> bool:
-        """Evict unpinned adapters, least recently used first, until ``num_pages`` are free.
+    def reclaim(self, num_pages: int, keep: Iterable[int] = (), slot: bool = False) -> bool:
+        """Evict unpinned adapters, least recently used first, until ``num_pages`` are free
+        (and, with ``slot``, a slot too).
 
-        Adapters in ``keep`` stay. Returns whether enough pages are free now.
+        Adapters in ``keep`` stay. Returns whether enough is free now.
         """
         kept = set(keep)
+
+        def enough() -> bool:
+            return self.pages.num_free >= num_pages and (not slot or bool(self._free_slots))
+
         for adapter_id in list(self._resident):
-            if self.pages.num_free >= num_pages:
+            if enough():
                 break
             resident = self._resident[adapter_id]
             if resident.pins == 0 and adapter_id not in kept:
                 self.evict(adapter_id)
-        return self.pages.num_free >= num_pages
+        return enough()
+
+    @property
+    def has_free_slot(self) -> bool:
+        return bool(self._free_slots)
 
     def can_reclaim(self, keep: Iterable[int] = ()) -> int:
         """Pages that :meth:`reclaim` could free (unpinned adapters not in ``keep``)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -34,6 +35,8 @@ class LoraMetadata:
             prefill tokens.
         seg_adapters: (num_prefills,) int32 adapter slot of each prefill chunk, -1 = none.
         max_rank: the largest rank among this batch's adapters (the kernels' tile).
+        max_seg_len: the longest prefill chunk (sizes the segmented kernels' grid without
+            reading ``seg_starts`` back from the device).
         tables: the residency's page tables.
     """
 
@@ -42,6 +45,7 @@ class LoraMetadata:
     seg_starts: torch.Tensor
     seg_adapters: torch.Tensor
     max_rank: int
+    max_seg_len: int
     tables: LoraTables
 
     @property
@@ -90,21 +94,38 @@ class LoraBackend:
             y = self.shrink_bgmv(x[:nd], pool, a_pages, ranks, meta.token_adapters, meta.max_rank)
             self.expand_bgmv(y, pool, b_pages, ranks, scalings, meta.token_adapters, out[:nd])
         if meta.num_prefills:
+            seg_starts, seg_adapters = meta.seg_starts, meta.seg_adapters
             y = self.shrink_sgmv(
-                x[nd:], pool, a_pages, ranks, meta.seg_starts, meta.seg_adapters, meta.max_rank
+                x[nd:],
+                pool,
+                a_pages,
+                ranks,
+                seg_starts,
+                seg_adapters,
+                meta.max_rank,
+                meta.max_seg_len,
             )
             self.expand_sgmv(
-                y, pool, b_pages, ranks, scalings, meta.seg_starts, meta.seg_adapters, out[nd:]
+                y,
+                pool,
+                b_pages,
+                ranks,
+                scalings,
+                seg_starts,
+                seg_adapters,
+                out[nd:],
+                meta.max_seg_len,
             )
 
 
 LORA_BACKENDS: dict[str, LoraBackend] = {
+    # The references, without the value checks: the runner builds the metadata itself.
     "torch": LoraBackend(
         "torch",
-        kernels.lora_shrink_bgmv_ref,
-        kernels.lora_expand_bgmv_ref,
-        kernels.lora_shrink_sgmv_ref,
-        kernels.lora_expand_sgmv_ref,
+        partial(kernels.lora_shrink_bgmv_ref, validate=False),
+        partial(kernels.lora_expand_bgmv_ref, validate=False),
+        partial(kernels.lora_shrink_sgmv_ref, validate=False),
+        partial(kernels.lora_expand_sgmv_ref, validate=False),
     ),
     "triton": LoraBackend(
         "triton",

@@ -117,6 +117,7 @@ class ModelRunner:
             seg_starts=self._int32(seg_starts),
             seg_adapters=self._int32([c.adapter_slot for c in prefills]),
             max_rank=max_rank,
+            max_seg_len=max((c.num_tokens for c in prefills), default=0),
             tables=self.lora_tables,
         )
 

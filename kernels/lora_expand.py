@@ -39,6 +39,7 @@ from kernels.lora_layout import (
     num_chunks,
     read_rows,
     segments,
+    token_ranks,
 )
 from kernels.triton_utils import HAS_TRITON, next_power_of_2
 
@@ -97,12 +98,14 @@ def lora_expand_bgmv_ref(
     if validate:
         check_values(ranks, y.shape[1], token_adapters)
     num_rows = y.shape[1]
-    # (num_tokens, num_rows, out_features), zero past each token's rank
-    lora_b_t, keep = gather_token_rows(pool, b_pages, token_adapters, ranks, num_rows, out.shape[1])
-    y_in = torch.where(keep, y.to(out.dtype).float(), 0.0)  # rounded like PEFT's lora_B input
+    slots, keep = token_ranks(token_adapters, ranks, num_rows)
+    # (num_tokens, num_rows, out_features); rows past the rank read stale pages: zero them
+    lora_b_t = gather_token_rows(pool, b_pages, slots, keep, out.shape[1])
+    lora_b_t = torch.where(keep[:, :, None], lora_b_t.float(), 0.0)
+    y_in = y if out.dtype == torch.float32 else y.to(out.dtype).float()  # PEFT's rounding
+    y_in = torch.where(keep, y_in, 0.0)
     delta = torch.bmm(y_in.unsqueeze(1), lora_b_t).squeeze(1)  # (num_tokens, out_features)
-    adapters = token_adapters.long()
-    scaling = torch.where(adapters >= 0, scalings.index_select(0, adapters.clamp(min=0)), 0.0)
+    scaling = scalings.index_select(0, slots).masked_fill(token_adapters < 0, 0.0)
     delta = delta * scaling[:, None]
     if out.dtype == torch.float32:
         out += delta

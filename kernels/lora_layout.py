@@ -82,33 +82,40 @@ def read_rows(pool: torch.Tensor, pages: torch.Tensor, features: int) -> torch.T
     return gathered.view(n_rows, chunks * page_width)[:, :features]
 
 
+def token_ranks(
+    token_adapters: torch.Tensor, ranks: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, keep)`` for the per-token references.
+
+    slots (num_tokens,): each token's adapter index with -1 mapped to 0 (safe to gather
+    with); keep (num_tokens, num_rows) bool: True for rows j < ranks[a], False everywhere
+    for tokens without LoRA.
+    """
+    slots = token_adapters.clamp(min=0)
+    rank = ranks.index_select(0, slots).masked_fill(token_adapters < 0, 0)  # (num_tokens,)
+    keep = torch.arange(num_rows, device=ranks.device)[None, :] < rank[:, None]
+    return slots, keep
+
+
 def gather_token_rows(
     pool: torch.Tensor,
     pages: torch.Tensor,
-    token_adapters: torch.Tensor,
-    ranks: torch.Tensor,
-    num_rows: int,
+    slots: torch.Tensor,
+    keep: torch.Tensor,
     features: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's adapter rows, for the per-token references: no loop over adapters.
+) -> torch.Tensor:
+    """Rows 0 .. num_rows - 1 of each token's adapter matrix: (num_tokens, num_rows, features).
 
-    Returns ``(rows, keep)``: rows (num_tokens, num_rows, features) float32, row j of token t
-    being row j of its adapter's matrix, zeroed where ``keep`` is False; keep (num_tokens,
-    num_rows) bool, True for j < ranks[a] with a = token_adapters[t] != -1. Table entries of
-    rows that are not kept may hold any page id: they are gathered but masked.
+    One gather of page-table rows and one of pool pages, whatever the number of distinct
+    adapters. Table entries of rows not kept may hold anything, so they are pointed at page 0
+    first; what those rows then hold is arbitrary, and callers mask them.
     """
-    num_tokens = token_adapters.shape[0]
-    adapters = token_adapters.long()
-    slot = adapters.clamp(min=0)
-    rank = torch.where(adapters >= 0, ranks.index_select(0, slot), 0)  # (num_tokens,)
-    keep = torch.arange(num_rows, device=pool.device)[None, :] < rank[:, None]
-    table = pages.index_select(0, slot)[:, :num_rows]  # (num_tokens, num_rows, chunks)
-    # Pages past a row's rank may be stale ids: point them at page 0 before gathering.
-    table = torch.where(keep[:, :, None], table, 0).long()
-    gathered = pool.index_select(0, table.reshape(-1))  # (num_tokens * num_rows * chunks, W)
+    num_tokens, num_rows = keep.shape
+    table = pages[:, :num_rows].index_select(0, slots)  # (num_tokens, num_rows, chunks)
+    table = table.masked_fill(~keep[:, :, None], 0)
+    gathered = pool.index_select(0, table.view(-1))  # (num_tokens * num_rows * chunks, W)
     width = table.shape[2] * pool.shape[1]
-    rows = gathered.view(num_tokens, num_rows, width)[:, :, :features].float()
-    return torch.where(keep[:, :, None], rows, 0.0), keep
+    return gathered.view(num_tokens, num_rows, width)[:, :, :features]
 
 
 def segments(

@@ -40,6 +40,7 @@ from kernels.lora_layout import (
     num_chunks,
     read_rows,
     segments,
+    token_ranks,
 )
 from kernels.triton_utils import HAS_TRITON, next_power_of_2
 
@@ -95,9 +96,10 @@ def lora_shrink_bgmv_ref(
     check_vector(token_adapters, torch.int32, x.shape[0], "token_adapters")
     if validate:
         check_values(ranks, max_rank, token_adapters)
-    # (num_tokens, max_rank, in_features)
-    lora_a, _ = gather_token_rows(pool, a_pages, token_adapters, ranks, max_rank, x.shape[1])
-    return torch.bmm(lora_a, x.float().unsqueeze(-1)).squeeze(-1)  # (num_tokens, max_rank)
+    slots, keep = token_ranks(token_adapters, ranks, max_rank)
+    lora_a = gather_token_rows(pool, a_pages, slots, keep, x.shape[1])  # (T, max_rank, in)
+    y = torch.bmm(lora_a.float(), x.float().unsqueeze(-1)).squeeze(-1)  # (T, max_rank)
+    return torch.where(keep, y, 0.0)  # rows past the rank read stale pages: drop them
 
 
 def _check_inputs(

@@ -6,10 +6,11 @@ state: everything the runner needs about a request for this step is copied in he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -31,6 +32,9 @@ class ScheduledChunk:
         banned_token_ids: ids the sampler must not pick (stop tokens before ``min_tokens``).
         adapter_slot: the slot of its adapter in the LoRA page tables, -1 for the base model.
         adapter_rank: its adapter's largest rank (0 for the base model).
+        output_token_ids: the tokens generated so far, when penalties need them (else empty).
+        prompt_targets: with ``prompt_logprobs``, the prompt tokens this chunk's positions
+            predict (position ``start_pos + i`` predicts ``prompt_targets[i]``); else empty.
     """
 
     request_id: str
@@ -44,6 +48,8 @@ class ScheduledChunk:
     banned_token_ids: tuple[int, ...] = ()
     adapter_slot: int = -1
     adapter_rank: int = 0
+    output_token_ids: tuple[int, ...] = ()
+    prompt_targets: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -77,3 +83,18 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What the runner computed for one chunk.
+
+    Attributes:
+        token: the sampled next token, for a chunk that samples; else None.
+        logprob: the sampled token's log-probability and alternatives, when asked for.
+        prompt_logprobs: one entry per ``prompt_targets`` token of the chunk.
+    """
+
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)

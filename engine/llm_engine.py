@@ -19,13 +19,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from adapters.base_layout import BaseModelLayout
 from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
+from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
 from engine.loader import load_model
 from engine.model import Backends
 from engine.model_runner import ModelRunner
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.page_pool import PagePool, Tenant
 from engine.request import Request
 from engine.sampler import Sampler
@@ -73,6 +74,9 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.num_steps = 0
+        self.num_failed_steps = 0
+        self.prompt_tokens = 0  # prompt tokens of accepted requests
+        self.generation_tokens = 0
         logger.info(
             "page pool: %d pages of %d elements per layer (%.1f MiB)",
             self.pool.num_pages,
@@ -202,10 +206,54 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         aborted += [self._output(r) for r in self.scheduler.failed]
         self.scheduler.failed.clear()
-        sampled = self.runner.execute(scheduled)
-        advanced = self.scheduler.update(scheduled, sampled, self.requests)
+        try:
+            results = self.runner.execute(scheduled)
+        except Exception:
+            # One bad batch must not take the server down: fail its requests, keep serving.
+            logger.exception(
+                "step %d failed; aborting its %d requests", self.num_steps, len(scheduled.chunks)
+            )
+            self.num_failed_steps += 1
+            self.num_steps += 1
+            return aborted + self._fail(scheduled)
+        advanced = self.scheduler.update(scheduled, results, self.requests)
         self.num_steps += 1
+        self.generation_tokens += sum(1 for c in scheduled.chunks if c.sample)
         return aborted + [self._output(r) for r in advanced]
+
+    def _fail(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        outputs = []
+        for chunk in scheduled.chunks:
+            request = self.requests[chunk.request_id]
+            request.error = "internal error while running the batch"
+            self.scheduler.finish(request, "abort")
+            outputs.append(self._output(request))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters (safe to call from any thread)."""
+        residency = self.adapters.residency
+        prefetch = self.adapters.prefetcher.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
+            num_pages=self.pool.num_pages,
+            free_pages=self.pool.num_free,
+            kv_pages=self.pool.num_used(Tenant.KV),
+            adapter_pages=self.pool.num_used(Tenant.ADAPTER),
+            resident_adapters=len(residency),
+            loaded_adapters=len(self.adapters.registry),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefetch_hits=self.scheduler.prefetch_hits,
+            prefetch_misses=self.scheduler.prefetch_misses,
+            adapter_loads=prefetch.loads,
+            adapter_evictions=residency.num_evicted,
+            adapter_load_seconds=prefetch.load_seconds,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            num_steps=self.num_steps,
+            num_failed_steps=self.num_failed_steps,
+        )
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._lock:
@@ -213,6 +261,7 @@ class LLMEngine:
             aborts, self._aborts = self._aborts, []
         for request in inbox:
             self.requests[request.request_id] = request
+            self.prompt_tokens += len(request.prompt_token_ids)
             if request.adapter is not None:
                 self.adapters.acquire(request.adapter)
             self.scheduler.add(request)
@@ -239,6 +288,10 @@ class LLMEngine:
             finished=finished,
             finish_reason=request.finish_reason,
             error=request.error,
+            logprobs=None if request.logprobs is None else list(request.logprobs),
+            prompt_logprobs=(
+                None if request.prompt_logprobs is None else list(request.prompt_logprobs)
+            ),
         )
 
     def check_integrity(self) -> None:

@@ -11,11 +11,11 @@ import torch
 
 from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
-from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.forward_batch import ForwardBatch
 from engine.lora import LoraMetadata
 from engine.model import CausalLM
-from engine.sampler import Sampler
+from engine.sampler import Sampler, token_logprobs
 from engine.slot_tables import SlotTables
 
 
@@ -46,8 +46,8 @@ class ModelRunner:
         self.device = pools[0].device
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> dict[str, int]:
-        """Run the step; return the sampled token of each chunk that samples."""
+    def execute(self, output: SchedulerOutput) -> dict[str, ChunkResult]:
+        """Run the step; return what each chunk produced (a token, log-probabilities)."""
         self.slot_tables.release(output.finished_ids + output.preempted_ids)
         if output.is_empty:
             return {}
@@ -55,13 +55,34 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(chunks)
         batch = ForwardBatch(meta, self.pools, self._lora_metadata(chunks, meta.num_decodes))
         hidden = self.model(input_ids, positions, batch)
+        results = self._prompt_logprobs(chunks, hidden)
         sampling = [c for c in chunks if c.sample]
         if not sampling:
-            return {}
+            return results
         last = torch.tensor(_last_token_indices(chunks), device=self.device)
         logits = self.model.compute_logits(hidden[last])
         tokens = self.sampler(logits, sampling)
-        return {c.request_id: t for c, t in zip(sampling, tokens, strict=True)}
+        for row, (chunk, token) in enumerate(zip(sampling, tokens, strict=True)):
+            k = chunk.params.logprobs
+            logprob = None if k is None else token_logprobs(logits[row : row + 1], [token], k)[0]
+            previous = results.get(chunk.request_id, ChunkResult())
+            results[chunk.request_id] = ChunkResult(token, logprob, previous.prompt_logprobs)
+        return results
+
+    def _prompt_logprobs(
+        self, chunks: list[ScheduledChunk], hidden: torch.Tensor
+    ) -> dict[str, ChunkResult]:
+        """Log-probabilities of the prompt tokens that chunks asking for them predict."""
+        results = {}
+        offset = 0
+        for c in chunks:
+            if c.prompt_targets and c.params.prompt_logprobs is not None:
+                rows = hidden[offset : offset + len(c.prompt_targets)]
+                logits = self.model.compute_logits(rows)
+                entries = token_logprobs(logits, list(c.prompt_targets), c.params.prompt_logprobs)
+                results[c.request_id] = ChunkResult(prompt_logprobs=entries)
+            offset += c.num_tokens
+        return results
 
     def _prepare(
         self, chunks: list[ScheduledChunk]

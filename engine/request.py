@@ -16,6 +16,7 @@ import torch
 
 from adapters.registry import AdapterEntry
 from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -42,6 +43,8 @@ class Request:
         error: why it was aborted, when the engine aborted it (e.g. its adapter failed to load).
         waited_for_adapter: it was first considered for admission before its adapter was in
             host memory or the pool (a prefetch miss); None until first considered.
+        logprobs: per generated token, when the params ask for log-probabilities.
+        prompt_logprobs: per prompt token (None for the first), when asked for.
     """
 
     request_id: str
@@ -58,6 +61,14 @@ class Request:
     adapter: AdapterEntry | None = None
     error: str | None = None
     waited_for_adapter: bool | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:

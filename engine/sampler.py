@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.batch import ScheduledChunk
+from engine.outputs import TokenLogprob
 
 
 class Sampler:
@@ -23,6 +24,8 @@ class Sampler:
         """Next token ids for ``logits`` (num_rows, vocab_size), one row per chunk."""
         logits = logits.clone()
         for row, chunk in enumerate(chunks):
+            if chunk.params.penalized:
+                _penalize(logits[row], chunk)
             if chunk.banned_token_ids:
                 logits[row, list(chunk.banned_token_ids)] = -float("inf")
         tokens = logits.argmax(dim=-1)
@@ -63,3 +66,33 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         filtered = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         return filtered.softmax(dim=-1)
+
+
+def _penalize(logits: torch.Tensor, chunk: ScheduledChunk) -> None:
+    """OpenAI's presence and frequency penalties over the generated tokens, in place."""
+    if not chunk.output_token_ids:
+        return
+    generated = torch.tensor(chunk.output_token_ids, device=logits.device)
+    counts = torch.bincount(generated, minlength=logits.shape[0])[: logits.shape[0]].float()
+    params = chunk.params
+    logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's log-probability of ``tokens[row]`` and its ``k`` most likely tokens.
+
+    Args:
+        logits: (num_rows, vocab_size) raw float32 logits.
+        tokens: one token id per row.
+        k: how many alternatives per row (0 for none).
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    index = torch.tensor(tokens, device=logits.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], index[:, :0])
+    return [
+        TokenLogprob(token, value, list(zip(ids, values, strict=True)))
+        for token, value, ids, values in zip(
+            tokens, chosen, top_ids.tolist(), top_values.tolist(), strict=True
+        )
+    ]

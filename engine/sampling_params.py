@@ -21,6 +21,11 @@ class SamplingParams:
         ignore_eos: keep generating past EOS (benchmarks use it for fixed output lengths).
         min_tokens: EOS and stop token ids cannot end generation before this many tokens.
         skip_special_tokens: leave special tokens out of the text.
+        logprobs: with each generated token, return its log-probability and those of the
+            ``logprobs`` most likely tokens (from the model's raw distribution), as vLLM does.
+        prompt_logprobs: the same for every prompt token after the first.
+        presence_penalty: subtracted from the logit of every token already generated.
+        frequency_penalty: subtracted once per earlier occurrence in the generated text.
     """
 
     max_tokens: int = 16
@@ -33,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -45,6 +54,12 @@ class SamplingParams:
             raise ValueError("top_k must be -1, 0 (off) or positive")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be in [0, max_tokens]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative")
+        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         # Lists are accepted for convenience and stored as tuples (hashable, immutable).
@@ -54,3 +69,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -28,7 +28,7 @@ from collections import deque
 
 from adapters.errors import AdapterError
 from adapters.manager import AdapterManager, Readiness
-from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCache
 from engine.page_pool import OutOfPages
@@ -189,7 +189,17 @@ class Scheduler:
             banned_token_ids=self._banned(request),
             adapter_slot=slot,
             adapter_rank=rank,
+            output_token_ids=tuple(request.output_token_ids) if request.params.penalized else (),
+            prompt_targets=self._prompt_targets(request, start, end),
         )
+
+    @staticmethod
+    def _prompt_targets(request: Request, start: int, end: int) -> tuple[int, ...]:
+        """Prompt tokens whose log-probabilities positions ``start .. end - 1`` give."""
+        have = request.prompt_logprobs
+        if have is None or len(have) == len(request.prompt_token_ids):
+            return ()
+        return tuple(request.prompt_token_ids[start + 1 : end + 1])
 
     def _banned(self, request: Request) -> tuple[int, ...]:
         """Token ids that may not be sampled next: stop tokens while under ``min_tokens``."""
@@ -200,7 +210,10 @@ class Scheduler:
         return eos + params.stop_token_ids
 
     def update(
-        self, output: SchedulerOutput, sampled: dict[str, int], requests: dict[str, Request]
+        self,
+        output: SchedulerOutput,
+        results: dict[str, ChunkResult],
+        requests: dict[str, Request],
     ) -> list[Request]:
         """Advance every scheduled request by its chunk and append its sampled token.
 
@@ -210,9 +223,17 @@ class Scheduler:
         for chunk in output.chunks:
             request = requests[chunk.request_id]
             request.num_computed_tokens += chunk.num_tokens
+            result = results.get(chunk.request_id, ChunkResult())
+            if request.prompt_logprobs is not None:
+                for i, entry in enumerate(result.prompt_logprobs):
+                    if chunk.start_pos + 1 + i == len(request.prompt_logprobs):  # not recomputed
+                        request.prompt_logprobs.append(entry)
             if not chunk.sample:
                 continue
-            token = sampled[chunk.request_id]
+            token = result.token
+            assert token is not None, "a sampling chunk came back without a token"
+            if request.logprobs is not None and result.logprob is not None:
+                request.logprobs.append(result.logprob)
             request.output_token_ids.append(token)
             request.detokenizer.add_token(token)
             reason = self._finish_reason(request, token)

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from engine import LLMEngine, SamplingParams
+from engine.batch import ChunkResult
 from engine.config import EngineConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache
@@ -49,7 +50,7 @@ def make_request(
 def run_step(scheduler: Scheduler, requests: dict[str, Request]) -> dict[str, int]:
     """One step with every sampled token = 7; returns tokens scheduled per request."""
     out = scheduler.schedule()
-    scheduler.update(out, {c.request_id: 7 for c in out.chunks if c.sample}, requests)
+    scheduler.update(out, {c.request_id: ChunkResult(7) for c in out.chunks if c.sample}, requests)
     POOLS[id(scheduler)].check_integrity()
     return {c.request_id: c.num_tokens for c in out.chunks}
 

@@ -8,7 +8,6 @@ next ``step()`` drains, so the scheduler's state is only ever touched by the ste
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
-from engine.loader import load_model
+from engine.loader import eos_token_ids, load_model
 from engine.model import Backends
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput
@@ -57,7 +56,7 @@ class LLMEngine:
         )
         self.kv_cache = KVCache(self.pool)
         self.adapters = self._adapter_manager(config.lora)
-        self.eos_token_ids = _eos_token_ids(mc.model_dir, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_cache, self.eos_token_ids, self.adapters
         )
@@ -307,14 +306,3 @@ class LLMEngine:
             resident = residency.get(adapter_id)
             assert resident is not None and resident.pins == count, "adapter pins drifted"
         assert sum(r.pins for r in residency.residents()) == sum(pins.values())
-
-
-def _eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return set(eos) if isinstance(eos, list) else {int(eos)}
-    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

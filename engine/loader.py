@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.model import Backends, CausalLM
 
@@ -95,3 +95,14 @@ def load_model(
         dtype,
     )
     return model
+
+
+def eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {int(eos)}
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import LLM, SamplingParams
-from tests.tiny_models import make_model
+from tests.tiny_models import make_demo_sized_model
 
 
 def make_workload(
@@ -92,16 +92,7 @@ def main() -> None:
         f"{'total tok/s':>12s}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or make_model(
-            Path(tmp) / "tiny",
-            "llama",
-            num_layers=4,
-            hidden_size=128,
-            intermediate_size=352,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_scaling=None,
-        )
+        model_dir = args.model or make_demo_sized_model(Path(tmp) / "tiny")
         for workload in ("fixed", "varied"):
             prompts, lengths = make_workload(
                 args.num_prompts, 259, args.output_len, workload == "varied", args.seed

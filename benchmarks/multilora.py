@@ -36,8 +36,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine import LLM, SamplingParams  # noqa: E402
-from tests.tiny_models import make_model, write_random_adapter  # noqa: E402
+from engine import LLM, SamplingParams
+from tests.tiny_models import make_demo_sized_model, write_random_adapter
 
 RANKS = (4, 8, 16)
 
@@ -170,16 +170,7 @@ def main() -> None:
     results: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = make_model(
-            root / "base",
-            "llama",
-            num_layers=4,
-            hidden_size=128,
-            intermediate_size=352,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_scaling=None,
-        )
+        base = make_demo_sized_model(root / "base")
         attn = {
             "q_proj": (128, 128),
             "k_proj": (128, 64),
@@ -217,9 +208,10 @@ def main() -> None:
                     f"{tokens / s:8.1f} tok/s",
                     flush=True,
                 )
+            server, mixed = secs["PEFT server"], secs["PEFT mixed batches"]
             print(
-                f"n={n:3d} loraserve vs PEFT server {secs['PEFT server'] / secs['loraserve']:.2f}x, "
-                f"vs PEFT mixed {secs['PEFT mixed batches'] / secs['loraserve']:.2f}x",
+                f"n={n:3d} loraserve vs PEFT server {server / secs['loraserve']:.2f}x, "
+                f"vs PEFT mixed {mixed / secs['loraserve']:.2f}x",
                 flush=True,
             )
     tput = {(r["system"], r["n"]): r["tok_per_s"] for r in results}

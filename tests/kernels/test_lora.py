@@ -11,14 +11,9 @@ kernels run under the Triton interpreter (tests/conftest.py), so kernel cases st
 """
 
 import math
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -38,6 +33,7 @@ from kernels.lora import (
     write_rows,
 )
 from kernels.triton_utils import HAS_TRITON
+from tests.kernels.sm90 import CompileCase, compile_in_child
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -540,13 +536,13 @@ def test_ops_reject_bad_inputs(case: str, form: str, use_triton: bool) -> None:
             EXPAND_OPS[form, use_triton](*args(y, out))
 
 
-def _sm90_compile_cases() -> list[tuple[str, Any, dict[str, str], dict[str, object], int]]:
-    """(name, kernel, pointer dtypes, constexprs, num_warps): bfloat16, the CUDA block table."""
+def sm90_cases() -> list[CompileCase]:
+    """Every LoRA kernel in bfloat16 with the CUDA block table."""
     import triton.language as tl
 
     shrink, expand = lora_shrink.SHRINK_BLOCKS, lora_expand.EXPAND_BLOCKS
-    pointers = {"x_ptr": "bf16", "pool_ptr": "bf16", "out_ptr": "bf16"}
-    pointers |= {"y_ptr": "fp32", "scalings_ptr": "fp32"}  # the rest are int32
+    types = {"x_ptr": "*bf16", "pool_ptr": "*bf16", "out_ptr": "*bf16"}
+    types |= {"y_ptr": "*fp32", "scalings_ptr": "*fp32"}  # the rest are int32
     s, e = shrink[("cuda", "sgmv")], expand[("cuda", "sgmv")]
     sgmv = [
         ("shrink_sgmv", lora_shrink._shrink_sgmv_kernel, s.num_warps,
@@ -563,56 +559,17 @@ def _sm90_compile_cases() -> list[tuple[str, Any, dict[str, str], dict[str, obje
         ("expand_bgmv", lora_expand._expand_bgmv_kernel, e.num_warps,
          {"BLOCK_R": e.max_block_r, "BLOCK_N": e.block_n}),
     ]  # fmt: skip
-    return [(name, kernel, pointers, cx, warps) for name, kernel, warps, cx in sgmv + bgmv]
-
-
-def compile_kernels_for_sm90() -> None:
-    """Compile every kernel down to an sm_90 cubin (Triton ships its own ptxas; no GPU needed).
-
-    Runs in a process without the interpreter (see `test_kernels_compile_for_h100`); exits
-    with status 3 when this Triton lacks the compiler entry points used here.
-    """
-    import triton
-
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        sys.exit(3)
-    for name, kernel, pointers, constexprs, num_warps in _sm90_compile_cases():
-        names = kernel.arg_names
-        signature = {
-            arg: "constexpr"
-            if arg in constexprs
-            else ("*" + pointers.get(arg, "i32") if arg.endswith("_ptr") else "i32")
-            for arg in names
-        }
-        try:
-            source = ASTSource(
-                fn=kernel,
-                signature=signature,
-                constexprs={(names.index(k),): v for k, v in constexprs.items()},
-            )
-        except TypeError:
-            sys.exit(3)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
-        )
-        assert "cubin" in compiled.asm, name
+    return [
+        CompileCase(name, kernel, constexprs, types, {"num_warps": warps})
+        for name, kernel, warps, constexprs in sgmv + bgmv
+    ]
 
 
 @requires_triton
 @pytest.mark.slow
 def test_kernels_compile_for_h100() -> None:
-    """The interpreter runs kernels as numpy and accepts code the GPU compiler rejects, so
-    compile each kernel with the CUDA table's block sizes for an H100. In a child process:
-    code compiled in an interpreter process sees the interpreter's patched `tl`."""
-    root = Path(__file__).resolve().parents[2]
-    code = "from tests.kernels.test_lora import compile_kernels_for_sm90 as c; c()"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    child = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    """The interpreter accepts code the GPU compiler rejects: compile each kernel for sm_90."""
+    compile_in_child(
+        "from tests.kernels.test_lora import sm90_cases; "
+        "from tests.kernels.sm90 import compile_cases; compile_cases(sm90_cases())"
     )
-    if child.returncode == 3:
-        pytest.skip("this Triton has no ASTSource / GPUTarget taking these arguments")
-    assert child.returncode == 0, child.stderr[-3000:]

@@ -32,9 +32,9 @@ pytest: venv
 
 test: lint typecheck pytest
 
+# The bundled demo model and its adapters on 127.0.0.1:$(PORT) (`make serve PORT=N`).
 serve: venv
-	@echo "The HTTP server arrives with the server issue; meanwhile: $(BIN)/loraserve generate --help"
-	$(BIN)/loraserve generate "hello=" --max-tokens 16
+	$(BIN)/loraserve serve --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,8 +1,10 @@
 """The ``loraserve`` command line.
 
+    loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--host ...] [--port ...]
     loraserve generate [--model MODEL_DIR] [--dtype ...] PROMPT [PROMPT ...]
 
-With no model it runs the bundled demo model (``examples/demo/model``).
+With no model both use the bundled demo model (``examples/demo/model``); ``serve`` also
+serves its adapters. ``serve`` is described in :mod:`server.serve`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import sys
 
 from engine import LLM, SamplingParams
+from server.serve import add_serve_args, run_serve
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +55,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None, help="default: INFO to serve, else WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_args(serve)
+    serve.set_defaults(run=run_serve)
 
     generate = commands.add_parser("generate", help="generate text for prompts, offline")
     _add_engine_args(generate)
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=_generate)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
     except ValueError as e:

@@ -1,0 +1,63 @@
+"""Adapter management, vLLM's routes: ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``.
+
+Registered only when an admin key is set or runtime loading was enabled by flag (otherwise
+they do not exist: 404). Loads and unloads are serialized; a load validates the adapter
+fully, in a worker thread, before its name becomes servable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter, Request
+
+from adapters.errors import AdapterError
+from server.auth import require_admin
+from server.body import read_body
+from server.errors import APIError, from_adapter_error
+from server.lora_paths import resolve_lora_path
+from server.protocol import LoadLoraRequest, UnloadLoraRequest, parse_body
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def admin_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+    config = state.config
+
+    @router.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> dict[str, str]:
+        require_admin(config, request.headers.raw)
+        body = parse_body(await read_body(request, config.max_request_bytes), LoadLoraRequest)
+        if body.lora_name == config.model_name:
+            raise APIError(
+                409, "adapter_already_loaded", "that name is the base model's", "lora_name"
+            )
+        path = resolve_lora_path(body.lora_path, config.adapter_roots)
+        async with state.admin_lock:
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(state.engine.load_lora, body.lora_name, path, body.replace)
+            except AdapterError as e:
+                param = "lora_name" if e.code == "adapter_already_loaded" else "lora_path"
+                raise from_adapter_error(e, param) from None
+            state.metrics.adapter_api_seconds.observe(time.monotonic() - started)
+        logger.info("loaded adapter %s", body.lora_name)
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    @router.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> dict[str, str]:
+        require_admin(config, request.headers.raw)
+        body = parse_body(await read_body(request, config.max_request_bytes), UnloadLoraRequest)
+        async with state.admin_lock:
+            try:
+                state.engine.unload_lora(body.lora_name)
+            except AdapterError as e:
+                raise from_adapter_error(e, "lora_name") from None
+        logger.info("unloaded adapter %s", body.lora_name)
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    return router

@@ -1,0 +1,88 @@
+"""The ASGI application: routes, access control, error envelope, health and metrics.
+
+Middleware, outermost first: CORS (only when origins are listed, so preflights are answered
+before a key is asked for), then the API-key check (only when a key is set). The engine
+thread starts with the application and stops after its last request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+
+from engine.llm_engine import LLMEngine
+from server.admin_routes import admin_router
+from server.auth import KeyAuthMiddleware
+from server.bridge import EngineBridge
+from server.config import ServerConfig
+from server.errors import APIError, install_error_handlers
+from server.formatting import TokenText
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.openai_routes import openai_router
+from server.state import ServerState
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the error envelope."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 400:  # origin, method or header not allowed
+            return APIError(400, "cors_preflight_refused", "CORS preflight refused").response()
+        return response
+
+
+def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+    """Build the server for a constructed engine (adapters given at startup already loaded).
+
+    The returned app's ``state.server`` holds the :class:`ServerState` (tests and the load
+    test reach the bridge through it).
+    """
+    metrics = ServerMetrics(engine.stats, config.max_metric_adapters)
+    max_pending = engine.config.scheduler.max_num_seqs + config.max_waiting
+    bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics)
+    state = ServerState(engine, bridge, config, metrics, TokenText(engine.tokenizer))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        bridge.start()
+        try:
+            yield
+        finally:
+            bridge.stop()
+
+    app = FastAPI(
+        title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    if config.api_key is not None:
+        app.add_middleware(KeyAuthMiddleware, config=config)
+    if config.cors_origins:
+        app.add_middleware(
+            _CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        status = bridge.health()
+        if not status.ok:
+            return APIError(503, "unhealthy", status.reason).response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(openai_router(state))
+    if config.lora_routes_enabled:
+        app.include_router(admin_router(state))
+    return app

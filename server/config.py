@@ -1,0 +1,59 @@
+"""The HTTP server's own settings (the engine's are :class:`engine.EngineConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Access, limits and shutdown behaviour of one server.
+
+    Attributes:
+        model_name: what clients call the base model (the OpenAI ``model`` field).
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer KEY``.
+        admin_api_key: when set, adapter management needs it (the user key gets 403), and
+            the management routes exist.
+        allow_runtime_lora: expose the management routes without an admin key (then guarded
+            by ``api_key`` only). Off by default: no admin key and no flag means no routes.
+        adapter_roots: runtime ``lora_path`` values must resolve inside one of these.
+        cors_origins: origins allowed cross-origin access; empty means no CORS headers.
+        max_waiting: requests (choices) accepted beyond what the engine runs at once;
+            past it, 429 with ``Retry-After``.
+        max_request_bytes: the largest request body accepted (413 past it).
+        max_choices: the most choices (prompts × n) one request may ask for.
+        drain_timeout_s: on SIGTERM, how long running requests may finish before they are
+            aborted.
+        watchdog_s: an engine step running longer than this makes ``/health`` report 503.
+        max_metric_adapters: adapters that get their own metric label; the rest share
+            ``other`` (bounded cardinality).
+    """
+
+    model_name: str
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    allow_runtime_lora: bool = False
+    adapter_roots: tuple[Path, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_waiting: int = 256
+    max_request_bytes: int = 1 << 20
+    max_choices: int = 64
+    drain_timeout_s: float = 30.0
+    watchdog_s: float = 60.0
+    max_metric_adapters: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("the served model name must not be empty")
+        if self.api_key == "" or self.admin_api_key == "":
+            raise ValueError("API keys must not be empty strings")
+        if self.max_waiting < 0 or self.max_request_bytes < 1024 or self.max_choices < 1:
+            raise ValueError("max_waiting >= 0, max_request_bytes >= 1024, max_choices >= 1")
+        if self.drain_timeout_s < 0 or self.watchdog_s <= 0:
+            raise ValueError("drain_timeout_s must be >= 0 and watchdog_s > 0")
+
+    @property
+    def lora_routes_enabled(self) -> bool:
+        """Whether ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` exist."""
+        return self.admin_api_key is not None or self.allow_runtime_lora

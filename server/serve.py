@@ -1,0 +1,198 @@
+"""``loraserve serve``: build the engine and the app from the command line and run uvicorn.
+
+    loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
+                    [--api-key KEY] [--admin-api-key KEY] [--adapter-root DIR ...] ...
+
+With no MODEL_DIR it serves the bundled demo model and every adapter directory under
+``examples/demo/adapters`` (an adapter still being trained, without its config, is skipped).
+SIGTERM stops admitting requests, lets running ones finish for ``--drain-timeout`` seconds,
+then aborts the rest (``finish_reason: "abort"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from adapters.errors import AdapterError
+from engine.config import DEMO_DIR, EngineConfig
+from engine.llm_engine import LLMEngine
+from server.app import create_app
+from server.bridge import EngineBridge
+from server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "loraserve-demo"  # what the demo adapters' configs call their base
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", nargs="?", default=None, help="a Hugging Face model dir")
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters to serve from the start",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the base model's API name")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument("--max-loras", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
+    pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
+    parser.add_argument("--seed", type=int, default=0)
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--api-key",
+        default=os.environ.get("LORASERVE_API_KEY"),
+        help="required on every route but /health (default: $LORASERVE_API_KEY)",
+    )
+    access.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("LORASERVE_ADMIN_API_KEY"),
+        help="required for adapter management (default: $LORASERVE_ADMIN_API_KEY)",
+    )
+    access.add_argument(
+        "--enable-runtime-lora-loading",
+        action="store_true",
+        help="expose adapter loading without an admin key",
+    )
+    access.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="runtime lora_path values must lie inside one of these",
+    )
+    access.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-waiting-requests", type=int, default=256)
+    limits.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    limits.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+    limits.add_argument("--watchdog-timeout", type=float, default=60.0)
+    parser.add_argument("--no-access-log", action="store_true")
+
+
+def _lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    modules = []
+    if args.model_dir is None:
+        for path in sorted((DEMO_DIR / "adapters").iterdir()):
+            if (path / "adapter_config.json").is_file():
+                modules.append((path.name, path))
+            elif path.is_dir():
+                logger.warning("demo adapter %s is not trained yet; skipped", path.name)
+    for spec in args.lora_modules:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+        modules.append((name, Path(path)))
+    return modules
+
+
+def build_engine(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> LLMEngine:
+    """The engine the flags describe, with ``adapters`` loaded (refusals end the command)."""
+    options: dict[str, object] = {}
+    if args.quantization != "none":
+        if "quantization" not in inspect.signature(EngineConfig.create).parameters:
+            raise ValueError(f"--quantization {args.quantization} is not supported yet")
+        options["quantization"] = args.quantization
+    config = EngineConfig.create(
+        args.model_dir,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        num_pages=args.num_pages,
+        pool_memory=args.pool_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        seed=args.seed,
+        **options,  # type: ignore[arg-type]
+    )
+    engine = LLMEngine(config)
+    for name, path in adapters:
+        try:
+            engine.load_lora(name, path)
+        except AdapterError as e:
+            raise ValueError(f"adapter {name}: {e.message}") from None
+        logger.info("adapter %s loaded", name)
+    return engine
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    if args.model_dir is None:
+        name = args.served_model_name or DEMO_MODEL_NAME
+        roots = args.adapter_root or [str(DEMO_DIR / "adapters")]
+    else:
+        name = args.served_model_name or Path(args.model_dir).resolve().name
+        roots = args.adapter_root
+    return ServerConfig(
+        model_name=name,
+        api_key=args.api_key or None,
+        admin_api_key=args.admin_api_key or None,
+        allow_runtime_lora=args.enable_runtime_lora_loading,
+        adapter_roots=tuple(Path(r) for r in roots),
+        cors_origins=tuple(args.allowed_origins),
+        max_waiting=args.max_waiting_requests,
+        max_request_bytes=args.max_request_bytes,
+        drain_timeout_s=args.drain_timeout,
+        watchdog_s=args.watchdog_timeout,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM/SIGINT starts the bridge's drain."""
+
+    def __init__(self, config: uvicorn.Config, bridge: EngineBridge, drain_s: float) -> None:
+        super().__init__(config)
+        self.bridge = bridge
+        self.drain_s = drain_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.warning("%s: draining, then exiting", signal.Signals(sig).name)
+            self.bridge.request_drain(self.drain_s)
+        super().handle_exit(sig, frame)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = server_config(args)
+    engine = build_engine(args, _lora_modules(args))
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # keep the root logging the CLI configured
+        access_log=not args.no_access_log,
+        # A backstop only: the drain aborts everything at drain_timeout.
+        timeout_graceful_shutdown=int(config.drain_timeout_s) + 10,
+    )
+    adapters = engine.adapters.registry.names()
+    logger.info(
+        "serving %s with adapters [%s] on http://%s:%d",
+        config.model_name,
+        ", ".join(adapters),
+        args.host,
+        args.port,
+    )
+    DrainingServer(uv_config, app.state.server.bridge, config.drain_timeout_s).run()
+    return 0

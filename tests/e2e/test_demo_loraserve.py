@@ -1,0 +1,53 @@
+"""The demo adapters do their tasks through loraserve, all tasks mixed in one batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.config import DEMO_DIR
+
+MODEL_DIR, ADAPTERS_DIR = DEMO_DIR / "model", DEMO_DIR / "adapters"
+NUM_WORDS = 64
+MIN_ACCURACY = 0.95
+
+_spec = importlib.util.spec_from_file_location("demo_tasks", DEMO_DIR / "tasks.py")
+assert _spec is not None and _spec.loader is not None
+tasks = importlib.util.module_from_spec(_spec)
+sys.modules["demo_tasks"] = tasks
+_spec.loader.exec_module(tasks)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    llm = LLM(MODEL_DIR, dtype="float32")
+    for task in tasks.ADAPTER_TASKS:
+        llm.engine.load_lora(task, ADAPTERS_DIR / task)
+    return llm
+
+
+def test_every_task_in_one_mixed_batch(llm: LLM) -> None:
+    words = tasks.held_out_words(NUM_WORDS)
+    jobs = [(task, word) for word in words for task in (None, *tasks.ADAPTER_TASKS)]
+    random.Random(0).shuffle(jobs)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=tasks.MAX_WORD_LEN + 2)
+    for i, (task, word) in enumerate(jobs):
+        engine.add_request(tasks.format_prompt(word), params, request_id=str(i), lora=task)
+    texts: dict[str, str] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                assert out.finish_reason == "stop"  # each completion ends with EOS
+                texts[out.request_id] = out.text
+    engine.check_integrity()
+    correct: dict[str, int] = {}
+    for i, (task, word) in enumerate(jobs):
+        name = task or tasks.BASE_TASK
+        correct[name] = correct.get(name, 0) + (texts[str(i)] == tasks.target(name, word))
+    accuracy = {name: n / NUM_WORDS for name, n in correct.items()}
+    assert all(a >= MIN_ACCURACY for a in accuracy.values()), accuracy

@@ -1,0 +1,47 @@
+"""``loraserve serve``'s flags (the running command is exercised by the SIGTERM test)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine.config import DEMO_DIR
+from server.cli import main
+from server.serve import DEMO_MODEL_NAME, add_serve_args, server_config
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_demo_defaults() -> None:
+    config = server_config(parse())
+    assert config.model_name == DEMO_MODEL_NAME
+    assert config.adapter_roots == (DEMO_DIR / "adapters",)
+    assert config.api_key is None and config.admin_api_key is None
+    assert not config.lora_routes_enabled and config.cors_origins == ()
+
+
+def test_access_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("LORASERVE_API_KEY", "from-env")
+    args = parse(
+        "some/model_dir", "--admin-api-key", "adm", "--adapter-root", "/a", "--adapter-root",
+        "/b", "--allowed-origins", "https://x.example", "--lora-modules", "a=/p", "b=/q",
+    )  # fmt: skip
+    config = server_config(args)
+    assert config.model_name == "model_dir"
+    assert config.api_key == "from-env" and config.admin_api_key == "adm"
+    assert config.lora_routes_enabled
+    assert [str(r) for r in config.adapter_roots] == ["/a", "/b"]
+    assert config.cors_origins == ("https://x.example",)
+    assert args.lora_modules == ["a=/p", "b=/q"]
+    assert server_config(parse("--enable-runtime-lora-loading")).lora_routes_enabled
+
+
+@pytest.mark.parametrize("spec", ["noequals", "=path", "name="])
+def test_bad_lora_modules_exit_2(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--lora-modules", spec]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err

@@ -109,6 +109,11 @@ class AdapterManager:
     def get(self, name: str) -> AdapterEntry:
         return self.registry.get(name)
 
+    def has_pending_unloads(self) -> bool:
+        """Whether unloads wait for the engine thread's next :meth:`sync`."""
+        with self._lock:
+            return bool(self._unloads)
+
     # -- data plane (the engine thread) ---------------------------------------------------
 
     def sync(self) -> None:

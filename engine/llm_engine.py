@@ -194,8 +194,11 @@ class LLMEngine:
             self._aborts.append(request_id)
 
     def has_unfinished(self) -> bool:
+        """Whether ``step()`` has work: requests to run, or adapter unloads to apply."""
         with self._lock:
-            return bool(self._inbox or self.requests)
+            if self._inbox or self.requests:
+                return True
+        return self.adapters.has_pending_unloads()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class LLMEngine:
         for chunk in scheduled.chunks:
             request = self.requests[chunk.request_id]
             request.error = "internal error while running the batch"
+            request.error_code = "engine_error"
             self.scheduler.finish(request, "abort")
             outputs.append(self._output(request))
         return outputs
@@ -287,6 +291,12 @@ class LLMEngine:
             finished=finished,
             finish_reason=request.finish_reason,
             error=request.error,
+            error_code=request.error_code,
+            queue_time=(
+                None
+                if request.first_scheduled_time is None
+                else request.first_scheduled_time - request.arrival_time
+            ),
             logprobs=None if request.logprobs is None else list(request.logprobs),
             prompt_logprobs=(
                 None if request.prompt_logprobs is None else list(request.prompt_logprobs)

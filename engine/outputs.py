@@ -33,6 +33,8 @@ class RequestOutput:
         finished: whether this is the request's last output.
         finish_reason: "stop", "length" or "abort" once finished, else None.
         error: why the engine aborted the request (e.g. its adapter failed to load).
+        error_code: a stable code for ``error``: "adapter_load_failed" or "engine_error".
+        queue_time: seconds from arrival to its first admission, once admitted.
         logprobs: with ``SamplingParams.logprobs``, one entry per generated token.
         prompt_logprobs: with ``SamplingParams.prompt_logprobs``, one entry per prompt token
             (None for the first, which nothing predicts).
@@ -46,6 +48,8 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None
+    queue_time: float | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 

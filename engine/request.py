@@ -41,6 +41,8 @@ class Request:
         finish_reason: "stop" / "length" / "abort" once finished.
         adapter: the LoRA adapter it runs with, or None for the base model.
         error: why it was aborted, when the engine aborted it (e.g. its adapter failed to load).
+        error_code: a stable code for ``error`` ("adapter_load_failed", "engine_error").
+        first_scheduled_time: when it was first admitted to run (monotonic), for queue time.
         waited_for_adapter: it was first considered for admission before its adapter was in
             host memory or the pool (a prefetch miss); None until first considered.
         logprobs: per generated token, when the params ask for log-probabilities.
@@ -60,6 +62,8 @@ class Request:
     finish_reason: str | None = None
     adapter: AdapterEntry | None = None
     error: str | None = None
+    error_code: str | None = None
+    first_scheduled_time: float | None = None
     waited_for_adapter: bool | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None

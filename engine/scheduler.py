@@ -24,6 +24,7 @@ whose chunk reaches its last token samples one new token in :meth:`update`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from adapters.errors import AdapterError
@@ -108,6 +109,8 @@ class Scheduler:
             if not self._grow(request, num_new, keep_adapter=True):
                 break
             self.waiting.remove(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             if request.adapter is not None and self.adapters is not None:
@@ -129,7 +132,7 @@ class Scheduler:
         try:
             return self.adapters.ensure_resident(request.adapter)
         except AdapterError as e:
-            request.error = e.message
+            request.error, request.error_code = e.message, e.code
             self.finish(request, "abort")
             self.failed.append(request)
             return Readiness.LOADING  # gone from the queue; move on

@@ -229,9 +229,12 @@ class EngineBridge:
                 group.num_tokens[rid] = len(output.token_ids)
                 last = group.last_token_time.get(rid)
                 if last is None:
-                    # Queue time: until the step that produced the first token began (exact
-                    # unless a long prompt was prefilled in chunks over several steps).
-                    self.metrics.first_token(now - group.arrival, step_started - group.arrival)
+                    # The engine's queue time starts at add_request; fall back to the step
+                    # start for outputs that carry none (fakes in tests).
+                    queue_s = output.queue_time
+                    if queue_s is None:
+                        queue_s = step_started - group.arrival
+                    self.metrics.first_token(now - group.arrival, queue_s)
                 else:
                     self.metrics.inter_token(now - last)
                 group.last_token_time[rid] = now

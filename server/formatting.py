@@ -57,6 +57,7 @@ class Choice:
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str = "engine_error"
 
 
 def usage(choices: list[Choice], n: int) -> Json:

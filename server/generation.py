@@ -77,6 +77,7 @@ class Generation:
         if out.finished:
             choice.finish_reason = out.finish_reason or "abort"
             choice.error = out.error
+            choice.error_code = out.error_code or "engine_error"
         return text, entries
 
     def abort(self) -> None:
@@ -102,9 +103,9 @@ class Generation:
             reader.cancel()
             watcher.cancel()
             self.abort()
-        failed = next((c.error for c in self.choices if c.error), None)
-        if failed is not None:
-            raise APIError(500, "engine_error", failed)
+        failed = next((c for c in self.choices if c.error), None)
+        if failed is not None and failed.error is not None:
+            raise APIError(500, failed.error_code, failed.error)
         return self.renderer.response(self.choices, usage(self.choices, self.n))
 
     # -- a stream -------------------------------------------------------------------------
@@ -116,7 +117,8 @@ class Generation:
                 text, entries = self._apply(index, out)
                 if out.error:
                     # Mid-stream the status is already 200: the error travels as an event.
-                    yield _sse(APIError(500, "engine_error", out.error).envelope())
+                    code = out.error_code or "engine_error"
+                    yield _sse(APIError(500, code, out.error).envelope())
                     break
                 finish = self.choices[index].finish_reason if out.finished else None
                 if text or entries or finish:

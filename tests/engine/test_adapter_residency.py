@@ -166,3 +166,19 @@ def test_unload_while_running_finishes_on_the_old_weights(
     assert outs[0].token_ids == expected
     with pytest.raises(AdapterError):
         engine.unload_lora("missing")
+
+
+def test_unload_on_an_idle_engine_frees_pages_at_the_next_step(
+    llama_dir: Path, many_adapters: list[Path]
+) -> None:
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32"))
+    engine.load_lora("x", many_adapters[6])
+    engine.add_request([5, 6], GREEDY, lora="x")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.num_used(Tenant.ADAPTER) > 0  # stays resident for later requests
+    engine.unload_lora("x")
+    assert engine.has_unfinished()  # the loop owes one step to apply the unload
+    engine.step()
+    assert not engine.has_unfinished()
+    assert engine.pool.num_free == engine.pool.num_pages

@@ -335,7 +335,7 @@ def test_adapter_files_deleted_then_needed_again(server: Served, root: Path) -> 
     server.on_engine(evict_everywhere)
     with server.http() as http:
         body = {"model": "doomed", "prompt": "Twice=", "temperature": 0}
-        error = assert_error(http.post("/v1/completions", json=body), 500, "engine_error")
+        error = assert_error(http.post("/v1/completions", json=body), 500, "adapter_load_failed")
     assert "doomed" in error["message"] and str(root) not in error["message"]
     assert complete(server.openai(), "upper", "other") == "OTHER"  # everything else continues
     assert_good(server)

@@ -8,7 +8,7 @@ server filesystem paths (at most a file's own name, such as ``adapter_config.jso
 from __future__ import annotations
 
 # The codes raised while reading an adapter from disk (``adapters.loader``).
-ADAPTER_NOT_FOUND = "adapter_not_found"  # the directory does not exist: HTTP 404
+ADAPTER_NOT_FOUND = "adapter_not_found"  # the directory does not exist: HTTP 400
 INVALID_ADAPTER = "invalid_adapter"  # malformed or inconsistent files: HTTP 400
 UNSUPPORTED_ADAPTER_FEATURE = "unsupported_adapter_feature"  # DoRA, bias, ...: HTTP 400
 ADAPTER_RANK_TOO_LARGE = "adapter_rank_too_large"  # a rank above --max-lora-rank: HTTP 400

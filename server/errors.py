@@ -34,8 +34,9 @@ _TYPES = {
 }
 
 # AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400.
+# A missing adapter directory is a bad lora_path (400, as RELIABILITY.md's Adapters table
+# says); 404 is for names: a request or an unload naming no loaded adapter.
 _ADAPTER_STATUS = {
-    "adapter_not_found": 404,
     "model_not_found": 404,
     "adapter_already_loaded": 409,
 }

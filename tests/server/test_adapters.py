@@ -189,8 +189,8 @@ def test_bad_adapter_is_refused(server: Served, root: Path, case: str) -> None:
     assert_good(server)
 
 
-def test_missing_directory_is_404(server: Served) -> None:
-    assert_error(load(server, "ghost", "no-such-dir"), 404, "adapter_not_found", "lora_path")
+def test_missing_directory_is_400(server: Served) -> None:
+    assert_error(load(server, "ghost", "no-such-dir"), 400, "adapter_not_found", "lora_path")
     assert_good(server)
 
 

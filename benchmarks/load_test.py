@@ -170,7 +170,7 @@ async def churner(url: str, churn: dict[str, str], end: float, tally: Tally) -> 
                 r = await http.post(
                     "/v1/load_lora_adapter", json={"lora_name": f"bad-{n}", "lora_path": "missing"}
                 )
-                if r.status_code != 404:
+                if r.status_code != 400:  # a lora_path that does not exist
                     tally.errors[f"bad load {r.status_code}"] += 1
                 continue
             name, source = f"churn-{n}", rng.choice(sources)

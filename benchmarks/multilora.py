@@ -147,7 +147,7 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("number of adapters n")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title("Multi-LoRA throughput, tiny Llama, 2 CPU cores (W2 scaled down)")
+    ax.set_title("Multi-LoRA throughput (S-LoRA W2 scaled down), tiny Llama, CPU", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -71,7 +72,7 @@ def usage(choices: list[Choice], n: int) -> Json:
     }
 
 
-class Renderer:
+class Renderer(ABC):
     """Shared fields of one response: its id, creation time and model name."""
 
     object_name = ""
@@ -97,11 +98,13 @@ class Renderer:
         body["usage"] = totals
         return body
 
+    @abstractmethod
     def chunk(self, index: int, text: str, entries: list[Logprob], finish: str | None) -> Json:
-        raise NotImplementedError
+        """One streamed chunk for choice ``index``."""
 
+    @abstractmethod
     def response(self, choices: list[Choice], totals: Json) -> Json:
-        raise NotImplementedError
+        """The whole non-streamed response."""
 
 
 class CompletionRenderer(Renderer):

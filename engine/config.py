@@ -136,7 +136,9 @@ class EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
 
         The pool is sized by ``num_pages`` or, failing that, by ``pool_memory`` bytes; with
-        neither, enough pages for ``max_num_seqs`` full-length sequences (capped at 1 GiB).
+        neither, by what the device has left after the weights (see
+        :func:`_default_pool_memory`), at most enough for ``max_num_seqs`` full-length
+        sequences.
         """
         path = Path(model_dir) if model_dir is not None else DEMO_DIR / "model"
         if not (path / "config.json").is_file():
@@ -149,8 +151,9 @@ class EngineConfig:
         page_bytes = _page_bytes(hf, torch_dtype)
         if num_pages is None:
             if pool_memory is None:
-                want = 2 * model_len * max_num_seqs * page_bytes
-                pool_memory = min(want, 1 << 30)
+                pool_memory = _default_pool_memory(path, torch_dtype, dev)
+                # Never more than every running sequence at full length needs.
+                pool_memory = min(pool_memory, 2 * model_len * max_num_seqs * page_bytes)
             num_pages = pool_memory // page_bytes
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len),
@@ -184,3 +187,30 @@ def _page_bytes(hf: dict[str, Any], dtype: torch.dtype) -> int:
     width = int(hf.get("num_key_value_heads") or num_heads) * head_dim
     itemsize = torch.empty((), dtype=dtype).element_size()
     return int(hf["num_hidden_layers"]) * width * itemsize
+
+
+# What the default pool leaves for activations and the allocator's own use, on a GPU.
+_GPU_MEMORY_FRACTION = 0.85
+_GPU_HEADROOM_BYTES = 1 << 30
+_CPU_POOL_BYTES = 1 << 30
+
+
+def _default_pool_memory(model_dir: Path, dtype: torch.dtype, device: torch.device) -> int:
+    """The pool's byte budget when none is given.
+
+    On a GPU: 85% of its memory, less the weights (their checkpoint size, rescaled to
+    ``dtype``) and 1 GiB of headroom, as vLLM's ``gpu_memory_utilization`` does. On the CPU:
+    1 GiB, plenty for the small models that run there.
+    """
+    if device.type != "cuda":
+        return _CPU_POOL_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    checkpoint = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    hf = json.loads((model_dir / "config.json").read_text())
+    stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    weights = checkpoint * itemsize // (2 if stored in ("bfloat16", "float16") else 4)
+    budget = int(total * _GPU_MEMORY_FRACTION) - weights - _GPU_HEADROOM_BYTES
+    if budget <= 0:
+        raise ValueError("the model leaves no GPU memory for the page pool")
+    return budget

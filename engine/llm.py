@@ -24,10 +24,18 @@ class LLM:
     """
 
     def __init__(
-        self, model_dir: str | Path | None = None, *, kernels: str | None = None, **config: Any
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        kernels: str | None = None,
+        config: EngineConfig | None = None,
+        **options: Any,
     ) -> None:
-        """``config`` takes the keyword arguments of :meth:`EngineConfig.create`."""
-        self.engine = LLMEngine(EngineConfig.create(model_dir, **config), kernels=kernels)
+        """``options`` take the keyword arguments of :meth:`EngineConfig.create`; or pass a
+        ready ``config``."""
+        if config is None:
+            config = EngineConfig.create(model_dir, **options)
+        self.engine = LLMEngine(config, kernels=kernels)
 
     def generate(
         self,

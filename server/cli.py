@@ -14,32 +14,12 @@ import logging
 import sys
 
 from engine import LLM, SamplingParams
+from server.engine_args import add_engine_args, engine_config
 from server.serve import add_serve_args, run_serve
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a Hugging Face model directory")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    pool = parser.add_mutually_exclusive_group()
-    pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
-    pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
-
-
 def _generate(args: argparse.Namespace) -> int:
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_pages=args.num_pages,
-        pool_memory=args.pool_memory,
-    )
+    llm = LLM(config=engine_config(args, args.model))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -63,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(run=run_serve)
 
     generate = commands.add_parser("generate", help="generate text for prompts, offline")
-    _add_engine_args(generate)
+    generate.add_argument("--model", default=None, help="a Hugging Face model directory")
+    add_engine_args(generate)
     generate.add_argument("prompts", nargs="+")
     generate.add_argument("--max-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0)

@@ -21,11 +21,12 @@ from types import FrameType
 import uvicorn
 
 from adapters.errors import AdapterError
-from engine.config import DEMO_DIR, EngineConfig
+from engine.config import DEMO_DIR
 from engine.llm_engine import LLMEngine
 from server.app import create_app
 from server.bridge import EngineBridge
 from server.config import ServerConfig
+from server.engine_args import add_engine_args, engine_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the base model's API name")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
-    parser.add_argument("--max-lora-rank", type=int, default=64)
-    parser.add_argument("--max-loras", type=int, default=256)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    pool = parser.add_mutually_exclusive_group()
-    pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
-    pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
+    add_engine_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     access = parser.add_argument_group("access")
     access.add_argument(
@@ -108,22 +98,7 @@ def _lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def build_engine(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> LLMEngine:
     """The engine the flags describe, with ``adapters`` loaded (refusals end the command)."""
-    if args.quantization != "none":
-        # The flag is part of the vLLM-shaped command line already; the NF4 base is not.
-        raise ValueError(f"--quantization {args.quantization} is not supported yet")
-    config = EngineConfig.create(
-        args.model_dir,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        pool_memory=args.pool_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_lora_rank=args.max_lora_rank,
-        max_loras=args.max_loras,
-        seed=args.seed,
-    )
-    engine = LLMEngine(config)
+    engine = LLMEngine(engine_config(args, args.model_dir, args.seed))
     for name, path in adapters:
         try:
             engine.load_lora(name, path)

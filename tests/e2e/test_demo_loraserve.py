@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.config import DEMO_DIR
+from tests.e2e.test_demo_adapters import ADAPTERS_DIR, MIN_ACCURACY, MODEL_DIR, tasks
 
-MODEL_DIR, ADAPTERS_DIR = DEMO_DIR / "model", DEMO_DIR / "adapters"
 NUM_WORDS = 64
-MIN_ACCURACY = 0.95
-
-_spec = importlib.util.spec_from_file_location("demo_tasks", DEMO_DIR / "tasks.py")
-assert _spec is not None and _spec.loader is not None
-tasks = importlib.util.module_from_spec(_spec)
-sys.modules["demo_tasks"] = tasks
-_spec.loader.exec_module(tasks)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,45 @@
+"""The engine's command-line flags, shared by ``loraserve serve`` and ``loraserve generate``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shaped after ``vllm serve``'s: dtype, quantization, limits and the pool's size."""
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument("--max-loras", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
+    pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
+
+
+def engine_config(
+    args: argparse.Namespace, model_dir: str | Path | None, seed: int = 0
+) -> EngineConfig:
+    """The engine configuration those flags describe (``ValueError`` for a bad one)."""
+    if args.quantization != "none":
+        # The flag is part of the vLLM-shaped command line already; the NF4 base is not.
+        raise ValueError(f"--quantization {args.quantization} is not supported yet")
+    return EngineConfig.create(
+        model_dir,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        num_pages=args.num_pages,
+        pool_memory=args.pool_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        seed=seed,
+    )

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from engine.quantization import is_quantized_linear
+
+QUANTIZATIONS = ("none", "nf4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Where the bundled demo model lives: served when no model directory is given.
@@ -41,18 +46,24 @@ class ModelConfig:
         dtype: the dtype weights are loaded in and activations computed in.
         device: where the model and the page pool live.
         max_model_len: the longest sequence (prompt + generated tokens) accepted.
+        quantization: "nf4" to serve the decoder's linear layers in NF4, else "none".
     """
 
     model_dir: Path
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if not (self.model_dir / "config.json").is_file():
             raise ValueError(f"{self.model_dir.name}: not a model directory (no config.json)")
         if self.max_model_len <= 0:
             raise ValueError("max_model_len must be positive")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class EngineConfig:
         model_dir: str | Path | None = None,
         *,
         dtype: str = "auto",
+        quantization: str | None = None,
         device: str | None = None,
         max_model_len: int | None = None,
         num_pages: int | None = None,
@@ -138,25 +150,26 @@ class EngineConfig:
         The pool is sized by ``num_pages`` or, failing that, by ``pool_memory`` bytes; with
         neither, by what the device has left after the weights (see
         :func:`_default_pool_memory`), at most enough for ``max_num_seqs`` full-length
-        sequences.
+        sequences. ``quantization`` None serves the checkpoint as it is stored.
         """
         path = Path(model_dir) if model_dir is not None else DEMO_DIR / "model"
         if not (path / "config.json").is_file():
             raise ValueError(f"{path.name}: not a model directory (no config.json)")
         hf = json.loads((path / "config.json").read_text())
         torch_dtype = resolve_dtype(dtype, path)
+        quantization = resolve_quantization(quantization, hf, path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
         page_bytes = _page_bytes(hf, torch_dtype)
         if num_pages is None:
             if pool_memory is None:
-                pool_memory = _default_pool_memory(path, torch_dtype, dev)
+                pool_memory = _default_pool_memory(path, torch_dtype, dev, quantization)
                 # Never more than every running sequence at full length needs.
                 pool_memory = min(pool_memory, 2 * model_len * max_num_seqs * page_bytes)
             num_pages = pool_memory // page_bytes
         return cls(
-            model=ModelConfig(path, torch_dtype, dev, model_len),
+            model=ModelConfig(path, torch_dtype, dev, model_len, quantization),
             cache=CacheConfig(num_pages),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoraConfig(max_lora_rank, max_loras),
@@ -195,22 +208,77 @@ _GPU_HEADROOM_BYTES = 1 << 30
 _CPU_POOL_BYTES = 1 << 30
 
 
-def _default_pool_memory(model_dir: Path, dtype: torch.dtype, device: torch.device) -> int:
+def _default_pool_memory(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, quantization: str
+) -> int:
     """The pool's byte budget when none is given.
 
-    On a GPU: 85% of its memory, less the weights (their checkpoint size, rescaled to
-    ``dtype``) and 1 GiB of headroom, as vLLM's ``gpu_memory_utilization`` does. On the CPU:
-    1 GiB, plenty for the small models that run there.
+    On a GPU: 85% of its memory, less the weights (as they will be loaded: see
+    :func:`weight_bytes`) and 1 GiB of headroom, as vLLM's ``gpu_memory_utilization`` does.
+    On the CPU: 1 GiB, plenty for the small models that run there.
     """
     if device.type != "cuda":
         return _CPU_POOL_BYTES
     total = torch.cuda.get_device_properties(device).total_memory
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    checkpoint = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    hf = json.loads((model_dir / "config.json").read_text())
-    stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    weights = checkpoint * itemsize // (2 if stored in ("bfloat16", "float16") else 4)
+    weights = weight_bytes(model_dir, dtype, quantization)
     budget = int(total * _GPU_MEMORY_FRACTION) - weights - _GPU_HEADROOM_BYTES
     if budget <= 0:
         raise ValueError("the model leaves no GPU memory for the page pool")
     return budget
+
+
+# NF4 with double quantization: 4 bits per value, an 8-bit scale per 64 values and a float32
+# scale per 256 of those.
+_NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def weight_bytes(model_dir: Path, dtype: torch.dtype, quantization: str) -> int:
+    """Bytes the checkpoint's weights take once loaded, read from the safetensors headers.
+
+    Float tensors count in ``dtype``; stored 4-bit tensors as stored; with NF4 quantization
+    at load, the decoder's linear weights count at NF4's bits per parameter.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0.0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                part = f.get_slice(name)
+                shape = tuple(part.get_shape())
+                numel = math.prod(shape)
+                if part.get_dtype() in ("U8", "I8"):
+                    total += numel
+                elif quantization == "nf4" and is_quantized_linear(name, shape):
+                    total += numel * _NF4_BITS_PER_PARAM / 8
+                else:
+                    total += numel * itemsize
+    return int(total)
+
+
+def resolve_quantization(name: str | None, hf: dict[str, Any], model_dir: Path) -> str:
+    """``--quantization``: None takes the checkpoint's; a 4-bit checkpoint must stay 4-bit."""
+    stored = "nf4" if hf.get("quantization_config") else "none"
+    if stored == "nf4":
+        _check_quantization_config(hf["quantization_config"])
+    if name is None:
+        return stored
+    if stored == "nf4" and name != "nf4":
+        raise ValueError(
+            f"{model_dir.name} is stored in nf4 (bitsandbytes); it can only be served with "
+            "quantization nf4"
+        )
+    return name
+
+
+def _check_quantization_config(qc: dict[str, Any]) -> None:
+    """Refuse every bitsandbytes variant but 4-bit NF4 in uint8 storage, with the reason."""
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        kind = "8-bit bitsandbytes" if qc.get("load_in_8bit") else repr(qc.get("quant_method"))
+        raise ValueError(f"{kind} quantization is not supported; bitsandbytes nf4 only")
+    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise ValueError(
+            f"bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r} is not supported; nf4 only"
+        )
+    storage = qc.get("bnb_4bit_quant_storage", "uint8")
+    if storage != "uint8":
+        raise ValueError(f"bnb_4bit_quant_storage {storage!r} is not supported; uint8 only")

@@ -27,6 +27,7 @@ from engine.model import Backends
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput
 from engine.page_pool import PagePool, Tenant
+from engine.quantization import memory_report
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -49,11 +50,22 @@ class LLMEngine:
         mc = config.model
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(mc.model_dir)
         backends = Backends.select(kernels, mc.device)
-        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backends)
+        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backends, mc.quantization)
+        self.weights = memory_report(self.model, mc.dtype)
         arch = self.model.arch
         self.pool = PagePool(
             arch.num_layers, config.cache.num_pages, arch.kv_width, mc.dtype, mc.device
         )
+        if self.weights.quantized_params:
+            logger.info(
+                "nf4 base: %.3f bits per parameter over %.1fM parameters; weights %.1f MiB "
+                "instead of %.1f MiB, room for %d more pages",
+                self.weights.bits_per_param,
+                self.weights.quantized_params / 1e6,
+                self.weights.base_bytes / 2**20,
+                self.weights.unquantized_bytes / 2**20,
+                self.freed_pages,
+            )
         self.kv_cache = KVCache(self.pool)
         self.adapters = self._adapter_manager(config.lora)
         self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
@@ -82,6 +94,11 @@ class LLMEngine:
             self.pool.page_width,
             self.pool.num_pages * self.pool.page_bytes / 2**20,
         )
+
+    @property
+    def freed_pages(self) -> int:
+        """Pages the quantized base leaves for the pool, against the same base unquantized."""
+        return self.weights.saved_bytes // self.pool.page_bytes
 
     def _adapter_manager(self, config: LoraConfig) -> AdapterManager:
         arch = self.model.arch
@@ -256,6 +273,10 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             num_steps=self.num_steps,
             num_failed_steps=self.num_failed_steps,
+            weight_bytes=self.weights.base_bytes,
+            unquantized_weight_bytes=self.weights.unquantized_bytes,
+            quantized_bits_per_param=self.weights.bits_per_param,
+            quantization_freed_pages=self.freed_pages,
         )
 
     def _drain_inbox(self) -> list[RequestOutput]:

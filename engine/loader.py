@@ -3,7 +3,8 @@
 Weights come from ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; pickled checkpoints are never opened. The model is built
 on the meta device and materialised on the target device, so no memory is spent on random
-initial weights.
+initial weights. An NF4 base either comes quantized (bitsandbytes' tensors, as transformers
+saves them) or is quantized here as its float tensors stream in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.model import Backends, CausalLM
+from engine.quantization import (
+    QUANT_STATE_KEY,
+    NF4Linear,
+    is_quantized_linear,
+    memory_report,
+    nf4_from_checkpoint,
+    quantize_nf4,
+    swap_linears,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +64,66 @@ def iterate_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def quantized_modules(model_dir: Path) -> set[str]:
+    """Modules whose weight the checkpoint stores packed in 4 bits (a quant state beside it)."""
+    suffix = ".weight." + QUANT_STATE_KEY
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names |= {k.removesuffix(suffix) for k in f.keys() if k.endswith(suffix)}  # noqa: SIM118
+    return names
+
+
+def _quantized_linears(model: CausalLM) -> set[str]:
+    """The linear layers that NF4 quantization at load covers."""
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and is_quantized_linear(name + ".weight", tuple(module.weight.shape))
+    }
+
+
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, backends: Backends
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends: Backends,
+    quantization: str = "none",
 ) -> CausalLM:
-    """Build the model for ``model_dir`` and load its weights in ``dtype`` on ``device``."""
+    """Build the model for ``model_dir`` and load its weights in ``dtype`` on ``device``.
+
+    ``quantization="nf4"`` serves the decoder's linear layers in NF4: a checkpoint saved by
+    transformers + bitsandbytes loads as it is; a float checkpoint is quantized tensor by
+    tensor as it loads, so its float weights never all sit on the device.
+    """
     config = load_config(model_dir)
     with torch.device("meta"):
         model = CausalLM(config, backends)
+    prequantized = quantized_modules(model_dir)
+    if prequantized and quantization != "nf4":
+        raise ValueError(f"{model_dir.name} is quantized to nf4; serve it with quantization nf4")
+    nf4_modules: set[str] = set()
+    if quantization == "nf4":
+        targets = prequantized or _quantized_linears(model)
+        nf4_modules = set(swap_linears(model, backends.nf4, keep=lambda n: n not in targets))
     model.to_empty(device=device)
     model.to(dtype)
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # module -> its pre-quantized tensors
     loaded: set[str] = set()
-    for name, tensor in tqdm(
-        iterate_weights(model_dir), desc="loading weights", unit="tensor", leave=False
-    ):
+    desc = "quantizing to nf4" if nf4_modules and not prequantized else "loading weights"
+    for name, tensor in tqdm(iterate_weights(model_dir), desc=desc, unit="tensor", leave=False):
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        module, _, part = name.partition(".weight")
+        if module in nf4_modules and (part or name.endswith(".weight")):
+            if prequantized:
+                packed.setdefault(module, {})[part.removeprefix(".") or "weight"] = tensor
+            else:
+                weight = quantize_nf4(tensor.to(device=device, dtype=dtype))
+                _nf4_layer(model, module).set_weight(weight)
             continue
         if name not in params:
             raise ValueError(f"unexpected tensor {name} in checkpoint")
@@ -81,20 +135,33 @@ def load_model(
         with torch.no_grad():
             param.copy_(tensor)
         loaded.add(name)
+    for module, tensors in packed.items():
+        _nf4_layer(model, module).set_weight(
+            nf4_from_checkpoint(f"{module}.weight", tensors).to(device)
+        )
     if model.arch.tie_word_embeddings:
         loaded.add("lm_head.weight")
     missing = set(params) - loaded
+    missing |= {f"{m}.weight" for m in nf4_modules if _nf4_layer(model, m).weight is None}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     model.eval()
+    report = memory_report(model, dtype)
     logger.info(
-        "loaded %s: %d layers, %.1fM parameters, %s",
+        "loaded %s: %d layers, %.1fM parameters, %s%s",
         model_dir.name,
         model.arch.num_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in params.values()) / 1e6 + report.quantized_params / 1e6,
         dtype,
+        f", {len(nf4_modules)} linear layers in nf4" if nf4_modules else "",
     )
     return model
+
+
+def _nf4_layer(model: CausalLM, name: str) -> NF4Linear:
+    module = model.get_submodule(name)
+    assert isinstance(module, NF4Linear)
+    return module
 
 
 def eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -7,6 +7,7 @@ metadata and the page pool's per-layer tensors as arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,14 @@ from engine.attention import ATTENTION_BACKENDS, AttentionBackend
 from engine.forward_batch import ForwardBatch
 from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.rope import RotaryEmbedding
+from kernels.nf4 import NF4Weight, nf4_linear_tiled
+from kernels.nf4_matmul import nf4_linear
+
+NF4Matmul = Callable[[torch.Tensor, NF4Weight], torch.Tensor]
+
+# The dequantize-matmul of NF4 linear layers: the row-tiled torch form on the CPU, the fused
+# Triton kernels on GPUs.
+NF4_BACKENDS: dict[str, NF4Matmul] = {"torch": nf4_linear_tiled, "triton": nf4_linear}
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -85,6 +94,7 @@ class Backends:
 
     attention: AttentionBackend
     lora: LoraBackend
+    nf4: NF4Matmul
 
     @classmethod
     def select(cls, name: str | None, device: torch.device) -> Backends:
@@ -92,7 +102,7 @@ class Backends:
         name = name or ("triton" if device.type == "cuda" else "torch")
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
-        return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name])
+        return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name], NF4_BACKENDS[name])
 
 
 class RMSNorm(nn.Module):

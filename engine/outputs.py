@@ -76,6 +76,10 @@ class EngineStats:
     generation_tokens: int
     num_steps: int
     num_failed_steps: int
+    weight_bytes: int = 0
+    unquantized_weight_bytes: int = 0
+    quantized_bits_per_param: float = 0.0
+    quantization_freed_pages: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

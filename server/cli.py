@@ -2,6 +2,7 @@
 
     loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--host ...] [--port ...]
     loraserve generate [--model MODEL_DIR] [--dtype ...] PROMPT [PROMPT ...]
+    loraserve quantize MODEL_DIR OUT_DIR [--dtype ...] [--device ...]
 
 With no model both use the bundled demo model (``examples/demo/model``); ``serve`` also
 serves its adapters. ``serve`` is described in :mod:`server.serve`.
@@ -12,8 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+import torch
 
 from engine import LLM, SamplingParams
+from engine.config import resolve_dtype
+from engine.export import quantize_checkpoint
 from server.engine_args import add_engine_args, engine_config
 from server.serve import add_serve_args, run_serve
 
@@ -30,6 +36,16 @@ def _generate(args: argparse.Namespace) -> int:
     )
     for prompt, out in zip(args.prompts, llm.generate(args.prompts, params), strict=True):
         print(f"{prompt!r} -> {out.text!r} ({out.finish_reason})")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model directory (no config.json)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quantize_checkpoint(model_dir, out_dir, resolve_dtype(args.dtype, model_dir), device)
+    print(f"wrote {out_dir} (nf4, double quantization, blocksize 64)")
     return 0
 
 
@@ -53,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[])
     generate.set_defaults(run=_generate)
+
+    quantize = commands.add_parser(
+        "quantize", help="write a model's NF4 checkpoint (transformers + bitsandbytes format)"
+    )
+    quantize.add_argument("model_dir", help="a Hugging Face model directory (float weights)")
+    quantize.add_argument("out_dir")
+    quantize.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights are cast to it before quantizing; the compute dtype",
+    )
+    quantize.add_argument("--device", default=None, help="where to quantize (default: cuda if any)")
+    quantize.set_defaults(run=_quantize)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")

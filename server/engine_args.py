@@ -13,7 +13,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
-    parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "nf4"],
+        help="nf4 quantizes a float checkpoint at load; by default, as the checkpoint is stored",
+    )
     parser.add_argument("--max-lora-rank", type=int, default=64)
     parser.add_argument("--max-loras", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -28,12 +33,10 @@ def engine_config(
     args: argparse.Namespace, model_dir: str | Path | None, seed: int = 0
 ) -> EngineConfig:
     """The engine configuration those flags describe (``ValueError`` for a bad one)."""
-    if args.quantization != "none":
-        # The flag is part of the vLLM-shaped command line already; the NF4 base is not.
-        raise ValueError(f"--quantization {args.quantization} is not supported yet")
     return EngineConfig.create(
         model_dir,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         num_pages=args.num_pages,
         pool_memory=args.pool_memory,

@@ -90,6 +90,19 @@ class _EngineCollector(Collector):
             "num_pool_pages": ("Pages in the unified pool.", s.num_pages),
             "num_resident_adapters": ("Adapters resident in the pool.", s.resident_adapters),
             "num_loaded_adapters": ("Adapters registered (servable).", s.loaded_adapters),
+            "base_weight_bytes": ("Bytes of the base model's weights.", s.weight_bytes),
+            "base_weight_unquantized_bytes": (
+                "Bytes the base model's weights would take unquantized.",
+                s.unquantized_weight_bytes,
+            ),
+            "quantized_bits_per_param": (
+                "Bits per parameter of the NF4 linear weights (0 without quantization).",
+                s.quantized_bits_per_param,
+            ),
+            "quantization_freed_pages": (
+                "Pool pages the quantized base leaves free, against an unquantized one.",
+                s.quantization_freed_pages,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(P + name, doc, value=value)

@@ -1,4 +1,5 @@
-"""The demo adapters do their tasks through loraserve, all tasks mixed in one batch."""
+"""The demo adapters do their tasks through loraserve, all tasks mixed in one batch, on the
+float base and on the base quantized to NF4 at load."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from tests.e2e.test_demo_adapters import ADAPTERS_DIR, MIN_ACCURACY, MODEL_DIR, 
 NUM_WORDS = 64
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    llm = LLM(MODEL_DIR, dtype="float32")
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def llm(request: pytest.FixtureRequest) -> LLM:
+    llm = LLM(MODEL_DIR, dtype="float32", quantization=request.param)
     for task in tasks.ADAPTER_TASKS:
         llm.engine.load_lora(task, ADAPTERS_DIR / task)
     return llm

@@ -9,6 +9,10 @@ the task's target followed by EOS. Two numbers per adapter:
   held-out words that the task changes (a base that copies gets no credit for
   words such as ``123`` that ``upper`` leaves unchanged).
 
+A third number, ``nf4``, repeats the first with the base quantized to NF4 with double
+quantization by bitsandbytes and served as W = dequantize(Q) in float32 (what loraserve's
+``--quantization nf4`` computes); the adapters stay as trained.
+
 Prints a markdown table and writes ``accuracy.json`` into ``--demo-dir``
 (default: this directory, the committed files).
 
@@ -20,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -67,6 +72,23 @@ class AccuracyRow:
     with_adapter: float
     base_without: float | None
     example: str  # one held-out prompt and the model's completion, for a glance
+    nf4: float | None = None  # with_adapter, on the NF4 base
+
+
+def quantize_base_to_nf4(model: PreTrainedModel) -> None:
+    """Replace each decoder linear weight with its NF4 round trip through bitsandbytes.
+
+    Every ``nn.Linear`` but the output head, as transformers quantizes; blocks of 64, double
+    quantization of the scales. The matmuls stay float32, so this is W = dequantize(Q).
+    """
+    import bitsandbytes.functional as bnbf  # a development dependency
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            packed, state = bnbf.quantize_4bit(
+                module.weight.data, quant_type="nf4", compress_statistics=True
+            )
+            module.weight.data = bnbf.dequantize_4bit(packed, state).float()
 
 
 def describe_adapter(adapter_dir: Path) -> str:
@@ -199,20 +221,28 @@ def measure(num_words: int, demo_dir: Path = DEMO_DIR) -> list[AccuracyRow]:
             )
         )
         model = peft_model.unload()  # the bare base again, for the next adapter
-    return rows
+
+    quantize_base_to_nf4(model)
+    nf4 = {tasks.BASE_TASK: exact_match(model, tokenizer, tasks.BASE_TASK, words)[0]}
+    for task, adapter_dir in adapters.items():
+        peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+        nf4[task] = exact_match(peft_model, tokenizer, task, words)[0]
+        model = peft_model.unload()
+    return [dataclasses.replace(row, nf4=nf4[row.task]) for row in rows]
 
 
 def markdown_table(rows: list[AccuracyRow]) -> str:
     """The rows as a markdown table, accuracies in percent."""
     lines = [
-        "| task | adapter | exact match with adapter | base without adapter "
-        "(words the task changes) | example |",
-        "|---|---|---|---|---|",
+        "| task | adapter | exact match with adapter | on the NF4 base | base without "
+        "adapter (words the task changes) | example |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         without = "-" if row.base_without is None else f"{100 * row.base_without:.1f}%"
+        nf4 = "-" if row.nf4 is None else f"{100 * row.nf4:.1f}%"
         lines.append(
-            f"| {row.task} | {row.adapter} | {100 * row.with_adapter:.1f}% | {without} "
+            f"| {row.task} | {row.adapter} | {100 * row.with_adapter:.1f}% | {nf4} | {without} "
             f"| `{row.example}` |"
         )
     return "\n".join(lines)

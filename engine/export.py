@@ -1,8 +1,17 @@
-"""Writing Hugging Face model directories: the NF4 base that ``loraserve quantize`` makes.
+"""Writing Hugging Face model directories: the NF4 base that ``loraserve quantize`` makes, and
+a base with a LoRA adapter merged in (``loraserve merge``).
 
 The output is what transformers itself saves: ``model.safetensors``, ``config.json`` (with
 a bitsandbytes ``quantization_config`` when quantized) and the source's tokenizer and
 generation files, so ``AutoModelForCausalLM.from_pretrained`` loads it back.
+
+Merging is one more state-dict transform. For every module the adapter adapts::
+
+    W' = W + scaling · lora_b @ lora_a          (float32, then cast to the output dtype)
+
+where W is the checkpoint's float weight, or ``dequantize_nf4(Q)`` for an NF4 base. Every
+other tensor is copied, cast to the output dtype. Written in NF4, each decoder linear weight
+is quantized after the merge, as ``loraserve quantize`` would quantize the float merge.
 """
 
 from __future__ import annotations
@@ -12,18 +21,27 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.loader import iterate_weights, safetensors_files
+from adapters.base_layout import BaseModelLayout
+from adapters.loader import LoraAdapterWeights, LoraModuleWeights, load_lora_adapter
+from engine.config import QUANTIZATIONS, resolve_quantization
+from engine.loader import iterate_weights, load_config, quantized_modules, safetensors_files
+from engine.model import ModelArch
 from engine.quantization import (
+    QUANT_STATE_KEY,
     is_quantized_linear,
+    nf4_from_checkpoint,
     nf4_to_checkpoint,
     quantization_config,
     quantize_nf4,
+    unpack_quant_state,
 )
+from kernels.nf4 import NF4Weight, dequantize_nf4
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +57,11 @@ _SIDE_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# A merge places no adapter pages, so the server's --max-lora-rank does not apply to it.
+_ANY_RANK = 1 << 30
+# The parts of a packed 4-bit weight, besides the packed tensor itself.
+_PACKED_PARTS = ("absmax", "quant_map", QUANT_STATE_KEY)
+_NESTED_PARTS = ("nested_absmax", "nested_quant_map")
 
 
 def quantize_checkpoint(
@@ -60,27 +83,206 @@ def quantize_checkpoint(
         weights = tqdm(iterate_weights(model_dir), desc="quantizing to nf4", unit="tensor")
         for name, tensor in weights:
             if is_quantized_linear(name, tuple(tensor.shape)):
-                packed = nf4_to_checkpoint(quantize_nf4(tensor.to(device, dtype)), dtype)
-                for suffix, part in packed.items():
-                    yield name + suffix, part
+                yield from _nf4_tensors(name, quantize_nf4(tensor.to(device, dtype)), dtype)
             else:
                 yield name, tensor.to(dtype)
 
-    config["quantization_config"] = quantization_config(dtype)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    return write_model_dir(model_dir, out_dir, tensors(), config)
+    return write_model_dir(model_dir, out_dir, tensors(), _output_config(config, dtype, "nf4"))
+
+
+def merge_checkpoint(
+    model_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: torch.dtype,
+    quantization: str = "none",
+    device: torch.device | None = None,
+) -> Path:
+    """Write ``model_dir`` with the PEFT LoRA adapter in ``adapter_dir`` merged in to ``out_dir``.
+
+    The adapter is validated against the base's layout first (any rank is accepted).
+    ``out_dir`` must not exist or be empty. See :func:`merged_tensors` for the rest.
+
+    Raises:
+        AdapterError: the adapter is invalid or does not fit the base.
+        ValueError: the base or ``out_dir`` is unusable.
+    """
+    _check_out_dir(out_dir)
+    adapter = load_lora_adapter(adapter_dir, base_layout(model_dir), max_lora_rank=_ANY_RANK)
+    return write_merged(model_dir, adapter, out_dir, dtype, quantization, device)
+
+
+def write_merged(
+    model_dir: Path,
+    adapter: LoraAdapterWeights,
+    out_dir: Path,
+    dtype: torch.dtype,
+    quantization: str = "none",
+    device: torch.device | None = None,
+) -> Path:
+    """Write the model directory of :func:`merged_tensors` to ``out_dir`` (new or empty)."""
+    _check_out_dir(out_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    tensors = merged_tensors(model_dir, adapter, dtype, quantization, device)
+    return write_model_dir(model_dir, out_dir, tensors, _output_config(config, dtype, quantization))
+
+
+def merged_tensors(
+    model_dir: Path,
+    adapter: LoraAdapterWeights,
+    dtype: torch.dtype,
+    quantization: str = "none",
+    device: torch.device | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint of ``model_dir`` with ``adapter`` merged in, tensor by tensor.
+
+    Args:
+        model_dir: the base, float or NF4 (bitsandbytes' 4-bit checkpoint).
+        adapter: a validated adapter for this base (from disk or the server's memory).
+        dtype: the float dtype of the output (and the compute dtype of an NF4 output).
+        quantization: "none" writes float weights; "nf4" writes the decoder's linear
+            weights in NF4, in bitsandbytes' format. An NF4 base's module the adapter does
+            not touch keeps its packed bytes (quantizing it again could only lose accuracy).
+        device: where the merge and any (de)quantization run (default: the CPU).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+    device = device or torch.device("cpu")
+    config = json.loads((model_dir / "config.json").read_text())
+    stored = resolve_quantization(None, config, model_dir)  # refuses all 4-bit formats but nf4
+    packed = quantized_modules(model_dir) if stored == "nf4" else set()
+    layout = base_layout(model_dir)
+    loras = {
+        f"{layout.module_path(layer, target)}.weight": module
+        for (layer, target), module in adapter.modules.items()
+    }
+    weights = tqdm(_base_tensors(model_dir, packed), desc="merging", unit="tensor")
+    for name, tensor in weights:
+        lora = loras.pop(name, None)
+        shape = tuple(tensor.shape)
+        # The NF4 output quantizes what the base quantized, or else the decoder's linears.
+        quantized_here = (
+            isinstance(tensor, NF4Weight) if packed else is_quantized_linear(name, shape)
+        )
+        to_nf4 = quantization == "nf4" and quantized_here
+        if isinstance(tensor, NF4Weight):
+            if to_nf4 and lora is None:
+                yield from _nf4_tensors(name, tensor, dtype)  # untouched: its bytes are kept
+                continue
+            weight = dequantize_nf4(tensor.to(device))  # (out_features, in_features) float32
+        elif lora is not None or to_nf4:
+            weight = tensor.to(device, torch.float32)
+        else:
+            yield name, tensor.to(dtype)
+            continue
+        if lora is not None:
+            weight = weight + _delta_weight(name, lora, weight)
+        if to_nf4:
+            yield from _nf4_tensors(name, quantize_nf4(weight.to(dtype)), dtype)
+        else:
+            yield name, weight.to(dtype)
+    if loras:
+        raise ValueError(f"{model_dir.name} lacks {sorted(loras)[0]}, which the adapter adapts")
+    logger.info("merged %s into %s: %d modules", adapter.name, model_dir.name, len(adapter.modules))
+
+
+def base_layout(model_dir: Path) -> BaseModelLayout:
+    """The target linear layers of the model in ``model_dir``, that adapters must fit."""
+    arch = ModelArch.from_config(load_config(model_dir))
+    return BaseModelLayout.for_decoder(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+    )
+
+
+def _base_tensors(
+    model_dir: Path, packed: set[str]
+) -> Iterator[tuple[str, torch.Tensor | NF4Weight]]:
+    """Every tensor of the checkpoint, on the CPU; the packed 4-bit weight of a module in
+    ``packed`` comes as one NF4Weight named ``<module>.weight`` once all its parts have
+    streamed in (they may lie in different shards)."""
+    held: dict[str, dict[str, torch.Tensor]] = {}  # module -> the parts read so far
+    for name, tensor in iterate_weights(model_dir):
+        module, _, part = name.partition(".weight")
+        if module not in packed or not (part or name.endswith(".weight")):
+            yield name, tensor
+            continue
+        parts = held.setdefault(module, {})
+        parts[part.removeprefix(".") or "weight"] = tensor
+        if _complete(parts):
+            del held[module]
+            yield f"{module}.weight", nf4_from_checkpoint(f"{module}.weight", parts)
+    for module, parts in held.items():
+        lacking = [p for p in (*_PACKED_PARTS, *_NESTED_PARTS) if p not in parts]
+        key = f"{module}.weight" if "weight" not in parts else f"{module}.weight.{lacking[0]}"
+        raise ValueError(f"{model_dir.name}: the checkpoint lacks {key}")
+
+
+def _complete(parts: dict[str, torch.Tensor]) -> bool:
+    """Whether ``parts`` hold all of a packed 4-bit weight (the nested ones if its state
+    says it is double-quantized)."""
+    if any(p not in parts for p in ("weight", *_PACKED_PARTS)):
+        return False
+    nested = "nested_offset" in unpack_quant_state(parts[QUANT_STATE_KEY])
+    return not nested or all(p in parts for p in _NESTED_PARTS)
+
+
+def _delta_weight(name: str, lora: LoraModuleWeights, weight: torch.Tensor) -> torch.Tensor:
+    """The adapter's ``(out_features, in_features)`` delta for ``weight``, in float32 on its
+    device."""
+    shape = (int(lora.lora_b.shape[0]), int(lora.lora_a.shape[1]))
+    if shape != tuple(weight.shape):
+        raise ValueError(
+            f"{name}: the adapter's delta has shape {list(shape)}, the base weight "
+            f"{list(weight.shape)}"
+        )
+    a, b = (t.to(weight.device, torch.float32) for t in (lora.lora_a, lora.lora_b))
+    return LoraModuleWeights(lora_a=a, lora_b=b, scaling=lora.scaling).delta_weight()
+
+
+def _nf4_tensors(
+    name: str, weight: NF4Weight, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``name``'s packed tensor and quant state as bitsandbytes names them."""
+    for suffix, part in nf4_to_checkpoint(weight, dtype).items():
+        yield name + suffix, part
+
+
+def _output_config(config: dict[str, Any], dtype: torch.dtype, quantization: str) -> dict[str, Any]:
+    """``config`` for weights written in ``dtype``: a quantization_config only for NF4."""
+    out = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+    if quantization == "nf4":
+        out["quantization_config"] = quantization_config(dtype)
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    return out
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to write into anything but a new or empty directory: nothing is overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output {out_dir.name!r} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(
+            f"the output directory {out_dir.name!r} exists and is not empty; nothing was written"
+        )
 
 
 def write_model_dir(
     source_dir: Path,
     out_dir: Path,
     tensors: Iterator[tuple[str, torch.Tensor]],
-    config: dict[str, object],
+    config: dict[str, Any],
 ) -> Path:
-    """Save ``tensors`` and ``config`` as a model directory, with ``source_dir``'s side files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Save ``tensors`` and ``config`` as a model directory, with ``source_dir``'s side files.
+
+    ``out_dir`` is created only once every tensor has been made, so a failure leaves nothing.
+    """
     state = {name: t.contiguous().cpu() for name, t in tensors}
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in _SIDE_FILES:

@@ -3,9 +3,12 @@
     loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--host ...] [--port ...]
     loraserve generate [--model MODEL_DIR] [--dtype ...] PROMPT [PROMPT ...]
     loraserve quantize MODEL_DIR OUT_DIR [--dtype ...] [--device ...]
+    loraserve merge MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype ...] [--quantization none|nf4]
+                    [--device ...]
 
-With no model both use the bundled demo model (``examples/demo/model``); ``serve`` also
-serves its adapters. ``serve`` is described in :mod:`server.serve`.
+With no model ``serve`` and ``generate`` use the bundled demo model (``examples/demo/model``);
+``serve`` also serves its adapters. ``serve`` is described in :mod:`server.serve`. ``merge``
+writes W + scaling · B @ A for every module the adapter adapts (see :mod:`engine.export`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from adapters.errors import AdapterError
 from engine import LLM, SamplingParams
 from engine.config import resolve_dtype
-from engine.export import quantize_checkpoint
+from engine.export import merge_checkpoint, quantize_checkpoint
 from server.engine_args import add_engine_args, engine_config
 from server.serve import add_serve_args, run_serve
 
@@ -46,6 +50,22 @@ def _quantize(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quantize_checkpoint(model_dir, out_dir, resolve_dtype(args.dtype, model_dir), device)
     print(f"wrote {out_dir} (nf4, double quantization, blocksize 64)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    model_dir, adapter_dir, out_dir = map(Path, (args.model_dir, args.adapter_dir, args.out_dir))
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model directory (no config.json)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, model_dir)
+    try:
+        merge_checkpoint(model_dir, adapter_dir, out_dir, dtype, args.quantization, device)
+    except AdapterError as e:
+        # The adapter's messages never name paths (they also reach HTTP clients); here, say which.
+        raise ValueError(f"{adapter_dir}: {e.message}") from None
+    stored = "nf4" if args.quantization == "nf4" else str(dtype).removeprefix("torch.")
+    print(f"wrote {out_dir} ({adapter_dir.name} merged into {model_dir.name}, {stored})")
     return 0
 
 
@@ -83,6 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     quantize.add_argument("--device", default=None, help="where to quantize (default: cuda if any)")
     quantize.set_defaults(run=_quantize)
+
+    merge = commands.add_parser(
+        "merge", help="write a model with a LoRA adapter merged in (a Hugging Face directory)"
+    )
+    merge.add_argument("model_dir", help="a Hugging Face model directory (float or nf4)")
+    merge.add_argument("adapter_dir", help="a PEFT LoRA adapter for that model")
+    merge.add_argument("out_dir", help="a new (or empty) directory")
+    merge.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the written weights' dtype (the merge itself runs in float32)",
+    )
+    merge.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "nf4"],
+        help="nf4: write the merged decoder's linear weights in nf4 (bitsandbytes format)",
+    )
+    merge.add_argument("--device", default=None, help="where to merge (default: cuda if any)")
+    merge.set_defaults(run=_merge)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,7 +67,7 @@ class AdapterManager:
         # Where weights come from: the files, through the validating loader. Replaceable
         # (tests substitute a deliberately slow or failing source).
         self.source: LoadFn = load or (lambda path: load_lora_adapter(path, layout, max_lora_rank))
-        self.prefetcher = Prefetcher(lambda entry: self.source(entry.path), self.host_cache)
+        self.prefetcher = Prefetcher(self._read, self.host_cache)
         self._unloads: list[AdapterEntry] = []
         self._lock = threading.Lock()
         self._live: dict[int, AdapterEntry] = {}  # entries some request or the registry holds
@@ -80,21 +81,123 @@ class AdapterManager:
             AdapterError: the adapter is invalid, or the name is taken.
         """
         weights = self.source(path)
+        self._check_fits(weights)
+        entry, old = self.registry.register(
+            name, path, weights.max_rank, weights.nbytes, replace=replace
+        )
+        self.host_cache.put(entry.id, weights)
+        self._track(entry, old)
+        pages = self.residency.pages_needed(weights.modules)
+        logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
+        return entry
+
+    def load_weights(
+        self, name: str, weights: LoraAdapterWeights, replace: bool = False
+    ) -> AdapterEntry:
+        """Register an adapter made in memory (a merge, a composition), already validated.
+
+        Its weights stay with its entry, the host tier it reloads from after an eviction.
+
+        Raises:
+            AdapterError: the pool can never hold it, or the name is taken.
+        """
+        if weights.max_rank > self.max_lora_rank:
+            raise AdapterError(
+                "adapter_rank_too_large",
+                f"adapter rank {weights.max_rank} exceeds the server's max_lora_rank "
+                f"{self.max_lora_rank}",
+            )
+        self._check_fits(weights)
+        entry, old = self.registry.register(
+            name, None, weights.max_rank, weights.nbytes, replace=replace, weights=weights
+        )
+        self.host_cache.put(entry.id, weights)
+        self._track(entry, old)
+        logger.info("registered adapter %s (rank %d, in memory)", name, weights.max_rank)
+        return entry
+
+    def register_mixture(
+        self, name: str, components: list[tuple[str, float]], replace: bool = False
+    ) -> AdapterEntry:
+        """Register a virtual adapter: y = Wx + Σᵢ wᵢ·sᵢ·Bᵢ(Aᵢx) over loaded adapters.
+
+        Nothing is materialised; a request for it runs each component through the LoRA
+        kernels with its weight, so it costs the sum of their ranks.
+
+        Raises:
+            AdapterError: ``model_not_found`` for an unknown component, ``invalid_merge``
+                for a mixture of mixtures, a repeated component or a non-finite weight.
+        """
+        if not components:
+            raise AdapterError("invalid_merge", "a mixture needs at least one adapter")
+        names = [n for n, _ in components]
+        if len(set(names)) != len(names):
+            raise AdapterError("invalid_merge", "a mixture names each adapter at most once")
+        entries = []
+        for component, weight in components:
+            entry = self.registry.get(component)
+            if entry.is_mixture:
+                raise AdapterError(
+                    "invalid_merge", f"{component!r} is a mixture; mixtures cannot be nested"
+                )
+            if not math.isfinite(weight):
+                raise AdapterError("invalid_merge", f"the weight of {component!r} is not finite")
+            entries.append((entry, float(weight)))
+        need = sum(self._pages_for(e) for e, _ in entries)
+        if need > self.residency.pages.num_free + self.residency.num_pages:
+            raise AdapterError(
+                "adapter_too_large", f"the mixture needs {need} pages; the pool cannot hold it"
+            )
+        if len(entries) > self.residency.max_slots:
+            raise AdapterError(
+                "invalid_merge",
+                f"a mixture of {len(entries)} adapters exceeds max_loras "
+                f"{self.residency.max_slots}",
+            )
+        mixture, old = self.registry.register(
+            name,
+            None,
+            max(e.max_rank for e, _ in entries),
+            sum(e.nbytes for e, _ in entries),
+            replace=replace,
+            components=tuple(entries),
+        )
+        for entry, _ in entries:  # the mixture keeps its components alive
+            self.acquire(entry)
+        self._track(mixture, old)
+        logger.info("registered mixture %s of %s", name, ", ".join(names))
+        return mixture
+
+    def weights_of(self, entry: AdapterEntry) -> LoraAdapterWeights:
+        """An adapter's weights, from memory or its files (any thread; may read the disk)."""
+        cached = self.host_cache.get(entry.id)
+        return cached if cached is not None else self._read(entry)
+
+    def _pages_for(self, entry: AdapterEntry) -> int:
+        weights = self.host_cache.get(entry.id) or entry.weights
+        if weights is None:  # not read yet: estimate from its size
+            return 0
+        return self.residency.pages_needed(weights.modules)
+
+    def _check_fits(self, weights: LoraAdapterWeights) -> None:
         pages = self.residency.pages_needed(weights.modules)
         if pages > self.residency.pages.num_free + self.residency.num_pages:
             raise AdapterError(
                 "adapter_too_large", f"the adapter needs {pages} pages; the pool cannot hold it"
             )
-        entry, old = self.registry.register(
-            name, path, weights.max_rank, weights.nbytes, replace=replace
-        )
-        self.host_cache.put(entry.id, weights)
+
+    def _track(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
         with self._lock:
             self._live[entry.id] = entry
             if old is not None:
                 self._unloads.append(old)
-        logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
-        return entry
+
+    def _read(self, entry: AdapterEntry) -> LoraAdapterWeights:
+        """An adapter's weights for the host tier: from memory, or read from its files."""
+        if entry.weights is not None:
+            return entry.weights
+        assert entry.path is not None, f"adapter {entry.name} has neither files nor weights"
+        return self.source(entry.path)
 
     def unload(self, name: str) -> None:
         """Unregister ``name``; running requests finish on its weights, then they are freed.
@@ -127,8 +230,9 @@ class AdapterManager:
     def acquire(self, entry: AdapterEntry) -> None:
         """A request naming ``entry`` was queued: count it and start loading if needed."""
         entry.refs += 1
-        if entry.id not in self.residency and entry.id not in self.host_cache:
-            self.prefetcher.request(entry)
+        for part in self.parts(entry):
+            if part.id not in self.residency and part.id not in self.host_cache:
+                self.prefetcher.request(part)
 
     def release(self, entry: AdapterEntry) -> None:
         """A request naming ``entry`` finished."""
@@ -137,6 +241,8 @@ class AdapterManager:
             self._forget(entry)
 
     def _forget(self, entry: AdapterEntry) -> None:
+        for component, _ in entry.components:
+            self.release(component)
         if entry.id in self.residency:
             self.residency.evict(entry.id)
         self.host_cache.drop(entry.id)
@@ -144,14 +250,29 @@ class AdapterManager:
         with self._lock:
             self._live.pop(entry.id, None)
 
+    def parts(self, entry: AdapterEntry) -> list[AdapterEntry]:
+        """The adapters that must be resident for ``entry``: itself, or a mixture's components."""
+        return [c for c, _ in entry.components] if entry.is_mixture else [entry]
+
+    def ids(self, entry: AdapterEntry) -> list[int]:
+        return [part.id for part in self.parts(entry)]
+
     def ensure_resident(self, entry: AdapterEntry, keep: Iterable[int] = ()) -> Readiness:
-        """Make ``entry`` resident if its weights are at hand and pages can be found.
+        """Make ``entry`` (every component of a mixture) resident if its weights are at hand
+        and pages can be found.
 
         May evict unpinned adapters (least recently used first) other than those in ``keep``.
 
         Raises:
             AdapterError: ``adapter_load_failed`` when its files could not be loaded.
         """
+        if entry.is_mixture:
+            keep = [*keep, *self.ids(entry)]
+            for part in self.parts(entry):
+                readiness = self.ensure_resident(part, keep)
+                if readiness is not Readiness.RESIDENT:
+                    return readiness
+            return Readiness.RESIDENT
         if entry.id in self.residency:
             self.residency.touch(entry.id)
             return Readiness.RESIDENT
@@ -170,7 +291,7 @@ class AdapterManager:
 
     def prefetch_into_pool(self, entries: Iterable[AdapterEntry]) -> None:
         """Place host-ready adapters of queued requests into free pages (no eviction)."""
-        for entry in entries:
+        for entry in (part for e in entries for part in self.parts(e)):
             if entry.id in self.residency:
                 continue
             weights = self.host_cache.get(entry.id)
@@ -183,19 +304,25 @@ class AdapterManager:
 
     def is_ready(self, entry: AdapterEntry) -> bool:
         """Whether the adapter is in the pool or host memory (a prefetch hit)."""
-        return entry.id in self.residency or entry.id in self.host_cache
+        return all(p.id in self.residency or p.id in self.host_cache for p in self.parts(entry))
 
-    def slot(self, entry: AdapterEntry) -> tuple[int, int]:
-        """The resident adapter's (slot, largest rank)."""
-        resident = self.residency.get(entry.id)
-        assert resident is not None, f"adapter {entry.name} is not resident"
-        return resident.slot, resident.max_rank
+    def slots(self, entry: AdapterEntry) -> list[tuple[int, int, float]]:
+        """(slot, largest rank, weight) of the resident adapter, or of each component."""
+        weights = [w for _, w in entry.components] if entry.is_mixture else [1.0]
+        out = []
+        for part, weight in zip(self.parts(entry), weights, strict=True):
+            resident = self.residency.get(part.id)
+            assert resident is not None, f"adapter {part.name} is not resident"
+            out.append((resident.slot, resident.max_rank, weight))
+        return out
 
     def pin(self, entry: AdapterEntry) -> None:
-        self.residency.pin(entry.id)
+        for part in self.parts(entry):
+            self.residency.pin(part.id)
 
     def unpin(self, entry: AdapterEntry) -> None:
-        self.residency.unpin(entry.id)
+        for part in self.parts(entry):
+            self.residency.unpin(part.id)
 
     def reclaim(self, num_pages: int) -> bool:
         """Evict unpinned adapters until ``num_pages`` pages are free (for the KV cache)."""

@@ -3,6 +3,11 @@
 A name maps to the current :class:`AdapterEntry`; every load creates a new entry with a new
 id, so unloading a name while requests still use it leaves those requests holding the old
 entry (and its weights) until they finish, while the name is free for a new load.
+
+Three kinds of entry: an adapter read from a directory (``path``), one made in memory (a
+merge or a composition: ``weights``), and a *mixture*, a virtual adapter whose requests run
+every component adapter with its weight (``components``); a mixture holds its components'
+entries, so they outlive it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import AdapterError
+from adapters.loader import LoraAdapterWeights
 
 
 @dataclass(eq=False)
@@ -22,8 +28,9 @@ class AdapterEntry:
     Attributes:
         id: unique for the registry's lifetime; keys the host cache and the pool.
         name: what requests call it (the OpenAI ``model`` field).
-        path: its directory, read again if its weights must be reloaded.
-        max_rank: the largest rank of any of its modules.
+        path: its directory, read again if its weights must be reloaded; None for an
+            adapter made in memory or a mixture.
+        max_rank: the largest rank of any of its modules (a mixture: of its components).
         nbytes: its weights' size.
         refs: unfinished requests naming it; it cannot leave the pool while running
             requests use it, nor be forgotten while any do.
@@ -32,12 +39,18 @@ class AdapterEntry:
 
     id: int
     name: str
-    path: Path
+    path: Path | None
     max_rank: int
     nbytes: int
     refs: int = 0
     unloading: bool = False
     error: str | None = field(default=None)
+    weights: LoraAdapterWeights | None = None  # an adapter made in memory
+    components: tuple[tuple[AdapterEntry, float], ...] = ()  # a mixture's (adapter, weight)
+
+    @property
+    def is_mixture(self) -> bool:
+        return bool(self.components)
 
 
 class AdapterRegistry:
@@ -49,7 +62,14 @@ class AdapterRegistry:
         self._lock = threading.Lock()
 
     def register(
-        self, name: str, path: Path, max_rank: int, nbytes: int, replace: bool = False
+        self,
+        name: str,
+        path: Path | None,
+        max_rank: int,
+        nbytes: int,
+        replace: bool = False,
+        weights: LoraAdapterWeights | None = None,
+        components: tuple[tuple[AdapterEntry, float], ...] = (),
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -62,7 +82,15 @@ class AdapterRegistry:
                 raise AdapterError(
                     "adapter_already_loaded", f"an adapter named {name!r} is already loaded"
                 )
-            entry = AdapterEntry(next(self._ids), name, path, max_rank, nbytes)
+            entry = AdapterEntry(
+                next(self._ids),
+                name,
+                path,
+                max_rank,
+                nbytes,
+                weights=weights,
+                components=components,
+            )
             self._by_name[name] = entry
             if old is not None:
                 old.unloading = True
@@ -92,6 +120,10 @@ class AdapterRegistry:
             raise AdapterError("model_not_found", f"the adapter {name!r} is not loaded")
         entry.unloading = True
         return entry
+
+    def entries(self) -> list[AdapterEntry]:
+        with self._lock:
+            return [self._by_name[name] for name in sorted(self._by_name)]
 
     def names(self) -> list[str]:
         with self._lock:

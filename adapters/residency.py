@@ -118,6 +118,7 @@ class AdapterResidency:
     ) -> None:
         self.pages = pages
         self.num_layers = num_layers
+        self.max_slots = max_slots
         self.shapes = dict(shapes)
         device = pages.layers[0].device
         width = pages.page_width

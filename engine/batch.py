@@ -30,8 +30,10 @@ class ScheduledChunk:
         params: how to sample.
         generator: the request's private random stream (seeded requests), else None.
         banned_token_ids: ids the sampler must not pick (stop tokens before ``min_tokens``).
-        adapter_slot: the slot of its adapter in the LoRA page tables, -1 for the base model.
-        adapter_rank: its adapter's largest rank (0 for the base model).
+        adapter_slots: the slot of its adapter in the LoRA page tables (empty for the base
+            model), or of each component of a mixture.
+        adapter_weights: the weight of each slot (1.0 for a plain adapter).
+        adapter_rank: the largest rank among those adapters (0 for the base model).
         output_token_ids: the tokens generated so far, when penalties need them (else empty).
         prompt_targets: with ``prompt_logprobs``, the prompt tokens this chunk's positions
             predict (position ``start_pos + i`` predicts ``prompt_targets[i]``); else empty.
@@ -46,7 +48,8 @@ class ScheduledChunk:
     params: SamplingParams
     generator: torch.Generator | None
     banned_token_ids: tuple[int, ...] = ()
-    adapter_slot: int = -1
+    adapter_slots: tuple[int, ...] = ()
+    adapter_weights: tuple[float, ...] = ()
     adapter_rank: int = 0
     output_token_ids: tuple[int, ...] = ()
     prompt_targets: tuple[int, ...] = ()

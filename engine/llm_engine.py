@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from adapters.base_layout import BaseModelLayout
+from adapters.loader import LoraAdapterWeights
 from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
 from engine.batch import SchedulerOutput
@@ -131,6 +132,19 @@ class LLMEngine:
         """
         self.adapters.load(name, Path(path), replace=replace)
 
+    def load_lora_weights(
+        self, name: str, weights: LoraAdapterWeights, replace: bool = False
+    ) -> None:
+        """Register an adapter made in memory (a merge result, say). Safe from any thread."""
+        self.adapters.load_weights(name, weights, replace=replace)
+
+    def register_mixture(
+        self, name: str, components: list[tuple[str, float]], replace: bool = False
+    ) -> None:
+        """Register a virtual adapter y = Wx + Σᵢ wᵢ·sᵢ·Bᵢ(Aᵢx) over loaded adapters (see
+        :meth:`adapters.manager.AdapterManager.register_mixture`). Safe from any thread."""
+        self.adapters.register_mixture(name, components, replace=replace)
+
     def unload_lora(self, name: str) -> None:
         """Unregister ``name``. Requests already using it finish on its weights.
 
@@ -164,7 +178,7 @@ class LLMEngine:
         params = params or SamplingParams()
         adapter = self.adapters.get(lora) if lora is not None else None
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        self._validate(ids, params)
+        self.validate(ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         generator = None
         if params.seed is not None:
@@ -186,7 +200,8 @@ class LLMEngine:
             self._inbox.append(request)
         return request_id
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError when the request could never run (add_request calls it)."""
         if not ids:
             raise ValueError("the prompt is empty")
         vocab_size = self.model.arch.vocab_size
@@ -331,7 +346,8 @@ class LLMEngine:
         pins: dict[int, int] = {}
         for request in self.scheduler.running:
             if request.adapter is not None:
-                pins[request.adapter.id] = pins.get(request.adapter.id, 0) + 1
+                for adapter_id in self.adapters.ids(request.adapter):
+                    pins[adapter_id] = pins.get(adapter_id, 0) + 1
         residency = self.adapters.residency
         for adapter_id, count in pins.items():
             resident = residency.get(adapter_id)

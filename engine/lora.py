@@ -23,17 +23,36 @@ TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
 
 
 @dataclass(frozen=True)
+class LoraPass:
+    """One component of each token's adapter: the first pass carries every request's adapter
+    (or the first component of its mixture), later passes the further components of mixtures.
+
+    Attributes:
+        token_adapters: (num_decodes,) int32 adapter slot of each decode token, -1 = none.
+        seg_adapters: (num_prefills,) int32 adapter slot of each prefill chunk, -1 = none.
+        token_weights: (num_tokens,) float32 mixture weight of each token's component, or
+            None when every weight of the pass is 1.
+    """
+
+    token_adapters: torch.Tensor
+    seg_adapters: torch.Tensor
+    token_weights: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class LoraMetadata:
-    """Which adapter each token of this forward uses.
+    """Which adapter (or adapters, for a mixture) each token of this forward uses.
 
     The batch is laid out decodes first, as in :class:`engine.attention.AttentionMetadata`.
+    A mixture y = Wx + Σᵢ wᵢ·sᵢ·Bᵢ(Aᵢx) runs one pass per component: pass i shrinks with
+    the i-th component's A for every token that has one, scales the result by wᵢ, and
+    expands with its B. Batches without mixtures run one pass.
 
     Attributes:
         num_decodes: leading tokens that are one-token decodes.
-        token_adapters: (num_decodes,) int32 adapter slot of each decode token, -1 = none.
+        passes: one or more :class:`LoraPass`.
         seg_starts: (num_prefills + 1,) int32 offsets of each prefill chunk among the
             prefill tokens.
-        seg_adapters: (num_prefills,) int32 adapter slot of each prefill chunk, -1 = none.
         max_rank: the largest rank among this batch's adapters (the kernels' tile).
         max_seg_len: the longest prefill chunk (sizes the segmented kernels' grid without
             reading ``seg_starts`` back from the device).
@@ -41,16 +60,15 @@ class LoraMetadata:
     """
 
     num_decodes: int
-    token_adapters: torch.Tensor
+    passes: tuple[LoraPass, ...]
     seg_starts: torch.Tensor
-    seg_adapters: torch.Tensor
     max_rank: int
     max_seg_len: int
     tables: LoraTables
 
     @property
     def num_prefills(self) -> int:
-        return int(self.seg_adapters.shape[0])
+        return int(self.seg_starts.shape[0]) - 1
 
 
 Shrink = Callable[..., torch.Tensor]
@@ -89,33 +107,24 @@ class LoraBackend:
         ranks = tables.ranks[:, layer, t]
         scalings = tables.scalings[:, layer, t]
         a_pages, b_pages = tables.a_pages[target], tables.b_pages[target]
-        nd = meta.num_decodes
-        if nd:
-            y = self.shrink_bgmv(x[:nd], pool, a_pages, ranks, meta.token_adapters, meta.max_rank)
-            self.expand_bgmv(y, pool, b_pages, ranks, scalings, meta.token_adapters, out[:nd])
-        if meta.num_prefills:
-            seg_starts, seg_adapters = meta.seg_starts, meta.seg_adapters
-            y = self.shrink_sgmv(
-                x[nd:],
-                pool,
-                a_pages,
-                ranks,
-                seg_starts,
-                seg_adapters,
-                meta.max_rank,
-                meta.max_seg_len,
-            )
-            self.expand_sgmv(
-                y,
-                pool,
-                b_pages,
-                ranks,
-                scalings,
-                seg_starts,
-                seg_adapters,
-                out[nd:],
-                meta.max_seg_len,
-            )
+        nd, max_rank, max_seg = meta.num_decodes, meta.max_rank, meta.max_seg_len
+        for p in meta.passes:
+            weights = None if p.token_weights is None else p.token_weights.view(-1, 1)
+            if nd:
+                y = self.shrink_bgmv(x[:nd], pool, a_pages, ranks, p.token_adapters, max_rank)
+                if weights is not None:
+                    y.mul_(weights[:nd])
+                self.expand_bgmv(y, pool, b_pages, ranks, scalings, p.token_adapters, out[:nd])
+            if meta.num_prefills:
+                starts, adapters = meta.seg_starts, p.seg_adapters
+                y = self.shrink_sgmv(
+                    x[nd:], pool, a_pages, ranks, starts, adapters, max_rank, max_seg
+                )
+                if weights is not None:
+                    y.mul_(weights[nd:])
+                self.expand_sgmv(
+                    y, pool, b_pages, ranks, scalings, starts, adapters, out[nd:], max_seg
+                )
 
 
 LORA_BACKENDS: dict[str, LoraBackend] = {

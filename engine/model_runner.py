@@ -13,7 +13,7 @@ from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
 from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.forward_batch import ForwardBatch
-from engine.lora import LoraMetadata
+from engine.lora import LoraMetadata, LoraPass
 from engine.model import CausalLM
 from engine.sampler import Sampler, token_logprobs
 from engine.slot_tables import SlotTables
@@ -124,7 +124,7 @@ class ModelRunner:
         )
 
     def _lora_metadata(self, chunks: list[ScheduledChunk], nd: int) -> LoraMetadata | None:
-        """Each token's adapter slot, or None when no chunk uses an adapter."""
+        """Each token's adapter slots and weights, or None when no chunk uses an adapter."""
         max_rank = max(c.adapter_rank for c in chunks)
         if max_rank == 0:
             return None
@@ -132,11 +132,22 @@ class ModelRunner:
         seg_starts = [0]
         for c in prefills:
             seg_starts.append(seg_starts[-1] + c.num_tokens)
+        num_passes = max(len(c.adapter_slots) for c in chunks)
+        passes = []
+        for i in range(num_passes):
+            slots = [c.adapter_slots[i] if i < len(c.adapter_slots) else -1 for c in chunks]
+            weights = [c.adapter_weights[i] if i < len(c.adapter_weights) else 0.0 for c in chunks]
+            token_weights = None
+            if any(w != 1.0 for w, s in zip(weights, slots, strict=True) if s >= 0):
+                per_token = [
+                    w for c, w in zip(chunks, weights, strict=True) for _ in range(c.num_tokens)
+                ]
+                token_weights = torch.tensor(per_token, dtype=torch.float32, device=self.device)
+            passes.append(LoraPass(self._int32(slots[:nd]), self._int32(slots[nd:]), token_weights))
         return LoraMetadata(
             num_decodes=nd,
-            token_adapters=self._int32([c.adapter_slot for c in chunks[:nd]]),
+            passes=tuple(passes),
             seg_starts=self._int32(seg_starts),
-            seg_adapters=self._int32([c.adapter_slot for c in prefills]),
             max_rank=max_rank,
             max_seg_len=max((c.num_tokens for c in prefills), default=0),
             tables=self.lora_tables,

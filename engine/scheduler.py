@@ -145,7 +145,7 @@ class Scheduler:
         except OutOfPages as e:
             if self.adapters is None:
                 return False
-            keep = [request.adapter.id] if keep_adapter and request.adapter else []
+            keep = self.adapters.ids(request.adapter) if keep_adapter and request.adapter else []
             if not self.adapters.residency.reclaim(e.requested, keep=keep):
                 return False
         self.kv_cache.grow(request.request_id, num_tokens)
@@ -177,9 +177,9 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         k_slots, v_slots = self.kv_cache.slots(request.request_id, start, end)
-        slot, rank = -1, 0
+        slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
         if request.adapter is not None and self.adapters is not None:
-            slot, rank = self.adapters.slot(request.adapter)
+            slots = self.adapters.slots(request.adapter)
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_ids(start, end),
@@ -190,8 +190,9 @@ class Scheduler:
             params=request.params,
             generator=request.generator,
             banned_token_ids=self._banned(request),
-            adapter_slot=slot,
-            adapter_rank=rank,
+            adapter_slots=tuple(slot for slot, _, _ in slots),
+            adapter_weights=tuple(weight for _, _, weight in slots),
+            adapter_rank=max((rank for _, rank, _ in slots), default=0),
             output_token_ids=tuple(request.output_token_ids) if request.params.penalized else (),
             prompt_targets=self._prompt_targets(request, start, end),
         )

@@ -8,10 +8,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from adapters.compose import ComposeJob, ComposeSpec
+from engine.composition import start_composition
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scoring import SCORING_PARAMS
 
 
 class LLM:
@@ -36,6 +39,21 @@ class LLM:
         if config is None:
             config = EngineConfig.create(model_dir, **options)
         self.engine = LLMEngine(config, kernels=kernels)
+
+    def compose(self, spec: ComposeSpec, save_dir: Path | None = None) -> ComposeJob:
+        """Run a LoRAHub composition to its end in this thread (see
+        :mod:`engine.composition`); the result is registered as ``spec.name``."""
+        return start_composition(self.engine, spec, self._run_batch, save_dir, background=False)
+
+    def _run_batch(self, batch: list[tuple[list[int], str]]) -> list[RequestOutput]:
+        """Run scoring requests to the end, stepping the engine here."""
+        ids = [self.engine.add_request(p, SCORING_PARAMS, lora=a) for p, a in batch]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
 
     def generate(
         self,

@@ -96,7 +96,8 @@ def start_composition(
         return combined
 
     def evaluate(ws: list[list[float]]) -> list[float]:
-        names = [f"{spec.name}.{job.id}.step{job.step + 1 + i}" for i in range(len(ws))]
+        # "_" cannot start a name clients give, so these never collide and stay unlisted.
+        names = [f"_{job.id}.step{job.step + 1 + i}" for i in range(len(ws))]
         try:
             for name, w in zip(names, ws, strict=True):
                 register(name, w)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 
 from engine.llm_engine import LLMEngine
+from server.adapter_routes import adapter_router
 from server.admin_routes import admin_router
 from server.auth import KeyAuthMiddleware
 from server.bridge import EngineBridge
@@ -85,4 +86,5 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     app.include_router(openai_router(state))
     if config.lora_routes_enabled:
         app.include_router(admin_router(state))
+        app.include_router(adapter_router(state))
     return app

@@ -28,6 +28,11 @@ class ServerConfig:
         watchdog_s: an engine step running longer than this makes ``/health`` report 503.
         max_metric_adapters: adapters that get their own metric label; the rest share
             ``other`` (bounded cardinality).
+        export_root: where ``/v1/adapters/{name}/export`` writes merged models; None
+            refuses exports.
+        max_compose_candidates: the most candidate adapters one composition may weigh.
+        max_compose_steps: the largest ``max_steps`` one composition may ask for.
+        max_compose_jobs: compositions running at once.
     """
 
     model_name: str
@@ -42,6 +47,10 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
     max_metric_adapters: int = 32
+    export_root: Path | None = None
+    max_compose_candidates: int = 32
+    max_compose_steps: int = 200
+    max_compose_jobs: int = 2
 
     def __post_init__(self) -> None:
         if not self.model_name:

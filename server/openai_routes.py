@@ -93,7 +93,7 @@ def openai_router(state: ServerState) -> APIRouter:
                 "max_model_len": max_len,
             }
 
-        names = state.engine.adapters.registry.names()
+        names = [n for n in state.engine.adapters.registry.names() if not n.startswith("_")]
         return {"object": "list", "data": [card(base, None)] + [card(n, base) for n in names]}
 
     return router

@@ -208,6 +208,52 @@ class UnloadLoraRequest(_Strict):
     lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
+_ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+class MergeAdaptersRequest(_Strict):
+    """``POST /v1/adapters/merge``: PEFT's ``add_weighted_adapter`` arguments, or a mixture."""
+
+    name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
+    adapters: Annotated[list[str], Field(min_length=1, max_length=64)]
+    weights: Annotated[list[float], Field(min_length=1, max_length=64)]
+    combination_type: str = "svd"
+    density: float | None = None
+    majority_sign_method: str = "total"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    svd_full_matrices: bool = True
+    seed: int = 0
+    save: bool = False
+
+
+class ComposeExample(_Strict):
+    prompt: Annotated[str, Field(min_length=1)]
+    completion: Annotated[str, Field(min_length=1)]
+
+
+class ComposeRequest(_Strict):
+    """``POST /v1/adapters/compose``: a LoRAHub composition job."""
+
+    name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
+    candidates: list[str] | None = None
+    examples: Annotated[list[ComposeExample], Field(min_length=1, max_length=64)]
+    method: str = "lorahub"
+    max_steps: int = 40
+    l1: float = 0.05
+    bounds: Annotated[list[float], Field(min_length=2, max_length=2)] = [-1.5, 1.5]
+    seed: int = 0
+    save: bool = False
+
+
+class ExportRequest(_Strict):
+    """``POST /v1/adapters/{name}/export``: the base with the adapter merged in."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "nf4"] = "none"
+    out: Annotated[str, Field(pattern=_ADAPTER_NAME)] | None = None
+
+
 def _unsupported(present: bool, param: str) -> None:
     if present:
         raise APIError(400, "unsupported_parameter", f"{param} is not supported", param)

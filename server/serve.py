@@ -72,11 +72,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="runtime lora_path values must lie inside one of these",
     )
     access.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins")
+    access.add_argument(
+        "--export-root",
+        default=None,
+        metavar="DIR",
+        help="where POST /v1/adapters/{name}/export writes merged models (off without it)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-waiting-requests", type=int, default=256)
     limits.add_argument("--max-request-bytes", type=int, default=1 << 20)
     limits.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     limits.add_argument("--watchdog-timeout", type=float, default=60.0)
+    limits.add_argument("--max-compose-candidates", type=int, default=32)
+    limits.add_argument("--max-compose-steps", type=int, default=200)
     parser.add_argument("--no-access-log", action="store_true")
 
 
@@ -126,6 +134,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=args.max_request_bytes,
         drain_timeout_s=args.drain_timeout,
         watchdog_s=args.watchdog_timeout,
+        export_root=Path(args.export_root) if args.export_root else None,
+        max_compose_candidates=args.max_compose_candidates,
+        max_compose_steps=args.max_compose_steps,
     )
 
 

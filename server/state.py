@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from adapters.compose import ComposeJob
 from engine.llm_engine import LLMEngine
 from server.bridge import EngineBridge
 from server.config import ServerConfig
@@ -24,6 +25,7 @@ class ServerState:
         metrics: the Prometheus registry.
         token_text: cached token texts for log-probs.
         admin_lock: serializes adapter loads and unloads.
+        compose_jobs: composition jobs by id, finished ones included.
     """
 
     engine: LLMEngine
@@ -32,6 +34,7 @@ class ServerState:
     metrics: ServerMetrics
     token_text: TokenText
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    compose_jobs: dict[str, ComposeJob] = field(default_factory=dict)
 
     def lora_for(self, model: str) -> str | None:
         """The adapter a request's ``model`` names; None for the base model."""

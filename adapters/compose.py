@@ -47,13 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_COMPOSITION, AdapterError
 from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import LoraAdapterConfig
 
 logger = logging.getLogger(__name__)
 
-INVALID_COMPOSITION = "invalid_composition"
 METHODS = ("lorahub", "mixture")
 
 
@@ -236,12 +235,12 @@ class ComposeJob:
                 weight vector makes, scored together; it builds, scores and discards them.
             finish: registers (and saves, if asked) the final adapter; returns its name.
         """
-        import nevergrad as ng  # imported here: it is slow to import and only jobs need it
-
         spec = self.spec
         with self._lock:
             self.status = "running"
         try:
+            import nevergrad as ng  # here: slow to import, and only jobs need it
+
             lo, hi = spec.bounds
             n = len(spec.candidates)
             init = np.clip(np.zeros(n), lo, hi)

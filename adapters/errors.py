@@ -13,6 +13,9 @@ INVALID_ADAPTER = "invalid_adapter"  # malformed or inconsistent files: HTTP 400
 UNSUPPORTED_ADAPTER_FEATURE = "unsupported_adapter_feature"  # DoRA, bias, ...: HTTP 400
 ADAPTER_RANK_TOO_LARGE = "adapter_rank_too_large"  # a rank above --max-lora-rank: HTTP 400
 PICKLE_REFUSED = "pickle_refused"  # only adapter_model.bin / *.pt weights: HTTP 400
+# Making adapters from loaded ones (``adapters.merge``, ``adapters.compose``).
+INVALID_MERGE = "invalid_merge"  # a merge PEFT would refuse, or one we cannot serve: HTTP 400
+INVALID_COMPOSITION = "invalid_composition"  # a composition that breaks a rule: HTTP 400
 
 
 class AdapterError(ValueError):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
 from adapters.loader import LoraAdapterWeights, load_lora_adapter
 from adapters.prefetch import Prefetcher
@@ -129,19 +129,19 @@ class AdapterManager:
                 for a mixture of mixtures, a repeated component or a non-finite weight.
         """
         if not components:
-            raise AdapterError("invalid_merge", "a mixture needs at least one adapter")
+            raise AdapterError(INVALID_MERGE, "a mixture needs at least one adapter")
         names = [n for n, _ in components]
         if len(set(names)) != len(names):
-            raise AdapterError("invalid_merge", "a mixture names each adapter at most once")
+            raise AdapterError(INVALID_MERGE, "a mixture names each adapter at most once")
         entries = []
         for component, weight in components:
             entry = self.registry.get(component)
             if entry.is_mixture:
                 raise AdapterError(
-                    "invalid_merge", f"{component!r} is a mixture; mixtures cannot be nested"
+                    INVALID_MERGE, f"{component!r} is a mixture; mixtures cannot be nested"
                 )
             if not math.isfinite(weight):
-                raise AdapterError("invalid_merge", f"the weight of {component!r} is not finite")
+                raise AdapterError(INVALID_MERGE, f"the weight of {component!r} is not finite")
             entries.append((entry, float(weight)))
         need = sum(self._pages_for(e) for e, _ in entries)
         if need > self.residency.pages.num_free + self.residency.num_pages:
@@ -150,7 +150,7 @@ class AdapterManager:
             )
         if len(entries) > self.residency.max_slots:
             raise AdapterError(
-                "invalid_merge",
+                INVALID_MERGE,
                 f"a mixture of {len(entries)} adapters exceeds max_loras "
                 f"{self.residency.max_slots}",
             )

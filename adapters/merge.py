@@ -53,12 +53,11 @@ from dataclasses import dataclass
 import torch
 
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import ALL_LINEAR, LoraAdapterConfig
 from adapters.peft_targets import is_targeted, module_scaling
 
-INVALID_MERGE = "invalid_merge"  # a merge request PEFT would refuse or we cannot serve: HTTP 400
 MIXTURE = "mixture"  # not a weight merge: the caller routes it elsewhere
 
 # Every combination_type of PEFT 0.21's add_weighted_adapter, grouped by how factors are built.

@@ -20,13 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters.compose import (
-    INVALID_COMPOSITION,
     ComposeJob,
     ComposeSpec,
     lorahub_combine,
     mixture_as_adapter,
 )
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_COMPOSITION, AdapterError
 from adapters.loader import LoraAdapterWeights
 from adapters.peft_writer import save_peft_adapter
 from engine.llm_engine import LLMEngine

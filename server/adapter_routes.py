@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from adapters.compose import ComposeSpec, Example, mixture_as_adapter
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.loader import LoraAdapterWeights
 from adapters.merge import MIXTURE, MergeSpec, merge_adapters
 from adapters.peft_writer import save_peft_adapter
@@ -197,7 +197,7 @@ def _merge(state: ServerState, name: str, spec: MergeSpec) -> LoraAdapterWeights
     for entry in entries:
         if entry.is_mixture:
             raise AdapterError(
-                "invalid_merge", f"{entry.name!r} is a mixture; merge its components instead"
+                INVALID_MERGE, f"{entry.name!r} is a mixture; merge its components instead"
             )
     weights = [manager.weights_of(e) for e in entries]
     merged = merge_adapters(weights, spec, name, layout=manager.layout)

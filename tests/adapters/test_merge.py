@@ -22,11 +22,10 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import AdapterError
+from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.loader import LoraAdapterWeights, LoraModuleWeights, load_lora_adapter
 from adapters.merge import (
     COMBINATION_TYPES,
-    INVALID_MERGE,
     MIXTURE,
     MergeSpec,
     check_merge,

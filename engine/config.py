@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.quantization import is_quantized_linear
+from engine.dummy import checkpoint_shapes
+from engine.naming import is_quantized_linear
 
 QUANTIZATIONS = ("none", "nf4")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": the safetensors checkpoint; "dummy": random weights from config.json alone.
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Where the bundled demo model lives: served when no model directory is given.
 DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
@@ -30,11 +34,11 @@ def resolve_dtype(name: str, model_dir: Path) -> torch.dtype:
     if name == "auto":
         config = json.loads((model_dir / "config.json").read_text())
         name = config.get("dtype") or config.get("torch_dtype") or "float32"
-        if name not in _DTYPES:
+        if name not in DTYPES:
             name = "float32"
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class ModelConfig:
         device: where the model and the page pool live.
         max_model_len: the longest sequence (prompt + generated tokens) accepted.
         quantization: "nf4" to serve the decoder's linear layers in NF4, else "none".
+        load_format: "auto" loads the safetensors checkpoint; "dummy" needs only config.json
+            and draws random weights (and, without tokenizer files, a synthetic tokenizer).
     """
 
     model_dir: Path
@@ -54,6 +60,7 @@ class ModelConfig:
     device: torch.device
     max_model_len: int
     quantization: str = "none"
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not (self.model_dir / "config.json").is_file():
@@ -63,6 +70,10 @@ class ModelConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}"
             )
 
 
@@ -135,6 +146,7 @@ class EngineConfig:
         *,
         dtype: str = "auto",
         quantization: str | None = None,
+        load_format: str = "auto",
         device: str | None = None,
         max_model_len: int | None = None,
         num_pages: int | None = None,
@@ -151,6 +163,7 @@ class EngineConfig:
         neither, by what the device has left after the weights (see
         :func:`_default_pool_memory`), at most enough for ``max_num_seqs`` full-length
         sequences. ``quantization`` None serves the checkpoint as it is stored.
+        ``load_format="dummy"`` needs only ``config.json`` (random weights, sized from it).
         """
         path = Path(model_dir) if model_dir is not None else DEMO_DIR / "model"
         if not (path / "config.json").is_file():
@@ -164,12 +177,14 @@ class EngineConfig:
         page_bytes = _page_bytes(hf, torch_dtype)
         if num_pages is None:
             if pool_memory is None:
-                pool_memory = _default_pool_memory(path, torch_dtype, dev, quantization)
+                pool_memory = _default_pool_memory(
+                    path, torch_dtype, dev, quantization, load_format
+                )
                 # Never more than every running sequence at full length needs.
                 pool_memory = min(pool_memory, 2 * model_len * max_num_seqs * page_bytes)
             num_pages = pool_memory // page_bytes
         return cls(
-            model=ModelConfig(path, torch_dtype, dev, model_len, quantization),
+            model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
             cache=CacheConfig(num_pages),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoraConfig(max_lora_rank, max_loras),
@@ -209,7 +224,11 @@ _CPU_POOL_BYTES = 1 << 30
 
 
 def _default_pool_memory(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, quantization: str
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str,
+    load_format: str = "auto",
 ) -> int:
     """The pool's byte budget when none is given.
 
@@ -220,7 +239,7 @@ def _default_pool_memory(
     if device.type != "cuda":
         return _CPU_POOL_BYTES
     total = torch.cuda.get_device_properties(device).total_memory
-    weights = weight_bytes(model_dir, dtype, quantization)
+    weights = weight_bytes(model_dir, dtype, quantization, load_format)
     budget = int(total * _GPU_MEMORY_FRACTION) - weights - _GPU_HEADROOM_BYTES
     if budget <= 0:
         raise ValueError("the model leaves no GPU memory for the page pool")
@@ -232,27 +251,43 @@ def _default_pool_memory(
 _NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
 
 
-def weight_bytes(model_dir: Path, dtype: torch.dtype, quantization: str) -> int:
-    """Bytes the checkpoint's weights take once loaded, read from the safetensors headers.
+def weight_bytes(
+    model_dir: Path, dtype: torch.dtype, quantization: str, load_format: str = "auto"
+) -> int:
+    """Bytes the checkpoint's weights take once loaded.
 
-    Float tensors count in ``dtype``; stored 4-bit tensors as stored; with NF4 quantization
-    at load, the decoder's linear weights count at NF4's bits per parameter.
+    The tensors are read from the safetensors headers or, with dummy weights (or no
+    safetensors at all), from the shapes ``config.json`` gives the model. Float tensors count
+    in ``dtype``; stored 4-bit tensors as stored; with NF4 quantization at load, the decoder's
+    linear weights count at NF4's bits per parameter.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0.0
-    for path in sorted(model_dir.glob("*.safetensors")):
+    for name, shape, stored in _checkpoint_tensors(model_dir, load_format):
+        numel = math.prod(shape)
+        if stored in ("U8", "I8"):
+            total += numel
+        elif quantization == "nf4" and is_quantized_linear(name, shape):
+            total += numel * _NF4_BITS_PER_PARAM / 8
+        else:
+            total += numel * itemsize
+    return int(total)
+
+
+def _checkpoint_tensors(
+    model_dir: Path, load_format: str
+) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+    """``(name, shape, stored dtype)`` of every tensor; the dtype None for dummy weights."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if load_format == "dummy" or not files:
+        for name, shape in checkpoint_shapes(model_dir):
+            yield name, shape, None
+        return
+    for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 part = f.get_slice(name)
-                shape = tuple(part.get_shape())
-                numel = math.prod(shape)
-                if part.get_dtype() in ("U8", "I8"):
-                    total += numel
-                elif quantization == "nf4" and is_quantized_linear(name, shape):
-                    total += numel * _NF4_BITS_PER_PARAM / 8
-                else:
-                    total += numel * itemsize
-    return int(total)
+                yield name, tuple(part.get_shape()), part.get_dtype()
 
 
 def resolve_quantization(name: str | None, hf: dict[str, Any], model_dir: Path) -> str:

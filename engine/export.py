@@ -32,9 +32,9 @@ from adapters.loader import LoraAdapterWeights, LoraModuleWeights, load_lora_ada
 from engine.config import QUANTIZATIONS, resolve_quantization
 from engine.loader import iterate_weights, load_config, quantized_modules, safetensors_files
 from engine.model import ModelArch
+from engine.naming import is_quantized_linear
 from engine.quantization import (
     QUANT_STATE_KEY,
-    is_quantized_linear,
     nf4_from_checkpoint,
     nf4_to_checkpoint,
     quantization_config,

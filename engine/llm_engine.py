@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from adapters.base_layout import BaseModelLayout
 from adapters.loader import LoraAdapterWeights
@@ -23,7 +23,7 @@ from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
-from engine.loader import eos_token_ids, load_model
+from engine.loader import eos_token_ids, load_model, load_tokenizer
 from engine.model import Backends
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput
@@ -49,9 +49,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, kernels: str | None = None) -> None:
         self.config = config
         mc = config.model
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(mc.model_dir)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(mc.model_dir, mc.load_format)
         backends = Backends.select(kernels, mc.device)
-        self.model = load_model(mc.model_dir, mc.dtype, mc.device, backends, mc.quantization)
+        self.model = load_model(
+            mc.model_dir,
+            mc.dtype,
+            mc.device,
+            backends,
+            mc.quantization,
+            mc.load_format,
+            config.seed,
+        )
         self.weights = memory_report(self.model, mc.dtype)
         arch = self.model.arch
         self.pool = PagePool(

@@ -4,7 +4,9 @@ Weights come from ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; pickled checkpoints are never opened. The model is built
 on the meta device and materialised on the target device, so no memory is spent on random
 initial weights. An NF4 base either comes quantized (bitsandbytes' tensors, as transformers
-saves them) or is quantized here as its float tensors stream in.
+saves them) or is quantized here as its float tensors stream in. With
+``load_format="dummy"`` only ``config.json`` is read and the weights are random
+(:mod:`engine.dummy`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from engine.config import LOAD_FORMATS
+from engine.dummy import has_tokenizer, init_dummy_weights, init_std, synthetic_tokenizer
 from engine.model import Backends, CausalLM
+from engine.naming import is_quantized_linear
 from engine.quantization import (
     QUANT_STATE_KEY,
     NF4Linear,
-    is_quantized_linear,
     memory_report,
     nf4_from_checkpoint,
     quantize_nf4,
@@ -90,26 +94,63 @@ def load_model(
     device: torch.device,
     backends: Backends,
     quantization: str = "none",
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> CausalLM:
     """Build the model for ``model_dir`` and load its weights in ``dtype`` on ``device``.
 
     ``quantization="nf4"`` serves the decoder's linear layers in NF4: a checkpoint saved by
     transformers + bitsandbytes loads as it is; a float checkpoint is quantized tensor by
     tensor as it loads, so its float weights never all sit on the device.
+    ``load_format="dummy"`` reads ``config.json`` only and draws random weights from
+    ``seed`` on the device (quantized layer by layer with nf4; see :mod:`engine.dummy`).
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(
+            f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}"
+        )
     config = load_config(model_dir)
     with torch.device("meta"):
         model = CausalLM(config, backends)
-    prequantized = quantized_modules(model_dir)
+    dummy = load_format == "dummy"
+    prequantized = set() if dummy else quantized_modules(model_dir)
     if prequantized and quantization != "nf4":
         raise ValueError(f"{model_dir.name} is quantized to nf4; serve it with quantization nf4")
-    nf4_modules: set[str] = set()
+    nf4_modules: list[str] = []
     if quantization == "nf4":
         targets = prequantized or _quantized_linears(model)
-        nf4_modules = set(swap_linears(model, backends.nf4, keep=lambda n: n not in targets))
+        nf4_modules = swap_linears(model, backends.nf4, keep=lambda n: n not in targets)
+    model.to(dtype)  # still on the meta device: the weights are allocated in dtype at once
     model.to_empty(device=device)
-    model.to(dtype)
     model.tie_weights()
+    if dummy:
+        init_dummy_weights(model, init_std(config), seed, nf4_modules, dtype)
+    else:
+        _load_checkpoint(model, model_dir, set(nf4_modules), bool(prequantized), dtype, device)
+    model.eval()
+    report = memory_report(model, dtype)
+    num_params = sum(p.numel() for p in model.parameters()) + report.quantized_params
+    logger.info(
+        "loaded %s%s: %d layers, %.1fM parameters, %s%s",
+        model_dir.name,
+        f" (dummy weights, seed {seed})" if dummy else "",
+        model.arch.num_layers,
+        num_params / 1e6,
+        dtype,
+        f", {len(nf4_modules)} linear layers in nf4" if nf4_modules else "",
+    )
+    return model
+
+
+def _load_checkpoint(
+    model: CausalLM,
+    model_dir: Path,
+    nf4_modules: set[str],
+    prequantized: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Copy the checkpoint's tensors into the materialised ``model``; every one must arrive."""
     params = dict(model.named_parameters(remove_duplicate=False))
     packed: dict[str, dict[str, torch.Tensor]] = {}  # module -> its pre-quantized tensors
     loaded: set[str] = set()
@@ -145,23 +186,25 @@ def load_model(
     missing |= {f"{m}.weight" for m in nf4_modules if _nf4_layer(model, m).weight is None}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-    model.eval()
-    report = memory_report(model, dtype)
-    logger.info(
-        "loaded %s: %d layers, %.1fM parameters, %s%s",
-        model_dir.name,
-        model.arch.num_layers,
-        sum(p.numel() for p in params.values()) / 1e6 + report.quantized_params / 1e6,
-        dtype,
-        f", {len(nf4_modules)} linear layers in nf4" if nf4_modules else "",
-    )
-    return model
 
 
 def _nf4_layer(model: CausalLM, name: str) -> NF4Linear:
     module = model.get_submodule(name)
     assert isinstance(module, NF4Linear)
     return module
+
+
+def load_tokenizer(model_dir: Path, load_format: str = "auto") -> PreTrainedTokenizerBase:
+    """The model directory's tokenizer; with dummy weights and no tokenizer files, a
+    synthetic one covering the vocabulary (:func:`engine.dummy.synthetic_tokenizer`)."""
+    if load_format == "dummy" and not has_tokenizer(model_dir):
+        config = load_config(model_dir)
+        logger.info(
+            "%s has no tokenizer: using %d synthetic tokens", model_dir.name, config.vocab_size
+        )
+        return synthetic_tokenizer(config)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer
 
 
 def eos_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:

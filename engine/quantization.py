@@ -29,13 +29,6 @@ from kernels.nf4 import (
     nf4_code,
 )
 
-
-def is_quantized_linear(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether NF4 quantization covers this checkpoint tensor: the decoder layers' linear
-    weights, not the embeddings or the output head (transformers' default too)."""
-    return len(shape) == 2 and ".layers." in name and name.endswith("_proj.weight")
-
-
 # The tensors bitsandbytes stores beside a packed ``<module>.weight``.
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 COMPONENTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QUANT_STATE_KEY)

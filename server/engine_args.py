@@ -9,7 +9,8 @@ from engine.config import EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shaped after ``vllm serve``'s: dtype, quantization, limits and the pool's size."""
+    """Flags shaped after ``vllm serve``'s: dtype, quantization, load format, limits and the
+    pool's size."""
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
@@ -18,6 +19,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=["none", "nf4"],
         help="nf4 quantizes a float checkpoint at load; by default, as the checkpoint is stored",
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
     )
     parser.add_argument("--max-lora-rank", type=int, default=64)
     parser.add_argument("--max-loras", type=int, default=256)
@@ -37,6 +44,7 @@ def engine_config(
         model_dir,
         dtype=args.dtype,
         quantization=args.quantization,
+        load_format=args.load_format,
         max_model_len=args.max_model_len,
         num_pages=args.num_pages,
         pool_memory=args.pool_memory,

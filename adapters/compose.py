@@ -16,8 +16,8 @@ candidate alone (wᵢ = 1, the others 0), scored together in one batch and told 
 before it proposes its own points. For a few candidates and a 40-step budget NGOpt runs
 Cobyla, a local method; from w = 0, a saddle for the ``lorahub`` product B̂Â, it can settle
 on a blend far worse than one of the candidates (measured on the demo: loss 5.2 against
-0.01 for the right adapter alone). With the warm start the result is never worse than the
-best single candidate, and NGOpt refines from there.
+0.01 for the right adapter alone). With the warm start (when ``max_steps`` covers it) the
+result is never worse than the best single candidate, and NGOpt refines from there.
 
 Two ways to make an adapter from w:
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.base_layout import ATTENTION_TARGETS
 from adapters.errors import INVALID_COMPOSITION, AdapterError
 from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import LoraAdapterConfig
@@ -129,9 +131,21 @@ def lorahub_combine(
             a[:r] += w * module.lora_a.float()
             b[:, :r] += (w * module.scaling) * module.lora_b.float()
         modules[key] = LoraModuleWeights(a.contiguous(), b.contiguous(), 1.0)
-    targets = tuple(sorted({target for _, target in keys}))
-    config = LoraAdapterConfig(r=rank, lora_alpha=rank, target_modules=targets)
-    return LoraAdapterWeights(name, config, modules)
+    return LoraAdapterWeights(name, _exact_config(keys, rank), modules)
+
+
+def _exact_config(keys: Sequence[tuple[int, str]], rank: int) -> LoraAdapterConfig:
+    """A config adapting exactly ``keys`` (candidates may adapt different layers and
+    targets): ``target_modules`` is a regex of their module paths. Per-module ranks are
+    the writer's business (``rank_pattern``); the scaling is 1 (alpha = r)."""
+    paths = [_module_path(layer, target) for layer, target in keys]
+    pattern = "|".join(re.escape(p) for p in paths)
+    return LoraAdapterConfig(r=rank, lora_alpha=rank, target_modules=pattern)
+
+
+def _module_path(layer: int, target: str) -> str:
+    block = "self_attn" if target in ATTENTION_TARGETS else "mlp"
+    return f"model.layers.{layer}.{block}.{target}"
 
 
 def mixture_as_adapter(
@@ -152,9 +166,7 @@ def mixture_as_adapter(
         b = torch.cat([(w * m.scaling) * m.lora_b.float() for m, w in parts], dim=1)
         modules[key] = LoraModuleWeights(a.contiguous(), b.contiguous(), 1.0)
     rank = max(m.rank for m in modules.values())
-    targets = tuple(sorted({target for _, target in keys}))
-    config = LoraAdapterConfig(r=rank, lora_alpha=rank, target_modules=targets)
-    return LoraAdapterWeights(name, config, modules)
+    return LoraAdapterWeights(name, _exact_config(keys, rank), modules)
 
 
 @dataclass

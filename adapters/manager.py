@@ -70,6 +70,7 @@ class AdapterManager:
         self.prefetcher = Prefetcher(self._read, self.host_cache)
         self._unloads: list[AdapterEntry] = []
         self._lock = threading.Lock()
+        self._refs_lock = threading.Lock()  # reference counts change on several threads
         self._live: dict[int, AdapterEntry] = {}  # entries some request or the registry holds
 
     # -- control plane (any thread) -------------------------------------------------------
@@ -174,10 +175,10 @@ class AdapterManager:
         return cached if cached is not None else self._read(entry)
 
     def _pages_for(self, entry: AdapterEntry) -> int:
+        """Pool pages the adapter takes, 0 while its weights are not in memory (such a
+        component is checked when it is placed)."""
         weights = self.host_cache.get(entry.id) or entry.weights
-        if weights is None:  # not read yet: estimate from its size
-            return 0
-        return self.residency.pages_needed(weights.modules)
+        return 0 if weights is None else self.residency.pages_needed(weights.modules)
 
     def _check_fits(self, weights: LoraAdapterWeights) -> None:
         pages = self.residency.pages_needed(weights.modules)
@@ -224,20 +225,26 @@ class AdapterManager:
         with self._lock:
             unloads, self._unloads = self._unloads, []
         for entry in unloads:
-            if entry.refs == 0:
+            with self._refs_lock:
+                idle = entry.refs == 0
+            if idle:
                 self._forget(entry)
 
     def acquire(self, entry: AdapterEntry) -> None:
-        """A request naming ``entry`` was queued: count it and start loading if needed."""
-        entry.refs += 1
+        """A request (or a mixture) naming ``entry`` was queued: count it and start loading
+        if needed. Any thread: a mixture is registered from a worker thread."""
+        with self._refs_lock:
+            entry.refs += 1
         for part in self.parts(entry):
             if part.id not in self.residency and part.id not in self.host_cache:
                 self.prefetcher.request(part)
 
     def release(self, entry: AdapterEntry) -> None:
-        """A request naming ``entry`` finished."""
-        entry.refs -= 1
-        if entry.refs == 0 and entry.unloading:
+        """A request naming ``entry`` finished (the engine thread)."""
+        with self._refs_lock:
+            entry.refs -= 1
+            forget = entry.refs == 0 and entry.unloading
+        if forget:
             self._forget(entry)
 
     def _forget(self, entry: AdapterEntry) -> None:

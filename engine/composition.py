@@ -15,6 +15,7 @@ thread, the offline :meth:`engine.llm.LLM.compose` one that steps the engine its
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -104,18 +105,22 @@ def start_composition(
             outputs = run_batch(batch)
         finally:
             for name in names:
-                if name in manager.registry.names():
+                # Never registered, or an admin unloaded it already: nothing to do.
+                with contextlib.suppress(AdapterError):
                     engine.unload_lora(name)
         n = len(prompts)
         losses = [mean_nll(o, prompts[i % n].num_targets) for i, o in enumerate(outputs)]
         return [sum(losses[k * n : (k + 1) * n]) / n for k in range(len(ws))]
 
     def finish(w: list[float]) -> str:
-        combined = register(spec.name, w)
+        # Saved first: a save that fails leaves nothing registered.
         if spec.save and save_dir is not None:
-            if combined is None:  # a mixture is saved as the one adapter it equals
-                combined = mixture_as_adapter(candidates(), w, spec.name)
-            save_peft_adapter(combined, save_dir / spec.name)
+            if spec.method == "mixture":  # saved as the one adapter it equals
+                saved = mixture_as_adapter(candidates(), w, spec.name)
+            else:
+                saved = lorahub_combine(candidates(), w, spec.name)
+            save_peft_adapter(saved, save_dir / spec.name)
+        register(spec.name, w)
         return spec.name
 
     if background:

@@ -19,16 +19,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from adapters.compose import ComposeSpec, Example, mixture_as_adapter
+from adapters.compose import ComposeJob, ComposeSpec, Example, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.loader import LoraAdapterWeights
-from adapters.merge import MIXTURE, MergeSpec, merge_adapters
+from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
 from adapters.peft_writer import save_peft_adapter
 from engine.composition import RunBatch, start_composition
+from engine.config import DTYPES
 from engine.export import write_merged
 from engine.outputs import RequestOutput
 from engine.scoring import SCORING_PARAMS
@@ -37,16 +37,16 @@ from server.body import read_body
 from server.bridge import EngineBridge
 from server.errors import APIError, from_adapter_error
 from server.protocol import ComposeRequest, ExportRequest, MergeAdaptersRequest, parse_body
+from server.request_group import RequestGroup
 from server.state import ServerState
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_router(state: ServerState) -> APIRouter:
     router = APIRouter()
     config, engine = state.config, state.engine
+    export_lock = asyncio.Lock()
 
     def save_dir(save: bool, name: str) -> Path | None:
         """Where ``save`` writes ``name`` (400 without an adapter root, 409 if taken)."""
@@ -81,9 +81,7 @@ def adapter_router(state: ServerState) -> APIRouter:
                 seed=body.seed,
             )
             async with state.admin_lock:
-                merged = await asyncio.to_thread(_merge, state, body.name, spec)
-                if root is not None:
-                    await asyncio.to_thread(save_peft_adapter, merged, root / body.name)
+                rank = await asyncio.to_thread(_merge, state, body.name, spec, root)
         except AdapterError as e:
             raise from_adapter_error(e, "adapters") from None
         logger.info(
@@ -93,7 +91,7 @@ def adapter_router(state: ServerState) -> APIRouter:
             "status": "ok",
             "name": body.name,
             "combination_type": spec.combination_type,
-            "rank": merged.max_rank,
+            "rank": rank,
             "saved": root is not None,
         }
 
@@ -106,11 +104,14 @@ def adapter_router(state: ServerState) -> APIRouter:
         running = sum(1 for j in state.compose_jobs.values() if j.status in ("queued", "running"))
         if running >= config.max_compose_jobs:
             raise APIError(
-                429, "too_many_compositions", f"{running} compositions are running; retry later"
+                429,
+                "too_many_compositions",
+                f"{running} compositions are running; retry later",
+                headers={"Retry-After": "5"},
             )
         root = save_dir(body.save, body.name)
         candidates = body.candidates
-        if candidates is None:  # every loaded adapter but mixtures, up to the cap
+        if candidates is None:  # every loaded adapter but mixtures (past the cap: a 400)
             candidates = [
                 e.name
                 for e in engine.adapters.registry.entries()
@@ -140,6 +141,7 @@ def adapter_router(state: ServerState) -> APIRouter:
         except AdapterError as e:
             raise from_adapter_error(e, "candidates") from None
         state.compose_jobs[job.id] = job
+        _forget_old_jobs(state.compose_jobs)
         logger.info(
             "composition %s started: %s over %d candidates", job.id, spec.method, len(candidates)
         )
@@ -159,22 +161,25 @@ def adapter_router(state: ServerState) -> APIRouter:
         body = parse_body(await read_body(request, config.max_request_bytes), ExportRequest)
         if config.export_root is None:
             raise APIError(400, "export_disabled", "exports need the server's --export-root")
-        out = config.export_root / (body.out or name)
-        if out.exists():
-            raise APIError(409, "export_exists", f"the export root already holds {out.name!r}")
         try:
             adapter = await asyncio.to_thread(_adapter_weights, state, name)
-            async with state.admin_lock:
+        except AdapterError as e:
+            raise from_adapter_error(e, "name") from None
+        out = config.export_root / (body.out or name)
+        async with export_lock:  # one export at a time; loads and unloads go on meanwhile
+            if out.exists():
+                raise APIError(409, "export_exists", f"the export root already holds {out.name!r}")
+            try:
                 await asyncio.to_thread(
                     write_merged,
                     engine.config.model.model_dir,
                     adapter,
                     out,
-                    _DTYPES[body.dtype],
+                    DTYPES[body.dtype],
                     body.quantization,
                 )
-        except AdapterError as e:
-            raise from_adapter_error(e, "name") from None
+            except ValueError as e:  # AdapterError included: the adapter does not fit
+                raise APIError(400, "export_failed", str(e), "name") from None
         logger.info("exported %s merged into the base to %s", name, out)
         return {
             "status": "ok",
@@ -187,22 +192,37 @@ def adapter_router(state: ServerState) -> APIRouter:
     return router
 
 
-def _merge(state: ServerState, name: str, spec: MergeSpec) -> LoraAdapterWeights:
-    """Merge and register (a worker thread): a mixture registers its components' routing."""
-    manager = state.engine.adapters
+def _merge(state: ServerState, name: str, spec: MergeSpec, save_to: Path | None) -> int:
+    """Merge, save if asked, then register (a worker thread); returns the rank served.
+
+    Every check runs before the tensor work, and the save before the registration, so a
+    refusal or a failed save leaves nothing registered.
+    """
+    engine = state.engine
+    manager = engine.adapters
     entries = [manager.get(n) for n in spec.adapters]
-    if spec.combination_type == MIXTURE:
-        state.engine.register_mixture(name, list(zip(spec.adapters, spec.weights, strict=True)))
-        return mixture_as_adapter([manager.weights_of(e) for e in entries], spec.weights, name)
     for entry in entries:
         if entry.is_mixture:
             raise AdapterError(
                 INVALID_MERGE, f"{entry.name!r} is a mixture; merge its components instead"
             )
     weights = [manager.weights_of(e) for e in entries]
+    if spec.combination_type == MIXTURE:
+        if save_to is not None:
+            save_peft_adapter(mixture_as_adapter(weights, spec.weights, name), save_to / name)
+        engine.register_mixture(name, list(zip(spec.adapters, spec.weights, strict=True)))
+        return max(e.max_rank for e in entries)
+    rank = check_merge(weights, spec, manager.layout).r
+    if rank > manager.max_lora_rank:
+        raise AdapterError(
+            "adapter_rank_too_large",
+            f"the merged rank {rank} exceeds the server's max_lora_rank {manager.max_lora_rank}",
+        )
     merged = merge_adapters(weights, spec, name, layout=manager.layout)
-    state.engine.load_lora_weights(name, merged)
-    return merged
+    if save_to is not None:
+        save_peft_adapter(merged, save_to / name)
+    engine.load_lora_weights(name, merged)
+    return merged.max_rank
 
 
 def _adapter_weights(state: ServerState, name: str) -> LoraAdapterWeights:
@@ -215,19 +235,41 @@ def _adapter_weights(state: ServerState, name: str) -> LoraAdapterWeights:
     return manager.weights_of(entry)
 
 
+_KEPT_JOBS = 64  # finished composition jobs kept for polling
+
+
+def _forget_old_jobs(jobs: dict[str, ComposeJob]) -> None:
+    finished = [j for j in jobs.values() if j.status in ("succeeded", "failed")]
+    for job in sorted(finished, key=lambda j: j.created)[: max(0, len(finished) - _KEPT_JOBS)]:
+        del jobs[job.id]
+
+
 def _bridge_runner(bridge: EngineBridge, loop: asyncio.AbstractEventLoop) -> RunBatch:
-    """A composition's ``run_batch``: submits through the bridge from the job's thread."""
+    """A composition's ``run_batch``: submits through the bridge from the job's thread.
+
+    At most a quarter of the bridge's queue at a time, so a composition never crowds out
+    (or is refused for) ordinary traffic; a refused submission aborts what it had queued.
+    """
+    chunk = max(1, bridge.max_pending // 4)
 
     async def run(batch: list[tuple[list[int], str]]) -> list[RequestOutput]:
-        groups = [bridge.submit([(ids, SCORING_PARAMS)], lora=adapter) for ids, adapter in batch]
         finals: list[RequestOutput] = []
-        for group in groups:
-            final = None
-            async for _, output in group:
-                if output.finished:
-                    final = output
-            assert final is not None
-            finals.append(final)
+        for lo in range(0, len(batch), chunk):
+            groups: list[RequestGroup] = []
+            try:
+                for ids, adapter in batch[lo : lo + chunk]:
+                    groups.append(bridge.submit([(ids, SCORING_PARAMS)], lora=adapter))
+                for group in groups:
+                    final = None
+                    async for _, output in group:
+                        if output.finished:
+                            final = output
+                    assert final is not None
+                    finals.append(final)
+            except BaseException:
+                for group in groups:
+                    bridge.abort(group)
+                raise
         return finals
 
     def run_batch(batch: list[tuple[list[int], str]]) -> list[RequestOutput]:

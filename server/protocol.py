@@ -194,10 +194,13 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+_ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
 class LoadLoraRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's route and fields)."""
 
-    lora_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")]
+    lora_name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
     lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
     replace: bool = False
 
@@ -206,9 +209,6 @@ class UnloadLoraRequest(_Strict):
     """``POST /v1/unload_lora_adapter``."""
 
     lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-
-
-_ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 
 
 class MergeAdaptersRequest(_Strict):
@@ -220,7 +220,7 @@ class MergeAdaptersRequest(_Strict):
     combination_type: str = "svd"
     density: float | None = None
     majority_sign_method: str = "total"
-    svd_rank: int | None = None
+    svd_rank: Annotated[int, Field(ge=1, le=4096)] | None = None
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
     seed: int = 0

@@ -85,6 +85,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--watchdog-timeout", type=float, default=60.0)
     limits.add_argument("--max-compose-candidates", type=int, default=32)
     limits.add_argument("--max-compose-steps", type=int, default=200)
+    limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
     parser.add_argument("--no-access-log", action="store_true")
 
 
@@ -137,6 +138,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         export_root=Path(args.export_root) if args.export_root else None,
         max_compose_candidates=args.max_compose_candidates,
         max_compose_steps=args.max_compose_steps,
+        max_compose_jobs=args.max_compose_jobs,
     )
 
 

@@ -156,7 +156,7 @@ def test_user_key_gets_403_on_every_new_route(served: Served) -> None:
     assert_good(served, "user")
 
 
-def test_composition_runs_off_the_request_path(served: Served) -> None:
+def test_composition_runs_off_the_request_path(served: Served, roots: tuple[Path, Path]) -> None:
     engine = served.state.engine
     steps_before = engine.num_steps
     r = post(
@@ -168,6 +168,7 @@ def test_composition_runs_off_the_request_path(served: Served) -> None:
             "max_steps": 24,
             "candidates": ["upper", "swapcase", "caesar", "reverse"],
             "method": "mixture",
+            "save": True,
         },
     )
     assert r.status_code == 202, r.text
@@ -192,6 +193,13 @@ def test_composition_runs_off_the_request_path(served: Served) -> None:
     assert state["best_loss"] == min(state["loss_history"])
     assert engine.num_steps > steps_before + 24  # every evaluation ran through engine steps
     assert complete(served.openai("user"), "composed-upper", "mixed9Case") == "MIXED9CASE"
+    # Saved as the one adapter the mixture equals (candidates adapt different modules:
+    # upper only attention), it loads in PEFT and serves the same.
+    saved = roots[0] / "composed-upper"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_DIR / "model"), saved)
+    r = post(served, "/v1/load_lora_adapter", {"lora_name": "reloaded", "lora_path": str(saved)})
+    assert r.status_code == 200, r.text
+    assert complete(served.openai("user"), "reloaded", "mixed9Case") == "MIXED9CASE"
     # Its temporary adapters are gone and were never listed.
     assert all(not n.startswith("_") for n in engine.adapters.registry.names())
     served.wait_idle()

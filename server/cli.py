@@ -5,6 +5,7 @@
     loraserve quantize MODEL_DIR OUT_DIR [--dtype ...] [--device ...]
     loraserve merge MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype ...] [--quantization none|nf4]
                     [--device ...]
+    loraserve bench serve|sweep|make-adapters ...   (see :mod:`server.bench.cli`)
 
 With no model ``serve`` and ``generate`` use the bundled demo model (``examples/demo/model``);
 ``serve`` also serves its adapters. ``serve`` is described in :mod:`server.serve`. ``merge``
@@ -24,6 +25,7 @@ from adapters.errors import AdapterError
 from engine import LLM, SamplingParams
 from engine.config import resolve_dtype
 from engine.export import merge_checkpoint, quantize_checkpoint
+from server.bench.cli import add_bench_parser
 from server.engine_args import add_engine_args, engine_config
 from server.serve import add_serve_args, run_serve
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     merge.add_argument("--device", default=None, help="where to merge (default: cuda if any)")
     merge.set_defaults(run=_merge)
+
+    add_bench_parser(commands)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite: W1 kernels, NF4 matmuls and W2 serving sweeps, in ~9 minutes on
+# one H100 / H200, with nothing downloaded (dummy weights from the presets' config.json,
+# random adapters). Everything lands in one folder:
+#
+#   bash benchmarks/gpu_suite.sh            # OUT=benchmarks/results/gpu-<date> by default
+#   SMOKE=1 bash benchmarks/gpu_suite.sh    # or --smoke: every step on the CPU, tiny sizes
+#   SKIP_SWEEP=1 bash benchmarks/gpu_suite.sh   # kernels and NF4 only
+#
+# Steps (each under `timeout`, its time printed and appended to $OUT/timings.txt):
+#   kernels      python benchmarks/lora_kernels.py            (W1: shrink/expand vs gather+bmm)
+#   nf4          python benchmarks/nf4.py                     (fused NF4 vs dequant vs bf16)
+#   sweep-bf16   loraserve bench sweep, bf16 base, with the HF baselines at n in BASELINE_ADAPTERS
+#   sweep-bf16-n loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS (loraserve only)
+#   sweep-nf4    loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS (loraserve only)
+# The baselines run transformers generate on the 7B model and load every adapter into PEFT,
+# so at n = 100 or 1000 they alone would take far longer than 9 minutes: by default they run
+# at n = 0 and 1 only (set BASELINE_ADAPTERS=0,1,100,1000 for the full table, given time).
+#
+# Knobs (environment): OUT, PY (default .venv/bin/python, else python3), LORASERVE (default
+# .venv/bin/loraserve, else "$PY -m server.cli"), MODEL (default the llama-2-7b preset),
+# SWEEP_ADAPTERS, BASELINE_ADAPTERS, SWEEP_RANKS (8; S-LoRA's mixed set is 64,32,16,8),
+# SWEEP_TARGETS, SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter directories
+# written per sweep, reused round-robin: 1000 rank-8 7B adapters would be 17 GB),
+# and T_KERNELS, T_NF4, T_SWEEP (seconds per step).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--smoke" ]]; then SMOKE=1; fi
+SMOKE=${SMOKE:-0}
+SKIP_SWEEP=${SKIP_SWEEP:-0}
+export PYTHONUNBUFFERED=1
+
+if [[ -z "${PY:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [[ -n "${LORASERVE:-}" ]]; then
+  read -r -a LS <<<"$LORASERVE"
+elif [[ -x .venv/bin/loraserve ]]; then
+  LS=(.venv/bin/loraserve)
+else
+  LS=("$PY" -m server.cli)
+fi
+
+if [[ "$SMOKE" == 1 ]]; then
+  export CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
+  OUT=${OUT:-benchmarks/results/gpu-smoke-$(date +%Y%m%d-%H%M%S)}
+  MODEL=${MODEL:-benchmarks/presets/tiny}
+  KERNEL_ARGS=(--smoke)
+  NF4_ARGS=(--shapes 256x256 --batches 1,4 --repeats 1)
+  SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,2}
+  BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,2}
+  BASELINES=${BASELINES:-peft}
+  SIZES=(--num-requests "${SWEEP_REQUESTS:-8}" --rate "${SWEEP_RATE:-4}"
+    --input-range 4,8 --output-range 2,4)
+  DISTINCT=${DISTINCT:-2}
+  T_KERNELS=${T_KERNELS:-120} T_NF4=${T_NF4:-60} T_SWEEP=${T_SWEEP:-120}
+else
+  OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+  MODEL=${MODEL:-benchmarks/presets/llama-2-7b}
+  KERNEL_ARGS=()
+  NF4_ARGS=()
+  SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,1,100,1000}
+  BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,1}
+  BASELINES=${BASELINES:-peft,peft-mixed,merge-swap}
+  SIZES=(--num-requests "${SWEEP_REQUESTS:-32}" --rate "${SWEEP_RATE:-4}"
+    --input-range 8,512 --output-range 8,512)
+  DISTINCT=${DISTINCT:-100}
+  T_KERNELS=${T_KERNELS:-150} T_NF4=${T_NF4:-90} T_SWEEP=${T_SWEEP:-120}
+fi
+W2=(--model "$MODEL" --load-format dummy --ranks "${SWEEP_RANKS:-8}"
+  --targets "${SWEEP_TARGETS:-q_proj,k_proj,v_proj,o_proj}" "${SIZES[@]}"
+  --cv 1 --alpha "${SWEEP_ALPHA:-1}" --seed 42)
+
+mkdir -p "$OUT"
+echo "results: $OUT (smoke: $SMOKE, python: $PY, loraserve: ${LS[*]})"
+SUITE_START=$(date +%s.%N)
+
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# step NAME TIMEOUT_S COMMAND...: run one step, its output teed to $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (timeout ${limit}s): $*"
+  local start end
+  start=$(date +%s.%N)
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  end=$(date +%s.%N)
+  echo "== $name: $(seconds "$start" "$end") s" | tee -a "$OUT/timings.txt"
+}
+
+step kernels "$T_KERNELS" "$PY" benchmarks/lora_kernels.py --out "$OUT/kernels" "${KERNEL_ARGS[@]}"
+step nf4 "$T_NF4" "$PY" benchmarks/nf4.py --out "$OUT/nf4" "${NF4_ARGS[@]}"
+
+if [[ "$SKIP_SWEEP" == 1 ]]; then
+  echo "== sweeps skipped (SKIP_SWEEP=1)"
+else
+  step sweep-bf16 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+    --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" --out "$OUT/sweep-bf16"
+  step sweep-bf16-n "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+    --out "$OUT/sweep-bf16-n"
+  step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
+    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+    --out "$OUT/sweep-nf4"
+  # The adapters are scratch: regenerated from the seed, and up to GBs each.
+  rm -rf "$OUT"/sweep-*/adapters
+fi
+
+SUITE_END=$(date +%s.%N)
+echo "== suite: $(seconds "$SUITE_START" "$SUITE_END") s, results in $OUT" | tee -a "$OUT/timings.txt"

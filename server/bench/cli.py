@@ -1,0 +1,191 @@
+"""``loraserve bench``: serve, sweep and make-adapters.
+
+loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
+loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
+loraserve bench make-adapters --model DIR --n N --ranks 8,16,32,64 --targets ... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+
+from server.bench.client import run_workload
+from server.bench.make_adapters import make_random_adapters
+from server.bench.metrics import SLO, format_summary, summarize
+from server.bench.sweep import BASELINES, SweepArgs, run_sweep
+from server.bench.workloads import Workload, closed_loop_w3, describe, synthetic_w2
+
+ATTENTION = "q_proj,k_proj,v_proj,o_proj"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, hi = _ints(text)
+    if not 0 < lo < hi:
+        raise argparse.ArgumentTypeError(f"a range is LO,HI with 0 < LO < HI; got {text!r}")
+    return lo, hi
+
+
+def _workload_args(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("workload (W2 unless --workload or --kind says otherwise)")
+    w.add_argument("--kind", choices=["W2", "W3"], default="W2")
+    w.add_argument("--num-requests", type=int, default=200)
+    w.add_argument("--num-adapters", type=int, default=None, help="default: the server's")
+    w.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (1: uniform)")
+    w.add_argument("--rate", type=float, default=10.0, help="requests per second (W2)")
+    w.add_argument("--cv", type=float, default=1.0, help="arrival coefficient of variation")
+    w.add_argument("--input-range", type=_range, default=(8, 512))
+    w.add_argument("--output-range", type=_range, default=(8, 512))
+    w.add_argument("--vocab-size", type=int, default=259, help="prompt ids are drawn below it")
+    w.add_argument("--seed", type=int, default=42)
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = commands.add_parser("bench", help="throughput benchmarks (S-LoRA's workloads)")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    serve = sub.add_parser("serve", help="drive a running server over HTTP with a workload")
+    serve.add_argument("--url", default="http://127.0.0.1:8000")
+    serve.add_argument("--workload", type=Path, default=None, help="a saved request list")
+    serve.add_argument("--save-workload", type=Path, default=None)
+    serve.add_argument("--adapters", default=None, help="model names for adapter 0, 1, ...")
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--slo-ttft", type=float, default=6.0, help="seconds")
+    serve.add_argument("--slo-tpot", type=float, default=None, help="seconds")
+    serve.add_argument("--out", type=Path, default=None, help="JSON results")
+    _workload_args(serve)
+    serve.set_defaults(run=_serve)
+
+    sweep = sub.add_parser("sweep", help="loraserve and the PEFT baselines on one request list")
+    sweep.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
+    sweep.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    sweep.add_argument("--dtype", default="auto")
+    sweep.add_argument("--quantization", choices=["none", "nf4"], default=None)
+    sweep.add_argument("--adapters", type=_ints, default=[0, 1, 8, 64], help="values of n")
+    sweep.add_argument("--ranks", type=_ints, default=[8])
+    sweep.add_argument("--targets", default=ATTENTION)
+    sweep.add_argument("--distinct-adapters", type=int, default=None)
+    sweep.add_argument("--baselines", default=",".join(BASELINES))
+    sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
+    sweep.add_argument("--batch-size", type=int, default=32)
+    sweep.add_argument("--kernels", default=None)
+    sweep.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    _workload_args(sweep)
+    sweep.set_defaults(run=_sweep)
+
+    make = sub.add_parser("make-adapters", help="random PEFT adapters shaped for a base")
+    make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
+    make.add_argument("--n", type=int, required=True)
+    make.add_argument("--ranks", type=_ints, default=[8, 16, 32, 64])
+    make.add_argument("--targets", default=ATTENTION)
+    make.add_argument("--distinct", type=int, default=None, help="write only this many dirs")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--out", type=Path, required=True)
+    make.set_defaults(run=_make_adapters)
+
+
+def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
+    if getattr(args, "workload", None) is not None:
+        return Workload.load(args.workload)
+    if args.kind == "W3":
+        return closed_loop_w3(
+            num_requests=args.num_requests,
+            num_adapters=num_adapters,
+            popularity="uniform",
+            max_prompt=args.input_range[1],
+            output_range=args.output_range,
+            seed=args.seed,
+            vocab_size=args.vocab_size,
+        )
+    return synthetic_w2(
+        num_adapters=num_adapters,
+        alpha=args.alpha,
+        rate=args.rate,
+        cv=args.cv,
+        num_requests=args.num_requests,
+        input_range=args.input_range,
+        output_range=args.output_range,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    listed = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
+    ids = [m["id"] for m in listed["data"]]
+    base = next(m["id"] for m in listed["data"] if not m.get("parent"))
+    adapters = args.adapters.split(",") if args.adapters else [i for i in ids if i != base]
+    workload = _workload(args, args.num_adapters or len(adapters))
+    if args.save_workload:
+        workload.save(args.save_workload)
+    print(f"workload: {json.dumps(describe(workload))}")
+    models: list[str | None] = list(adapters)
+    records, duration = asyncio.run(run_workload(args.url, workload, models, base, args.api_key))
+    name = f"TTFT<={args.slo_ttft:g}s" + (f",TPOT<={args.slo_tpot:g}s" if args.slo_tpot else "")
+    slos = {name: SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)}
+    summary = summarize(records, duration, slos)
+    print(format_summary(summary, f"{workload.kind} against {args.url}"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"summary": summary, "workload": workload.params}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    result = run_sweep(
+        SweepArgs(
+            model_dir=args.model,
+            out=args.out,
+            adapters=args.adapters,
+            ranks=args.ranks,
+            targets=args.targets.split(","),
+            num_requests=args.num_requests,
+            rate=args.rate,
+            cv=args.cv,
+            alpha=args.alpha,
+            input_range=args.input_range,
+            output_range=args.output_range,
+            seed=args.seed,
+            baselines=[b for b in args.baselines.split(",") if b],
+            rates=[float(r) for r in args.rates.split(",") if r],
+            dtype=args.dtype,
+            quantization=args.quantization,
+            load_format=args.load_format,
+            batch_size=args.batch_size,
+            kernels=args.kernels,
+            distinct_adapters=args.distinct_adapters,
+        )
+    )
+    for run in result["runs"]:
+        print(
+            f"{run['system']:20s} n={run['n']:<5d} {run['request_throughput']:8.2f} req/s "
+            f"{run['output_throughput']:9.1f} tok/s  median TTFT {run['median_ttft_ms']:8.1f} ms"
+        )
+    for name, ratio in result["ratios"].items():
+        print(f"{name}: {ratio:.2f}x")
+    print(f"wrote {args.out}/sweep.json and plots")
+    return 0
+
+
+def _make_adapters(args: argparse.Namespace) -> int:
+    paths = make_random_adapters(
+        args.model,
+        args.out,
+        args.n,
+        args.ranks,
+        args.targets.split(","),
+        args.seed,
+        distinct=args.distinct,
+    )
+    print(f"wrote {len(set(paths))} adapter directories for {args.n} adapters under {args.out}")
+    return 0

@@ -1,0 +1,276 @@
+"""The systems a sweep compares, each replaying one request list in this process.
+
+Every system receives the same :class:`~server.bench.workloads.Workload` and returns one
+:class:`~server.bench.metrics.RequestRecord` per request: sent at its arrival time, with the
+time of each generated token (exactly ``output_len`` of them: EOS is ignored everywhere).
+
+* :func:`run_loraserve`: the engine, requests added as they arrive, stepped continuously
+  (the same engine the server runs, without HTTP in between).
+* :func:`run_peft_server`: "PEFT server", S-LoRA's PEFT column: the waiting requests of one
+  adapter (the one waiting longest) form a padded static batch, ``set_adapter`` between
+  batches, each batch runs to its longest request.
+* :func:`run_peft_mixed`: PEFT mixed batches: waiting requests in arrival order, each with
+  its own adapter (``generate(adapter_names=...)``).
+* :func:`run_merge_swap`: merge-and-swap: like the PEFT server, but the batch's adapter is
+  merged into the base weights first and unmerged after, so the batch runs at base speed.
+
+The Hugging Face baselines time each token with a stopping criterion called once per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from engine import LLMEngine, SamplingParams
+from engine.config import EngineConfig
+from engine.dummy import init_dummy_weights, init_std
+from server.bench.metrics import RequestRecord
+from server.bench.workloads import BenchRequest, Workload
+
+System = Callable[..., list[RequestRecord]]
+
+
+def _wait_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def run_loraserve(
+    config: EngineConfig,
+    workload: Workload,
+    adapters: list[tuple[str, Path]],
+    kernels: str | None = None,
+) -> list[RequestRecord]:
+    """Replay through the engine; ``adapters[i]`` serves workload adapter i."""
+    engine = LLMEngine(config, kernels=kernels)
+    for name, path in adapters:
+        engine.load_lora(name, path)
+    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    engine.add_request([5, 6, 7], warm)
+    while engine.has_unfinished():
+        engine.step()
+    names = [name for name, _ in adapters]
+    requests = workload.requests
+    records: dict[str, RequestRecord] = {}
+    pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and requests[pending[0]].arrival <= now:
+            i = pending.pop(0)
+            r = requests[i]
+            params = SamplingParams(
+                temperature=0.0, max_tokens=r.output_len, min_tokens=r.output_len, ignore_eos=True
+            )
+            lora = None if r.adapter is None else names[r.adapter]
+            rid = engine.add_request(list(r.prompt), params, request_id=str(i), lora=lora)
+            records[rid] = RequestRecord(
+                adapter=lora,
+                prompt_len=len(r.prompt),
+                start=start + r.arrival,
+                token_times=[],
+                end=0.0,
+                output_len=0,
+                error=None,
+            )
+        if not engine.has_unfinished():
+            _wait_until(start + requests[pending[0]].arrival)
+            continue
+        for out in engine.step():
+            record = records[out.request_id]
+            t = time.perf_counter()
+            new = len(out.token_ids) - record.output_len
+            record.token_times.extend([t] * new)
+            record.output_len = len(out.token_ids)
+            if out.finished:
+                record.end = t
+                record.error = out.error
+    return [records[str(i)] for i in range(len(requests))]
+
+
+class _TokenClock(StoppingCriteria):
+    """Records the time of each generation step (called once per new token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def peft_model(base: Path, adapters: list[tuple[str, Path]], dtype: torch.dtype) -> Any:
+    """transformers + PEFT with every adapter loaded (the base alone for none), on the GPU
+    when there is one. A directory without weights (a preset, ``--load-format dummy``)
+    gets transformers' random initialisation."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if any(base.glob("*.safetensors")):
+        hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device)
+    else:
+        config = AutoConfig.from_pretrained(base)
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        init_dummy_weights(hf, init_std(config), seed=0)  # the engine's dummy weights
+    if not adapters:
+        hf.train(False)
+        return hf
+    (first, path), rest = adapters[0], adapters[1:]
+    model = PeftModel.from_pretrained(hf, path, adapter_name=first)
+    for name, p in rest:
+        model.load_adapter(p, adapter_name=name)
+    return model.eval()
+
+
+def _generate(
+    model: Any, batch: list[BenchRequest], records: list[RequestRecord], **kwargs: Any
+) -> None:
+    """One padded static batch, run to its longest request; fills the batch's records."""
+    width = max(len(r.prompt) for r in batch)
+    ids = torch.tensor([[0] * (width - len(r.prompt)) + list(r.prompt) for r in batch])
+    mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch])
+    longest = max(r.output_len for r in batch)
+    clock = _TokenClock()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([clock]),
+            **kwargs,
+        )
+    end = time.perf_counter()
+    for r, record in zip(batch, records, strict=True):
+        record.token_times = clock.times[: r.output_len]
+        record.output_len = len(record.token_times)
+        record.end = end  # a static batch answers when it is done
+
+
+def _replay_batches(
+    workload: Workload,
+    pick: Callable[[list[int]], list[int]],
+    run_batch: Callable[[list[int]], None],
+    records: list[RequestRecord],
+) -> None:
+    """The baselines' server loop: wait for arrivals, pick a batch among them, run it."""
+    requests = workload.requests
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+    start = time.perf_counter()
+    for i in order:
+        records[i].start = start + requests[i].arrival
+    waiting: list[int] = []
+    while order or waiting:
+        now = time.perf_counter() - start
+        while order and requests[order[0]].arrival <= now:
+            waiting.append(order.pop(0))
+        if not waiting:
+            _wait_until(start + requests[order[0]].arrival)
+            continue
+        batch = pick(waiting)
+        waiting = [i for i in waiting if i not in batch]
+        run_batch(batch)
+
+
+def _base_only(model: Any, base: bool) -> Any:
+    """PEFT's adapter-free context for a base request; nothing for a plain model."""
+    return model.disable_adapter() if base and isinstance(model, PeftModel) else nullcontext()
+
+
+def _records(workload: Workload, names: list[str]) -> list[RequestRecord]:
+    return [
+        RequestRecord(
+            adapter=None if r.adapter is None else names[r.adapter],
+            prompt_len=len(r.prompt),
+            start=0.0,
+            token_times=[],
+            end=0.0,
+            output_len=0,
+            error=None,
+        )
+        for r in workload.requests
+    ]
+
+
+def _by_adapter(workload: Workload, batch_size: int) -> Callable[[list[int]], list[int]]:
+    """The waiting requests of the adapter whose request has waited longest."""
+
+    def pick(waiting: list[int]) -> list[int]:
+        adapter = workload.requests[waiting[0]].adapter
+        same = [i for i in waiting if workload.requests[i].adapter == adapter]
+        return same[:batch_size]
+
+    return pick
+
+
+def run_peft_server(
+    model: Any, workload: Workload, names: list[str], batch_size: int
+) -> list[RequestRecord]:
+    records = _records(workload, names)
+
+    def run(batch: list[int]) -> None:
+        adapter = workload.requests[batch[0]].adapter
+        reqs = [workload.requests[i] for i in batch]
+        if adapter is not None:
+            model.set_adapter(names[adapter])
+        with _base_only(model, adapter is None):
+            _generate(model, reqs, [records[i] for i in batch])
+
+    _replay_batches(workload, _by_adapter(workload, batch_size), run, records)
+    return records
+
+
+def run_peft_mixed(
+    model: Any, workload: Workload, names: list[str], batch_size: int
+) -> list[RequestRecord]:
+    records = _records(workload, names)
+
+    def run(batch: list[int]) -> None:
+        reqs = [workload.requests[i] for i in batch]
+        kwargs = {}
+        if isinstance(model, PeftModel):
+            kwargs["adapter_names"] = [
+                "__base__" if r.adapter is None else names[r.adapter] for r in reqs
+            ]
+        _generate(model, reqs, [records[i] for i in batch], **kwargs)
+
+    _replay_batches(workload, lambda waiting: waiting[:batch_size], run, records)
+    return records
+
+
+def run_merge_swap(
+    model: Any, workload: Workload, names: list[str], batch_size: int
+) -> list[RequestRecord]:
+    records = _records(workload, names)
+
+    def run(batch: list[int]) -> None:
+        adapter = workload.requests[batch[0]].adapter
+        reqs = [workload.requests[i] for i in batch]
+        if adapter is None:
+            with _base_only(model, True):
+                _generate(model, reqs, [records[i] for i in batch])
+            return
+        model.set_adapter(names[adapter])
+        model.merge_adapter()  # W += s·BA; merged LoRA layers skip the LoRA path
+        try:
+            _generate(model, reqs, [records[i] for i in batch])
+        finally:
+            model.unmerge_adapter()
+
+    _replay_batches(workload, _by_adapter(workload, batch_size), run, records)
+    return records

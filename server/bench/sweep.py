@@ -137,7 +137,9 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             if n == top:
                 records_at_top[SYSTEM_NAMES[system]] = records
     rate_runs = []
-    for rate in args.rates:
+    rate_plan = [(rate, system) for rate in args.rates for system in ["loraserve", *args.baselines]]
+    adapters = list(zip(names, paths, strict=True))
+    for rate, system in tqdm(rate_plan, desc="rate sweep", unit="run", disable=not rate_plan):
         wl = synthetic_w2(
             num_adapters=max(top, 1),
             alpha=args.alpha,
@@ -149,15 +151,14 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             seed=args.seed,
             vocab_size=vocab,
         ).with_num_adapters(top)
-        adapters = list(zip(names, paths, strict=True))
-        records = run_loraserve(config, wl, adapters, args.kernels)
-        summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
-        rate_runs.append({"system": "loraserve", "n": top, "rate": rate, **summary})
-        for system in args.baselines:
+        if system == "loraserve":
+            records = run_loraserve(config, wl, adapters, args.kernels)
+        else:
             model = peft_model(args.model_dir, adapters, hf_dtype)
             records = BASELINES[system](model, wl, names, args.batch_size)
-            summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
-            rate_runs.append({"system": SYSTEM_NAMES[system], "n": top, "rate": rate, **summary})
+            del model
+        summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
+        rate_runs.append({"system": SYSTEM_NAMES[system], "n": top, "rate": rate, **summary})
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": _machine(),
@@ -268,22 +269,24 @@ def plot_sweep(
 
     rate_runs = result["rate_sweep"]
     if rate_runs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for system in dict.fromkeys(r["system"] for r in rate_runs):
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for k, system in enumerate(dict.fromkeys(r["system"] for r in rate_runs)):
             rows = sorted((r for r in rate_runs if r["system"] == system), key=lambda r: r["rate"])
             for slo, style in zip(DEFAULT_SLOS, ("o-", "s--"), strict=True):
                 ax.plot(
                     [r["rate"] for r in rows],
                     [r["slo"][slo]["attainment"] for r in rows],
                     style,
+                    color=colors[k % len(colors)],
                     label=f"{system}, {slo}",
                 )
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("SLO attainment")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        ax.set_title("SLO attainment against the request rate", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_title("SLO attainment against the request rate (solid: TTFT < 6 s)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "slo_vs_rate.png", dpi=120)
         plt.close(fig)

@@ -1,0 +1,38 @@
+"""``benchmarks/gpu_suite.sh`` runs end to end in its CPU smoke mode, so it is known to work
+before a GPU is at hand: every step finishes and leaves its JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_suite_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "suite"
+    env = os.environ | {"SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the smoke sizes run the torch references
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("kernels", "nf4", "sweep-bf16", "sweep-bf16-n", "sweep-nf4"):
+        assert f"== {step}:" in (out / "timings.txt").read_text(), step
+    assert json.loads((out / "kernels" / "lora_kernels.json").read_text())
+    assert json.loads((out / "nf4" / "nf4.json").read_text())["matmuls"]
+    sweep = json.loads((out / "sweep-bf16" / "sweep.json").read_text())
+    systems = {(r["system"], r["n"]) for r in sweep["runs"]}
+    assert {("loraserve", 0), ("loraserve", 2), ("PEFT server", 2)} <= systems
+    assert all(r["failed"] == 0 for r in sweep["runs"])
+    for plot in ("throughput_vs_n.png", "lora_overhead.png", "latency_cdf.png"):
+        assert (out / "sweep-bf16" / plot).stat().st_size > 0
+    nf4 = json.loads((out / "sweep-nf4" / "sweep.json").read_text())
+    assert nf4["args"]["quantization"] == "nf4" and nf4["runs"]

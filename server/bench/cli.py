@@ -12,13 +12,11 @@ import asyncio
 import json
 from pathlib import Path
 
-import httpx
-
-from server.bench.client import run_workload
-from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import SLO, format_summary, summarize
-from server.bench.sweep import BASELINES, SweepArgs, run_sweep
 from server.bench.workloads import Workload, closed_loop_w3, describe, synthetic_w2
+
+# The commands import their heavier parts (httpx, torch, peft) when they run, so that the
+# rest of the command line (``loraserve serve``) does not depend on them.
 
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
@@ -73,7 +71,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     sweep.add_argument("--ranks", type=_ints, default=[8])
     sweep.add_argument("--targets", default=ATTENTION)
     sweep.add_argument("--distinct-adapters", type=int, default=None)
-    sweep.add_argument("--baselines", default=",".join(BASELINES))
+    sweep.add_argument("--baselines", default="peft,peft-mixed,merge-swap")
     sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
     sweep.add_argument("--batch-size", type=int, default=32)
     sweep.add_argument("--kernels", default=None)
@@ -119,6 +117,10 @@ def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import httpx
+
+    from server.bench.client import run_workload
+
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     listed = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
     ids = [m["id"] for m in listed["data"]]
@@ -142,6 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from server.bench.sweep import SweepArgs, run_sweep  # needs peft for the baselines
+
     result = run_sweep(
         SweepArgs(
             model_dir=args.model,
@@ -178,6 +182,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _make_adapters(args: argparse.Namespace) -> int:
+    from server.bench.make_adapters import make_random_adapters
+
     paths = make_random_adapters(
         args.model,
         args.out,

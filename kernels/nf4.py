@@ -199,13 +199,22 @@ def nf4_linear_ref(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     return x @ dequantize_nf4(w, x.dtype).t()
 
 
-def dequantize_rows(w: NF4Weight, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [start, stop) of the float weight, when the rows start and end on block edges."""
+def dequantize_rows(
+    w: NF4Weight,
+    start: int,
+    stop: int,
+    dtype: torch.dtype,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows [start, stop) of the float weight, when the rows start and end on block edges.
+
+    ``scales``: ``block_scales(w)``, when the caller dequantizes several row ranges.
+    """
     k, bs = w.shape[1], w.blocksize
     assert (start * k) % bs == 0 and (stop * k) % bs == 0, "rows must align with blocks"
     first, last = start * k // bs, stop * k // bs
     values = _code_values(w.code, w.packed[start * k // 2 : stop * k // 2], (stop - start) * k)
-    scales = block_scales(w)[first:last]
+    scales = (block_scales(w) if scales is None else scales)[first:last]
     return (values.view(-1, bs) * scales.view(-1, 1)).view(stop - start, k).to(dtype)
 
 
@@ -219,7 +228,8 @@ def nf4_linear_tiled(x: torch.Tensor, w: NF4Weight, rows_per_tile: int = 512) ->
     if not aligned or out_features <= rows_per_tile:
         return nf4_linear_ref(x, w)
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    scales = block_scales(w)  # once, not per tile
     for start in range(0, out_features, rows_per_tile):
         stop = min(start + rows_per_tile, out_features)
-        out[:, start:stop] = x @ dequantize_rows(w, start, stop, x.dtype).t()
+        out[:, start:stop] = x @ dequantize_rows(w, start, stop, x.dtype, scales).t()
     return out

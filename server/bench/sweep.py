@@ -28,16 +28,10 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import SLO, RequestRecord, latency_cdf, summarize
-from server.bench.systems import (
-    peft_model,
-    run_loraserve,
-    run_merge_swap,
-    run_peft_mixed,
-    run_peft_server,
-)
+from server.bench.systems import BASELINE_SYSTEMS, peft_model, run_loraserve
 from server.bench.workloads import synthetic_w2
 
-BASELINES = {"peft": run_peft_server, "peft-mixed": run_peft_mixed, "merge-swap": run_merge_swap}
+BASELINES = BASELINE_SYSTEMS
 SYSTEM_NAMES = {
     "loraserve": "loraserve",
     "peft": "PEFT server",

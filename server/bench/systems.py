@@ -219,8 +219,10 @@ def _by_adapter(workload: Workload, batch_size: int) -> Callable[[list[int]], li
 
 
 def run_peft_server(
-    model: Any, workload: Workload, names: list[str], batch_size: int
+    model: Any, workload: Workload, names: list[str], batch_size: int, merge: bool = False
 ) -> list[RequestRecord]:
+    """Static batches of one adapter each; ``merge`` folds the adapter into the base weights
+    for its batch (merge-and-swap) instead of running the LoRA path."""
     records = _records(workload, names)
 
     def run(batch: list[int]) -> None:
@@ -228,8 +230,15 @@ def run_peft_server(
         reqs = [workload.requests[i] for i in batch]
         if adapter is not None:
             model.set_adapter(names[adapter])
-        with _base_only(model, adapter is None):
-            _generate(model, reqs, [records[i] for i in batch])
+        merged = merge and adapter is not None
+        if merged:
+            model.merge_adapter()  # W += s·BA; merged LoRA layers skip the LoRA path
+        try:
+            with _base_only(model, adapter is None):
+                _generate(model, reqs, [records[i] for i in batch])
+        finally:
+            if merged:
+                model.unmerge_adapter()
 
     _replay_batches(workload, _by_adapter(workload, batch_size), run, records)
     return records
@@ -256,21 +265,12 @@ def run_peft_mixed(
 def run_merge_swap(
     model: Any, workload: Workload, names: list[str], batch_size: int
 ) -> list[RequestRecord]:
-    records = _records(workload, names)
+    return run_peft_server(model, workload, names, batch_size, merge=True)
 
-    def run(batch: list[int]) -> None:
-        adapter = workload.requests[batch[0]].adapter
-        reqs = [workload.requests[i] for i in batch]
-        if adapter is None:
-            with _base_only(model, True):
-                _generate(model, reqs, [records[i] for i in batch])
-            return
-        model.set_adapter(names[adapter])
-        model.merge_adapter()  # W += s·BA; merged LoRA layers skip the LoRA path
-        try:
-            _generate(model, reqs, [records[i] for i in batch])
-        finally:
-            model.unmerge_adapter()
 
-    _replay_batches(workload, _by_adapter(workload, batch_size), run, records)
-    return records
+# The baselines by their ``--baselines`` name.
+BASELINE_SYSTEMS: dict[str, System] = {
+    "peft": run_peft_server,
+    "peft-mixed": run_peft_mixed,
+    "merge-swap": run_merge_swap,
+}

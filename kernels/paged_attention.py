@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels.triton_utils import HAS_TRITON, can_launch_triton, next_power_of_2
 
@@ -42,38 +43,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------
 
 
-def _gather_pages(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """Pool rows for a table of page ids: (*pages.shape, num_kv_heads, head_dim)."""
-    # index_select copies whole rows; advanced indexing (pool[pages]) is slower on CPU.
-    return pool.index_select(0, pages.flatten()).view(*pages.shape, *pool.shape[1:])
-
-
-def _attention_fp32(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+def _gather_head_major(
+    pool: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """softmax(q @ k^T * scale, keys outside `allowed` removed) @ v in float32, with GQA.
+    """K (or V) of a table of page ids, head-major: (num_seqs, num_kv_heads, max_len, head_dim).
 
-    q: (batch, q_len, num_heads, head_dim); k, v: (batch, kv_len, num_kv_heads, head_dim), the
-    layout `_gather_pages` returns; allowed: bool (batch or 1, q_len, kv_len).
-    Returns (batch, q_len, num_heads, head_dim) float32.
+    ``pool`` is (num_pages, num_kv_heads, head_dim) and ``slots`` (num_seqs, max_len); entries
+    where ``valid`` is False may hold anything and are pointed at page 0 first. One copy
+    straight from the pool viewed as (num_pages · num_kv_heads, head_dim), no permute after.
     """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    q_grouped = q.float().view(batch, q_len, num_kv_heads, group, head_dim)
-    out = torch.empty_like(q_grouped)
-    for kv_head in range(num_kv_heads):
-        # k[:, :, kv_head] is a strided view the batched matmul reads in place: permuting the
-        # gathered K/V to (batch, num_kv_heads, kv_len, head_dim) would copy all of it.
-        q_rows = q_grouped[:, :, kv_head].reshape(batch, q_len * group, head_dim)
-        k_head, v_head = k[:, :, kv_head].float(), v[:, :, kv_head].float()
-        scores = torch.matmul(q_rows, k_head.transpose(1, 2)) * scale
-        # (batch, q_len, group, kv_len)
-        scores = scores.view(batch, q_len, group, -1).masked_fill(~allowed[:, :, None], -math.inf)
-        probs = torch.softmax(scores, dim=-1).view(batch, q_len * group, -1)
-        # (batch, q_len, group, head_dim)
-        out[:, :, kv_head] = torch.matmul(probs, v_head).view(batch, q_len, group, head_dim)
-    return out.view(batch, q_len, num_heads, head_dim)
+    num_seqs, max_len = slots.shape
+    num_kv_heads, head_dim = pool.shape[1], pool.shape[2]
+    heads = torch.arange(num_kv_heads, device=slots.device, dtype=slots.dtype)
+    pages = torch.where(valid, slots, 0)
+    index = pages[:, None, :] * num_kv_heads + heads[None, :, None]
+    rows = pool.reshape(-1, head_dim).index_select(0, index.view(-1))
+    return rows.view(num_seqs, num_kv_heads, max_len, head_dim)
 
 
 def paged_prefill_attention_ref(
@@ -85,26 +70,63 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of packed query chunks over their paged context (see `Semantics`)."""
+    """Causal attention of packed query chunks over their paged context (see `Semantics`).
+
+    Every chunk at once: queries padded to the longest chunk, keys to the longest context,
+    one attention call for the batch (a loop over sequences costs more in dispatch than the
+    padding costs in arithmetic at the sizes a CPU serves).
+    """
     _check_inputs(q, pool, k_slots, v_slots, seq_lens)
     _check_int32_vector(cu_seqlens_q, k_slots.shape[0] + 1, "cu_seqlens_q")
     q_starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
     assert q_starts[0] == 0 and q_starts[-1] == q.shape[0], "cu_seqlens_q must span q's rows"
-    out = torch.empty_like(q)
-    for seq, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = q_starts[seq], q_starts[seq + 1]
-        q_len = q_end - q_start
-        assert 0 <= q_len <= seq_len <= k_slots.shape[1], f"bad lengths for sequence {seq}"
-        if q_len == 0:
-            continue
-        k = _gather_pages(pool, k_slots[seq, :seq_len])  # (seq_len, num_kv_heads, head_dim)
-        v = _gather_pages(pool, v_slots[seq, :seq_len])
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        kv_pos = torch.arange(seq_len, device=q.device)
-        allowed = kv_pos[None, :] <= q_pos[:, None]  # (q_len, seq_len): causal with offset
-        out_seq = _attention_fp32(q[None, q_start:q_end], k[None], v[None], allowed[None], scale)
-        out[q_start:q_end] = out_seq[0]  # (q_len, num_heads, head_dim)
-    return out
+    num_seqs = len(lens)
+    if num_seqs == 0 or q.shape[0] == 0:
+        return torch.empty_like(q)
+    q_lens = [q_starts[s + 1] - q_starts[s] for s in range(num_seqs)]
+    for q_len, seq_len in zip(q_lens, lens, strict=True):
+        assert 0 <= q_len <= seq_len <= k_slots.shape[1], "bad lengths for a sequence"
+    max_q, max_len = max(q_lens), max(lens)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = pool.shape[1]
+    group = num_heads // num_kv_heads
+    device = q.device
+    # Row of each packed query in the padded (num_seqs · max_q) layout.
+    rows = torch.tensor(
+        [s * max_q + i for s, q_len in enumerate(q_lens) for i in range(q_len)], device=device
+    )
+    padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim).index_copy_(0, rows, q)
+    # (num_seqs, num_kv_heads, group · max_q, head_dim): a kv head's query heads as its rows
+    q_grouped = (
+        padded.float()
+        .view(num_seqs, max_q, num_kv_heads, group, head_dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    )
+    kv_pos = torch.arange(max_len, device=device)
+    valid = kv_pos[None, :] < seq_lens[:, None]  # (num_seqs, max_len)
+    k = _gather_head_major(pool, k_slots[:, :max_len], valid).float()
+    v = _gather_head_major(pool, v_slots[:, :max_len], valid).float()
+    # Query i of sequence s sits at position seq_len - q_len + i: causal with that offset.
+    # Padded query rows see key 0 only (their output is dropped), so no row is all -inf.
+    offsets = torch.tensor([n - m for n, m in zip(lens, q_lens, strict=True)], device=device)
+    q_pos = offsets[:, None] + torch.arange(max_q, device=device)[None, :]  # (num_seqs, max_q)
+    q_real = (
+        torch.arange(max_q, device=device)[None, :] < torch.tensor(q_lens, device=device)[:, None]
+    )
+    allowed = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_real[:, :, None]
+    allowed[:, :, 0] |= ~q_real
+    mask = allowed[:, None].expand(num_seqs, group, max_q, max_len)
+    mask = mask.reshape(num_seqs, 1, group * max_q, max_len)
+    out = F.scaled_dot_product_attention(q_grouped, k, v, attn_mask=mask, scale=scale)
+    # back to packed rows: (num_seqs · max_q, num_heads, head_dim)
+    out = (
+        out.view(num_seqs, num_kv_heads, group, max_q, head_dim)
+        .permute(0, 3, 1, 2, 4)
+        .reshape(num_seqs * max_q, num_heads, head_dim)
+    )
+    return out.index_select(0, rows).to(q.dtype)
 
 
 def paged_decode_attention_ref(
@@ -122,14 +144,20 @@ def paged_decode_attention_ref(
         return torch.empty_like(q)
     max_len = int(seq_lens.max())
     assert int(seq_lens.min()) >= 1 and max_len <= k_slots.shape[1], "bad seq_lens"
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = pool.shape[1]
+    group = num_heads // num_kv_heads
     kv_pos = torch.arange(max_len, device=q.device)
     valid = kv_pos[None, :] < seq_lens[:, None]  # (num_seqs, max_len)
-    # Entries past a sequence's end are arbitrary: point them at page 0 before gathering.
-    k = _gather_pages(pool, torch.where(valid, k_slots[:, :max_len], 0))
-    v = _gather_pages(pool, torch.where(valid, v_slots[:, :max_len], 0))
-    # k, v: (num_seqs, max_len, num_kv_heads, head_dim); the one query row per sequence
-    out = _attention_fp32(q[:, None], k, v, valid[:, None], scale)
-    return out[:, 0].to(q.dtype)  # (num_seqs, num_heads, head_dim)
+    k = _gather_head_major(pool, k_slots[:, :max_len], valid).float()
+    v = _gather_head_major(pool, v_slots[:, :max_len], valid).float()
+    # Grouped-query attention without repeating K/V: a kv head's `group` query heads are its
+    # `group` query rows. (num_seqs, num_kv_heads, group, head_dim)
+    q_grouped = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(
+        q_grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale
+    )
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

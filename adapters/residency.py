@@ -79,12 +79,16 @@ class LoraTables:
             int32: the pages of each row of Bᵀ.
         ranks: ``(max_slots, num_layers, len(TARGETS))`` int32; 0 where untouched.
         scalings: ``(max_slots, num_layers, len(TARGETS))`` float32.
+        host_ranks, host_scalings: the same two on the host (the very same tensors on a CPU
+            device), so the runner plans a step without reading the device.
     """
 
     a_pages: dict[str, torch.Tensor]
     b_pages: dict[str, torch.Tensor]
     ranks: torch.Tensor
     scalings: torch.Tensor
+    host_ranks: torch.Tensor
+    host_scalings: torch.Tensor
 
 
 @dataclass
@@ -122,6 +126,8 @@ class AdapterResidency:
         self.shapes = dict(shapes)
         device = pages.layers[0].device
         width = pages.page_width
+        ranks = torch.zeros(max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device)
+        scalings = torch.zeros(max_slots, num_layers, len(TARGETS), device=device)
         self._chunks = {
             t: (math.ceil(fan_in / width), math.ceil(fan_out / width))
             for t, (fan_in, fan_out) in self.shapes.items()
@@ -135,10 +141,10 @@ class AdapterResidency:
                 t: torch.zeros(max_slots, max_lora_rank, b, dtype=torch.int32, device=device)
                 for t, (_, b) in self._chunks.items()
             },
-            ranks=torch.zeros(
-                max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device
-            ),
-            scalings=torch.zeros(max_slots, num_layers, len(TARGETS), device=device),
+            ranks=ranks,
+            scalings=scalings,
+            host_ranks=ranks if device.type == "cpu" else ranks.cpu(),
+            host_scalings=scalings if device.type == "cpu" else scalings.cpu(),
         )
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
@@ -199,18 +205,28 @@ class AdapterResidency:
             tables.a_pages[target][slot, :rank] = a
             tables.b_pages[target][slot, :rank] = b
             page_tables[target] = (a, b)
-        tables.ranks[slot] = 0
-        tables.scalings[slot] = 0.0
-        for (layer, target), module in modules.items():
-            a, b = page_tables[target]
-            rank = module.lora_a.shape[0]
-            pool = self.pages.layers[layer]
-            write_rows(pool, a[:rank], module.lora_a.to(device=device, dtype=pool.dtype))
-            lora_b_t = module.lora_b.t().contiguous()  # (rank, out_features)
-            write_rows(pool, b[:rank], lora_b_t.to(device=device, dtype=pool.dtype))
-            t = TARGETS.index(target)
-            tables.ranks[slot, layer, t] = rank
-            tables.scalings[slot, layer, t] = module.scaling
+        host_ranks = torch.zeros(self.num_layers, len(TARGETS), dtype=torch.int32)
+        host_scalings = torch.zeros(self.num_layers, len(TARGETS))
+        for target, (a, b) in page_tables.items():
+            for layer, pool in enumerate(self.pages.layers):
+                module = modules.get((layer, target))
+                rank = 0 if module is None else int(module.lora_a.shape[0])
+                if module is not None:
+                    write_rows(pool, a[:rank], module.lora_a.to(device=device, dtype=pool.dtype))
+                    lora_b_t = module.lora_b.t().contiguous()  # (rank, out_features)
+                    write_rows(pool, b[:rank], lora_b_t.to(device=device, dtype=pool.dtype))
+                    t = TARGETS.index(target)
+                    host_ranks[layer, t] = rank
+                    host_scalings[layer, t] = module.scaling
+                # Rows past this layer's rank are never used, but the CPU's stacked LoRA form
+                # multiplies them by zero: make them zeros, not a former tenant's values.
+                _zero_rows(pool, a[rank:], self.shapes[target][0])
+                _zero_rows(pool, b[rank:], self.shapes[target][1])
+        tables.host_ranks[slot] = host_ranks
+        tables.host_scalings[slot] = host_scalings
+        if tables.ranks is not tables.host_ranks:
+            tables.ranks[slot] = host_ranks.to(device)
+            tables.scalings[slot] = host_scalings.to(device)
         resident = Resident(slot, pages, max(ranks.values(), default=0))
         self._resident[adapter_id] = resident
         self.num_placed += 1
@@ -221,6 +237,7 @@ class AdapterResidency:
         resident = self._resident.pop(adapter_id)
         assert resident.pins == 0, "evicting an adapter that running requests use"
         self.tables.ranks[resident.slot] = 0
+        self.tables.host_ranks[resident.slot] = 0
         self.pages.release(resident.pages)
         self._free_slots.append(resident.slot)
         self.num_evicted += 1
@@ -265,6 +282,13 @@ class AdapterResidency:
         resident = self._resident[adapter_id]
         assert resident.pins > 0
         resident.pins -= 1
+
+
+def _zero_rows(pool: torch.Tensor, pages: torch.Tensor, features: int) -> None:
+    """Zero the rows whose pages are ``pages`` (n_rows, chunks), if any."""
+    if pages.shape[0]:
+        rows = torch.zeros(pages.shape[0], features, dtype=pool.dtype, device=pool.device)
+        write_rows(pool, pages, rows)
 
 
 def _ranks_by_target(modules: Mapping[tuple[int, str], ModuleWeights]) -> dict[str, int]:

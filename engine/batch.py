@@ -34,7 +34,8 @@ class ScheduledChunk:
             model), or of each component of a mixture.
         adapter_weights: the weight of each slot (1.0 for a plain adapter).
         adapter_rank: the largest rank among those adapters (0 for the base model).
-        output_token_ids: the tokens generated so far, when penalties need them (else empty).
+        output_token_ids: the tokens generated so far, on the first chunk after admission of
+            a request with penalties (the runner counts later tokens itself); else empty.
         prompt_targets: with ``prompt_logprobs``, the prompt tokens this chunk's positions
             predict (position ``start_pos + i`` predicts ``prompt_targets[i]``); else empty.
     """

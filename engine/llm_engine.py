@@ -86,7 +86,12 @@ class LLMEngine:
             config.scheduler.max_num_seqs, config.model.max_model_len, mc.device
         )
         self.runner = ModelRunner(
-            self.model, self.pool.layers, sampler, slot_tables, self.adapters.residency.tables
+            self.model,
+            self.pool.layers,
+            sampler,
+            slot_tables,
+            self.adapters.residency.tables,
+            backends.lora,
         )
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
@@ -322,16 +327,22 @@ class LLMEngine:
         return outputs
 
     def _output(self, request: Request) -> RequestOutput:
+        """The request's news since its previous output (and the whole record when done)."""
         finished = request.finished
         delta = request.detokenizer.release(finished)
         if finished:
             del self.requests[request.request_id]
+        first = request.num_reported == 0
+        start, end = request.num_reported, len(request.output_token_ids)
+        request.num_reported = end
+        logprobs = request.logprobs
+        prompt_logprobs = request.prompt_logprobs if first or finished else None
         return RequestOutput(
             request_id=request.request_id,
-            text=request.detokenizer.released_text,
             delta=delta,
-            token_ids=list(request.output_token_ids),
-            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=request.output_token_ids[start:end],
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_output_tokens=end,
             finished=finished,
             finish_reason=request.finish_reason,
             error=request.error,
@@ -341,10 +352,12 @@ class LLMEngine:
                 if request.first_scheduled_time is None
                 else request.first_scheduled_time - request.arrival_time
             ),
-            logprobs=None if request.logprobs is None else list(request.logprobs),
-            prompt_logprobs=(
-                None if request.prompt_logprobs is None else list(request.prompt_logprobs)
-            ),
+            new_logprobs=None if logprobs is None else logprobs[start:end],
+            prompt_token_ids=request.prompt_token_ids if first or finished else None,
+            prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+            text=request.detokenizer.released_text if finished else "",
+            token_ids=list(request.output_token_ids) if finished else [],
+            logprobs=None if logprobs is None or not finished else list(logprobs),
         )
 
     def check_integrity(self) -> None:

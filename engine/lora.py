@@ -1,90 +1,106 @@
 """The LoRA path of a mixed-adapter batch: ``out += scaling · (x · Aᵀ) · Bᵀ`` per request.
 
 The base matmul runs once for the whole batch (the model's own ``nn.Linear``); then, for each
-target layer, a **shrink** kernel computes ``x · Aᵀ`` and an **expand** kernel accumulates
-``scaling · y · Bᵀ`` into the base output, each reading every request's adapter pages
-straight from the page pool. Decode tokens (one per request) use the per-token (BGMV) form;
-prefill chunks use the segmented (SGMV) form, one segment per chunk. A batch with no adapter
-request skips all of it.
+target layer, the LoRA backend adds every row's own adapter's update, reading adapter
+weights straight from the page pool. The runner lays each step's rows out **grouped by
+adapter** (decodes first, then prefill chunks, each part sorted by adapter), so every
+adapter's rows form at most a few contiguous segments; :class:`LoraMetadata` lists them.
+
+* ``torch`` (the CPU path): each distinct adapter's A and Bᵀ are gathered once per target
+  and layer, never per token; then either one pair of matmuls per segment or, where
+  dispatch dominates, one stacked pair for the whole batch (`kernels/lora_grouped.py`; a
+  cost model picks per target and step).
+* ``triton``: the segmented (SGMV) shrink and expand kernels over the sorted segments.
+
+A batch with no adapter request skips all of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+import abc
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from adapters.residency import TARGETS, LoraTables
 from kernels import lora as kernels
+from kernels.lora_grouped import (
+    Segment,
+    StackedRows,
+    choose_form,
+    lora_grouped,
+    lora_stacked,
+    stacked_coefficients,
+    stacked_rows,
+)
 
 TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
 
 
 @dataclass(frozen=True)
 class LoraPass:
-    """One component of each token's adapter: the first pass carries every request's adapter
-    (or the first component of its mixture), later passes the further components of mixtures.
+    """One component of each row's adapter, as device tensors for the segmented kernels: the
+    first pass carries every request's adapter (or the first component of its mixture),
+    later passes the further components of mixtures.
 
     Attributes:
-        token_adapters: (num_decodes,) int32 adapter slot of each decode token, -1 = none.
-        seg_adapters: (num_prefills,) int32 adapter slot of each prefill chunk, -1 = none.
-        token_weights: (num_tokens,) float32 mixture weight of each token's component, or
-            None when every weight of the pass is 1.
+        seg_starts: (num_segments + 1,) int32 row offsets of runs of rows sharing this
+            pass's adapter and weight.
+        seg_adapters: (num_segments,) int32 adapter slot of each run, -1 = none.
+        token_weights: (num_tokens, 1) float32 mixture weight of each row, or None when
+            every weight of the pass is 1.
+        max_seg_len: the longest run (sizes the kernels' grid without a device read).
     """
 
-    token_adapters: torch.Tensor
+    seg_starts: torch.Tensor
     seg_adapters: torch.Tensor
-    token_weights: torch.Tensor | None = None
+    token_weights: torch.Tensor | None
+    max_seg_len: int
 
 
 @dataclass(frozen=True)
 class LoraMetadata:
-    """Which adapter (or adapters, for a mixture) each token of this forward uses.
+    """Which adapter (or adapters, for a mixture) each row of this forward uses.
 
-    The batch is laid out decodes first, as in :class:`engine.attention.AttentionMetadata`.
-    A mixture y = Wx + Σᵢ wᵢ·sᵢ·Bᵢ(Aᵢx) runs one pass per component: pass i shrinks with
-    the i-th component's A for every token that has one, scales the result by wᵢ, and
-    expands with its B. Batches without mixtures run one pass.
+    Built by the runner once per step, from host data only. A mixture y = Wx + Σᵢ wᵢ·sᵢ·Bᵢ(Aᵢx)
+    contributes one segment per component (pass i: its i-th component, weight wᵢ).
 
     Attributes:
-        num_decodes: leading tokens that are one-token decodes.
-        passes: one or more :class:`LoraPass`.
-        seg_starts: (num_prefills + 1,) int32 offsets of each prefill chunk among the
-            prefill tokens.
-        max_rank: the largest rank among this batch's adapters (the kernels' tile).
-        max_seg_len: the longest prefill chunk (sizes the segmented kernels' grid without
-            reading ``seg_starts`` back from the device).
+        num_tokens: rows of the forward.
+        segments: per pass, the runs ``(slot, lo, hi, weight)`` of rows sharing an adapter
+            slot and weight (rows of no adapter in that pass appear in none).
+        ranks: per distinct slot, its rank per (layer, target), on the host.
+        scalings: per distinct slot, its scaling per (layer, target), on the host.
+        max_rank: the largest rank among this batch's adapters.
         tables: the residency's page tables.
+        passes: the same segments as device tensors, for the segmented kernels; built only
+            by backends that launch kernels (None for the CPU path).
+        cache: per-step values a backend derives once per target and reuses in every layer.
     """
 
-    num_decodes: int
-    passes: tuple[LoraPass, ...]
-    seg_starts: torch.Tensor
+    num_tokens: int
+    segments: tuple[tuple[Segment, ...], ...]
+    ranks: dict[int, list[list[int]]]
+    scalings: dict[int, list[list[float]]]
     max_rank: int
-    max_seg_len: int
     tables: LoraTables
+    passes: tuple[LoraPass, ...] | None = None
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     @property
-    def num_prefills(self) -> int:
-        return int(self.seg_starts.shape[0]) - 1
+    def slots(self) -> list[int]:
+        """The distinct adapter slots, in order of first use."""
+        return list(self.ranks)
 
 
-Shrink = Callable[..., torch.Tensor]
-Expand = Callable[..., None]
-
-
-@dataclass(frozen=True)
-class LoraBackend:
-    """The four LoRA ops (see ``kernels/lora.py`` for their math), by implementation."""
+class LoraBackend(abc.ABC):
+    """Adds the LoRA updates of one target in one layer (a variation point: torch, triton)."""
 
     name: str
-    shrink_bgmv: Shrink
-    expand_bgmv: Expand
-    shrink_sgmv: Shrink
-    expand_sgmv: Expand
+    needs_device_passes: bool = False  # whether the runner must build ``LoraMetadata.passes``
 
+    @abc.abstractmethod
     def apply(
         self,
         meta: LoraMetadata,
@@ -102,45 +118,124 @@ class LoraBackend:
             x: (num_tokens, in_features) the layer's input.
             out: (num_tokens, out_features) the base layer's output.
         """
+
+
+class TorchLora(LoraBackend):
+    """The CPU path: adapters gathered once per call, matmuls per segment or stacked."""
+
+    name = "torch"
+
+    def __init__(self, force_form: str | None = None) -> None:
+        self.force_form = force_form  # tests and benchmarks pin a form; None: the cost model
+
+    def apply(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        target: str,
+        x: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        t = TARGET_INDEX[target]
+        tables = meta.tables
+        a_pages, b_pages = tables.a_pages[target], tables.b_pages[target]
+        if self._form(meta, t, x.shape[1] + out.shape[1]) == "stacked":
+            stacked, coef = self._stacked(meta, t, a_pages, b_pages)
+            if stacked.num_rows:
+                lora_stacked(x, out, pool, stacked, coef[layer])
+            return
+        ranks = {slot: r[layer][t] for slot, r in meta.ranks.items()}
+        scalings = {slot: s[layer][t] for slot, s in meta.scalings.items()}
+        for segments in meta.segments:
+            lora_grouped(x, out, pool, a_pages, b_pages, segments, ranks, scalings)  # type: ignore[arg-type]
+
+    def _form(self, meta: LoraMetadata, t: int, features: int) -> str:
+        if self.force_form is not None:
+            return self.force_form
+        key = ("form", t)
+        form = meta.cache.get(key)
+        if form is None:
+            rank = {slot: max(r[t] for r in per_layer) for slot, per_layer in meta.ranks.items()}
+            runs = [(hi - lo, rank[slot]) for segs in meta.segments for slot, lo, hi, _ in segs]
+            used = [rank[s] for s in meta.slots if rank[s] > 0]
+            form = choose_form(meta.num_tokens, runs, len(used), sum(used), features)
+            meta.cache[key] = form
+        return str(form)
+
+    @staticmethod
+    def _stacked(
+        meta: LoraMetadata, t: int, a_pages: torch.Tensor, b_pages: torch.Tensor
+    ) -> tuple[StackedRows, torch.Tensor]:
+        """The stacked rows of target ``t`` and their per-layer coefficients, once a step."""
+        key = ("stacked", t)
+        hit = meta.cache.get(key)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        slots = meta.slots
+        rows = [max(r[t] for r in meta.ranks[s]) for s in slots]  # each slot's rows, any layer
+        stacked = stacked_rows(a_pages, b_pages, slots, rows)
+        if stacked.num_rows == 0:  # no adapter of the batch touches this target
+            meta.cache[key] = (stacked, torch.zeros(0))
+            return meta.cache[key]  # type: ignore[no-any-return]
+        column_slots: list[int] = []
+        column_coefs: list[list[float]] = []  # per column, per layer
+        for slot, num_rows in zip(slots, rows, strict=True):
+            per_layer = [
+                (r[t], s[t]) for r, s in zip(meta.ranks[slot], meta.scalings[slot], strict=True)
+            ]
+            for j in range(num_rows):
+                column_slots.append(slot)
+                column_coefs.append([s if j < r else 0.0 for r, s in per_layer])
+        n = meta.num_tokens
+        token_slots = torch.full((len(meta.segments), n), -1, dtype=torch.int32)
+        token_coefs = torch.zeros(len(meta.segments), n)
+        for p, segments in enumerate(meta.segments):
+            for slot, lo, hi, weight in segments:
+                token_slots[p, lo:hi] = slot
+                token_coefs[p, lo:hi] = weight
+        device = a_pages.device
+        coef = stacked_coefficients(
+            token_slots.to(device),
+            token_coefs.to(device),
+            torch.tensor(column_slots, dtype=torch.int32, device=device),
+            torch.tensor(column_coefs, dtype=torch.float32, device=device).T.contiguous(),
+        )
+        meta.cache[key] = (stacked, coef)
+        return stacked, coef
+
+
+class TritonLora(LoraBackend):
+    """The GPU path: segmented (SGMV) shrink and expand over the sorted segments."""
+
+    name = "triton"
+    needs_device_passes = True
+
+    def apply(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        target: str,
+        x: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        assert meta.passes is not None, "the triton backend needs the device passes"
         tables = meta.tables
         t = TARGET_INDEX[target]
         ranks = tables.ranks[:, layer, t]
         scalings = tables.scalings[:, layer, t]
         a_pages, b_pages = tables.a_pages[target], tables.b_pages[target]
-        nd, max_rank, max_seg = meta.num_decodes, meta.max_rank, meta.max_seg_len
         for p in meta.passes:
-            weights = None if p.token_weights is None else p.token_weights.view(-1, 1)
-            if nd:
-                y = self.shrink_bgmv(x[:nd], pool, a_pages, ranks, p.token_adapters, max_rank)
-                if weights is not None:
-                    y.mul_(weights[:nd])
-                self.expand_bgmv(y, pool, b_pages, ranks, scalings, p.token_adapters, out[:nd])
-            if meta.num_prefills:
-                starts, adapters = meta.seg_starts, p.seg_adapters
-                y = self.shrink_sgmv(
-                    x[nd:], pool, a_pages, ranks, starts, adapters, max_rank, max_seg
-                )
-                if weights is not None:
-                    y.mul_(weights[nd:])
-                self.expand_sgmv(
-                    y, pool, b_pages, ranks, scalings, starts, adapters, out[nd:], max_seg
-                )
+            starts, adapters, longest = p.seg_starts, p.seg_adapters, p.max_seg_len
+            y = kernels.lora_shrink_sgmv(
+                x, pool, a_pages, ranks, starts, adapters, meta.max_rank, longest
+            )
+            if p.token_weights is not None:
+                y.mul_(p.token_weights)
+            kernels.lora_expand_sgmv(
+                y, pool, b_pages, ranks, scalings, starts, adapters, out, longest
+            )
 
 
-LORA_BACKENDS: dict[str, LoraBackend] = {
-    # The references, without the value checks: the runner builds the metadata itself.
-    "torch": LoraBackend(
-        "torch",
-        partial(kernels.lora_shrink_bgmv_ref, validate=False),
-        partial(kernels.lora_expand_bgmv_ref, validate=False),
-        partial(kernels.lora_shrink_sgmv_ref, validate=False),
-        partial(kernels.lora_expand_sgmv_ref, validate=False),
-    ),
-    "triton": LoraBackend(
-        "triton",
-        kernels.lora_shrink_bgmv,
-        kernels.lora_expand_bgmv,
-        kernels.lora_shrink_sgmv,
-        kernels.lora_expand_sgmv,
-    ),
-}
+LORA_BACKENDS: dict[str, LoraBackend] = {"torch": TorchLora(), "triton": TritonLora()}

@@ -1,11 +1,16 @@
 """Turns a :class:`SchedulerOutput` into tensors, runs the model and samples.
 
 The runner sees only the step's plain description; it never reads scheduler or request
-state. It lays the batch out decodes first (chunks of one token), then prefill chunks,
-which is the layout :class:`engine.attention.AttentionMetadata` describes.
+state. It lays the batch out decodes first (chunks of one token), then prefill chunks, each
+part grouped by adapter (so every adapter's rows are contiguous segments for the LoRA path),
+which is the layout :class:`engine.attention.AttentionMetadata` describes. Results are keyed
+by request id, so the order never leaks out. All of a step's integer metadata reaches the
+device in one copy (:class:`engine.step_upload.StepUpload`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,10 +18,23 @@ from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
 from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.forward_batch import ForwardBatch
-from engine.lora import LoraMetadata, LoraPass
+from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
 from engine.sampler import Sampler, token_logprobs
 from engine.slot_tables import SlotTables
+from engine.step_upload import StepUpload
+from kernels.lora_grouped import Segment
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one forward needs besides the weights: tokens, positions and metadata."""
+
+    input_ids: torch.Tensor  # (num_tokens,) int32
+    positions: torch.Tensor  # (num_tokens,) int32
+    attn: AttentionMetadata
+    lora: LoraMetadata | None
+    last_rows: torch.Tensor  # (num_sampling_chunks,) int32: each sampling chunk's last row
 
 
 class ModelRunner:
@@ -28,6 +46,7 @@ class ModelRunner:
         sampler: picks next tokens from logits.
         slot_tables: the runner's copy of each running request's page table.
         lora_tables: where resident adapters' weights are (written by the residency).
+        lora_backend: the model's LoRA backend (whether it needs device segments).
     """
 
     def __init__(
@@ -37,37 +56,60 @@ class ModelRunner:
         sampler: Sampler,
         slot_tables: SlotTables,
         lora_tables: LoraTables,
+        lora_backend: LoraBackend,
     ) -> None:
         self.model = model
         self.pools = pools
         self.sampler = sampler
         self.slot_tables = slot_tables
         self.lora_tables = lora_tables
+        self.lora_backend = lora_backend
         self.device = pools[0].device
+        self.upload = StepUpload(self.device)
+        # Token counts of penalized requests, kept from step to step (never recounted).
+        self._counts: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, ChunkResult]:
         """Run the step; return what each chunk produced (a token, log-probabilities)."""
-        self.slot_tables.release(output.finished_ids + output.preempted_ids)
+        gone = output.finished_ids + output.preempted_ids
+        self.slot_tables.release(gone)
+        for request_id in gone:
+            self._counts.pop(request_id, None)
         if output.is_empty:
             return {}
-        chunks = sorted(output.chunks, key=lambda c: c.num_tokens != 1)  # decodes first
-        input_ids, positions, meta = self._prepare(chunks)
-        batch = ForwardBatch(meta, self.pools, self._lora_metadata(chunks, meta.num_decodes))
-        hidden = self.model(input_ids, positions, batch)
+        chunks = order_by_adapter(output.chunks)
+        for c in chunks:
+            if c.params.penalized and c.request_id not in self._counts:
+                self._counts[c.request_id] = self._initial_counts(c)
+        step = self._prepare(chunks)
+        batch = ForwardBatch(step.attn, self.pools, step.lora)
+        hidden = self.model(step.input_ids, step.positions, batch)
         results = self._prompt_logprobs(chunks, hidden)
         sampling = [c for c in chunks if c.sample]
         if not sampling:
             return results
-        last = torch.tensor(_last_token_indices(chunks), device=self.device)
-        logits = self.model.compute_logits(hidden[last])
-        tokens = self.sampler(logits, sampling)
+        logits = self.model.compute_logits(hidden.index_select(0, step.last_rows))
+        tokens = self.sampler(logits, sampling, [self._counts.get(c.request_id) for c in sampling])
         for row, (chunk, token) in enumerate(zip(sampling, tokens, strict=True)):
+            counts = self._counts.get(chunk.request_id)
+            if counts is not None:
+                counts[token] += 1
             k = chunk.params.logprobs
             logprob = None if k is None else token_logprobs(logits[row : row + 1], [token], k)[0]
             previous = results.get(chunk.request_id, ChunkResult())
             results[chunk.request_id] = ChunkResult(token, logprob, previous.prompt_logprobs)
         return results
+
+    def _initial_counts(self, chunk: ScheduledChunk) -> torch.Tensor:
+        """A penalized request's generated-token counts (vocab_size,) at its first chunk after
+        admission, from the tokens it generated before; ``execute`` adds each new token."""
+        vocab_size = self.model.arch.vocab_size
+        counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+        if chunk.output_token_ids:
+            generated = torch.tensor(chunk.output_token_ids, device=self.device)
+            counts += torch.bincount(generated, minlength=vocab_size)[:vocab_size]
+        return counts
 
     def _prompt_logprobs(
         self, chunks: list[ScheduledChunk], hidden: torch.Tensor
@@ -84,91 +126,155 @@ class ModelRunner:
             offset += c.num_tokens
         return results
 
-    def _prepare(
-        self, chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        rows = self.slot_tables.write(chunks)
+    def _prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """Pack the step's integers, upload them once, and view them as the metadata."""
+        rows = self.slot_tables.assign(chunks)
+        max_len = self.slot_tables.max_len
         ids: list[int] = []
         positions: list[int] = []
         new_k: list[int] = []
         new_v: list[int] = []
-        for c in chunks:
+        table_index: list[int] = []  # flat (row, position) entries of the page tables
+        last_rows: list[int] = []
+        for c, row in zip(chunks, rows, strict=True):
             ids.extend(c.token_ids)
-            positions.extend(range(c.start_pos, c.seq_len))
+            span = range(c.start_pos, c.seq_len)
+            positions.extend(span)
+            base = row * max_len
+            table_index.extend(range(base + c.start_pos, base + c.seq_len))
             new_k.extend(c.new_k_slots)
             new_v.extend(c.new_v_slots)
+            if c.sample:
+                last_rows.append(len(ids) - 1)
         nd = sum(1 for c in chunks if c.num_tokens == 1)
         decodes, prefills = chunks[:nd], chunks[nd:]
         cu_seqlens = [0]
         for c in prefills:
             cu_seqlens.append(cu_seqlens[-1] + c.num_tokens)
-        decode_k, decode_v = self._tables(rows[:nd], decodes)
-        prefill_k, prefill_v = self._tables(rows[nd:], prefills)
-        dev, long = self.device, torch.long
-        meta = AttentionMetadata(
-            new_k_slots=torch.tensor(new_k, dtype=long, device=dev),
-            new_v_slots=torch.tensor(new_v, dtype=long, device=dev),
+        lora = _LoraPlan.build(chunks, self.lora_tables) if _has_lora(chunks) else None
+        passes = lora.pass_sections() if lora and self.lora_backend.needs_device_passes else []
+        views = self.upload.upload(
+            [
+                ids,
+                positions,
+                new_k,
+                new_v,
+                table_index,
+                rows,
+                [c.seq_len for c in decodes],
+                cu_seqlens,
+                [c.seq_len for c in prefills],
+                last_rows,
+                *passes,
+            ]
+        )
+        (ids_t, pos_t, k_t, v_t, index_t, rows_t, d_lens, cu_t, p_lens, last_t) = views[:10]
+        self.slot_tables.write(index_t, k_t, v_t)
+        decode_k, decode_v = self.slot_tables.gather(
+            rows_t[:nd], max((c.seq_len for c in decodes), default=0)
+        )
+        prefill_k, prefill_v = self.slot_tables.gather(
+            rows_t[nd:], max((c.seq_len for c in prefills), default=0)
+        )
+        attn = AttentionMetadata(
+            new_k_slots=k_t,
+            new_v_slots=v_t,
             num_decodes=nd,
-            decode_seq_lens=self._int32([c.seq_len for c in decodes]),
+            decode_seq_lens=d_lens,
             decode_k_slots=decode_k,
             decode_v_slots=decode_v,
-            prefill_cu_seqlens=self._int32(cu_seqlens),
-            prefill_seq_lens=self._int32([c.seq_len for c in prefills]),
+            prefill_cu_seqlens=cu_t,
+            prefill_seq_lens=p_lens,
             prefill_k_slots=prefill_k,
             prefill_v_slots=prefill_v,
         )
-        return (
-            torch.tensor(ids, dtype=long, device=dev),
-            torch.tensor(positions, dtype=long, device=dev),
-            meta,
-        )
+        meta = None if lora is None else lora.metadata(views[10:], self.device)
+        return StepInputs(ids_t, pos_t, attn, meta, last_t)
 
-    def _lora_metadata(self, chunks: list[ScheduledChunk], nd: int) -> LoraMetadata | None:
-        """Each token's adapter slots and weights, or None when no chunk uses an adapter."""
-        max_rank = max(c.adapter_rank for c in chunks)
-        if max_rank == 0:
-            return None
-        prefills = chunks[nd:]
-        seg_starts = [0]
-        for c in prefills:
-            seg_starts.append(seg_starts[-1] + c.num_tokens)
+
+def order_by_adapter(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+    """Decodes first, then prefill chunks; within each, grouped by adapter (stable)."""
+    return sorted(chunks, key=lambda c: (c.num_tokens != 1, c.adapter_slots, c.adapter_weights))
+
+
+def _has_lora(chunks: list[ScheduledChunk]) -> bool:
+    return any(c.adapter_rank for c in chunks)
+
+
+@dataclass(frozen=True)
+class _LoraPlan:
+    """The step's adapter segments on the host, before any upload."""
+
+    num_tokens: int
+    segments: tuple[tuple[Segment, ...], ...]  # per pass, runs with an adapter
+    runs: tuple[tuple[tuple[int, int, int, float], ...], ...]  # per pass, every run
+    max_rank: int
+    tables: LoraTables
+
+    @classmethod
+    def build(cls, chunks: list[ScheduledChunk], tables: LoraTables) -> _LoraPlan:
         num_passes = max(len(c.adapter_slots) for c in chunks)
-        passes = []
-        for i in range(num_passes):
-            slots = [c.adapter_slots[i] if i < len(c.adapter_slots) else -1 for c in chunks]
-            weights = [c.adapter_weights[i] if i < len(c.adapter_weights) else 0.0 for c in chunks]
-            token_weights = None
-            if any(w != 1.0 for w, s in zip(weights, slots, strict=True) if s >= 0):
-                per_token = [
-                    w for c, w in zip(chunks, weights, strict=True) for _ in range(c.num_tokens)
-                ]
-                token_weights = torch.tensor(per_token, dtype=torch.float32, device=self.device)
-            passes.append(LoraPass(self._int32(slots[:nd]), self._int32(slots[nd:]), token_weights))
-        return LoraMetadata(
-            num_decodes=nd,
-            passes=tuple(passes),
-            seg_starts=self._int32(seg_starts),
-            max_rank=max_rank,
-            max_seg_len=max((c.num_tokens for c in prefills), default=0),
-            tables=self.lora_tables,
+        runs_per_pass = []
+        for p in range(num_passes):
+            runs: list[tuple[int, int, int, float]] = []  # (slot, lo, hi, weight)
+            lo = 0
+            for c in chunks:
+                hi = lo + c.num_tokens
+                slot = c.adapter_slots[p] if p < len(c.adapter_slots) else -1
+                weight = c.adapter_weights[p] if p < len(c.adapter_weights) else 1.0
+                if runs and runs[-1][0] == slot and runs[-1][3] == weight:
+                    runs[-1] = (slot, runs[-1][1], hi, weight)
+                else:
+                    runs.append((slot, lo, hi, weight))
+                lo = hi
+            runs_per_pass.append(tuple(runs))
+        return cls(
+            num_tokens=sum(c.num_tokens for c in chunks),
+            segments=tuple(tuple(r for r in runs if r[0] >= 0) for runs in runs_per_pass),
+            runs=tuple(runs_per_pass),
+            max_rank=max(c.adapter_rank for c in chunks),
+            tables=tables,
         )
 
-    def _int32(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=self.device)
+    def pass_sections(self) -> list[list[int]]:
+        """Per pass, its ``seg_starts`` and ``seg_adapters`` (for the upload)."""
+        sections = []
+        for runs in self.runs:
+            sections.append([0, *(hi for _, _, hi, _ in runs)])
+            sections.append([slot for slot, _, _, _ in runs])
+        return sections
 
-    def _tables(
-        self, rows: list[int], chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V tables of ``chunks``, as wide as the longest of them."""
-        width = max((c.seq_len for c in chunks), default=0)
-        return self.slot_tables.gather(rows, width)
+    def metadata(self, pass_views: list[torch.Tensor], device: torch.device) -> LoraMetadata:
+        slots = list(dict.fromkeys(slot for segs in self.segments for slot, _, _, _ in segs))
+        ranks = {s: self.tables.host_ranks[s].tolist() for s in slots}
+        scalings = {s: self.tables.host_scalings[s].tolist() for s in slots}
+        passes = None
+        if pass_views:
+            passes = tuple(
+                LoraPass(
+                    seg_starts=pass_views[2 * p],
+                    seg_adapters=pass_views[2 * p + 1],
+                    token_weights=self._token_weights(runs, device),
+                    max_seg_len=max(hi - lo for _, lo, hi, _ in runs),
+                )
+                for p, runs in enumerate(self.runs)
+            )
+        return LoraMetadata(
+            num_tokens=self.num_tokens,
+            segments=self.segments,
+            ranks=ranks,
+            scalings=scalings,
+            max_rank=self.max_rank,
+            tables=self.tables,
+            passes=passes,
+        )
 
-
-def _last_token_indices(chunks: list[ScheduledChunk]) -> list[int]:
-    """Row of each sampling chunk's last token in the packed batch."""
-    indices, offset = [], 0
-    for c in chunks:
-        offset += c.num_tokens
-        if c.sample:
-            indices.append(offset - 1)
-    return indices
+    def _token_weights(
+        self, runs: tuple[tuple[int, int, int, float], ...], device: torch.device
+    ) -> torch.Tensor | None:
+        """(num_tokens, 1) mixture weights of one pass, or None when all are 1 (the usual
+        case; only mixtures pay this second, small upload)."""
+        if all(weight == 1.0 for slot, _, _, weight in runs if slot >= 0):
+            return None
+        per_row = [weight for _, lo, hi, weight in runs for _ in range(hi - lo)]
+        return torch.tensor(per_row, dtype=torch.float32).view(-1, 1).to(device)

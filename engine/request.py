@@ -47,6 +47,8 @@ class Request:
             host memory or the pool (a prefetch miss); None until first considered.
         logprobs: per generated token, when the params ask for log-probabilities.
         prompt_logprobs: per prompt token (None for the first), when asked for.
+        num_reported: how many output tokens earlier outputs carried (the next delta starts
+            there).
     """
 
     request_id: str
@@ -67,6 +69,7 @@ class Request:
     waited_for_adapter: bool | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_reported: int = 0  # output tokens already sent in a RequestOutput
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:

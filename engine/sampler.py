@@ -20,12 +20,22 @@ class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # for requests without a seed
 
-    def __call__(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> list[int]:
-        """Next token ids for ``logits`` (num_rows, vocab_size), one row per chunk."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        chunks: list[ScheduledChunk],
+        counts: list[torch.Tensor | None] | None = None,
+    ) -> list[int]:
+        """Next token ids for ``logits`` (num_rows, vocab_size), one row per chunk.
+
+        ``counts[row]`` (vocab_size,) float32: how often each token was generated so far by
+        a request with presence or frequency penalties (None for the others).
+        """
         logits = logits.clone()
         for row, chunk in enumerate(chunks):
-            if chunk.params.penalized:
-                _penalize(logits[row], chunk)
+            row_counts = None if counts is None else counts[row]
+            if row_counts is not None:
+                _penalize(logits[row], chunk, row_counts)
             if chunk.banned_token_ids:
                 logits[row, list(chunk.banned_token_ids)] = -float("inf")
         tokens = logits.argmax(dim=-1)
@@ -68,12 +78,8 @@ class Sampler:
         return filtered.softmax(dim=-1)
 
 
-def _penalize(logits: torch.Tensor, chunk: ScheduledChunk) -> None:
+def _penalize(logits: torch.Tensor, chunk: ScheduledChunk, counts: torch.Tensor) -> None:
     """OpenAI's presence and frequency penalties over the generated tokens, in place."""
-    if not chunk.output_token_ids:
-        return
-    generated = torch.tensor(chunk.output_token_ids, device=logits.device)
-    counts = torch.bincount(generated, minlength=logits.shape[0])[: logits.shape[0]].float()
     params = chunk.params
     logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
 

@@ -193,7 +193,11 @@ class Scheduler:
             adapter_slots=tuple(slot for slot, _, _ in slots),
             adapter_weights=tuple(weight for _, _, weight in slots),
             adapter_rank=max((rank for _, rank, _ in slots), default=0),
-            output_token_ids=tuple(request.output_token_ids) if request.params.penalized else (),
+            # The runner keeps penalty counts from step to step: it needs the history only
+            # on the first chunk after (re)admission.
+            output_token_ids=(
+                tuple(request.output_token_ids) if request.params.penalized and start == 0 else ()
+            ),
             prompt_targets=self._prompt_targets(request, start, end),
         )
 

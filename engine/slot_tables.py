@@ -36,28 +36,22 @@ class SlotTables:
             if row is not None:
                 self._free_rows.append(row)
 
-    def write(self, chunks: list[ScheduledChunk]) -> list[int]:
-        """Record each chunk's new pages; returns each chunk's row."""
+    def assign(self, chunks: list[ScheduledChunk]) -> list[int]:
+        """Each chunk's row (a new row for a request seen for the first time)."""
         rows: list[int] = []
-        flat_index: list[int] = []
-        k_pages: list[int] = []
-        v_pages: list[int] = []
         for c in chunks:
             row = self._rows.get(c.request_id)
             if row is None:
                 row = self._rows[c.request_id] = self._free_rows.pop()
             rows.append(row)
-            base = row * self.max_len
-            flat_index.extend(range(base + c.start_pos, base + c.seq_len))
-            k_pages.extend(c.new_k_slots)
-            v_pages.extend(c.new_v_slots)
-        device = self.k.device
-        index = torch.tensor(flat_index, dtype=torch.long, device=device)
-        self.k.view(-1)[index] = torch.tensor(k_pages, dtype=torch.int32, device=device)
-        self.v.view(-1)[index] = torch.tensor(v_pages, dtype=torch.int32, device=device)
         return rows
 
-    def gather(self, rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (len(rows), width) K and V tables of the given rows."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        return self.k[:, :width].index_select(0, index), self.v[:, :width].index_select(0, index)
+    def write(self, flat_index: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+        """Record new pages: entry ``flat_index[i]`` of the row-major (row, position) tables
+        gets ``k_pages[i]`` and ``v_pages[i]`` (int32 device tensors from the step's upload)."""
+        self.k.view(-1)[flat_index] = k_pages
+        self.v.view(-1)[flat_index] = v_pages
+
+    def gather(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (len(rows), width) K and V tables of the given rows (an int32 device tensor)."""
+        return self.k[:, :width].index_select(0, rows), self.v[:, :width].index_select(0, rows)

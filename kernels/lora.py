@@ -15,6 +15,10 @@ Semantics:
     same signature, the CPU backend. The page layout and `write_rows` / `read_rows` are in
     `kernels/lora_layout.py`.
 
+On the CPU the engine runs neither form's reference directly: it sorts a step's rows by
+adapter and uses `kernels/lora_grouped.py`, which gathers each adapter's weights once per
+call (the per-token references gather every row's, padded to the largest rank).
+
 This module is the public face of the three: import the ops from here.
 """
 

@@ -225,8 +225,8 @@ class EngineBridge:
                 continue  # aborted by its client
             group, adapter = route
             rid = output.request_id
-            if len(output.token_ids) > group.num_tokens.get(rid, 0):
-                group.num_tokens[rid] = len(output.token_ids)
+            if output.new_token_ids:
+                group.num_tokens[rid] = output.num_output_tokens
                 last = group.last_token_time.get(rid)
                 if last is None:
                     # The engine's queue time starts at add_request; fall back to the step

@@ -50,7 +50,6 @@ class Generation:
         self.n = n
         self.echo = echo
         self.choices = [Choice(i, i // n) for i in range(len(group.request_ids))]
-        self._seen_logprobs = [0] * len(self.choices)
         self._started = [False] * len(self.choices)
 
     def _apply(self, index: int, out: RequestOutput) -> tuple[str, list[Logprob]]:
@@ -58,22 +57,21 @@ class Generation:
         choice = self.choices[index]
         text = out.delta
         entries: list[Logprob] = []
-        if not self._started[index] and (out.prompt_token_ids or out.finished):
+        if not self._started[index] and (out.num_prompt_tokens or out.finished):
             self._started[index] = True
-            choice.num_prompt_tokens = len(out.prompt_token_ids)
+            choice.num_prompt_tokens = out.num_prompt_tokens
             if self.echo is not None:
                 text = self.echo[choice.prompt_index] + text
-                if out.prompt_logprobs:
+                if out.prompt_logprobs and out.prompt_token_ids:
                     first = Logprob(out.prompt_token_ids[0], None, [])
                     rest = [Logprob.of(e) for e in out.prompt_logprobs[1:] if e is not None]
                     entries.append(first)
                     entries.extend(rest)
-        if out.logprobs:
-            entries.extend(Logprob.of(e) for e in out.logprobs[self._seen_logprobs[index] :])
-            self._seen_logprobs[index] = len(out.logprobs)
+        if out.new_logprobs:
+            entries.extend(Logprob.of(e) for e in out.new_logprobs)
         choice.text += text
         choice.logprobs.extend(entries)
-        choice.num_tokens = max(choice.num_tokens, len(out.token_ids))
+        choice.num_tokens = max(choice.num_tokens, out.num_output_tokens)
         if out.finished:
             choice.finish_reason = out.finish_reason or "abort"
             choice.error = out.error

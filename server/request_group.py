@@ -38,10 +38,10 @@ def final_output(request_id: str, reason: str, error: str | None) -> RequestOutp
     """A last output the engine never sent (it failed, or lost the request)."""
     return RequestOutput(
         request_id=request_id,
-        text="",
         delta="",
-        token_ids=[],
-        prompt_token_ids=[],
+        new_token_ids=[],
+        num_prompt_tokens=0,
+        num_output_tokens=0,
         finished=True,
         finish_reason=reason,
         error=error,

@@ -93,9 +93,8 @@ def run_loraserve(
         for out in engine.step():
             record = records[out.request_id]
             t = time.perf_counter()
-            new = len(out.token_ids) - record.output_len
-            record.token_times.extend([t] * new)
-            record.output_len = len(out.token_ids)
+            record.token_times.extend([t] * len(out.new_token_ids))
+            record.output_len = out.num_output_tokens
             if out.finished:
                 record.end = t
                 record.error = out.error

@@ -1,0 +1,162 @@
+"""The CPU LoRA forms (grouped, stacked) against the naive per-token loop.
+
+Batches come from `tests/kernels/test_lora.py` (shuffled pages, garbage in every other page,
+mixed ranks including 0, rows without LoRA), with their rows sorted by adapter as the runner
+lays them out; the forms must add exactly each row's own adapter's update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import lora_layout
+from kernels.lora_grouped import (
+    CPU_COSTS,
+    choose_form,
+    lora_grouped,
+    lora_stacked,
+    stacked_coefficients,
+    stacked_rows,
+)
+from tests.kernels.test_lora import (
+    POPULARITIES,
+    SHAPES,
+    LoraBatch,
+    decode_tokens,
+    make_batch,
+    naive_lora,
+    prefill_segments,
+)
+
+Segment = tuple[int, int, int, float]
+
+
+def sorted_segments(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runner's layout: the same (length, adapter) items, grouped by adapter."""
+    return sorted(segments, key=lambda s: s[1])
+
+
+def runs(batch: LoraBatch, weight: float = 1.0) -> list[Segment]:
+    """(slot, lo, hi, weight) of consecutive rows sharing an adapter, LoRA rows only."""
+    out: list[Segment] = []
+    for t, adapter in enumerate(batch.token_adapters.tolist()):
+        if adapter < 0:
+            continue
+        if out and out[-1][0] == adapter and out[-1][2] == t:
+            out[-1] = (adapter, out[-1][1], t + 1, weight)
+        else:
+            out.append((adapter, t, t + 1, weight))
+    return out
+
+
+def run_grouped(batch: LoraBatch) -> torch.Tensor:
+    out = batch.base_out.clone()
+    ranks, scalings = batch.ranks.tolist(), batch.scalings.tolist()
+    lora_grouped(
+        batch.x, out, batch.pool, batch.a_pages, batch.b_pages, runs(batch), ranks, scalings
+    )
+    return out
+
+
+def run_stacked(batch: LoraBatch) -> torch.Tensor:
+    """The stacked form as the engine drives it: one layer, rows of each used slot."""
+    out = batch.base_out.clone()
+    segs = runs(batch)
+    ranks, scalings = batch.ranks.tolist(), batch.scalings.tolist()
+    slots = list(dict.fromkeys(s for s, _, _, _ in segs))
+    stacked = stacked_rows(batch.a_pages, batch.b_pages, slots, [ranks[s] for s in slots])
+    column_slots = [s for s in slots for _ in range(ranks[s])]
+    column_coefs = [[scalings[s] for s in column_slots]]  # one layer, every row below rank
+    num_tokens = batch.x.shape[0]
+    token_slots = torch.full((1, num_tokens), -1, dtype=torch.int32)
+    token_coefs = torch.zeros(1, num_tokens)
+    for slot, lo, hi, weight in segs:
+        token_slots[0, lo:hi], token_coefs[0, lo:hi] = slot, weight
+    coef = stacked_coefficients(
+        token_slots,
+        token_coefs,
+        torch.tensor(column_slots, dtype=torch.int32),
+        torch.tensor(column_coefs),
+    )
+    lora_stacked(batch.x, out, batch.pool, stacked, coef[0])
+    return out
+
+
+FORMS = {"grouped": run_grouped, "stacked": run_stacked}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 133])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_forms_match_naive_loop(
+    popularity: str, batch_size: int, shape: tuple[int, int, int], form: str
+) -> None:
+    for layout in (prefill_segments, decode_tokens):
+        batch = make_batch(sorted_segments(layout(popularity, batch_size)), shape)
+        _, expected = naive_lora(batch)
+        torch.testing.assert_close(FORMS[form](batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_forms_leave_rows_without_lora_bit_identical(form: str) -> None:
+    batch = make_batch([(2, -1), (3, 0), (1, 2), (4, 6)], SHAPES["w48_in100_out72"])  # 6: rank 0
+    out = FORMS[form](batch)
+    assert torch.equal(out[:2], batch.base_out[:2])
+    assert torch.equal(out[6:], batch.base_out[6:])
+    assert not torch.equal(out[2:5], batch.base_out[2:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+def test_forms_low_precision(form: str, dtype: torch.dtype) -> None:
+    batch = make_batch(sorted_segments(prefill_segments("uniform", 7)), (48, 100, 72), dtype)
+    _, expected = naive_lora(batch)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(FORMS[form](batch), expected, atol=tol, rtol=tol)
+
+
+def test_grouped_mixture_segments_add_up() -> None:
+    """A row in two segments (a mixture's components) gets both updates, each weighted."""
+    batch = make_batch([(4, 0), (3, 2)], SHAPES["w64_in128_out160"])
+    ranks, scalings = batch.ranks.tolist(), batch.scalings.tolist()
+    out = batch.base_out.clone()
+    mixture: list[Segment] = [(0, 0, 4, 0.25), (2, 0, 4, 0.75)]
+    lora_grouped(batch.x, out, batch.pool, batch.a_pages, batch.b_pages, mixture, ranks, scalings)
+    x = batch.x[:4]
+    expected = batch.base_out[:4].clone()
+    for slot, weight in ((0, 0.25), (2, 0.75)):
+        a, b = batch.lora_a[slot], batch.lora_b[slot]
+        expected += (x @ a.T) @ b.T * scalings[slot] * weight
+    torch.testing.assert_close(out[:4], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[4:], batch.base_out[4:])
+
+
+def test_forms_never_gather_per_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither form materialises tokens × rank × features weights: each adapter's rows are
+    read once per call, so the rows read do not grow with the number of tokens."""
+    reads: list[int] = []
+    real = lora_layout.read_rows
+
+    def counting(pool: torch.Tensor, pages: torch.Tensor, features: int) -> torch.Tensor:
+        reads.append(pages.shape[0])
+        return real(pool, pages, features)
+
+    import kernels.lora_grouped as grouped
+
+    monkeypatch.setattr(grouped, "read_rows", counting)
+    for batch_size in (8, 128):
+        reads.clear()
+        batch = make_batch([(batch_size, 0), (batch_size, 2)], SHAPES["w64_in128_out160"])
+        run_grouped(batch)
+        assert sum(reads) == 2 * (batch.ranks[0] + batch.ranks[2])  # A and Bᵀ, once each
+
+
+def test_cost_model_crossover() -> None:
+    """Tiny layers and few adapters: stacked; wide layers and many large adapters: grouped."""
+    demo = choose_form(64, [(8, 8)] * 8, 8, 64, 128 + 128)
+    assert demo == "stacked"
+    wide = choose_form(64, [(2, 32)] * 32, 32, 32 * 32, 512 + 1536)
+    assert wide == "grouped"
+    assert CPU_COSTS.per_op > 0 and CPU_COSTS.per_mac > 0

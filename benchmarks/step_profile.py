@@ -1,0 +1,255 @@
+"""Where a step's time goes: each phase's share of the engine's time on one workload.
+
+    python benchmarks/step_profile.py                         # the demo, 64 requests, 8 adapters
+    python benchmarks/step_profile.py --model benchmarks/presets/llama-30m --load-format dummy \\
+        --num-adapters 32 --ranks 8,16,32,64 --targets all --out benchmarks/results/profile-30m
+    python benchmarks/step_profile.py --http                  # also over HTTP, side by side
+
+Runs one seeded W2 request list (every request arriving at once, EOS ignored) through the
+engine in this process with timers wrapped around each phase, and prints each phase's share
+of the stepping time:
+
+    schedule   Scheduler.schedule (admission, pages, adapter residency, prefetch)
+    prepare    ModelRunner._prepare (packing the step's metadata, its one upload)
+    linears    the base model's nn.Linear layers, the output head included
+    lora       the LoRA backend (every target of every layer)
+    attention  the paged-attention backend
+    other      the rest of the forward: embeddings, norms, rotary embeddings, activations
+    sampling   the sampler and log-probabilities
+    update     Scheduler.update and the engine's outputs (detokenization included)
+    rest       everything else inside step(): the inbox, the runner's bookkeeping
+
+The wrappers add a little time of their own (a few microseconds per call), so the shares are
+for diagnosis; throughput figures come from runs without them (``--http`` adds the same
+workload over HTTP against a ``loraserve serve`` subprocess, and in-process without timers,
+so the boundary's cost shows as their ratio). ``--out DIR`` writes ``profile.json`` and a
+bar chart ``profile.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import LLMEngine, SamplingParams
+from engine.attention import AttentionBackend
+from engine.config import DEMO_DIR, EngineConfig
+from server.bench.make_adapters import make_random_adapters
+from server.bench.workloads import Workload, synthetic_w2
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHASES = (
+    "schedule",
+    "prepare",
+    "linears",
+    "lora",
+    "attention",
+    "other",
+    "sampling",
+    "update",
+    "rest",
+)
+
+
+class Timers:
+    """Seconds per phase; nested phases are subtracted from their parent by the report."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[phase] += time.perf_counter() - start
+
+        return timed
+
+
+def instrument(engine: LLMEngine, timers: Timers) -> None:
+    """Wrap the engine's phases in timers (instance attributes only; the classes are intact)."""
+    scheduler, runner, model = engine.scheduler, engine.runner, engine.runner.model
+    scheduler.schedule = timers.wrap("schedule", scheduler.schedule)  # type: ignore[method-assign]
+    scheduler.update = timers.wrap("update", scheduler.update)  # type: ignore[method-assign]
+    engine._output = timers.wrap("update", engine._output)  # type: ignore[method-assign]
+    runner._prepare = timers.wrap("prepare", runner._prepare)  # type: ignore[method-assign]
+    runner.sampler = timers.wrap("sampling", runner.sampler)  # type: ignore[assignment]
+    model.forward = timers.wrap("forward", model.forward)  # type: ignore[method-assign]
+    model.compute_logits = timers.wrap("linears", model.compute_logits)  # type: ignore[method-assign]
+    for module in model.model.modules():  # the decoder: the output head is compute_logits
+        if isinstance(module, torch.nn.Linear):
+            module.forward = timers.wrap("forward.linears", module.forward)  # type: ignore[method-assign]
+        backends = getattr(module, "backends", None)
+        if backends is not None:
+            attention = AttentionBackend(
+                backends.attention.name,
+                timers.wrap("forward.attention", backends.attention.decode),
+                timers.wrap("forward.attention", backends.attention.prefill),
+            )
+            module.backends = replace(backends, attention=attention)
+    lora = model.model.layers[0].self_attn.backends.lora
+    lora.apply = timers.wrap("forward.lora", lora.apply)  # type: ignore[method-assign]
+    engine.step = timers.wrap("step", engine.step)  # type: ignore[method-assign]
+
+
+def shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Each phase's seconds, nested timers taken out of their parents."""
+    s = dict(seconds)
+    forward = s.get("forward", 0.0)
+    parts = {k: s.get(f"forward.{k}", 0.0) for k in ("linears", "lora", "attention")}
+    result = {
+        "schedule": s.get("schedule", 0.0),
+        "prepare": s.get("prepare", 0.0),
+        "linears": parts["linears"] + s.get("linears", 0.0),
+        "lora": parts["lora"],
+        "attention": parts["attention"],
+        "other": forward - sum(parts.values()),
+        "sampling": s.get("sampling", 0.0),
+        "update": s.get("update", 0.0),
+    }
+    result["rest"] = s.get("step", 0.0) - sum(result.values())
+    return result
+
+
+def build_engine(args: argparse.Namespace, paths: list[Path]) -> LLMEngine:
+    config = EngineConfig.create(
+        args.model,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_num_seqs=args.max_num_seqs,
+        max_lora_rank=max(args.ranks),
+        max_loras=max(len(paths), 1),
+    )
+    engine = LLMEngine(config)
+    for i, path in enumerate(paths):
+        engine.load_lora(f"adapter-{i}", path)
+    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    engine.add_request([5, 6, 7], warm)
+    while engine.has_unfinished():
+        engine.step()
+    return engine
+
+
+def run(engine: LLMEngine, workload: Workload, num_adapters: int, max_len: int) -> int:
+    """Add every request and step to the end; returns the tokens generated."""
+    generated = 0
+    for i, r in enumerate(workload.requests):
+        out_len = min(r.output_len, max_len - len(r.prompt))
+        params = SamplingParams(
+            temperature=0.0, max_tokens=out_len, min_tokens=out_len, ignore_eos=True
+        )
+        lora = None if r.adapter is None or not num_adapters else f"adapter-{r.adapter}"
+        engine.add_request(list(r.prompt), params, request_id=f"p{i}", lora=lora)
+        generated += out_len
+    while engine.has_unfinished():
+        engine.step()
+    return generated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEMO_DIR / "model")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-adapters", type=int, default=8)
+    parser.add_argument(
+        "--ranks", type=lambda t: [int(v) for v in t.split(",")], default=[4, 8, 16]
+    )
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="or 'all'")
+    parser.add_argument("--input-range", default="8,121")
+    parser.add_argument("--output-range", default="8,65")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--adapter-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = json.loads((args.model / "config.json").read_text())
+    max_len = int(config["max_position_embeddings"])
+    lo_in, hi_in = (int(v) for v in args.input_range.split(","))
+    lo_out, hi_out = (int(v) for v in args.output_range.split(","))
+    workload = synthetic_w2(
+        num_adapters=max(args.num_adapters, 1),
+        alpha=1.0,
+        rate=1e6,
+        cv=1.0,
+        num_requests=args.num_requests,
+        input_range=(lo_in, hi_in),
+        output_range=(lo_out, hi_out),
+        vocab_size=int(config["vocab_size"]),
+    )
+    targets = ALL_TARGETS if args.targets == "all" else tuple(args.targets.split(","))
+    adapter_dir = args.adapter_dir or Path(args.out or "/tmp") / "profile-adapters"
+    paths = make_random_adapters(
+        args.model, adapter_dir, args.num_adapters, args.ranks, targets, seed=0,
+        dtype=torch.float32,
+    )  # fmt: skip
+
+    engine = build_engine(args, paths)
+    started = time.perf_counter()
+    tokens = run(engine, workload, args.num_adapters, max_len)
+    plain_s = time.perf_counter() - started
+
+    engine = build_engine(args, paths)
+    timers = Timers(engine.runner.device)
+    instrument(engine, timers)
+    run(engine, workload, args.num_adapters, max_len)
+    phase_s = shares(timers.seconds)
+    total = sum(phase_s.values())
+    print(f"{args.model.name}: {args.num_requests} requests over {args.num_adapters} adapters")
+    print(
+        f"in-process, no timers: {tokens} tokens in {plain_s:.2f} s = {tokens / plain_s:.0f} tok/s"
+    )
+    print(f"{'phase':<10} {'seconds':>8} {'share':>7}")
+    for phase in PHASES:
+        print(f"{phase:<10} {phase_s[phase]:8.3f} {100 * phase_s[phase] / total:6.1f}%")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "tokens": tokens,
+            "in_process_tok_s": tokens / plain_s,
+            "phase_seconds": phase_s,
+        }
+        (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(phase_s, args.out / "profile.png", f"{args.model.name}, n = {args.num_adapters}")
+
+
+def plot(phase_s: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = sum(phase_s.values())
+    fig, ax = plt.subplots(figsize=(7, 3))
+    left = 0.0
+    for phase in PHASES:
+        share = 100 * phase_s[phase] / total
+        ax.barh([0], [share], left=left, label=phase)
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("share of step time (%)")
+    ax.set_title(title)
+    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,10 @@ class LoraTables:
         scalings: ``(max_slots, num_layers, len(TARGETS))`` float32.
         host_ranks, host_scalings: the same two on the host (the very same tensors on a CPU
             device), so the runner plans a step without reading the device.
+        a_first, b_first: per target, per slot (host lists): the first page of the adapter's
+            rows when they lie in consecutive pages in order (A row j chunk c at page
+            ``first + j · chunks + c``), so they can be read as a view of the pool without a
+            gather; -1 otherwise.
     """
 
     a_pages: dict[str, torch.Tensor]
@@ -89,6 +93,8 @@ class LoraTables:
     scalings: torch.Tensor
     host_ranks: torch.Tensor
     host_scalings: torch.Tensor
+    a_first: dict[str, list[int]]
+    b_first: dict[str, list[int]]
 
 
 @dataclass
@@ -145,6 +151,8 @@ class AdapterResidency:
             scalings=scalings,
             host_ranks=ranks if device.type == "cpu" else ranks.cpu(),
             host_scalings=scalings if device.type == "cpu" else scalings.cpu(),
+            a_first={t: [-1] * max_slots for t in self._chunks},
+            b_first={t: [-1] * max_slots for t in self._chunks},
         )
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
@@ -197,10 +205,14 @@ class AdapterResidency:
         page_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for target, rank in ranks.items():
             a_chunks, b_chunks = self._chunks[target]
-            a = torch.tensor(pages[offset : offset + rank * a_chunks], dtype=torch.int32)
+            a_list = pages[offset : offset + rank * a_chunks]
             offset += rank * a_chunks
-            b = torch.tensor(pages[offset : offset + rank * b_chunks], dtype=torch.int32)
+            b_list = pages[offset : offset + rank * b_chunks]
             offset += rank * b_chunks
+            tables.a_first[target][slot] = _first_if_consecutive(a_list)
+            tables.b_first[target][slot] = _first_if_consecutive(b_list)
+            a = torch.tensor(a_list, dtype=torch.int32)
+            b = torch.tensor(b_list, dtype=torch.int32)
             a, b = a.view(rank, a_chunks).to(device), b.view(rank, b_chunks).to(device)
             tables.a_pages[target][slot, :rank] = a
             tables.b_pages[target][slot, :rank] = b
@@ -238,6 +250,8 @@ class AdapterResidency:
         assert resident.pins == 0, "evicting an adapter that running requests use"
         self.tables.ranks[resident.slot] = 0
         self.tables.host_ranks[resident.slot] = 0
+        for firsts in (*self.tables.a_first.values(), *self.tables.b_first.values()):
+            firsts[resident.slot] = -1
         self.pages.release(resident.pages)
         self._free_slots.append(resident.slot)
         self.num_evicted += 1
@@ -282,6 +296,13 @@ class AdapterResidency:
         resident = self._resident[adapter_id]
         assert resident.pins > 0
         resident.pins -= 1
+
+
+def _first_if_consecutive(pages: list[int]) -> int:
+    """``pages[0]`` when the pages are consecutive and ascending, else -1."""
+    if pages and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages):
+        return pages[0]
+    return -1
 
 
 def _zero_rows(pool: torch.Tensor, pages: torch.Tensor, features: int) -> None:

@@ -84,8 +84,9 @@ def case(
         lora_expand_bgmv_ref(y, pool, b_pages, ranks, scalings, token_adapters, out, validate=False)
 
     def grouped() -> None:
-        lora_grouped(x, out, pool, a_pages, b_pages, segments, [rank] * num_adapters,
-                     [2.0] * num_adapters)  # fmt: skip
+        lora_grouped(
+            x, out, pool, a_pages, b_pages, segments, [rank] * num_adapters, [2.0] * num_adapters
+        )
 
     def stacked_form() -> None:
         lora_stacked(x, out, pool, stacked, coef)
@@ -110,8 +111,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     print(f"{NUM_TOKENS} decode rows, one target layer, ms per call (median of {args.repeats})")
-    print(f"{'width':>5} {'adapters':>8} {'rank':>4} {'per-token':>9} {'grouped':>8} "
-          f"{'stacked':>8}  chosen")  # fmt: skip
+    print(
+        f"{'width':>5} {'adapters':>8} {'rank':>4} {'per-token':>9} {'grouped':>8} "
+        f"{'stacked':>8}  chosen"
+    )
     for width, page_width in WIDTHS:
         for num_adapters in ADAPTERS:
             for rank in RANKS:
@@ -120,8 +123,10 @@ def main() -> None:
                 ms: dict[str, float] = row["ms"]  # type: ignore[assignment]
                 best = min(("grouped", "stacked"), key=lambda f: ms[f])
                 mark = "" if row["chosen"] == best else f"  (measured best: {best})"
-                print(f"{width:>5} {num_adapters:>8} {rank:>4} {ms['per-token']:9.3f} "
-                      f"{ms['grouped']:8.3f} {ms['stacked']:8.3f}  {row['chosen']}{mark}")  # fmt: skip
+                print(
+                    f"{width:>5} {num_adapters:>8} {rank:>4} {ms['per-token']:9.3f} "
+                    f"{ms['grouped']:8.3f} {ms['stacked']:8.3f}  {row['chosen']}{mark}"
+                )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cpu_forms.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -147,8 +147,11 @@ class TorchLora(LoraBackend):
             return
         ranks = {slot: r[layer][t] for slot, r in meta.ranks.items()}
         scalings = {slot: s[layer][t] for slot, s in meta.scalings.items()}
+        a_first, b_first = tables.a_first[target], tables.b_first[target]
         for segments in meta.segments:
-            lora_grouped(x, out, pool, a_pages, b_pages, segments, ranks, scalings)  # type: ignore[arg-type]
+            lora_grouped(
+                x, out, pool, a_pages, b_pages, segments, ranks, scalings, a_first, b_first
+            )
 
     def _form(self, meta: LoraMetadata, t: int, features: int) -> str:
         if self.force_form is not None:

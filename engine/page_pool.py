@@ -118,6 +118,9 @@ class PagePool:
             raise OutOfPages(n, len(self._free))
         pages = self._free[len(self._free) - n :]
         del self._free[len(self._free) - n :]
+        # Ascending order: a run of free pages (a fresh pool's, or any stretch freed together)
+        # comes out contiguous, so an adapter's rows can be read as a view of the pool.
+        pages.sort()
         for page in pages:
             self._refcount[page] = 1
             self._tenant[page] = tenant

@@ -33,12 +33,12 @@ Args (shared):
     pool: (num_pages, page_width), x's dtype: one layer's page-pool tensor.
     a_pages / b_pages: int32 (num_slots, >= rank rows, chunks) page tables, as the other ops.
     segments: host list of (slot, lo, hi, weight), slot >= 0, lo < hi.
-    ranks / scalings: host sequences indexed by slot (this layer's and target's).
+    ranks / scalings: host sequences (or mappings) indexed by slot (this layer's and target's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +48,19 @@ from kernels.lora_layout import read_rows
 Segment = tuple[int, int, int, float]  # (slot, lo, hi, weight)
 
 
-def _gather(pool: torch.Tensor, pages: torch.Tensor, rank: int, features: int) -> torch.Tensor:
-    """(rank, features) rows 0 .. rank - 1 of one adapter's matrix, one index_select."""
-    return read_rows(pool, pages[:rank], features)
+def _rows(
+    pool: torch.Tensor, pages: torch.Tensor, first: int, rank: int, features: int
+) -> torch.Tensor:
+    """(rank, features) rows 0 .. rank - 1 of one adapter's matrix.
+
+    When the rows lie in consecutive pages from ``first`` on (row j, chunk c at page
+    ``first + j · chunks + c``), a view of the pool: no copy. Otherwise one index_select.
+    """
+    if first < 0:
+        return read_rows(pool, pages[:rank], features)
+    chunks = pages.shape[1]
+    # (rank · chunks, page_width) → (rank, chunks · page_width) → the first `features`
+    return pool[first : first + rank * chunks].view(rank, -1)[:, :features]
 
 
 def lora_grouped(
@@ -60,10 +70,16 @@ def lora_grouped(
     a_pages: torch.Tensor,
     b_pages: torch.Tensor,
     segments: Sequence[Segment],
-    ranks: Sequence[int],
-    scalings: Sequence[float],
+    ranks: Sequence[int] | Mapping[int, int],
+    scalings: Sequence[float] | Mapping[int, float],
+    a_first: Sequence[int] | None = None,
+    b_first: Sequence[int] | None = None,
 ) -> None:
-    """out += LoRA(x), one shrink and one expand matmul per segment (see `Semantics`)."""
+    """out += LoRA(x), one shrink and one expand matmul per segment (see `Semantics`).
+
+    ``a_first`` / ``b_first`` (indexed by slot, optional): the first page of a slot's A (Bᵀ)
+    rows when they lie in consecutive pages, else -1; such weights are read in place.
+    """
     in_features, out_features = x.shape[1], out.shape[1]
     exact = out.dtype == torch.float32
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -73,8 +89,10 @@ def lora_grouped(
             continue
         pair = weights.get(slot)
         if pair is None:  # each distinct adapter's A and Bᵀ gathered once per call
-            lora_a = _gather(pool, a_pages[slot], rank, in_features)  # (rank, in)
-            lora_b_t = _gather(pool, b_pages[slot], rank, out_features)  # (rank, out)
+            a0 = -1 if a_first is None else a_first[slot]
+            b0 = -1 if b_first is None else b_first[slot]
+            lora_a = _rows(pool, a_pages[slot], a0, rank, in_features)  # (rank, in)
+            lora_b_t = _rows(pool, b_pages[slot], b0, rank, out_features)  # (rank, out)
             pair = weights[slot] = (lora_a, lora_b_t)
         lora_a, lora_b_t = pair
         coef = float(scalings[slot]) * weight
@@ -96,10 +114,6 @@ class StackedRows:
         a_index / b_index: int64 (Σ rows · chunks,): pool pages of every stacked adapter's A
             (resp. Bᵀ) rows, adapter after adapter.
         num_rows: Σ rows, the columns of the shrink's output.
-        coef: (num_tokens, num_rows) float32 per-layer coefficients, as
-            `stacked_coefficients` makes them: for row t and column c of adapter slot s and
-            row j, Σ over t's segments of slot s of scalings[s] · weight when j < ranks[s],
-            else 0.
     """
 
     a_index: torch.Tensor

@@ -182,3 +182,23 @@ def test_unload_on_an_idle_engine_frees_pages_at_the_next_step(
     engine.step()
     assert not engine.has_unfinished()
     assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_an_adapter_in_a_fresh_pool_takes_consecutive_pages(
+    llama_dir: Path, many_adapters: list[Path]
+) -> None:
+    """Allocations come out ascending, so a fresh pool's adapter rows are consecutive pages
+    that the CPU LoRA path reads in place (and the table says where they start)."""
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", num_pages=4096))
+    engine.load_lora("a0", many_adapters[0])
+    engine.add_request([5, 6, 7], GREEDY, lora="a0")
+    while engine.has_unfinished():
+        engine.step()
+    tables = engine.adapters.residency.tables
+    (resident,) = engine.adapters.residency.residents()
+    for target in ATTN:
+        first = tables.a_first[target][resident.slot]
+        rank = int(tables.host_ranks[resident.slot].max())
+        assert first >= 0
+        pages = tables.a_pages[target][resident.slot, :rank].reshape(-1).tolist()
+        assert pages == list(range(first, first + len(pages)))

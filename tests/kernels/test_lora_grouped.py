@@ -160,3 +160,28 @@ def test_cost_model_crossover() -> None:
     wide = choose_form(64, [(2, 32)] * 32, 32, 32 * 32, 512 + 1536)
     assert wide == "grouped"
     assert CPU_COSTS.per_op > 0 and CPU_COSTS.per_mac > 0
+
+
+def test_grouped_reads_consecutive_pages_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adapter whose rows lie in consecutive pages is read as a view: no gather at all,
+    and the same result as through its page table."""
+    width, page_width, rank = 128, 64, 8
+    chunks = width // page_width
+    pool = torch.randn(2 * rank * chunks + 5, page_width)
+    a_pages = torch.arange(3, 3 + rank * chunks, dtype=torch.int32).view(1, rank, chunks)
+    b_pages = (a_pages + rank * chunks).contiguous()
+    x, base = torch.randn(5, width), torch.randn(5, width)
+    segments: list[Segment] = [(0, 1, 4, 1.0)]
+    gathered = base.clone()
+    lora_grouped(x, gathered, pool, a_pages, b_pages, segments, [rank], [0.5])
+
+    import kernels.lora_grouped as grouped
+
+    def forbidden(*args: object) -> torch.Tensor:
+        raise AssertionError("gathered rows that lie in consecutive pages")
+
+    monkeypatch.setattr(grouped, "read_rows", forbidden)
+    in_place = base.clone()
+    lora_grouped(x, in_place, pool, a_pages, b_pages, segments, [rank], [0.5], [3], [3 + 16])
+    torch.testing.assert_close(in_place, gathered, atol=1e-6, rtol=1e-6)
+    assert torch.equal(in_place[0], base[0]) and torch.equal(in_place[4], base[4])

@@ -18,6 +18,7 @@ A batch with no adapter request skips all of it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +32,13 @@ from kernels.lora_grouped import (
     choose_form,
     lora_grouped,
     lora_stacked,
+    read_adapter,
     stacked_coefficients,
     stacked_rows,
 )
 
 TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
+_MAX_VIEWS = 1 << 16  # cached adapter views (small objects; cleared when full)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class TorchLora(LoraBackend):
 
     def __init__(self, force_form: str | None = None) -> None:
         self.force_form = force_form  # tests and benchmarks pin a form; None: the cost model
+        # Views of adapters whose rows lie in consecutive pages, kept across steps: keyed by
+        # where they are, so a view is reused only while it still reads those very pages.
+        self._views: dict[tuple[int, int, int, int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def apply(
         self,
@@ -145,13 +151,28 @@ class TorchLora(LoraBackend):
             if stacked.num_rows:
                 lora_stacked(x, out, pool, stacked, coef[layer])
             return
-        ranks = {slot: r[layer][t] for slot, r in meta.ranks.items()}
-        scalings = {slot: s[layer][t] for slot, s in meta.scalings.items()}
         a_first, b_first = tables.a_first[target], tables.b_first[target]
+        weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        scalings: dict[int, float] = {}
+        for slot, per_layer in meta.ranks.items():
+            rank = per_layer[layer][t]
+            if rank <= 0:
+                continue
+            scalings[slot] = meta.scalings[slot][layer][t]
+            a0, b0 = a_first[slot], b_first[slot]
+            key = (pool.data_ptr(), t, a0, b0, rank, slot)
+            pair = self._views.get(key) if a0 >= 0 and b0 >= 0 else None
+            if pair is None:
+                pair = read_adapter(
+                    pool, a_pages[slot], b_pages[slot], rank, x.shape[1], out.shape[1], a0, b0
+                )
+                if a0 >= 0 and b0 >= 0:
+                    if len(self._views) >= _MAX_VIEWS:
+                        self._views.clear()
+                    self._views[key] = pair
+            weights[slot] = pair  # type: ignore[assignment]
         for segments in meta.segments:
-            lora_grouped(
-                x, out, pool, a_pages, b_pages, segments, ranks, scalings, a_first, b_first
-            )
+            lora_grouped(x, out, segments, weights, scalings)
 
     def _form(self, meta: LoraMetadata, t: int, features: int) -> str:
         if self.force_form is not None:
@@ -241,4 +262,5 @@ class TritonLora(LoraBackend):
             )
 
 
-LORA_BACKENDS: dict[str, LoraBackend] = {"torch": TorchLora(), "triton": TritonLora()}
+# Factories: each engine gets its own backend (the CPU one caches views of its pool).
+LORA_BACKENDS: dict[str, Callable[[], LoraBackend]] = {"torch": TorchLora, "triton": TritonLora}

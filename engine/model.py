@@ -102,7 +102,7 @@ class Backends:
         name = name or ("triton" if device.type == "cuda" else "torch")
         if name not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
-        return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name], NF4_BACKENDS[name])
+        return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name](), NF4_BACKENDS[name])
 
 
 class RMSNorm(nn.Module):

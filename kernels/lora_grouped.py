@@ -33,7 +33,7 @@ Args (shared):
     pool: (num_pages, page_width), x's dtype: one layer's page-pool tensor.
     a_pages / b_pages: int32 (num_slots, >= rank rows, chunks) page tables, as the other ops.
     segments: host list of (slot, lo, hi, weight), slot >= 0, lo < hi.
-    ranks / scalings: host sequences (or mappings) indexed by slot (this layer's and target's).
+    scalings: host sequence (or mapping) indexed by slot (this layer's and target's).
 """
 
 from __future__ import annotations
@@ -48,17 +48,36 @@ from kernels.lora_layout import read_rows
 Segment = tuple[int, int, int, float]  # (slot, lo, hi, weight)
 
 
+def read_adapter(
+    pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    rank: int,
+    in_features: int,
+    out_features: int,
+    a_first: int = -1,
+    b_first: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's ``(Aᵀ (in, rank), Bᵀ (rank, out))`` for one target, from its page tables
+    ``a_pages`` / ``b_pages`` (rank rows, chunks).
+
+    When ``a_first`` (``b_first``) >= 0 the rows lie in consecutive pages from there on (row
+    j, chunk c at page ``first + j · chunks + c``) and the result is a view of the pool: no
+    copy, valid as long as the adapter stays there. Otherwise one index_select each.
+    """
+    return (
+        _rows(pool, a_pages, a_first, rank, in_features).t(),
+        _rows(pool, b_pages, b_first, rank, out_features),
+    )
+
+
 def _rows(
     pool: torch.Tensor, pages: torch.Tensor, first: int, rank: int, features: int
 ) -> torch.Tensor:
-    """(rank, features) rows 0 .. rank - 1 of one adapter's matrix.
-
-    When the rows lie in consecutive pages from ``first`` on (row j, chunk c at page
-    ``first + j · chunks + c``), a view of the pool: no copy. Otherwise one index_select.
-    """
+    """(rank, features): rows 0 .. rank - 1, a view when they start at page ``first``."""
     if first < 0:
         return read_rows(pool, pages[:rank], features)
-    chunks = pages.shape[1]
+    chunks = pages.shape[-1]
     # (rank · chunks, page_width) → (rank, chunks · page_width) → the first `features`
     return pool[first : first + rank * chunks].view(rank, -1)[:, :features]
 
@@ -66,41 +85,26 @@ def _rows(
 def lora_grouped(
     x: torch.Tensor,
     out: torch.Tensor,
-    pool: torch.Tensor,
-    a_pages: torch.Tensor,
-    b_pages: torch.Tensor,
     segments: Sequence[Segment],
-    ranks: Sequence[int] | Mapping[int, int],
+    weights: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     scalings: Sequence[float] | Mapping[int, float],
-    a_first: Sequence[int] | None = None,
-    b_first: Sequence[int] | None = None,
 ) -> None:
     """out += LoRA(x), one shrink and one expand matmul per segment (see `Semantics`).
 
-    ``a_first`` / ``b_first`` (indexed by slot, optional): the first page of a slot's A (Bᵀ)
-    rows when they lie in consecutive pages, else -1; such weights are read in place.
+    ``weights[slot]``: the slot's ``(Aᵀ, Bᵀ)`` as :func:`read_adapter` returns them, for
+    every slot of ``segments`` whose rank is above 0 (segments of other slots are skipped).
     """
-    in_features, out_features = x.shape[1], out.shape[1]
     exact = out.dtype == torch.float32
-    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for slot, lo, hi, weight in segments:
-        rank = ranks[slot]
-        if rank <= 0:
-            continue
         pair = weights.get(slot)
-        if pair is None:  # each distinct adapter's A and Bᵀ gathered once per call
-            a0 = -1 if a_first is None else a_first[slot]
-            b0 = -1 if b_first is None else b_first[slot]
-            lora_a = _rows(pool, a_pages[slot], a0, rank, in_features)  # (rank, in)
-            lora_b_t = _rows(pool, b_pages[slot], b0, rank, out_features)  # (rank, out)
-            pair = weights[slot] = (lora_a, lora_b_t)
-        lora_a, lora_b_t = pair
-        coef = float(scalings[slot]) * weight
+        if pair is None:
+            continue
+        lora_a_t, lora_b_t = pair
         if exact:
-            y = x[lo:hi] @ lora_a.T  # (rows, rank)
-            out[lo:hi].addmm_(y, lora_b_t, alpha=coef)
+            y = torch.mm(x[lo:hi], lora_a_t)  # (rows, rank)
+            out[lo:hi].addmm_(y, lora_b_t, alpha=float(scalings[slot]) * weight)
         else:
-            y = x[lo:hi].float() @ lora_a.float().T
+            y = x[lo:hi].float() @ lora_a_t.float()
             y_in = (y * weight).to(out.dtype).float()  # rounded as PEFT feeds lora_B
             delta = (y_in @ lora_b_t.float()) * float(scalings[slot])
             out[lo:hi] = (out[lo:hi].float() + delta).to(out.dtype)

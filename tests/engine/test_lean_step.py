@@ -70,7 +70,7 @@ def test_each_cpu_form_matches_peft(
 
     for module in (lora_layout, lora_shrink, lora_expand):
         monkeypatch.setattr(module, "gather_token_rows", forbidden)
-    monkeypatch.setitem(LORA_BACKENDS, "torch", TorchLora(force_form=form))
+    monkeypatch.setitem(LORA_BACKENDS, "torch", lambda: TorchLora(force_form=form))
     base, paths = llama_adapters
     engine = LLMEngine(EngineConfig.create(base, dtype="float32", max_num_batched_tokens=48))
     for name, path in paths.items():

@@ -16,6 +16,7 @@ from kernels.lora_grouped import (
     choose_form,
     lora_grouped,
     lora_stacked,
+    read_adapter,
     stacked_coefficients,
     stacked_rows,
 )
@@ -50,12 +51,24 @@ def runs(batch: LoraBatch, weight: float = 1.0) -> list[Segment]:
     return out
 
 
+def weights_of(batch: LoraBatch, slots: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each slot's (Aᵀ, Bᵀ) read through its page table (slots of rank 0 left out)."""
+    ranks = batch.ranks.tolist()
+    in_features, out_features = batch.x.shape[1], batch.base_out.shape[1]
+    return {
+        s: read_adapter(
+            batch.pool, batch.a_pages[s], batch.b_pages[s], ranks[s], in_features, out_features
+        )
+        for s in slots
+        if ranks[s] > 0
+    }
+
+
 def run_grouped(batch: LoraBatch) -> torch.Tensor:
     out = batch.base_out.clone()
-    ranks, scalings = batch.ranks.tolist(), batch.scalings.tolist()
-    lora_grouped(
-        batch.x, out, batch.pool, batch.a_pages, batch.b_pages, runs(batch), ranks, scalings
-    )
+    segs = runs(batch)
+    weights = weights_of(batch, sorted({s for s, _, _, _ in segs}))
+    lora_grouped(batch.x, out, segs, weights, batch.scalings.tolist())
     return out
 
 
@@ -120,10 +133,10 @@ def test_forms_low_precision(form: str, dtype: torch.dtype) -> None:
 def test_grouped_mixture_segments_add_up() -> None:
     """A row in two segments (a mixture's components) gets both updates, each weighted."""
     batch = make_batch([(4, 0), (3, 2)], SHAPES["w64_in128_out160"])
-    ranks, scalings = batch.ranks.tolist(), batch.scalings.tolist()
+    scalings = batch.scalings.tolist()
     out = batch.base_out.clone()
     mixture: list[Segment] = [(0, 0, 4, 0.25), (2, 0, 4, 0.75)]
-    lora_grouped(batch.x, out, batch.pool, batch.a_pages, batch.b_pages, mixture, ranks, scalings)
+    lora_grouped(batch.x, out, mixture, weights_of(batch, [0, 2]), scalings)
     x = batch.x[:4]
     expected = batch.base_out[:4].clone()
     for slot, weight in ((0, 0.25), (2, 0.75)):
@@ -162,18 +175,19 @@ def test_cost_model_crossover() -> None:
     assert CPU_COSTS.per_op > 0 and CPU_COSTS.per_mac > 0
 
 
-def test_grouped_reads_consecutive_pages_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adapters_in_consecutive_pages_are_read_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     """An adapter whose rows lie in consecutive pages is read as a view: no gather at all,
-    and the same result as through its page table."""
+    the pool's own memory, and the same result as through its page table."""
     width, page_width, rank = 128, 64, 8
     chunks = width // page_width
     pool = torch.randn(2 * rank * chunks + 5, page_width)
-    a_pages = torch.arange(3, 3 + rank * chunks, dtype=torch.int32).view(1, rank, chunks)
+    a_pages = torch.arange(3, 3 + rank * chunks, dtype=torch.int32).view(rank, chunks)
     b_pages = (a_pages + rank * chunks).contiguous()
     x, base = torch.randn(5, width), torch.randn(5, width)
     segments: list[Segment] = [(0, 1, 4, 1.0)]
     gathered = base.clone()
-    lora_grouped(x, gathered, pool, a_pages, b_pages, segments, [rank], [0.5])
+    pair = read_adapter(pool, a_pages, b_pages, rank, width, width)
+    lora_grouped(x, gathered, segments, {0: pair}, [0.5])
 
     import kernels.lora_grouped as grouped
 
@@ -182,6 +196,8 @@ def test_grouped_reads_consecutive_pages_in_place(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(grouped, "read_rows", forbidden)
     in_place = base.clone()
-    lora_grouped(x, in_place, pool, a_pages, b_pages, segments, [rank], [0.5], [3], [3 + 16])
+    view = read_adapter(pool, a_pages, b_pages, rank, width, width, 3, 3 + rank * chunks)
+    assert view[0].untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
+    lora_grouped(x, in_place, segments, {0: view}, [0.5])
     torch.testing.assert_close(in_place, gathered, atol=1e-6, rtol=1e-6)
     assert torch.equal(in_place[0], base[0]) and torch.equal(in_place[4], base[4])

@@ -1,8 +1,9 @@
-"""``loraserve bench``: serve, sweep and make-adapters.
+"""``loraserve bench``: serve, sweep, compare and make-adapters.
 
 loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
 loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
 loraserve bench make-adapters --model DIR --n N --ranks 8,16,32,64 --targets ... --out DIR
+loraserve bench compare --model DIR [--load-format dummy] [--systems ...] [--base] --out DIR
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from pathlib import Path
 
 from server.bench.metrics import SLO, format_summary, summarize
@@ -79,6 +81,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     _workload_args(sweep)
     sweep.set_defaults(run=_sweep)
 
+    _add_compare_parser(sub)
+
     make = sub.add_parser("make-adapters", help="random PEFT adapters shaped for a base")
     make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
     make.add_argument("--n", type=int, required=True)
@@ -88,6 +92,46 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", type=Path, required=True)
     make.set_defaults(run=_make_adapters)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    compare = sub.add_parser(
+        "compare",
+        help="loraserve over HTTP and in-process against the PEFT baselines, one request list",
+    )
+    compare.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
+    compare.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    compare.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    compare.add_argument(
+        "--systems",
+        default="loraserve-http,loraserve,peft-mixed,peft",
+        help="some of loraserve-http, loraserve, peft-mixed, peft (default: all)",
+    )
+    compare.add_argument(
+        "--base", action="store_true", help="also run every system on the base (n = 0)"
+    )
+    compare.add_argument("--num-requests", type=int, default=64)
+    compare.add_argument("--num-adapters", type=int, default=8)
+    compare.add_argument("--ranks", type=_ints, default=[4, 8, 16], help="round-robin")
+    compare.add_argument("--targets", default=ATTENTION)
+    compare.add_argument("--adapter-dir", type=Path, default=None, help="existing adapters")
+    compare.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
+    compare.add_argument("--input-range", type=_range, default=(8, 120))
+    compare.add_argument("--output-range", type=_range, default=(8, 64))
+    compare.add_argument("--seed", type=int, default=42)
+    compare.add_argument("--batch-size", type=int, default=64, help="the baselines' batches")
+    compare.add_argument("--max-num-seqs", type=int, default=None, help="default: --batch-size")
+    compare.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every system (default: $OMP_NUM_THREADS, else 1)",
+    )
+    compare.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    compare.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
+    compare.set_defaults(run=_compare)
 
 
 def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
@@ -178,6 +222,38 @@ def _sweep(args: argparse.Namespace) -> int:
     for name, ratio in result["ratios"].items():
         print(f"{name}: {ratio:.2f}x")
     print(f"wrote {args.out}/sweep.json and plots")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from server.bench.compare import CompareArgs, format_table, run_compare  # needs peft
+
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    result = run_compare(
+        CompareArgs(
+            model_dir=args.model,
+            out=args.out,
+            num_requests=args.num_requests,
+            num_adapters=args.num_adapters,
+            ranks=args.ranks,
+            targets=args.targets.split(","),
+            input_range=args.input_range,
+            output_range=args.output_range,
+            alpha=args.alpha,
+            seed=args.seed,
+            systems=[s for s in args.systems.split(",") if s],
+            base=args.base,
+            batch_size=args.batch_size,
+            max_num_seqs=args.max_num_seqs,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            adapter_dir=args.adapter_dir,
+            threads=threads,
+            startup_timeout_s=args.startup_timeout,
+        )
+    )
+    print(format_table(result))
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
     return 0
 
 

@@ -3,7 +3,7 @@
     python benchmarks/step_profile.py                         # the demo, 64 requests, 8 adapters
     python benchmarks/step_profile.py --model benchmarks/presets/llama-30m --load-format dummy \\
         --num-adapters 32 --ranks 8,16,32,64 --targets all --out benchmarks/results/profile-30m
-    python benchmarks/step_profile.py --http                  # also over HTTP, side by side
+    python benchmarks/step_profile.py --http    # also the same workload over HTTP (bench compare)
 
 Runs one seeded W2 request list (every request arriving at once, EOS ignored) through the
 engine in this process with timers wrapped around each phase, and prints each phase's share
@@ -20,10 +20,10 @@ of the stepping time:
     rest       everything else inside step(): the inbox, the runner's bookkeeping
 
 The wrappers add a little time of their own (a few microseconds per call), so the shares are
-for diagnosis; throughput figures come from runs without them (``--http`` adds the same
-workload over HTTP against a ``loraserve serve`` subprocess, and in-process without timers,
-so the boundary's cost shows as their ratio). ``--out DIR`` writes ``profile.json`` and a
-bar chart ``profile.png``.
+for diagnosis; the throughput printed first comes from a run without them. ``--http`` then
+runs the same workload through ``loraserve bench compare`` over HTTP (a ``loraserve serve``
+subprocess, streamed) and in-process, so what the process boundary, HTTP and streaming cost
+shows as their ratio. ``--out DIR`` writes ``profile.json`` and a bar chart ``profile.png``.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--adapter-dir", type=Path, default=None)
+    parser.add_argument("--http", action="store_true", help="also over HTTP (bench compare)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -217,6 +218,14 @@ def main() -> None:
     print(f"{'phase':<10} {'seconds':>8} {'share':>7}")
     for phase in PHASES:
         print(f"{phase:<10} {phase_s[phase]:8.3f} {100 * phase_s[phase] / total:6.1f}%")
+    http = None
+    if args.http:
+        http = over_http(args, (lo_in, hi_in), (lo_out, hi_out), adapter_dir)
+        print(
+            f"bench compare, same workload: over HTTP {http['http']:.0f} tok/s, in-process "
+            f"{http['in_process']:.0f} tok/s: HTTP / in-process = "
+            f"{http['http'] / http['in_process']:.2f} (the boundary: IPC, HTTP, streaming)"
+        )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {
@@ -224,9 +233,43 @@ def main() -> None:
             "tokens": tokens,
             "in_process_tok_s": tokens / plain_s,
             "phase_seconds": phase_s,
+            "http": http,
         }
         (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
         plot(phase_s, args.out / "profile.png", f"{args.model.name}, n = {args.num_adapters}")
+
+
+def over_http(
+    args: argparse.Namespace,
+    input_range: tuple[int, int],
+    output_range: tuple[int, int],
+    adapter_dir: Path,
+) -> dict[str, float]:
+    """Output tok/s of the same workload over HTTP and in-process, from one compare run."""
+    from server.bench.compare import CompareArgs, run_compare
+
+    targets = ALL_TARGETS if args.targets == "all" else tuple(args.targets.split(","))
+    result = run_compare(
+        CompareArgs(
+            model_dir=args.model,
+            out=(args.out or Path("/tmp/step-profile")) / "compare",
+            num_requests=args.num_requests,
+            num_adapters=args.num_adapters,
+            ranks=list(args.ranks),
+            targets=list(targets),
+            input_range=input_range,
+            output_range=output_range,
+            systems=["loraserve-http", "loraserve"],
+            batch_size=args.max_num_seqs,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            adapter_dir=adapter_dir,
+            threads=args.threads,
+            progress=False,
+        )
+    )
+    by_system = {s["system"]: s["output_throughput"] for s in result["systems"]}
+    return {"http": by_system["loraserve-http"], "in_process": by_system["loraserve"]}
 
 
 def plot(phase_s: dict[str, float], path: Path, title: str) -> None:

@@ -132,7 +132,7 @@ class TorchLora(LoraBackend):
         self.force_form = force_form  # tests and benchmarks pin a form; None: the cost model
         # Views of adapters whose rows lie in consecutive pages, kept across steps: keyed by
         # where they are, so a view is reused only while it still reads those very pages.
-        self._views: dict[tuple[int, int, int, int, int, int], tuple[torch.Tensor, ...]] = {}
+        self._views: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def apply(
         self,
@@ -170,7 +170,7 @@ class TorchLora(LoraBackend):
                     if len(self._views) >= _MAX_VIEWS:
                         self._views.clear()
                     self._views[key] = pair
-            weights[slot] = pair  # type: ignore[assignment]
+            weights[slot] = pair
         for segments in meta.segments:
             lora_grouped(x, out, segments, weights, scalings)
 

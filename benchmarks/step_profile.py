@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.attention import AttentionBackend
 from engine.config import DEMO_DIR, EngineConfig
 from server.bench.make_adapters import make_random_adapters
 from server.bench.workloads import Workload, synthetic_w2
@@ -94,14 +93,15 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
             module.forward = timers.wrap("forward.linears", module.forward)  # type: ignore[method-assign]
         backends = getattr(module, "backends", None)
         if backends is not None:
-            attention = AttentionBackend(
-                backends.attention.name,
-                timers.wrap("forward.attention", backends.attention.decode),
-                timers.wrap("forward.attention", backends.attention.prefill),
+            attention = replace(
+                backends.attention,
+                decode=timers.wrap("forward.attention", backends.attention.decode),
+                prefill=timers.wrap("forward.attention", backends.attention.prefill),
             )
             module.backends = replace(backends, attention=attention)
     lora = model.model.layers[0].self_attn.backends.lora
-    lora.apply = timers.wrap("forward.lora", lora.apply)  # type: ignore[method-assign]
+    # object.__setattr__: a backend may be a frozen dataclass (older versions' was)
+    object.__setattr__(lora, "apply", timers.wrap("forward.lora", lora.apply))
     engine.step = timers.wrap("step", engine.step)  # type: ignore[method-assign]
 
 
@@ -176,6 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--adapter-dir", type=Path, default=None)
     parser.add_argument("--http", action="store_true", help="also over HTTP (bench compare)")
+    parser.add_argument(
+        "--before", type=Path, default=None, help="an earlier profile.json to plot beside this one"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,7 +239,12 @@ def main() -> None:
             "http": http,
         }
         (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(phase_s, args.out / "profile.png", f"{args.model.name}, n = {args.num_adapters}")
+        title = f"{args.model.name}, {args.num_requests} requests, n = {args.num_adapters}"
+        bars = {"this run": (phase_s, tokens / plain_s)}
+        if args.before is not None:
+            earlier = json.loads(args.before.read_text())
+            bars = {"before": (earlier["phase_seconds"], earlier["in_process_tok_s"]), **bars}
+        plot(bars, args.out / "profile.png", title)
 
 
 def over_http(
@@ -272,24 +280,30 @@ def over_http(
     return {"http": by_system["loraserve-http"], "in_process": by_system["loraserve"]}
 
 
-def plot(phase_s: dict[str, float], path: Path, title: str) -> None:
+def plot(bars: dict[str, tuple[dict[str, float], float]], path: Path, title: str) -> None:
+    """One horizontal bar per profile: seconds per phase, stacked, labelled with tok/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    total = sum(phase_s.values())
-    fig, ax = plt.subplots(figsize=(7, 3))
-    left = 0.0
-    for phase in PHASES:
-        share = 100 * phase_s[phase] / total
-        ax.barh([0], [share], left=left, label=phase)
-        left += share
-    ax.set_xlim(0, 100)
-    ax.set_yticks([])
-    ax.set_xlabel("share of step time (%)")
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(bars)))
+    colors = plt.get_cmap("tab10").colors
+    labels = []
+    for y, (name, (phase_s, tok_s)) in enumerate(bars.items()):
+        left = 0.0
+        for i, phase in enumerate(PHASES):
+            seconds = phase_s.get(phase, 0.0)
+            ax.barh(
+                [y], [seconds], left=left, color=colors[i % 10], label=phase if y == 0 else None
+            )
+            left += seconds
+        labels.append(f"{name}\n{tok_s:.0f} tok/s")
+    ax.set_yticks(range(len(bars)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds of stepping, by phase (with timers)")
     ax.set_title(title)
-    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -9,7 +9,8 @@ the CPU, the Triton kernels on a GPU (or under the Triton interpreter in tests).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ class AttentionMetadata:
         prefill_seq_lens: (num_prefills,) int32 context length after the chunk.
         prefill_k_slots: (num_prefills, max_len) int32.
         prefill_v_slots: (num_prefills, max_len) int32.
+        cache: what a backend derives from this metadata once and reuses in every layer.
     """
 
     new_k_slots: torch.Tensor
@@ -44,19 +46,15 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor
     prefill_k_slots: torch.Tensor
     prefill_v_slots: torch.Tensor
+    cache: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def num_prefills(self) -> int:
         return int(self.prefill_seq_lens.shape[0])
 
 
-DecodeFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
-]
-PrefillFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
-    torch.Tensor,
-]
+DecodeFn = Callable[..., torch.Tensor]
+PrefillFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,21 +62,34 @@ class AttentionBackend:
     """A pair of paged-attention ops (see ``kernels/paged_attention.py`` for their math).
 
     Attributes:
-        decode: ``(q, pool, k_slots, v_slots, seq_lens, scale) -> out``.
-        prefill: ``(q, pool, k_slots, v_slots, cu_seqlens, seq_lens, scale) -> out``.
+        decode: ``(q, pool, k_slots, v_slots, seq_lens, scale, **plan) -> out``.
+        prefill: ``(q, pool, k_slots, v_slots, cu_seqlens, seq_lens, scale, **plan) -> out``.
+        plans: whether the ops take a ``plan`` (the torch references: their gather indices
+            and masks, computed from the metadata once per forward instead of per layer).
     """
 
     name: str
     decode: DecodeFn
     prefill: PrefillFn
+    plans: bool = False
 
     def forward(
         self, q: torch.Tensor, pool: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         """Attention for a whole batch: ``q`` (num_tokens, num_heads, head_dim)."""
         nd = meta.num_decodes
+        num_kv_heads, group = pool.shape[1], q.shape[1] // pool.shape[1]
         parts = []
         if nd:
+            extra = {}
+            if self.plans:
+                plan = meta.cache.get("decode")
+                if plan is None:
+                    plan = meta.cache["decode"] = kernels.plan_decode(
+                        meta.decode_k_slots, meta.decode_v_slots, meta.decode_seq_lens,
+                        num_kv_heads,
+                    )  # fmt: skip
+                extra["plan"] = plan
             parts.append(
                 self.decode(
                     q[:nd],
@@ -87,9 +98,19 @@ class AttentionBackend:
                     meta.decode_v_slots,
                     meta.decode_seq_lens,
                     scale,
+                    **extra,
                 )
             )
         if meta.num_prefills:
+            extra = {}
+            if self.plans:
+                plan = meta.cache.get("prefill")
+                if plan is None:
+                    plan = meta.cache["prefill"] = kernels.plan_prefill(
+                        meta.prefill_k_slots, meta.prefill_v_slots, meta.prefill_cu_seqlens,
+                        meta.prefill_seq_lens, num_kv_heads, group,
+                    )  # fmt: skip
+                extra["plan"] = plan
             parts.append(
                 self.prefill(
                     q[nd:],
@@ -99,6 +120,7 @@ class AttentionBackend:
                     meta.prefill_cu_seqlens,
                     meta.prefill_seq_lens,
                     scale,
+                    **extra,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -107,7 +129,10 @@ class AttentionBackend:
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     # The torch references: the CPU execution path.
     "torch": AttentionBackend(
-        "torch", kernels.paged_decode_attention_ref, kernels.paged_prefill_attention_ref
+        "torch",
+        kernels.paged_decode_attention_ref,
+        kernels.paged_prefill_attention_ref,
+        plans=True,
     ),
     # The Triton kernels: GPUs, and the interpreter in tests.
     "triton": AttentionBackend(

@@ -43,22 +43,101 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------
 
 
-def _gather_head_major(
-    pool: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """K (or V) of a table of page ids, head-major: (num_seqs, num_kv_heads, max_len, head_dim).
+@dataclass(frozen=True)
+class GatherPlan:
+    """What the references derive from a batch's metadata alone, the same in every layer, so
+    a caller running many layers over one batch computes it once (``plan_decode`` /
+    ``plan_prefill``) and passes it to each call.
 
-    ``pool`` is (num_pages, num_kv_heads, head_dim) and ``slots`` (num_seqs, max_len); entries
-    where ``valid`` is False may hold anything and are pointed at page 0 first. One copy
-    straight from the pool viewed as (num_pages · num_kv_heads, head_dim), no permute after.
+    Attributes:
+        k_index / v_index: rows of the pool viewed as (num_pages · num_kv_heads, head_dim)
+            that make K / V head-major, (num_seqs, num_kv_heads, max_len, head_dim), in one
+            index_select; positions past a sequence's end point at page 0.
+        mask: bool, broadcast to the scores (num_seqs, num_kv_heads, rows, max_len).
+        max_len: keys per sequence after padding.
+        rows: prefill only: each packed query row's row in the padded
+            (num_seqs · max_q) layout.
+        max_q: prefill only: query rows per sequence after padding.
     """
-    num_seqs, max_len = slots.shape
-    num_kv_heads, head_dim = pool.shape[1], pool.shape[2]
+
+    k_index: torch.Tensor
+    v_index: torch.Tensor
+    mask: torch.Tensor
+    max_len: int
+    rows: torch.Tensor | None = None
+    max_q: int = 1
+
+
+def _head_major_index(slots: torch.Tensor, valid: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(num_seqs · num_kv_heads · max_len,) pool rows for a (num_seqs, max_len) page table."""
     heads = torch.arange(num_kv_heads, device=slots.device, dtype=slots.dtype)
     pages = torch.where(valid, slots, 0)
-    index = pages[:, None, :] * num_kv_heads + heads[None, :, None]
-    rows = pool.reshape(-1, head_dim).index_select(0, index.view(-1))
-    return rows.view(num_seqs, num_kv_heads, max_len, head_dim)
+    return (pages[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
+
+
+def _gather(pool: torch.Tensor, index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """K or V head-major, (num_seqs, num_kv_heads, max_len, head_dim), in float32: one copy
+    straight from the pool, no permute after."""
+    num_kv_heads, head_dim = pool.shape[1], pool.shape[2]
+    rows = pool.reshape(-1, head_dim).index_select(0, index)
+    return rows.view(num_seqs, num_kv_heads, -1, head_dim).float()
+
+
+def plan_decode(
+    k_slots: torch.Tensor, v_slots: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int
+) -> GatherPlan:
+    """The decode reference's :class:`GatherPlan` (one device read: the longest context)."""
+    max_len = int(seq_lens.max())
+    assert int(seq_lens.min()) >= 1 and max_len <= k_slots.shape[1], "bad seq_lens"
+    valid = torch.arange(max_len, device=k_slots.device)[None, :] < seq_lens[:, None]
+    return GatherPlan(
+        k_index=_head_major_index(k_slots[:, :max_len], valid, num_kv_heads),
+        v_index=_head_major_index(v_slots[:, :max_len], valid, num_kv_heads),
+        mask=valid[:, None, None, :],  # (num_seqs, 1, 1, max_len)
+        max_len=max_len,
+    )
+
+
+def plan_prefill(
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    num_kv_heads: int,
+    group: int,
+) -> GatherPlan:
+    """The prefill reference's :class:`GatherPlan`: queries padded to the longest chunk,
+    keys to the longest context, causal with each chunk's offset."""
+    q_starts = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    num_seqs = len(lens)
+    q_lens = [q_starts[s + 1] - q_starts[s] for s in range(num_seqs)]
+    for q_len, seq_len in zip(q_lens, lens, strict=True):
+        assert 0 <= q_len <= seq_len <= k_slots.shape[1], "bad lengths for a sequence"
+    max_q, max_len = max(q_lens), max(lens)
+    device = k_slots.device
+    rows = torch.tensor(
+        [s * max_q + i for s, q_len in enumerate(q_lens) for i in range(q_len)], device=device
+    )
+    kv_pos = torch.arange(max_len, device=device)
+    valid = kv_pos[None, :] < seq_lens[:, None]  # (num_seqs, max_len)
+    # Query i of sequence s sits at position seq_len - q_len + i: causal with that offset.
+    # Padded query rows see key 0 only (their output is dropped), so no row is all -inf.
+    offsets = torch.tensor([n - m for n, m in zip(lens, q_lens, strict=True)], device=device)
+    steps = torch.arange(max_q, device=device)[None, :]
+    q_pos = offsets[:, None] + steps  # (num_seqs, max_q)
+    q_real = steps < torch.tensor(q_lens, device=device)[:, None]
+    allowed = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_real[:, :, None]
+    allowed[:, :, 0] |= ~q_real
+    mask = allowed[:, None].expand(num_seqs, group, max_q, max_len)
+    return GatherPlan(
+        k_index=_head_major_index(k_slots[:, :max_len], valid, num_kv_heads),
+        v_index=_head_major_index(v_slots[:, :max_len], valid, num_kv_heads),
+        mask=mask.reshape(num_seqs, 1, group * max_q, max_len),
+        max_len=max_len,
+        rows=rows,
+        max_q=max_q,
+    )
 
 
 def paged_prefill_attention_ref(
@@ -69,34 +148,31 @@ def paged_prefill_attention_ref(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    plan: GatherPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over their paged context (see `Semantics`).
 
     Every chunk at once: queries padded to the longest chunk, keys to the longest context,
     one attention call for the batch (a loop over sequences costs more in dispatch than the
-    padding costs in arithmetic at the sizes a CPU serves).
+    padding costs in arithmetic at the sizes a CPU serves). ``plan``: this batch's
+    :func:`plan_prefill`, computed here when None.
     """
     _check_inputs(q, pool, k_slots, v_slots, seq_lens)
     _check_int32_vector(cu_seqlens_q, k_slots.shape[0] + 1, "cu_seqlens_q")
-    q_starts = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    assert q_starts[0] == 0 and q_starts[-1] == q.shape[0], "cu_seqlens_q must span q's rows"
-    num_seqs = len(lens)
+    num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
         return torch.empty_like(q)
-    q_lens = [q_starts[s + 1] - q_starts[s] for s in range(num_seqs)]
-    for q_len, seq_len in zip(q_lens, lens, strict=True):
-        assert 0 <= q_len <= seq_len <= k_slots.shape[1], "bad lengths for a sequence"
-    max_q, max_len = max(q_lens), max(lens)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = pool.shape[1]
     group = num_heads // num_kv_heads
-    device = q.device
-    # Row of each packed query in the padded (num_seqs · max_q) layout.
-    rows = torch.tensor(
-        [s * max_q + i for s, q_len in enumerate(q_lens) for i in range(q_len)], device=device
-    )
-    padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim).index_copy_(0, rows, q)
+    if plan is None:
+        assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0], (
+            "cu_seqlens_q must span q's rows"
+        )
+        plan = plan_prefill(k_slots, v_slots, cu_seqlens_q, seq_lens, num_kv_heads, group)
+    assert plan.rows is not None and plan.rows.shape[0] == q.shape[0], "plan of another batch"
+    max_q = plan.max_q
+    padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim).index_copy_(0, plan.rows, q)
     # (num_seqs, num_kv_heads, group · max_q, head_dim): a kv head's query heads as its rows
     q_grouped = (
         padded.float()
@@ -104,29 +180,16 @@ def paged_prefill_attention_ref(
         .permute(0, 2, 3, 1, 4)
         .reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
     )
-    kv_pos = torch.arange(max_len, device=device)
-    valid = kv_pos[None, :] < seq_lens[:, None]  # (num_seqs, max_len)
-    k = _gather_head_major(pool, k_slots[:, :max_len], valid).float()
-    v = _gather_head_major(pool, v_slots[:, :max_len], valid).float()
-    # Query i of sequence s sits at position seq_len - q_len + i: causal with that offset.
-    # Padded query rows see key 0 only (their output is dropped), so no row is all -inf.
-    offsets = torch.tensor([n - m for n, m in zip(lens, q_lens, strict=True)], device=device)
-    q_pos = offsets[:, None] + torch.arange(max_q, device=device)[None, :]  # (num_seqs, max_q)
-    q_real = (
-        torch.arange(max_q, device=device)[None, :] < torch.tensor(q_lens, device=device)[:, None]
-    )
-    allowed = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_real[:, :, None]
-    allowed[:, :, 0] |= ~q_real
-    mask = allowed[:, None].expand(num_seqs, group, max_q, max_len)
-    mask = mask.reshape(num_seqs, 1, group * max_q, max_len)
-    out = F.scaled_dot_product_attention(q_grouped, k, v, attn_mask=mask, scale=scale)
+    k = _gather(pool, plan.k_index, num_seqs)
+    v = _gather(pool, plan.v_index, num_seqs)
+    out = F.scaled_dot_product_attention(q_grouped, k, v, attn_mask=plan.mask, scale=scale)
     # back to packed rows: (num_seqs · max_q, num_heads, head_dim)
     out = (
         out.view(num_seqs, num_kv_heads, group, max_q, head_dim)
         .permute(0, 3, 1, 2, 4)
         .reshape(num_seqs * max_q, num_heads, head_dim)
     )
-    return out.index_select(0, rows).to(q.dtype)
+    return out.index_select(0, plan.rows).to(q.dtype)
 
 
 def paged_decode_attention_ref(
@@ -136,27 +199,24 @@ def paged_decode_attention_ref(
     v_slots: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    plan: GatherPlan | None = None,
 ) -> torch.Tensor:
-    """One query per sequence over its paged context, batched over sequences (see `Semantics`)."""
+    """One query per sequence over its paged context, batched over sequences (see
+    `Semantics`). ``plan``: this batch's :func:`plan_decode`, computed here when None."""
     _check_inputs(q, pool, k_slots, v_slots, seq_lens)
     assert q.shape[0] == k_slots.shape[0], "decode takes exactly one query row per sequence"
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    max_len = int(seq_lens.max())
-    assert int(seq_lens.min()) >= 1 and max_len <= k_slots.shape[1], "bad seq_lens"
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1]
     group = num_heads // num_kv_heads
-    kv_pos = torch.arange(max_len, device=q.device)
-    valid = kv_pos[None, :] < seq_lens[:, None]  # (num_seqs, max_len)
-    k = _gather_head_major(pool, k_slots[:, :max_len], valid).float()
-    v = _gather_head_major(pool, v_slots[:, :max_len], valid).float()
+    if plan is None:
+        plan = plan_decode(k_slots, v_slots, seq_lens, num_kv_heads)
+    k, v = _gather(pool, plan.k_index, num_seqs), _gather(pool, plan.v_index, num_seqs)
     # Grouped-query attention without repeating K/V: a kv head's `group` query heads are its
     # `group` query rows. (num_seqs, num_kv_heads, group, head_dim)
     q_grouped = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(
-        q_grouped, k, v, attn_mask=valid[:, None, None, :], scale=scale
-    )
+    out = F.scaled_dot_product_attention(q_grouped, k, v, attn_mask=plan.mask, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 

@@ -351,9 +351,8 @@ class ProcessBridge(BridgeBase):
     def _die(self, reason: str) -> None:
         if self._dead is not None:
             return
-        code = self.process.proc.poll()
         self._dead = reason
-        logger.error("%s (exit code %s): failing %d requests", reason, code, len(self._routes))
+        logger.error("%s: failing %d requests", reason, len(self._routes))
         self._fail_calls(reason)
         self._finish_stragglers("abort", reason, ENGINE_UNAVAILABLE)
         if self.on_dead is not None:

@@ -50,7 +50,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     destinations), the seed, the adapters to load at startup and the log level."""
 
     model_dir: str | None
-    engine_args: dict[str, str | int | float | bool | None]
+    engine_args: dict[str, Any]  # plain values, whatever flags engine_args defines
     seed: int = 0
     lora_modules: list[tuple[str, str]] = []
     log_level: str = "INFO"

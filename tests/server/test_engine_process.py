@@ -145,9 +145,20 @@ def loraserve(tmp: Path, *args: str) -> Iterator[ServeProcess]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        if engine_pid is not None:  # it ends with its socket; make sure
+        if engine_pid is not None:
+            # Its socket closed with the API process: the engine process ends by itself.
+            gone = wait_for(lambda: not _alive(engine_pid), 15)
             with suppress(ProcessLookupError):
                 os.kill(engine_pid, signal.SIGKILL)
+            assert gone, "the engine process outlived the API process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -333,10 +344,12 @@ def test_the_channel_is_private(server: ServeProcess) -> None:
 
 
 def test_queue_bound_then_engine_death(tmp_path: Path) -> None:
-    """A full queue gets 429; a SIGKILLed engine ends requests in flight (an error event,
-    a 503), new requests and /health get 503, and the server exits non-zero."""
+    """A full queue gets 429; a stopped engine fails /health (the watchdog); a SIGKILLed
+    engine ends requests in flight (an error event, a 503), new requests and /health get
+    503, and the server exits non-zero."""
     args = ("--max-num-seqs", "1", "--max-waiting-requests", "1", "--num-pages", "4096")
-    with loraserve(tmp_path, *args, "--engine-failure-exit-delay", "6") as served:
+    args += ("--engine-failure-exit-delay", "6", "--watchdog-timeout", "3")
+    with loraserve(tmp_path, *args) as served:
         engine = served.engine_pid()
         client = served.openai()
         body = {"model": BASE, "prompt": "abc=", "max_tokens": 8}
@@ -353,7 +366,10 @@ def test_queue_bound_then_engine_death(tmp_path: Path) -> None:
         os.kill(engine, signal.SIGSTOP)  # mid-generation, nothing advances any more
         with ThreadPoolExecutor(1) as pool, served.http() as http:
             waiting = pool.submit(http.post, "/v1/completions", json=body)
-            time.sleep(0.5)  # queued in the API process, awaiting the engine's answer
+            # The watchdog notices the silence (the request waits for the engine).
+            assert wait_for(lambda: http.get("/health").status_code == 503, 10)
+            assert "no progress" in http.get("/health").json()["error"]["message"]
+            assert not waiting.done()
             started = time.monotonic()
             os.kill(engine, signal.SIGKILL)
             assert_error(waiting.result(10), 503, "engine_unavailable")

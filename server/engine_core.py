@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adapters.errors import AdapterError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -517,6 +519,22 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
     )
 
 
+def size_cpu_threads() -> int:
+    """Leave one core to the API process: torch's intra-op threads (OpenMP) spin at their
+    barriers, and with as many threads as cores a busy event loop next door preempts one
+    of them at every barrier (on 2 cores, steps then take 10x longer). ``OMP_NUM_THREADS``
+    set by the operator wins. Returns the number of threads."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def read_token(fd: int) -> str:
     """The token from the pipe the API process wrote it into (never argv nor the
     environment, which other processes of the user can read)."""
@@ -547,6 +565,7 @@ def main() -> int:
     server = EngineSocketServer(path, token, peer_pid=os.getppid())
     conn, hello, decoder = server.accept(_ACCEPT_S)
     logging.getLogger().setLevel(hello.spec.log_level.upper())
+    logger.info("%d CPU threads for torch", size_cpu_threads())
     try:
         engine = build_from_spec(hello.spec)
     except Exception as e:

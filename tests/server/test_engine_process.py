@@ -340,6 +340,23 @@ def test_the_channel_is_private(server: ServeProcess) -> None:
     assert cmdline.split(b"\0")[1:3] == [b"-m", b"server.engine_core"]
 
 
+def test_sigterm_lets_running_requests_finish_then_exits(server: ServeProcess) -> None:
+    """The last test on this server: SIGTERM drains (--drain-timeout 30, the default), the
+    stream in flight ends normally, the server exits and its engine process with it."""
+    stream = server.openai().completions.create(
+        model="upper", prompt="abc=", temperature=0, stream=True, **LONG
+    )
+    chunks = iter(stream)
+    first = next(chunks)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].text for c in [first, *rest])
+    assert text.startswith("ABC")
+    # uvicorn ends by raising the signal again once it has shut down (as test_faults.py).
+    assert server.proc.wait(30) in (0, -signal.SIGTERM), server.output()
+
+
 # -- the engine process dies --------------------------------------------------------------
 
 

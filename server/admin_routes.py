@@ -2,12 +2,11 @@
 
 Registered only when an admin key is set or runtime loading was enabled by flag (otherwise
 they do not exist: 404). Loads and unloads are serialized; a load validates the adapter
-fully, in a worker thread, before its name becomes servable.
+fully, in a worker thread (of the engine's process), before its name becomes servable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -40,7 +39,7 @@ def admin_router(state: ServerState) -> APIRouter:
         async with state.admin_lock:
             started = time.monotonic()
             try:
-                await asyncio.to_thread(state.engine.load_lora, body.lora_name, path, body.replace)
+                await state.handle.load_lora(body.lora_name, path, body.replace)
             except AdapterError as e:
                 param = "lora_name" if e.code == "adapter_already_loaded" else "lora_path"
                 raise from_adapter_error(e, param) from None
@@ -54,7 +53,7 @@ def admin_router(state: ServerState) -> APIRouter:
         body = parse_body(await read_body(request, config.max_request_bytes), UnloadLoraRequest)
         async with state.admin_lock:
             try:
-                state.engine.unload_lora(body.lora_name)
+                await state.handle.unload_lora(body.lora_name)
             except AdapterError as e:
                 raise from_adapter_error(e, "lora_name") from None
         logger.info("unloaded adapter %s", body.lora_name)

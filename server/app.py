@@ -2,13 +2,15 @@
 
 Middleware, outermost first: CORS (only when origins are listed, so preflights are answered
 before a key is asked for), then the API-key check (only when a key is set). The engine
-thread starts with the application and stops after its last request.
+thread (or the connection to the engine process) starts with the application and stops
+after its last request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,11 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 
 from engine.llm_engine import LLMEngine
+from engine.loader import load_tokenizer
 from server.adapter_routes import adapter_router
 from server.admin_routes import admin_router
 from server.auth import KeyAuthMiddleware
 from server.bridge import EngineBridge
 from server.config import ServerConfig
+from server.engine_client import EngineProcess, ProcessBridge, RemoteEngine
+from server.engine_handle import LocalEngine
 from server.errors import APIError, install_error_handlers
 from server.formatting import TokenText
 from server.metrics import CONTENT_TYPE, ServerMetrics
@@ -39,7 +44,8 @@ class _CORSMiddleware(CORSMiddleware):
 
 
 def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    """Build the server for a constructed engine (adapters given at startup already loaded).
+    """Build the server for a constructed engine (adapters given at startup already loaded),
+    stepped by a thread of this process.
 
     The returned app's ``state.server`` holds the :class:`ServerState` (tests and the load
     test reach the bridge through it).
@@ -47,7 +53,8 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(engine.stats, config.max_metric_adapters)
     max_pending = engine.config.scheduler.max_num_seqs + config.max_waiting
     bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics)
-    state = ServerState(engine, bridge, config, metrics, TokenText(engine.tokenizer))
+    handle = LocalEngine(engine, bridge)
+    state = ServerState(engine, bridge, config, metrics, TokenText(engine.tokenizer), handle)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +64,14 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         finally:
             bridge.stop()
 
+    return build_app(state, lifespan)
+
+
+def build_app(
+    state: ServerState, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
+) -> FastAPI:
+    """The routes over ``state``; ``lifespan`` starts and stops its bridge."""
+    config, bridge, metrics = state.config, state.bridge, state.metrics
     app = FastAPI(
         title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -81,6 +96,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await state.handle.refresh_stats()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai_router(state))
@@ -88,3 +104,34 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         app.include_router(admin_router(state))
         app.include_router(adapter_router(state))
     return app
+
+
+def create_app_for_process(
+    process: EngineProcess, config: ServerConfig, on_dead: Callable[[], None] | None = None
+) -> FastAPI:
+    """Build the server for a ready engine process (:meth:`EngineProcess.spawn`); the app
+    owns it from then on and ends it when it stops.
+
+    The tokenizer is loaded here, from the model directory the engine process reports, the
+    way the engine loads its own. ``on_dead`` runs (on the event loop) if the engine
+    process dies; ``loraserve serve`` exits then.
+    """
+    info = process.info
+    tokenizer = load_tokenizer(Path(info.model_dir), info.load_format)
+    metrics = ServerMetrics(None, config.max_metric_adapters)
+    max_pending = info.max_num_seqs + config.max_waiting
+    bridge = ProcessBridge(process, tokenizer, max_pending, config.watchdog_s, metrics, on_dead)
+    handle = RemoteEngine(bridge, info, tokenizer)
+    metrics.watch_engine(handle.stats)
+    state = ServerState(None, bridge, config, metrics, TokenText(tokenizer), handle)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await bridge.start()
+        try:
+            await handle.refresh_stats()
+            yield
+        finally:
+            await bridge.stop()
+
+    return build_app(state, lifespan)

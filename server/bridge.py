@@ -1,5 +1,10 @@
 """The engine thread and the asyncio side that talks to it.
 
+:class:`BridgeBase` is what the routes use whichever way the engine runs: admission (429
+past the queue bound), request groups, aborts, drain and the delivery of outputs to the
+groups; :class:`EngineBridge` steps an in-process engine in a thread, and
+:class:`server.engine_client.ProcessBridge` reads the outputs of an engine process.
+
 One thread owns the engine and steps it once per iteration while any request is unfinished,
 whatever the number of open connections: HTTP handlers never call ``step()``. Handlers
 ``submit`` requests (the engine's ``add_request`` is thread-safe and validates at once) and
@@ -61,48 +66,47 @@ class Health:
     reason: str = "ok"
 
 
-class EngineBridge:
-    """Runs the engine loop in a thread and fans its outputs out to request groups.
+class BridgeBase:
+    """Admission, request groups, aborts, drain and delivery (event loop only).
 
     Args:
-        engine: the engine (only this bridge's thread may call ``step``).
-        max_pending: the most unfinished engine requests; past it, ``submit`` raises 429.
-        watchdog_s: a step running longer than this makes :meth:`health` fail.
+        max_pending: the most unfinished engine requests; past it, submissions get 429.
+        watchdog_s: an engine making no progress for longer than this makes
+            :meth:`health` fail.
         metrics: receives request timings.
     """
 
-    def __init__(
-        self, engine: Engine, max_pending: int, watchdog_s: float, metrics: ServerMetrics
-    ) -> None:
-        self.engine = engine
+    def __init__(self, max_pending: int, watchdog_s: float, metrics: ServerMetrics) -> None:
         self.max_pending = max_pending
         self.watchdog_s = watchdog_s
         self.metrics = metrics
         self._routes: dict[str, tuple[RequestGroup, str | None]] = {}  # rid → (group, adapter)
         self._draining = False
         self._ids = itertools.count()
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
-        self._calls = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._dead = False
-        self._busy_since: float | None = None  # when the running step (or call) began
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+
+    # -- what each form provides ----------------------------------------------------------
+
+    def health(self) -> Health:
+        raise NotImplementedError
+
+    def _engine_abort(self, request_ids: list[str]) -> None:
+        """Tell the engine to stop these requests (their final outputs follow)."""
+        raise NotImplementedError
+
+    async def submit_async(
+        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+    ) -> RequestGroup:
+        """Queue one engine request per (prompt, params); all or none are queued.
+
+        Raises:
+            APIError: 503 while draining or when the engine is unavailable, 429 past
+                ``max_pending``.
+            ValueError, AdapterError: from the engine's validation (nothing stays queued).
+        """
+        raise NotImplementedError
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the engine thread; call from the event loop that will read the outputs."""
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def begin_drain(self, timeout_s: float) -> None:
         """Stop admitting; abort whatever still runs after ``timeout_s``. Event loop only."""
@@ -125,6 +129,120 @@ class EngineBridge:
     @property
     def num_pending(self) -> int:
         return len(self._routes)
+
+    # -- requests (event loop) ------------------------------------------------------------
+
+    def _admit(self, num_prompts: int) -> RequestGroup:
+        """A new group for ``num_prompts`` requests, if they may be queued now."""
+        if self._draining:
+            raise APIError(503, "server_shutting_down", "the server is shutting down")
+        health = self.health()
+        if not health.ok:
+            raise APIError(503, "engine_unavailable", health.reason)
+        if len(self._routes) + num_prompts > self.max_pending:
+            raise APIError(
+                429,
+                "server_overloaded",
+                "too many requests queued; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        base = f"req-{next(self._ids)}"
+        return RequestGroup([f"{base}-{i}" for i in range(num_prompts)], time.monotonic())
+
+    def abort(self, group: RequestGroup) -> None:
+        """Drop a group whose client has gone; the engine frees it at its next step."""
+        aborted = []
+        for rid in list(group.unfinished):
+            if self._routes.pop(rid, None) is not None:
+                aborted.append(rid)
+                self.metrics.request_finished("abort", time.monotonic() - group.arrival)
+        group.unfinished.clear()
+        self._engine_abort(aborted)
+
+    def _abort_all(self) -> None:
+        """Drain timeout: abort every request; clients still receive their final outputs."""
+        if not self._routes:
+            return
+        logger.warning("drain timeout: aborting %d requests", len(self._routes))
+        self._engine_abort(list(self._routes))
+        assert self._loop is not None
+        self._loop.call_later(_ABORT_GRACE_S, self._finish_stragglers, "abort", None)
+
+    def _finish_stragglers(
+        self, reason: str, error: str | None, error_code: str | None = None
+    ) -> None:
+        """End requests the engine never answered (it failed, or lost them) with a final output."""
+        stragglers = list(self._routes)
+        self._engine_abort(stragglers)
+        self._deliver(
+            [final_output(rid, reason, error, error_code) for rid in stragglers], time.monotonic()
+        )
+
+    def _deliver(self, outputs: list[RequestOutput], step_started: float) -> None:
+        """One step's outputs, on the event loop: route each to its group, record timings."""
+        now = time.monotonic()
+        for output in outputs:
+            route = self._routes.get(output.request_id)
+            if route is None:
+                continue  # aborted by its client
+            group, adapter = route
+            rid = output.request_id
+            if output.new_token_ids:
+                group.num_tokens[rid] = output.num_output_tokens
+                last = group.last_token_time.get(rid)
+                if last is None:
+                    # The engine's queue time starts at add_request; fall back to the step
+                    # start for outputs that carry none (fakes in tests).
+                    queue_s = output.queue_time
+                    if queue_s is None:
+                        queue_s = step_started - group.arrival
+                    self.metrics.first_token(now - group.arrival, queue_s)
+                else:
+                    self.metrics.inter_token(now - last)
+                group.last_token_time[rid] = now
+            if output.finished:
+                del self._routes[output.request_id]
+                reason = output.finish_reason or "abort"
+                self.metrics.request_finished(reason, now - group.arrival, adapter)
+            group.queue.put_nowait(output)
+
+
+class EngineBridge(BridgeBase):
+    """Runs the engine loop in a thread and fans its outputs out to request groups.
+
+    Args:
+        engine: the engine (only this bridge's thread may call ``step``).
+        max_pending: the most unfinished engine requests; past it, ``submit`` raises 429.
+        watchdog_s: a step running longer than this makes :meth:`health` fail.
+        metrics: receives request timings.
+    """
+
+    def __init__(
+        self, engine: Engine, max_pending: int, watchdog_s: float, metrics: ServerMetrics
+    ) -> None:
+        super().__init__(max_pending, watchdog_s, metrics)
+        self.engine = engine
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._calls = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._dead = False
+        self._busy_since: float | None = None  # when the running step (or call) began
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will read the outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def health(self) -> Health:
         if self._draining:
@@ -155,94 +273,30 @@ class EngineBridge:
     def submit(
         self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
     ) -> RequestGroup:
-        """Queue one engine request per (prompt, params); all or none are queued.
-
-        Raises:
-            APIError: 503 while draining or when the engine is dead, 429 past ``max_pending``.
-            ValueError, AdapterError: from the engine's validation (nothing stays queued).
-        """
-        if self._draining:
-            raise APIError(503, "server_shutting_down", "the server is shutting down")
-        if not self.health().ok:
-            raise APIError(503, "engine_unavailable", self.health().reason)
-        if len(self._routes) + len(prompts) > self.max_pending:
-            raise APIError(
-                429,
-                "server_overloaded",
-                "too many requests queued; retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        base = f"req-{next(self._ids)}"
-        group = RequestGroup([f"{base}-{i}" for i in range(len(prompts))], time.monotonic())
+        """:meth:`submit_async`, at once (the engine validates in the caller's thread)."""
+        group = self._admit(len(prompts))
         queued: list[str] = []
         try:
             for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
                 self.engine.add_request(prompt, params, request_id=rid, lora=lora)
                 queued.append(rid)
         except Exception:
-            for rid in queued:
-                self.engine.abort(rid)
-            self._wake.set()
+            self._engine_abort(queued)
             raise
         for rid in queued:
             self._routes[rid] = (group, lora)
         self._wake.set()
         return group
 
-    def abort(self, group: RequestGroup) -> None:
-        """Drop a group whose client has gone; the engine frees it at its next step."""
-        for rid in list(group.unfinished):
-            if self._routes.pop(rid, None) is not None:
-                self.engine.abort(rid)
-                self.metrics.request_finished("abort", time.monotonic() - group.arrival)
-        group.unfinished.clear()
-        self._wake.set()
+    async def submit_async(
+        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+    ) -> RequestGroup:
+        return self.submit(prompts, lora)
 
-    def _abort_all(self) -> None:
-        """Drain timeout: abort every request; clients still receive their final outputs."""
-        if not self._routes:
-            return
-        logger.warning("drain timeout: aborting %d requests", len(self._routes))
-        for rid in self._routes:
+    def _engine_abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
             self.engine.abort(rid)
         self._wake.set()
-        assert self._loop is not None
-        self._loop.call_later(_ABORT_GRACE_S, self._finish_stragglers, "abort", None)
-
-    def _finish_stragglers(self, reason: str, error: str | None) -> None:
-        """End requests the engine never answered (it failed, or lost them) with a final output."""
-        for rid in list(self._routes):
-            self.engine.abort(rid)
-            self._deliver([final_output(rid, reason, error)], time.monotonic())
-        self._wake.set()
-
-    def _deliver(self, outputs: list[RequestOutput], step_started: float) -> None:
-        """One step's outputs, on the event loop: route each to its group, record timings."""
-        now = time.monotonic()
-        for output in outputs:
-            route = self._routes.get(output.request_id)
-            if route is None:
-                continue  # aborted by its client
-            group, adapter = route
-            rid = output.request_id
-            if output.new_token_ids:
-                group.num_tokens[rid] = output.num_output_tokens
-                last = group.last_token_time.get(rid)
-                if last is None:
-                    # The engine's queue time starts at add_request; fall back to the step
-                    # start for outputs that carry none (fakes in tests).
-                    queue_s = output.queue_time
-                    if queue_s is None:
-                        queue_s = step_started - group.arrival
-                    self.metrics.first_token(now - group.arrival, queue_s)
-                else:
-                    self.metrics.inter_token(now - last)
-                group.last_token_time[rid] = now
-            if output.finished:
-                del self._routes[output.request_id]
-                reason = output.finish_reason or "abort"
-                self.metrics.request_finished(reason, now - group.arrival, adapter)
-            group.queue.put_nowait(output)
 
     # -- the engine thread ----------------------------------------------------------------
 

@@ -33,6 +33,9 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 
+# The engine process has stopped (process mode): requests in flight and new ones get 503.
+ENGINE_UNAVAILABLE = "engine_unavailable"
+
 # AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400.
 # A missing adapter directory is a bad lora_path (400, as RELIABILITY.md's Adapters table
 # says); 404 is for names: a request or an unload naming no loaded adapter.

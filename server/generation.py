@@ -19,8 +19,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.outputs import RequestOutput
-from server.bridge import EngineBridge
-from server.errors import APIError
+from server.bridge import BridgeBase
+from server.errors import ENGINE_UNAVAILABLE, APIError
 from server.formatting import Choice, Json, Logprob, Renderer, usage
 from server.request_group import RequestGroup
 
@@ -38,7 +38,7 @@ class Generation:
 
     def __init__(
         self,
-        bridge: EngineBridge,
+        bridge: BridgeBase,
         group: RequestGroup,
         renderer: Renderer,
         n: int,
@@ -103,7 +103,8 @@ class Generation:
             self.abort()
         failed = next((c for c in self.choices if c.error), None)
         if failed is not None and failed.error is not None:
-            raise APIError(500, failed.error_code, failed.error)
+            status = 503 if failed.error_code == ENGINE_UNAVAILABLE else 500
+            raise APIError(status, failed.error_code, failed.error)
         return self.renderer.response(self.choices, usage(self.choices, self.n))
 
     # -- a stream -------------------------------------------------------------------------

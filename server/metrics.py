@@ -135,7 +135,7 @@ class ServerMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         if stats is not None:
-            self.registry.register(_EngineCollector(stats))
+            self.watch_engine(stats)
         r = self.registry
         self.ttft = Histogram(
             P + "time_to_first_token_seconds",
@@ -188,6 +188,10 @@ class ServerMetrics:
         self._max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()
         self._lock = threading.Lock()
+
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
+        """Export the engine's snapshot, read through ``stats`` at each scrape."""
+        self.registry.register(_EngineCollector(stats))
 
     def first_token(self, ttft_s: float, queue_s: float) -> None:
         self.ttft.observe(ttft_s)

@@ -63,7 +63,7 @@ def openai_router(state: ServerState) -> APIRouter:
         ids = _render_chat(state, body)
         max_tokens = body.max_new_tokens
         if max_tokens is None:  # fill the context, as the OpenAI API does
-            max_tokens = state.engine.config.model.max_model_len - len(ids)
+            max_tokens = state.handle.max_model_len - len(ids)
             if max_tokens < 1:
                 raise APIError(
                     400,
@@ -80,7 +80,7 @@ def openai_router(state: ServerState) -> APIRouter:
     async def models() -> dict[str, Any]:
         created = int(time.time())
         base = config.model_name
-        max_len = state.engine.config.model.max_model_len
+        max_len = state.handle.max_model_len
 
         def card(name: str, parent: str | None) -> dict[str, Any]:
             return {
@@ -93,7 +93,7 @@ def openai_router(state: ServerState) -> APIRouter:
                 "max_model_len": max_len,
             }
 
-        names = [n for n in state.engine.adapters.registry.names() if not n.startswith("_")]
+        names = [n for n in await state.handle.adapter_names() if not n.startswith("_")]
         return {"object": "list", "data": [card(base, None)] + [card(n, base) for n in names]}
 
     return router
@@ -110,7 +110,7 @@ async def _generate(
 ) -> Response:
     """Queue the jobs, then stream or collect their outputs."""
     try:
-        group = state.bridge.submit(jobs, state.lora_for(body.model))
+        group = await state.bridge.submit_async(jobs, state.lora_for(body.model))
     except AdapterError as e:
         raise from_adapter_error(e, "model") from None
     except APIError as e:
@@ -139,7 +139,7 @@ async def _tokenize(state: ServerState, prompts: list[Prompt]) -> list[list[int]
 
     Long texts are tokenized in a worker thread so that the event loop keeps streaming.
     """
-    tokenizer = state.engine.tokenizer
+    tokenizer = state.handle.tokenizer
 
     def run() -> list[list[int]]:
         return [list(tokenizer(p).input_ids) if isinstance(p, str) else p for p in prompts]
@@ -151,12 +151,12 @@ async def _tokenize(state: ServerState, prompts: list[Prompt]) -> list[list[int]
 def _prompt_text(state: ServerState, prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
-    return str(state.engine.tokenizer.decode(prompt, skip_special_tokens=True))
+    return str(state.handle.tokenizer.decode(prompt, skip_special_tokens=True))
 
 
 def _render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     """The conversation through the tokenizer's chat template, as token ids."""
-    tokenizer = state.engine.tokenizer
+    tokenizer = state.handle.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "chat_template_missing", "the model has no chat template", "messages")
     try:

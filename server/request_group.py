@@ -34,7 +34,9 @@ class RequestGroup:
         return self.index[output.request_id], output
 
 
-def final_output(request_id: str, reason: str, error: str | None) -> RequestOutput:
+def final_output(
+    request_id: str, reason: str, error: str | None, error_code: str | None = None
+) -> RequestOutput:
     """A last output the engine never sent (it failed, or lost the request)."""
     return RequestOutput(
         request_id=request_id,
@@ -45,4 +47,5 @@ def final_output(request_id: str, reason: str, error: str | None) -> RequestOutp
         finished=True,
         finish_reason=reason,
         error=error,
+        error_code=error_code,
     )

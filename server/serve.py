@@ -7,11 +7,18 @@ With no MODEL_DIR it serves the bundled demo model and every adapter directory u
 ``examples/demo/adapters`` (an adapter still being trained, without its config, is skipped).
 SIGTERM stops admitting requests, lets running ones finish for ``--drain-timeout`` seconds,
 then aborts the rest (``finish_reason: "abort"``).
+
+The engine runs in its own process (:mod:`server.engine_core`; this one keeps HTTP,
+tokenization and streaming), so that the event loop and the engine do not share a GIL;
+``--engine-in-process`` steps it in a thread of this process instead. If the engine process
+dies, the server answers 503 for ``--engine-failure-exit-delay`` seconds (so that health
+checks see it), then exits with status 1 for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -23,10 +30,12 @@ import uvicorn
 from adapters.errors import AdapterError
 from engine.config import DEMO_DIR
 from engine.llm_engine import LLMEngine
-from server.app import create_app
-from server.bridge import EngineBridge
+from server.app import create_app, create_app_for_process
+from server.bridge import BridgeBase
 from server.config import ServerConfig
 from server.engine_args import add_engine_args, engine_config
+from server.engine_client import EngineProcess, ProcessBridge
+from server.engine_protocol import EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +96,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-compose-steps", type=int, default=200)
     limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
     parser.add_argument("--no-access-log", action="store_true")
+    engine = parser.add_argument_group("engine process")
+    engine.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="step the engine in a thread of the HTTP process (no engine process)",
+    )
+    engine.add_argument(
+        "--engine-startup-timeout", type=float, default=1800.0, help="seconds to build it"
+    )
+    engine.add_argument(
+        "--engine-failure-exit-delay",
+        type=float,
+        default=5.0,
+        help="seconds of 503s after the engine process dies, before exiting with status 1",
+    )
 
 
 def _lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -117,6 +141,20 @@ def build_engine(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> 
     return engine
 
 
+def engine_spec(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> EngineSpec:
+    """What the engine process builds: the engine flags as parsed, and the adapters."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_args(probe)
+    names = vars(probe.parse_args([])).keys()
+    return EngineSpec(
+        model_dir=args.model_dir,
+        engine_args={name: getattr(args, name) for name in names},
+        seed=args.seed,
+        lora_modules=[(name, str(path)) for name, path in adapters],
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+    )
+
+
 def server_config(args: argparse.Namespace) -> ServerConfig:
     if args.model_dir is None:
         name = args.served_model_name or DEMO_MODEL_NAME
@@ -145,7 +183,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 class DrainingServer(uvicorn.Server):
     """uvicorn, plus: the first SIGTERM/SIGINT starts the bridge's drain."""
 
-    def __init__(self, config: uvicorn.Config, bridge: EngineBridge, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, bridge: BridgeBase, drain_s: float) -> None:
         super().__init__(config)
         self.bridge = bridge
         self.drain_s = drain_s
@@ -159,8 +197,27 @@ class DrainingServer(uvicorn.Server):
 
 def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
-    engine = build_engine(args, _lora_modules(args))
-    app = create_app(engine, config)
+    adapters = _lora_modules(args)
+    server: DrainingServer | None = None
+    process: EngineProcess | None = None
+
+    def on_engine_death() -> None:
+        delay = args.engine_failure_exit_delay
+        logger.error("the engine process died; exiting in %.0f s", delay)
+        asyncio.get_running_loop().call_later(delay, lambda: setattr(server, "should_exit", True))
+
+    if args.engine_in_process:
+        engine = build_engine(args, adapters)
+        app = create_app(engine, config)
+        names = engine.adapters.registry.names()
+    else:
+        process = EngineProcess.spawn(engine_spec(args, adapters), args.engine_startup_timeout)
+        try:
+            app = create_app_for_process(process, config, on_engine_death)
+        except BaseException:
+            process.close()
+            raise
+        names = process.info.adapters
     uv_config = uvicorn.Config(
         app,
         host=args.host,
@@ -170,13 +227,21 @@ def run_serve(args: argparse.Namespace) -> int:
         # A backstop only: the drain aborts everything at drain_timeout.
         timeout_graceful_shutdown=int(config.drain_timeout_s) + 10,
     )
-    adapters = engine.adapters.registry.names()
     logger.info(
-        "serving %s with adapters [%s] on http://%s:%d",
+        "serving %s with adapters [%s] on http://%s:%d (engine %s)",
         config.model_name,
-        ", ".join(adapters),
+        ", ".join(names),
         args.host,
         args.port,
+        "in process" if process is None else f"process {process.proc.pid}",
     )
-    DrainingServer(uv_config, app.state.server.bridge, config.drain_timeout_s).run()
+    bridge = app.state.server.bridge
+    server = DrainingServer(uv_config, bridge, config.drain_timeout_s)
+    try:
+        server.run()
+    finally:
+        if process is not None and process.proc.poll() is None:
+            process.close()  # the app never started (a port in use), so never ended it
+    if isinstance(bridge, ProcessBridge) and bridge.dead:
+        return 1
     return 0

@@ -1,40 +1,41 @@
-"""What every route of one server shares: the engine, its bridge, settings and metrics."""
+"""What every route of one server shares: the engine handle, the bridge, settings, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 
-from adapters.compose import ComposeJob
 from engine.llm_engine import LLMEngine
-from server.bridge import EngineBridge
+from server.bridge import BridgeBase
 from server.config import ServerConfig
+from server.engine_handle import EngineHandle
 from server.formatting import TokenText
 from server.metrics import ServerMetrics
 
 
 @dataclass
 class ServerState:
-    """One server's shared objects (the routes' closure, built by ``create_app``).
+    """One server's shared objects (the routes' closure, built by ``create_app`` or
+    ``create_app_for_process``).
 
     Attributes:
-        engine: for validation calls and adapter management (any thread); only the bridge's
-            thread steps it.
+        engine: the in-process engine (tests reach it here); None when the engine runs in
+            its own process.
         bridge: submits requests and streams their outputs.
         config: access rules and limits.
         metrics: the Prometheus registry.
         token_text: cached token texts for log-probs.
+        handle: the engine as the routes use it (tokenizer, adapters, merges, ...).
         admin_lock: serializes adapter loads and unloads.
-        compose_jobs: composition jobs by id, finished ones included.
     """
 
-    engine: LLMEngine
-    bridge: EngineBridge
+    engine: LLMEngine | None
+    bridge: BridgeBase
     config: ServerConfig
     metrics: ServerMetrics
     token_text: TokenText
+    handle: EngineHandle
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    compose_jobs: dict[str, ComposeJob] = field(default_factory=dict)
 
     def lora_for(self, model: str) -> str | None:
         """The adapter a request's ``model`` names; None for the base model."""

@@ -1,0 +1,150 @@
+"""The adapter routes' work on the engine side: merge, export and the composition jobs.
+
+Both forms of the server run these next to the :class:`~engine.LLMEngine`: the in-process
+server from its worker threads, the engine process from its own (the routes reach them
+through :mod:`server.engine_handle`). Refusals are ``AdapterError`` (the route picks the
+``param``) or a ready :class:`~server.errors.APIError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
+from adapters.errors import INVALID_MERGE, AdapterError
+from adapters.loader import LoraAdapterWeights
+from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
+from adapters.peft_writer import save_peft_adapter
+from engine.composition import RunBatch, start_composition
+from engine.config import DTYPES
+from engine.export import write_merged
+from engine.llm_engine import LLMEngine
+from server.errors import APIError
+
+
+def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path | None) -> int:
+    """Merge, save if asked, then register (a worker thread); returns the rank served.
+
+    Every check runs before the tensor work, and the save before the registration, so a
+    refusal or a failed save leaves nothing registered.
+    """
+    manager = engine.adapters
+    entries = [manager.get(n) for n in spec.adapters]
+    for entry in entries:
+        if entry.is_mixture:
+            raise AdapterError(
+                INVALID_MERGE, f"{entry.name!r} is a mixture; merge its components instead"
+            )
+    weights = [manager.weights_of(e) for e in entries]
+    if spec.combination_type == MIXTURE:
+        if save_to is not None:
+            save_peft_adapter(mixture_as_adapter(weights, spec.weights, name), save_to / name)
+        engine.register_mixture(name, list(zip(spec.adapters, spec.weights, strict=True)))
+        return max(e.max_rank for e in entries)
+    rank = check_merge(weights, spec, manager.layout).r
+    if rank > manager.max_lora_rank:
+        raise AdapterError(
+            "adapter_rank_too_large",
+            f"the merged rank {rank} exceeds the server's max_lora_rank {manager.max_lora_rank}",
+        )
+    merged = merge_adapters(weights, spec, name, layout=manager.layout)
+    if save_to is not None:
+        save_peft_adapter(merged, save_to / name)
+    engine.load_lora_weights(name, merged)
+    return merged.max_rank
+
+
+def adapter_weights(engine: LLMEngine, name: str) -> LoraAdapterWeights:
+    """A loaded adapter's weights; a mixture's as the one adapter it equals."""
+    manager = engine.adapters
+    entry = manager.get(name)
+    if entry.is_mixture:
+        parts = [(manager.weights_of(c), w) for c, w in entry.components]
+        return mixture_as_adapter([p for p, _ in parts], [w for _, w in parts], name)
+    return manager.weights_of(entry)
+
+
+def export_adapter(engine: LLMEngine, name: str, out: Path, dtype: str, quantization: str) -> None:
+    """Write the base with ``name`` merged in to ``out`` (a worker thread).
+
+    Raises:
+        AdapterError: no adapter ``name`` (the route maps it).
+        APIError: 400 ``export_failed`` when the adapter does not fit the base.
+    """
+    adapter = adapter_weights(engine, name)
+    try:
+        write_merged(engine.config.model.model_dir, adapter, out, DTYPES[dtype], quantization)
+    except ValueError as e:  # AdapterError included: the adapter does not fit
+        raise APIError(400, "export_failed", str(e), "name") from None
+
+
+def compose_candidates(engine: LLMEngine) -> list[str]:
+    """A composition's default candidates: every loaded adapter but mixtures and
+    temporary ones."""
+    return [
+        e.name
+        for e in engine.adapters.registry.entries()
+        if not e.is_mixture and not e.name.startswith("_")
+    ]
+
+
+_KEPT_JOBS = 64  # finished composition jobs kept for polling
+
+
+class ComposeJobs:
+    """The composition jobs of one engine, finished ones included (the last 64)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, ComposeJob] = {}
+        self._lock = threading.Lock()
+
+    def start(
+        self,
+        engine: LLMEngine,
+        spec: ComposeSpec,
+        default_candidates: bool,
+        run_batch: RunBatch,
+        save_dir: Path | None,
+        max_candidates: int,
+        max_steps: int,
+        max_jobs: int,
+    ) -> ComposeJob:
+        """Start a job (``default_candidates``: over every loaded adapter).
+
+        Raises:
+            APIError: 429 when ``max_jobs`` are running already.
+            AdapterError: from :func:`engine.composition.start_composition`.
+        """
+        with self._lock:
+            running = sum(1 for j in self._jobs.values() if j.status in ("queued", "running"))
+            if running >= max_jobs:
+                raise APIError(
+                    429,
+                    "too_many_compositions",
+                    f"{running} compositions are running; retry later",
+                    headers={"Retry-After": "5"},
+                )
+            if default_candidates:
+                spec = dataclasses.replace(spec, candidates=tuple(compose_candidates(engine)))
+            job = start_composition(
+                engine,
+                spec,
+                run_batch,
+                save_dir=save_dir,
+                max_candidates=max_candidates,
+                max_steps=max_steps,
+            )
+            self._jobs[job.id] = job
+            self._forget_old()
+        return job
+
+    def get(self, job_id: str) -> ComposeJob | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self._jobs.values() if j.status in ("succeeded", "failed")]
+        for job in sorted(finished, key=lambda j: j.created)[: max(0, len(finished) - _KEPT_JOBS)]:
+            del self._jobs[job.id]

@@ -1,0 +1,519 @@
+"""The API process's side of the engine process: spawning it, the bridge, the handle.
+
+:class:`EngineProcess` starts ``python -m server.engine_core`` (a fresh interpreter, never a
+fork), in a private directory made for its socket, with the token in its environment; it
+connects, authenticates (the token goes through an inherited pipe) and waits for
+:class:`Ready` (a startup error in the engine
+process ends here as a ``ValueError`` with its message). :class:`ProcessBridge` then reads
+the socket on the event loop: each step's outputs go to the request groups as with the
+in-process bridge, replies complete the calls awaiting them. :class:`RemoteEngine` is the
+routes' :class:`~server.engine_handle.EngineHandle` made of calls.
+
+When the engine process dies, every wait ends: pending calls and new requests get 503
+``engine_unavailable``, requests in flight get a final output carrying that error, health
+fails, and ``on_dead`` lets ``loraserve serve`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import PreTrainedTokenizerBase
+
+from adapters.compose import ComposeSpec
+from adapters.errors import AdapterError
+from adapters.merge import MergeSpec
+from engine.outputs import EngineStats
+from engine.sampling_params import SamplingParams
+from server.bridge import BridgeBase, Health
+from server.engine_core import ENV_SOCKET, ENV_TOKEN_FD
+from server.engine_protocol import (
+    HEADER_BYTES,
+    Abort,
+    AddRequests,
+    Call,
+    CheckIntegrity,
+    Compose,
+    ComposeStatus,
+    EngineInfo,
+    EngineSpec,
+    Export,
+    FrameDecoder,
+    GetStats,
+    Heartbeat,
+    Hello,
+    ListAdapters,
+    LoadLora,
+    Merge,
+    NewRequest,
+    ProtocolError,
+    Ready,
+    RegisterMixture,
+    RemoteError,
+    Reply,
+    StartupFailed,
+    StepFailed,
+    StepOutputs,
+    UnloadLora,
+    decode_to_api,
+    decode_value,
+    frame,
+    parse_header,
+)
+from server.errors import ENGINE_UNAVAILABLE, APIError
+from server.metrics import ServerMetrics
+from server.request_group import RequestGroup
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CONNECT_S = 120.0  # for the engine process to start listening (imports torch first)
+_CLOSE_S = 10.0  # for the engine process to exit once its socket is closed
+QUICK_CALL_S = 30.0  # calls answered between two steps
+SLOW_CALL_S = 1800.0  # loads, merges and exports (worker threads of the engine process)
+
+
+# Zeros (a pool of one page, so that ratios are defined), until the engine answers.
+_EMPTY_STATS = EngineStats(
+    **{f.name: 0 for f in dataclasses.fields(EngineStats) if f.default is dataclasses.MISSING}
+    | {"num_pages": 1}
+)
+
+
+class EngineCallError(RuntimeError):
+    """A call failed in the engine process for an unexpected reason (a bug there)."""
+
+
+def raise_remote(error: RemoteError) -> None:
+    """Raise the exception a call's :class:`RemoteError` stands for."""
+    if error.kind == "api":
+        raise APIError(error.status, error.code, error.message, error.param, error.headers)
+    if error.kind == "adapter":
+        raise AdapterError(error.code, error.message)
+    if error.kind == "value":
+        raise ValueError(error.message)
+    raise EngineCallError(error.message)
+
+
+class EngineProcess:
+    """A started, authenticated and ready engine process, and its connection.
+
+    Use :meth:`spawn`; :meth:`close` ends the process (closing the socket ends it; past
+    ``_CLOSE_S`` it is killed) and removes the private directory.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        sock: socket.socket,
+        directory: Path,
+        info: EngineInfo,
+    ) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.directory = directory
+        self.info = info
+
+    @classmethod
+    def spawn(cls, spec: EngineSpec, startup_timeout_s: float = 1800.0) -> EngineProcess:
+        """Start the engine process and wait until its engine is built.
+
+        Raises:
+            ValueError: the engine process could not build the engine (its message), or it
+                exited or timed out while starting.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="loraserve-engine-"))  # 0700
+        path = directory / "engine.sock"
+        token = secrets.token_urlsafe(32)
+        token_r, token_w = os.pipe()
+        env = dict(os.environ)
+        env[ENV_SOCKET] = str(path)
+        env[ENV_TOKEN_FD] = str(token_r)
+        root = str(Path(__file__).resolve().parents[1])  # this checkout, importable
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "server.engine_core"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(token_r,),
+            )
+        except BaseException:
+            os.close(token_w)
+            raise
+        finally:
+            os.close(token_r)
+        with os.fdopen(token_w, "w") as pipe:  # a token fits the pipe's buffer
+            pipe.write(token)
+        deadline = time.monotonic() + startup_timeout_s
+        try:
+            sock = _connect(path, proc, min(deadline, time.monotonic() + _CONNECT_S))
+            try:
+                sock.sendall(frame(Hello(token, spec)))
+                info = _await_ready(sock, proc, deadline)
+            except BaseException:
+                sock.close()
+                raise
+        except BaseException:
+            _end(proc, 5.0)  # it exits by itself after a startup error
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        logger.info("engine process %d is ready", proc.pid)
+        return cls(proc, sock, directory, info)
+
+    def close(self, timeout: float = _CLOSE_S) -> int | None:
+        """Close the connection, wait for the process (kill it past ``timeout``); returns
+        its exit code."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        code = _end(self.proc, timeout)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return code
+
+
+def _end(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("engine process %d did not exit; killing it", proc.pid)
+        proc.kill()
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise ValueError(f"the engine process exited with code {code} while starting")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if time.monotonic() > deadline:
+            raise ValueError("the engine process did not start listening in time")
+        time.sleep(0.05)
+
+
+def _await_ready(sock: socket.socket, proc: subprocess.Popen[bytes], deadline: float) -> EngineInfo:
+    decoder = FrameDecoder()
+    sock.settimeout(0.5)
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            if proc.poll() is not None:
+                raise ValueError(
+                    f"the engine process exited with code {proc.returncode} while starting"
+                ) from None
+            if time.monotonic() > deadline:
+                raise ValueError("the engine process did not become ready in time") from None
+            continue
+        if not data:
+            code = _end(proc, 5.0)
+            raise ValueError(f"the engine process exited with code {code} while starting")
+        for payload in decoder.feed(data):
+            message = decode_to_api(payload)
+            if isinstance(message, StartupFailed):
+                raise ValueError(message.message)
+            if not isinstance(message, Ready):
+                raise ProtocolError(f"unexpected {type(message).__name__} before Ready")
+            sock.settimeout(None)
+            return message.info
+
+
+class ProcessBridge(BridgeBase):
+    """The bridge over an engine process: requests and aborts go out as frames; each
+    step's outputs come back in one frame, read on the event loop.
+
+    Args:
+        process: the ready engine process (this bridge owns it from :meth:`start`).
+        tokenizer: for text prompts (the routes send token ids).
+        on_dead: called once on the event loop if the engine process dies.
+    """
+
+    def __init__(
+        self,
+        process: EngineProcess,
+        tokenizer: PreTrainedTokenizerBase,
+        max_pending: int,
+        watchdog_s: float,
+        metrics: ServerMetrics,
+        on_dead: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(max_pending, watchdog_s, metrics)
+        self.process = process
+        self.tokenizer = tokenizer
+        self.on_dead = on_dead
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._calls: dict[int, asyncio.Future[Reply]] = {}
+        self._call_ids = itertools.count(1)
+        self._dead: str | None = None  # why, once the engine process is gone
+        self._stopping = False
+        self._last_frame = time.monotonic()
+
+    @property
+    def dead(self) -> bool:
+        """Whether the engine process died (rather than being stopped)."""
+        return self._dead is not None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start reading the engine's frames; call on the event loop that serves."""
+        self._loop = asyncio.get_running_loop()
+        self.process.sock.setblocking(False)
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.process.sock)
+        self._last_frame = time.monotonic()
+        self._reader = self._loop.create_task(self._read(reader))
+
+    async def stop(self) -> None:
+        """Close the connection (the engine process then exits) and wait for the process."""
+        self._stopping = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._writer is not None:
+            self._writer.close()
+        self._fail_calls("the server is stopping")
+        code = await asyncio.to_thread(self.process.close)
+        logger.info("engine process exited with code %s", code)
+
+    def health(self) -> Health:
+        if self._draining:
+            return Health(False, "shutting down")
+        if self._dead is not None:
+            return Health(False, self._dead)
+        if self._writer is None:
+            return Health(False, "the engine process is not connected")
+        if time.monotonic() - self._last_frame > self.watchdog_s:
+            return Health(False, f"the engine has made no progress for {self.watchdog_s:.0f} s")
+        return Health(True)
+
+    # -- frames ---------------------------------------------------------------------------
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        reason = "the engine process has stopped"
+        try:
+            while True:
+                length = parse_header(await reader.readexactly(HEADER_BYTES))
+                message = decode_to_api(await reader.readexactly(length))
+                self._last_frame = time.monotonic()
+                self._dispatch(message)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.IncompleteReadError:
+            pass  # the connection closed: the process exited or was killed
+        except (ProtocolError, OSError) as e:
+            logger.error("engine connection failed: %s", e)
+        except Exception:
+            logger.exception("engine connection failed")
+        if not self._stopping:
+            self._die(reason)
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, StepOutputs):
+            self._deliver(message.outputs, time.monotonic())
+        elif isinstance(message, Reply):
+            future = self._calls.pop(message.call_id, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, StepFailed):
+            self._finish_stragglers("abort", message.message)
+        elif isinstance(message, Heartbeat):
+            pass
+        else:
+            raise ProtocolError(f"unexpected {type(message).__name__} message")
+
+    def _die(self, reason: str) -> None:
+        if self._dead is not None:
+            return
+        self._dead = reason
+        logger.error("%s: failing %d requests", reason, len(self._routes))
+        self._fail_calls(reason)
+        self._finish_stragglers("abort", reason, ENGINE_UNAVAILABLE)
+        if self.on_dead is not None:
+            self.on_dead()
+
+    def _fail_calls(self, reason: str) -> None:
+        calls, self._calls = self._calls, {}
+        for future in calls.values():
+            if not future.done():
+                future.set_exception(APIError(503, ENGINE_UNAVAILABLE, reason))
+
+    def _write(self, message: Any) -> None:
+        if self._dead is not None:
+            raise APIError(503, ENGINE_UNAVAILABLE, self._dead)
+        if self._writer is None or self._writer.is_closing():
+            raise APIError(503, ENGINE_UNAVAILABLE, "the engine process is not connected")
+        self._writer.write(frame(message))
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def call(self, make: Callable[[int], Call], result: type[T], timeout: float) -> T:
+        """Send the call ``make(call_id)`` and wait for its reply (at most ``timeout``).
+
+        Raises:
+            APIError: 503 ``engine_unavailable`` when the engine process is gone or does
+                not answer in time; or the call's own refusal.
+            AdapterError, ValueError, EngineCallError: the call's failure.
+        """
+        assert self._loop is not None, "the bridge has not started"
+        call_id = next(self._call_ids)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._calls[call_id] = future
+        writer = self._writer
+
+        async def exchange() -> Reply:
+            assert writer is not None
+            await writer.drain()  # bounded too: an engine that stops reading
+            return await future
+
+        try:
+            self._write(make(call_id))
+            reply = await asyncio.wait_for(exchange(), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(
+                503, ENGINE_UNAVAILABLE, f"the engine did not answer within {timeout:.0f} s"
+            ) from None
+        except (ConnectionError, RuntimeError) as e:  # the transport closed under us
+            raise APIError(503, ENGINE_UNAVAILABLE, "the engine process is not connected") from e
+        finally:
+            self._calls.pop(call_id, None)
+        if reply.error is not None:
+            raise_remote(reply.error)
+        return decode_value(reply.result, result)
+
+    def submit_call(
+        self, make: Callable[[int], Call], result: type[T], timeout: float = QUICK_CALL_S
+    ) -> concurrent.futures.Future[T]:
+        """:meth:`call` from any thread but the event loop's (tests)."""
+        assert self._loop is not None, "the bridge has not started"
+        return asyncio.run_coroutine_threadsafe(self.call(make, result, timeout), self._loop)
+
+    # -- requests (event loop) ------------------------------------------------------------
+
+    async def submit_async(
+        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+    ) -> RequestGroup:
+        group = self._admit(len(prompts))
+        requests = []
+        for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
+            ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else prompt
+            requests.append(NewRequest(rid, ids, params, lora))
+        for rid in group.request_ids:
+            self._routes[rid] = (group, lora)
+        try:
+            await self.call(lambda cid: AddRequests(cid, requests), type(None), QUICK_CALL_S)
+        except BaseException:
+            for rid in group.request_ids:
+                self._routes.pop(rid, None)
+            if self._dead is None:  # refused: nothing queued; timed out: make sure
+                with contextlib.suppress(APIError):
+                    self._write(Abort(group.request_ids))
+            raise
+        return group
+
+    def _engine_abort(self, request_ids: list[str]) -> None:
+        if request_ids and self._dead is None and not self._stopping:
+            with contextlib.suppress(APIError):
+                self._write(Abort(request_ids))
+
+
+class RemoteEngine:
+    """:class:`~server.engine_handle.EngineHandle` over the engine process."""
+
+    def __init__(
+        self, bridge: ProcessBridge, info: EngineInfo, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        self.bridge = bridge
+        self.info = info
+        self._tokenizer = tokenizer
+        self._stats: EngineStats | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    def stats(self) -> EngineStats:
+        if self._stats is None:  # before the first answer (refreshed at startup)
+            return _EMPTY_STATS
+        return self._stats
+
+    async def refresh_stats(self) -> None:
+        with contextlib.suppress(APIError):  # a dead engine: its last numbers
+            self._stats = await self.bridge.call(GetStats, EngineStats, QUICK_CALL_S)
+
+    async def check_integrity(self) -> None:
+        await self.bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
+
+    async def adapter_names(self) -> list[str]:
+        return await self.bridge.call(ListAdapters, list[str], QUICK_CALL_S)  # type: ignore[arg-type]
+
+    async def load_lora(self, name: str, path: Path, replace: bool) -> None:
+        make = lambda cid: LoadLora(cid, name, str(path), replace)  # noqa: E731
+        await self.bridge.call(make, type(None), SLOW_CALL_S)
+
+    async def unload_lora(self, name: str) -> None:
+        await self.bridge.call(lambda cid: UnloadLora(cid, name), type(None), QUICK_CALL_S)
+
+    async def register_mixture(
+        self, name: str, components: list[tuple[str, float]], replace: bool = False
+    ) -> None:
+        make = lambda cid: RegisterMixture(cid, name, components, replace)  # noqa: E731
+        await self.bridge.call(make, type(None), QUICK_CALL_S)
+
+    async def merge(self, name: str, spec: MergeSpec, save_to: Path | None) -> int:
+        save = None if save_to is None else str(save_to)
+        return await self.bridge.call(lambda cid: Merge(cid, name, spec, save), int, SLOW_CALL_S)
+
+    async def compose(
+        self,
+        spec: ComposeSpec,
+        default_candidates: bool,
+        save_dir: Path | None,
+        max_candidates: int,
+        max_steps: int,
+        max_jobs: int,
+    ) -> dict[str, Any]:
+        save = None if save_dir is None else str(save_dir)
+
+        def make(cid: int) -> Compose:
+            return Compose(cid, spec, default_candidates, save, max_candidates, max_steps, max_jobs)
+
+        return await self.bridge.call(make, dict[str, Any], QUICK_CALL_S)  # type: ignore[arg-type]
+
+    async def compose_status(self, job_id: str) -> dict[str, Any] | None:
+        make = lambda cid: ComposeStatus(cid, job_id)  # noqa: E731
+        return await self.bridge.call(make, dict[str, Any] | None, QUICK_CALL_S)  # type: ignore[arg-type]
+
+    async def export(self, name: str, out: Path, dtype: str, quantization: str) -> None:
+        make = lambda cid: Export(cid, name, str(out), dtype, quantization)  # noqa: E731
+        await self.bridge.call(make, type(None), SLOW_CALL_S)

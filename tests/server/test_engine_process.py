@@ -1,0 +1,601 @@
+"""The engine in its own process: a real ``loraserve serve`` (the default mode) driven over
+HTTP, the engine side of the socket on its own, and the engine process dying.
+
+Every server is a subprocess killed in a ``finally``; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from server.engine_core import EngineCore, EngineSocketServer
+from server.engine_protocol import (
+    Abort,
+    AddRequests,
+    CheckIntegrity,
+    EngineSpec,
+    FrameDecoder,
+    GetStats,
+    Heartbeat,
+    Hello,
+    ListAdapters,
+    NewRequest,
+    Reply,
+    StepOutputs,
+    decode_to_api,
+    frame,
+)
+from tests.server.conftest import (
+    BASE,
+    TASKS,
+    WORDS,
+    Served,
+    assert_error,
+    complete,
+    demo_adapters,
+    make_engine,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = {"Authorization": "Bearer admin"}
+LONG = {"max_tokens": 100, "extra_body": {"ignore_eos": True}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@dataclass
+class ServeProcess:
+    """``loraserve serve`` in a subprocess (the engine in its own process below it)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def openai(self, timeout: float = 30.0) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=timeout)
+
+    def http(self, timeout: float = 30.0, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def engine_pid(self) -> int:
+        """The engine process: this server's child running ``server.engine_core``."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid and b"server.engine_core" in cmdline:
+                return int(entry.name)
+        raise AssertionError("no engine process under the server")
+
+    def metric(self, name: str) -> float:
+        with self.http() as http:
+            text = http.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[-1])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@contextmanager
+def loraserve(tmp: Path, *args: str) -> Iterator[ServeProcess]:
+    """Start ``loraserve serve ARGS`` on a free port; always killed on the way out."""
+    port = free_port()
+    log = tmp / f"serve-{port}.log"
+    command = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve"]
+    command += ["--port", str(port), "--no-access-log", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    served = ServeProcess(proc, port, log)
+    engine_pid = None
+    try:
+        ok = wait_for(lambda: served.healthy() or proc.poll() is not None, 120)
+        assert ok and proc.poll() is None, f"the server did not come up:\n{served.output()}"
+        engine_pid = served.engine_pid()
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if engine_pid is not None:
+            # Its socket closed with the API process: the engine process ends by itself.
+            gone = wait_for(lambda: not _alive(engine_pid), 15)
+            with suppress(ProcessLookupError):
+                os.kill(engine_pid, signal.SIGKILL)
+            assert gone, "the engine process outlived the API process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """The demo model and its four adapters, admin routes on, exports allowed."""
+    demo_adapters("upper", "swapcase", "caesar", "reverse")
+    tmp = tmp_path_factory.mktemp("engine-process")
+    (tmp / "exports").mkdir()
+    with loraserve(
+        tmp,
+        "--admin-api-key",
+        "admin",
+        "--export-root",
+        str(tmp / "exports"),
+        "--max-compose-steps",
+        "4",
+    ) as served:
+        yield served
+
+
+# -- the server over HTTP -----------------------------------------------------------------
+
+
+def test_completions_match_the_tasks(server: ServeProcess) -> None:
+    client = server.openai()
+    for model in ("upper", "swapcase", BASE):
+        for word in WORDS[:3]:
+            assert complete(client, model, word) == TASKS[model](word), (model, word)
+    chat = client.chat.completions.create(
+        model="caesar", messages=[{"role": "user", "content": "LoRA4all"}], temperature=0
+    )
+    assert chat.choices[0].message.content == "OrUD4doo"
+    assert complete(client, "reverse", "Hello42") == "24olleH"
+
+
+def test_same_text_and_logprobs_as_the_in_process_server(
+    server: ServeProcess, demo_server: Served
+) -> None:
+    """The in-process server (tests/server/conftest.py) answers identically."""
+    kwargs: dict[str, Any] = {"max_tokens": 12, "logprobs": 2, "n": 2, "seed": 5}
+    for model, word in (("upper", "aB3xY"), ("swapcase", "serve9"), (BASE, "zzTop")):
+        ours = server.openai().completions.create(
+            model=model, prompt=f"{word}=", temperature=0.7, **kwargs
+        )
+        theirs = demo_server.openai().completions.create(
+            model=model, prompt=f"{word}=", temperature=0.7, **kwargs
+        )
+        assert [c.text for c in ours.choices] == [c.text for c in theirs.choices]
+        assert ours.usage == theirs.usage
+        for a, b in zip(ours.choices, theirs.choices, strict=True):
+            assert a.logprobs is not None and b.logprobs is not None
+            assert a.logprobs.tokens == b.logprobs.tokens
+            assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-5)
+
+
+def test_streams_concatenate_to_the_text(server: ServeProcess) -> None:
+    client = server.openai()
+    stream = client.completions.create(
+        model="reverse", prompt="streaming=", max_tokens=16, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == "gnimaerts"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model="upper",
+        messages=[{"role": "user", "content": "abc"}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts = list(chat)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "ABC"
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
+
+
+def test_errors_come_in_the_envelope(server: ServeProcess) -> None:
+    with server.http() as http:
+        body = {"model": "nope", "prompt": "x="}
+        assert_error(http.post("/v1/completions", json=body), 404, "model_not_found", "model")
+        body = {"model": BASE, "prompt": "x=", "max_tokens": 500}
+        assert_error(http.post("/v1/completions", json=body), 400, "context_length_exceeded")
+        body = {"model": BASE, "prompt": [[]]}
+        assert_error(http.post("/v1/completions", json=body), 400, "invalid_prompt")
+
+
+def test_disconnect_aborts_in_the_engine(server: ServeProcess) -> None:
+    before = server.metric("loraserve:generation_tokens_total")
+    body = {"model": "upper", "prompt": "abc=", "stream": True, "temperature": 0}
+    with (
+        server.http() as http,
+        http.stream("POST", "/v1/completions", json={**body, "max_tokens": 100}) as response,
+    ):
+        assert next(line for line in response.iter_lines() if line.startswith("data:"))
+    assert wait_for(lambda: server.metric("loraserve:num_requests_running") == 0, 10)
+    assert server.metric("loraserve:generation_tokens_total") - before < 100
+
+
+def test_load_unload_merge_compose_export(server: ServeProcess) -> None:
+    client = server.openai()
+    with server.http(headers=ADMIN) as http:
+        path = str(demo_adapters("upper")["upper"])
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "up2", "lora_path": path})
+        assert r.status_code == 200, r.text
+        assert complete(client, "up2", "mixed") == "MIXED"
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "up2", "lora_path": path})
+        assert_error(r, 409, "adapter_already_loaded", "lora_name")
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"})
+        assert r.status_code in (400, 403), r.text
+        assert "up2" in {m.id for m in client.models.list().data}
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "up2"}).status_code == 200
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "up2"})
+        assert_error(r, 404, "model_not_found", "lora_name")
+        assert "up2" not in {m.id for m in client.models.list().data}
+
+        merge = {
+            "name": "upper-cat",
+            "adapters": ["upper", "swapcase"],
+            "weights": [1.0, 0.0],
+            "combination_type": "cat",
+        }
+        r = http.post("/v1/adapters/merge", json=merge)
+        assert r.status_code == 200 and r.json()["rank"] == 12, r.text
+        assert complete(client, "upper-cat", "hello") == "HELLO"
+        r = http.post("/v1/adapters/merge", json={**merge, "combination_type": "linear"})
+        assert_error(r, 400, "invalid_merge", "adapters")
+
+        compose = {
+            "name": "composed",
+            "candidates": ["upper", "swapcase"],
+            "examples": [{"prompt": f"{w}=", "completion": w.upper()} for w in ("ab", "Cd")],
+            "max_steps": 3,
+            "method": "mixture",
+        }
+        r = http.post("/v1/adapters/compose", json=compose)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while (state := http.get(f"/v1/adapters/compose/{job}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        assert state["status"] == "succeeded" and state["step"] == 3, state
+        assert "composed" in {m.id for m in client.models.list().data}
+        assert not any(m.id.startswith("_") for m in client.models.list().data)
+        assert_error(http.get("/v1/adapters/compose/nope"), 404, "job_not_found")
+
+        r = http.post("/v1/adapters/upper/export", json={"out": "upper-merged"})
+        assert r.status_code == 200, r.text
+        r = http.post("/v1/adapters/nope/export", json={})
+        assert_error(r, 404, "model_not_found", "name")
+    assert complete(client, BASE, "fine") == "fine"
+
+
+def test_metrics_and_health(server: ServeProcess) -> None:
+    complete(server.openai(), "upper", "metric")
+    with server.http() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        text = http.get("/metrics").text
+    assert 'loraserve:request_success_total{finished_reason="stop"}' in text
+    assert server.metric("loraserve:num_loaded_adapters") >= 4
+    assert server.metric("loraserve:num_pool_pages") > 0
+    assert server.metric("loraserve:engine_steps_total") > 0
+
+
+def test_the_channel_is_private(server: ServeProcess) -> None:
+    """The engine's socket lives in a 0700 directory of the user's; once the API process
+    has connected, the engine listens no more (the path is gone)."""
+    environ = Path(f"/proc/{server.engine_pid()}/environ").read_bytes().split(b"\0")
+    variables = dict(v.decode().split("=", 1) for v in environ if b"=" in v)
+    assert not any("TOKEN" in name and "FD" not in name for name in variables)
+    path = Path(variables["LORASERVE_ENGINE_SOCKET"])
+    mode = path.parent.stat()
+    assert stat.S_IMODE(mode.st_mode) == 0o700 and mode.st_uid == os.getuid()
+    assert not path.exists()
+    cmdline = Path(f"/proc/{server.engine_pid()}/cmdline").read_bytes()
+    assert cmdline.split(b"\0")[1:3] == [b"-m", b"server.engine_core"]
+
+
+def test_sigterm_lets_running_requests_finish_then_exits(server: ServeProcess) -> None:
+    """The last test on this server: SIGTERM drains (--drain-timeout 30, the default), the
+    stream in flight ends normally, the server exits and its engine process with it."""
+    stream = server.openai().completions.create(
+        model="upper", prompt="abc=", temperature=0, stream=True, **LONG
+    )
+    chunks = iter(stream)
+    first = next(chunks)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].text for c in [first, *rest])
+    assert text.startswith("ABC")
+    # uvicorn ends by raising the signal again once it has shut down (as test_faults.py).
+    assert server.proc.wait(30) in (0, -signal.SIGTERM), server.output()
+
+
+# -- the engine process dies --------------------------------------------------------------
+
+
+def test_queue_bound_then_engine_death(tmp_path: Path) -> None:
+    """A full queue gets 429; a stopped engine fails /health (the watchdog); a SIGKILLed
+    engine ends requests in flight (an error event, a 503), new requests and /health get
+    503, and the server exits non-zero."""
+    args = ("--max-num-seqs", "1", "--max-waiting-requests", "1", "--num-pages", "4096")
+    args += ("--engine-failure-exit-delay", "6", "--watchdog-timeout", "3")
+    with loraserve(tmp_path, *args) as served:
+        engine = served.engine_pid()
+        client = served.openai()
+        body = {"model": BASE, "prompt": "abc=", "max_tokens": 8}
+        with served.http() as http:
+            assert_error(
+                http.post("/v1/completions", json={**body, "n": 3}), 429, "server_overloaded"
+            )
+        stream = iter(
+            client.completions.create(
+                model="upper", prompt="abc=", temperature=0, stream=True, **LONG
+            )
+        )
+        next(stream)
+        os.kill(engine, signal.SIGSTOP)  # mid-generation, nothing advances any more
+        with ThreadPoolExecutor(1) as pool, served.http() as http:
+            waiting = pool.submit(http.post, "/v1/completions", json=body)
+            # The watchdog notices the silence (the request waits for the engine).
+            assert wait_for(lambda: http.get("/health").status_code == 503, 10)
+            assert "no progress" in http.get("/health").json()["error"]["message"]
+            assert not waiting.done()
+            started = time.monotonic()
+            os.kill(engine, signal.SIGKILL)
+            assert_error(waiting.result(10), 503, "engine_unavailable")
+            with pytest.raises(openai.APIError, match="engine"):
+                list(stream)
+            assert time.monotonic() - started < 5
+            assert_error(http.post("/v1/completions", json=body), 503, "engine_unavailable")
+            health = assert_error(http.get("/health"), 503, "unhealthy")
+            assert "engine" in health["message"]
+            assert http.get("/metrics").status_code == 200
+        assert served.proc.wait(45) == 1, served.output()
+
+
+def test_startup_errors_end_the_command(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve"]
+    command += ["--port", str(free_port()), "--lora-modules", "broken=/no/such/adapter"]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "loraserve: error: adapter broken:" in result.stderr
+
+
+# -- the engine side of the socket --------------------------------------------------------
+
+
+class _Marker:
+    """Unpickling this creates ``path``: proof that a pickle was decoded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+TOKEN = "t" * 43
+
+
+@contextmanager
+def socket_server(tmp_path: Path) -> Iterator[tuple[EngineSocketServer, Any]]:
+    """An engine socket server accepting in a thread; yields it and the accept's future."""
+    directory = tmp_path / "private"
+    directory.mkdir(mode=0o700)
+    server = EngineSocketServer(directory / "engine.sock", TOKEN)
+    with ThreadPoolExecutor(1) as pool:
+        accepted = pool.submit(server.accept, 10.0)
+        try:
+            yield server, accepted
+        finally:
+            if not accepted.done():  # let the accept end: authenticate once
+                with _connect(server.path) as sock:
+                    sock.sendall(frame(Hello(TOKEN, EngineSpec(None, {}))))
+            conn, _, _ = accepted.result(15)
+            conn.close()
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_pickle_is_refused_without_being_decoded(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(marker))
+    pickle.loads(payload)  # the payload works: loading it creates the marker
+    assert marker.exists()
+    marker.unlink()
+    with socket_server(tmp_path) as (server, accepted):
+        assert stat.S_IMODE(server.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(server.path.parent.stat().st_mode) == 0o700
+        for attempt in (payload, frame(Hello("wrong" * 9, EngineSpec(None, {}))), payload[:1]):
+            with _connect(server.path) as sock:
+                sock.sendall(attempt)
+                assert _closed_by_peer(sock)
+        assert not marker.exists()
+        assert not accepted.done()  # still waiting for its one client
+        with _connect(server.path) as sock:
+            sock.sendall(frame(Hello(TOKEN, EngineSpec(None, {"dtype": "auto"}))))
+            conn, hello, _ = accepted.result(10)
+            conn.close()
+        assert hello.spec.engine_args == {"dtype": "auto"}
+    assert not server.path.exists()  # one client only: the path is gone
+    with pytest.raises(OSError):
+        _connect(server.path)
+    assert not marker.exists()
+
+
+@dataclass
+class CoreClient:
+    """The API side of an :class:`EngineCore` serving over a socketpair, in a thread."""
+
+    sock: socket.socket
+    decoder: FrameDecoder
+    thread: threading.Thread
+    code: list[int]
+
+    def send(self, message: Any) -> None:
+        self.sock.sendall(frame(message))
+
+    def receive(self, until: Callable[[Any], bool], timeout: float = 10) -> list[Any]:
+        messages: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(1 << 16)
+            assert data, "the engine closed the connection"
+            for payload in self.decoder.feed(data):
+                message = decode_to_api(payload)
+                messages.append(message)
+                if until(message):
+                    return messages
+        raise AssertionError(f"timed out; got {messages}")
+
+    def reply(self, call_id: int) -> Reply:
+        messages = self.receive(lambda m: isinstance(m, Reply) and m.call_id == call_id)
+        reply = messages[-1]
+        assert isinstance(reply, Reply)
+        return reply
+
+
+@pytest.fixture(scope="module")
+def core_engine() -> LLMEngine:
+    return make_engine(demo_adapters("upper"))
+
+
+@contextmanager
+def running_core(engine: LLMEngine) -> Iterator[CoreClient]:
+    ours, theirs = socket.socketpair()
+    code: list[int] = []
+    thread = threading.Thread(target=lambda: code.append(EngineCore(engine, theirs).run()))
+    thread.start()
+    try:
+        yield CoreClient(ours, FrameDecoder(), thread, code)
+    finally:
+        ours.close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) -> None:
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    ids = list(core_engine.tokenizer("hello=").input_ids)
+    with running_core(core_engine) as client:
+        client.send(
+            AddRequests(1, [NewRequest("a", ids, greedy, "upper"), NewRequest("b", ids, greedy)])
+        )
+        assert client.reply(1).error is None
+        finals: dict[str, Any] = {}
+        texts: dict[str, str] = {}
+
+        def collect(m: Any) -> bool:
+            if isinstance(m, StepOutputs):
+                for out in m.outputs:
+                    texts[out.request_id] = texts.get(out.request_id, "") + out.delta
+                    if out.finished:
+                        finals[out.request_id] = out
+            return len(finals) == 2
+
+        client.receive(collect)
+        assert texts == {"a": "HELLO", "b": "hello"}
+        # A refusal queues nothing; its error crosses typed.
+        client.send(
+            AddRequests(2, [NewRequest("c", ids, greedy), NewRequest("d", ids, greedy, "nope")])
+        )
+        error = client.reply(2).error
+        assert error is not None and (error.kind, error.code) == ("adapter", "model_not_found")
+        # An abort ends a long request early.
+        long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        client.send(AddRequests(3, [NewRequest("e", ids, long)]))
+        assert client.reply(3).error is None
+        client.send(Abort(["e"]))
+        outs = client.receive(
+            lambda m: (
+                isinstance(m, StepOutputs)
+                and any(o.finished and o.request_id == "e" for o in m.outputs)
+            )
+        )
+        final = next(o for o in outs[-1].outputs if o.request_id == "e")
+        assert final.finish_reason == "abort"
+        assert len(final.token_ids) < 100
+        client.send(CheckIntegrity(4))
+        assert client.reply(4).error is None
+        client.send(ListAdapters(5))
+        assert bytes(client.reply(5).result)  # ["upper"]
+        client.send(GetStats(6))
+        assert client.reply(6).error is None
+        assert client.receive(lambda m: isinstance(m, Heartbeat), timeout=5)
+    assert client.code == [0]  # the connection closed: a clean exit
+    assert not core_engine.has_unfinished()
+
+
+def test_engine_core_closes_on_a_bad_frame(core_engine: LLMEngine) -> None:
+    with running_core(core_engine) as client:
+        client.sock.sendall(pickle.dumps({"x": 1}))
+        client.thread.join(10)
+        assert client.code == [1]
+        assert _closed_by_peer(client.sock)

@@ -85,6 +85,8 @@ class LoraTables:
             rows when they lie in consecutive pages in order (A row j chunk c at page
             ``first + j · chunks + c``), so they can be read as a view of the pool without a
             gather; -1 otherwise.
+        generation: a one-element list, bumped whenever a slot's adapter changes (placed or
+            evicted): what is derived from the tables and kept across steps keys on it.
     """
 
     a_pages: dict[str, torch.Tensor]
@@ -95,6 +97,7 @@ class LoraTables:
     host_scalings: torch.Tensor
     a_first: dict[str, list[int]]
     b_first: dict[str, list[int]]
+    generation: list[int]
 
 
 @dataclass
@@ -153,6 +156,7 @@ class AdapterResidency:
             host_scalings=scalings if device.type == "cpu" else scalings.cpu(),
             a_first={t: [-1] * max_slots for t in self._chunks},
             b_first={t: [-1] * max_slots for t in self._chunks},
+            generation=[0],
         )
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
@@ -242,6 +246,7 @@ class AdapterResidency:
         resident = Resident(slot, pages, max(ranks.values(), default=0))
         self._resident[adapter_id] = resident
         self.num_placed += 1
+        tables.generation[0] += 1
         return resident
 
     def evict(self, adapter_id: int) -> None:
@@ -255,6 +260,7 @@ class AdapterResidency:
         self.pages.release(resident.pages)
         self._free_slots.append(resident.slot)
         self.num_evicted += 1
+        self.tables.generation[0] += 1
 
     def reclaim(self, num_pages: int, keep: Iterable[int] = (), slot: bool = False) -> bool:
         """Evict unpinned adapters, least recently used first, until ``num_pages`` are free

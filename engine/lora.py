@@ -73,6 +73,7 @@ class LoraMetadata:
         num_tokens: rows of the forward.
         segments: per pass, the runs ``(slot, lo, hi, weight)`` of rows sharing an adapter
             slot and weight (rows of no adapter in that pass appear in none).
+        row_slots: per pass, each row's slot (-1: none) and weight, on the host.
         ranks: per distinct slot, its rank per (layer, target), on the host.
         scalings: per distinct slot, its scaling per (layer, target), on the host.
         max_rank: the largest rank among this batch's adapters.
@@ -84,6 +85,7 @@ class LoraMetadata:
 
     num_tokens: int
     segments: tuple[tuple[Segment, ...], ...]
+    row_slots: tuple[tuple[list[int], list[float]], ...]
     ranks: dict[int, list[list[int]]]
     scalings: dict[int, list[list[float]]]
     max_rank: int
@@ -133,6 +135,10 @@ class TorchLora(LoraBackend):
         # Views of adapters whose rows lie in consecutive pages, kept across steps: keyed by
         # where they are, so a view is reused only while it still reads those very pages.
         self._views: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # The stacked form's rows and per-layer scalings by (target, slots, rows), valid while
+        # the tables' generation is unchanged.
+        self._plans: dict[tuple[Any, ...], tuple[StackedRows, torch.Tensor, torch.Tensor]] = {}
+        self._generation = -1
 
     def apply(
         self,
@@ -187,21 +193,55 @@ class TorchLora(LoraBackend):
             meta.cache[key] = form
         return str(form)
 
-    @staticmethod
     def _stacked(
-        meta: LoraMetadata, t: int, a_pages: torch.Tensor, b_pages: torch.Tensor
+        self, meta: LoraMetadata, t: int, a_pages: torch.Tensor, b_pages: torch.Tensor
     ) -> tuple[StackedRows, torch.Tensor]:
-        """The stacked rows of target ``t`` and their per-layer coefficients, once a step."""
+        """The stacked rows of target ``t`` and their per-layer coefficients, once a step.
+
+        Which rows are stacked and their per-layer scalings depend only on the batch's set of
+        adapters and the tables, so they are kept across steps (until an adapter is placed or
+        evicted); each step only matches its rows to them.
+        """
         key = ("stacked", t)
         hit = meta.cache.get(key)
         if hit is not None:
             return hit  # type: ignore[no-any-return]
         slots = meta.slots
         rows = [max(r[t] for r in meta.ranks[s]) for s in slots]  # each slot's rows, any layer
-        stacked = stacked_rows(a_pages, b_pages, slots, rows)
+        generation = meta.tables.generation[0]
+        if generation != self._generation:
+            self._plans.clear()
+            self._generation = generation
+        plan_key = (t, tuple(slots), tuple(rows))
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            plan = self._plans[plan_key] = self._stack(meta, t, slots, rows, a_pages, b_pages)
+        stacked, column_slots, column_coefs = plan
         if stacked.num_rows == 0:  # no adapter of the batch touches this target
             meta.cache[key] = (stacked, torch.zeros(0))
             return meta.cache[key]  # type: ignore[no-any-return]
+        device = a_pages.device
+        coef = stacked_coefficients(
+            torch.tensor([s for s, _ in meta.row_slots], dtype=torch.int32).to(device),
+            torch.tensor([w for _, w in meta.row_slots]).to(device),
+            column_slots,
+            column_coefs,
+        )
+        meta.cache[key] = (stacked, coef)
+        return stacked, coef
+
+    @staticmethod
+    def _stack(
+        meta: LoraMetadata,
+        t: int,
+        slots: list[int],
+        rows: list[int],
+        a_pages: torch.Tensor,
+        b_pages: torch.Tensor,
+    ) -> tuple[StackedRows, torch.Tensor, torch.Tensor]:
+        """Stacked rows, each column's slot, and each column's scaling per layer (0 past the
+        layer's rank): (num_rows,) int32 and (num_layers, num_rows) float32."""
+        stacked = stacked_rows(a_pages, b_pages, slots, rows)
         column_slots: list[int] = []
         column_coefs: list[list[float]] = []  # per column, per layer
         for slot, num_rows in zip(slots, rows, strict=True):
@@ -211,22 +251,16 @@ class TorchLora(LoraBackend):
             for j in range(num_rows):
                 column_slots.append(slot)
                 column_coefs.append([s if j < r else 0.0 for r, s in per_layer])
-        n = meta.num_tokens
-        token_slots = torch.full((len(meta.segments), n), -1, dtype=torch.int32)
-        token_coefs = torch.zeros(len(meta.segments), n)
-        for p, segments in enumerate(meta.segments):
-            for slot, lo, hi, weight in segments:
-                token_slots[p, lo:hi] = slot
-                token_coefs[p, lo:hi] = weight
         device = a_pages.device
-        coef = stacked_coefficients(
-            token_slots.to(device),
-            token_coefs.to(device),
-            torch.tensor(column_slots, dtype=torch.int32, device=device),
-            torch.tensor(column_coefs, dtype=torch.float32, device=device).T.contiguous(),
+        num_layers = len(meta.ranks[slots[0]]) if slots else 0
+        coefs = torch.tensor(column_coefs, dtype=torch.float32).reshape(
+            len(column_slots), num_layers
         )
-        meta.cache[key] = (stacked, coef)
-        return stacked, coef
+        return (
+            stacked,
+            torch.tensor(column_slots, dtype=torch.int32).to(device),
+            coefs.T.contiguous().to(device),
+        )
 
 
 class TritonLora(LoraBackend):

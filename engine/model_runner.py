@@ -259,9 +259,17 @@ class _LoraPlan:
                 )
                 for p, runs in enumerate(self.runs)
             )
+        row_slots = tuple(
+            (
+                [slot for slot, lo, hi, _ in runs for _ in range(hi - lo)],
+                [weight for _, lo, hi, weight in runs for _ in range(hi - lo)],
+            )
+            for runs in self.runs
+        )
         return LoraMetadata(
             num_tokens=self.num_tokens,
             segments=self.segments,
+            row_slots=row_slots,
             ranks=ranks,
             scalings=scalings,
             max_rank=self.max_rank,

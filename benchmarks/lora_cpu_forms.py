@@ -30,6 +30,7 @@ from kernels.lora_grouped import (
     choose_form,
     lora_grouped,
     lora_stacked,
+    read_adapter,
     stacked_coefficients,
     stacked_rows,
 )
@@ -84,9 +85,22 @@ def case(
         lora_expand_bgmv_ref(y, pool, b_pages, ranks, scalings, token_adapters, out, validate=False)
 
     def grouped() -> None:
-        lora_grouped(
-            x, out, pool, a_pages, b_pages, segments, [rank] * num_adapters, [2.0] * num_adapters
-        )
+        # As the engine does: each adapter read once per call (in place: its pages are
+        # consecutive here, as in a fresh pool), then two matmuls per segment.
+        weights = {
+            a: read_adapter(
+                pool,
+                a_pages[a],
+                b_pages[a],
+                rank,
+                width,
+                width,
+                int(a_pages[a, 0, 0]),
+                int(b_pages[a, 0, 0]),
+            )
+            for a in range(num_adapters)
+        }
+        lora_grouped(x, out, segments, weights, [2.0] * num_adapters)
 
     def stacked_form() -> None:
         lora_stacked(x, out, pool, stacked, coef)

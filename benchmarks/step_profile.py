@@ -239,7 +239,8 @@ def main() -> None:
             "http": http,
         }
         (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
-        title = f"{args.model.name}, {args.num_requests} requests, n = {args.num_adapters}"
+        name = "demo model" if args.model == DEMO_DIR / "model" else args.model.name
+        title = f"{name}, {args.num_requests} requests, n = {args.num_adapters}"
         bars = {"this run": (phase_s, tokens / plain_s)}
         if args.before is not None:
             earlier = json.loads(args.before.read_text())
@@ -287,7 +288,7 @@ def plot(bars: dict[str, tuple[dict[str, float], float]], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(bars)))
+    fig, ax = plt.subplots(figsize=(9, 1.1 + 0.55 * len(bars)))
     colors = plt.get_cmap("tab10").colors
     labels = []
     for y, (name, (phase_s, tok_s)) in enumerate(bars.items()):
@@ -303,7 +304,7 @@ def plot(bars: dict[str, tuple[dict[str, float], float]], path: Path, title: str
     ax.invert_yaxis()
     ax.set_xlabel("seconds of stepping, by phase (with timers)")
     ax.set_title(title)
-    ax.legend(ncol=5, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -81,15 +81,9 @@ class AttentionBackend:
         num_kv_heads, group = pool.shape[1], q.shape[1] // pool.shape[1]
         parts = []
         if nd:
-            extra = {}
-            if self.plans:
-                plan = meta.cache.get("decode")
-                if plan is None:
-                    plan = meta.cache["decode"] = kernels.plan_decode(
-                        meta.decode_k_slots, meta.decode_v_slots, meta.decode_seq_lens,
-                        num_kv_heads,
-                    )  # fmt: skip
-                extra["plan"] = plan
+            plan = self._plan(meta, "decode", lambda: kernels.plan_decode(
+                meta.decode_k_slots, meta.decode_v_slots, meta.decode_seq_lens, num_kv_heads
+            ))  # fmt: skip
             parts.append(
                 self.decode(
                     q[:nd],
@@ -98,19 +92,14 @@ class AttentionBackend:
                     meta.decode_v_slots,
                     meta.decode_seq_lens,
                     scale,
-                    **extra,
+                    **plan,
                 )
             )
         if meta.num_prefills:
-            extra = {}
-            if self.plans:
-                plan = meta.cache.get("prefill")
-                if plan is None:
-                    plan = meta.cache["prefill"] = kernels.plan_prefill(
-                        meta.prefill_k_slots, meta.prefill_v_slots, meta.prefill_cu_seqlens,
-                        meta.prefill_seq_lens, num_kv_heads, group,
-                    )  # fmt: skip
-                extra["plan"] = plan
+            plan = self._plan(meta, "prefill", lambda: kernels.plan_prefill(
+                meta.prefill_k_slots, meta.prefill_v_slots, meta.prefill_cu_seqlens,
+                meta.prefill_seq_lens, num_kv_heads, group,
+            ))  # fmt: skip
             parts.append(
                 self.prefill(
                     q[nd:],
@@ -120,10 +109,21 @@ class AttentionBackend:
                     meta.prefill_cu_seqlens,
                     meta.prefill_seq_lens,
                     scale,
-                    **extra,
+                    **plan,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _plan(
+        self, meta: AttentionMetadata, form: str, make: Callable[[], kernels.GatherPlan]
+    ) -> dict[str, kernels.GatherPlan]:
+        """``{"plan": ...}`` for ops that take one (made once per forward), else ``{}``."""
+        if not self.plans:
+            return {}
+        plan = meta.cache.get(form)
+        if plan is None:
+            plan = meta.cache[form] = make()
+        return {"plan": plan}
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {

@@ -83,3 +83,22 @@ class IncrementalDetokenizer:
     @property
     def released_text(self) -> str:
         return self.text[: self._released]
+
+
+class NoDetokenizer(IncrementalDetokenizer):
+    """For a request whose text another process renders (the engine process leaves it to
+    the API process): no text, so no stop strings either; token ids only."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.stopped = False
+
+    def add_token(self, token_id: int) -> None:
+        pass
+
+    def release(self, finished: bool) -> str:
+        return ""
+
+    @property
+    def released_text(self) -> str:
+        return ""

@@ -21,7 +21,7 @@ from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
 from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
 from engine.loader import eos_token_ids, load_model, load_tokenizer
 from engine.model import Backends
@@ -174,6 +174,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         lora: str | None = None,
+        detokenize: bool = True,
     ) -> str:
         """Queue a request; returns its id. Safe to call from any thread.
 
@@ -182,6 +183,8 @@ class LLMEngine:
             params: sampling and stopping; greedy-free defaults when None.
             request_id: unique among unfinished requests; generated when None.
             lora: the name of a loaded adapter, or None for the base model.
+            detokenize: render text (deltas, stop strings) here; False leaves outputs'
+                text empty and stop strings to the caller (the API process does both).
 
         Raises:
             ValueError: the prompt is empty or has unknown token ids, or the request can never
@@ -201,8 +204,10 @@ class LLMEngine:
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, ids, params.stop, params.skip_special_tokens
+            detokenizer=(
+                IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+                if detokenize
+                else NoDetokenizer()
             ),
             generator=generator,
             adapter=adapter,

@@ -39,7 +39,8 @@ from transformers import PreTrainedTokenizerBase
 from adapters.compose import ComposeSpec
 from adapters.errors import AdapterError
 from adapters.merge import MergeSpec
-from engine.outputs import EngineStats
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 from server.bridge import BridgeBase, Health
 from server.engine_core import ENV_SOCKET, ENV_TOKEN_FD
@@ -273,6 +274,8 @@ class ProcessBridge(BridgeBase):
         self._dead: str | None = None  # why, once the engine process is gone
         self._stopping = False
         self._last_frame = time.monotonic()
+        # The text of each request in flight, rendered here (the engine sends token ids).
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     @property
     def dead(self) -> bool:
@@ -424,6 +427,9 @@ class ProcessBridge(BridgeBase):
         for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
             ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else prompt
             requests.append(NewRequest(rid, ids, params, lora))
+            self._detokenizers[rid] = IncrementalDetokenizer(
+                self.tokenizer, ids, params.stop, params.skip_special_tokens
+            )
         for rid in group.request_ids:
             self._routes[rid] = (group, lora)
         try:
@@ -431,13 +437,44 @@ class ProcessBridge(BridgeBase):
         except BaseException:
             for rid in group.request_ids:
                 self._routes.pop(rid, None)
+                self._detokenizers.pop(rid, None)
             if self._dead is None:  # refused: nothing queued; timed out: make sure
                 with contextlib.suppress(APIError):
                     self._write(Abort(group.request_ids))
             raise
         return group
 
+    def _deliver(self, outputs: list[RequestOutput], step_started: float) -> None:
+        """Render each output's text here, then deliver as the base bridge does. A request
+        whose text reaches a stop string finishes here ("stop") and is aborted in the engine,
+        which does not see text."""
+        rendered: list[RequestOutput] = []
+        stopped: list[str] = []
+        for out in outputs:
+            detokenizer = self._detokenizers.get(out.request_id)
+            if detokenizer is None:  # finished here already, or never ours
+                rendered.append(out)
+                continue
+            for token in out.new_token_ids:
+                detokenizer.add_token(token)
+                if detokenizer.stopped:
+                    break
+            if detokenizer.stopped and not out.finished:
+                out = dataclasses.replace(out, finished=True, finish_reason="stop")
+                stopped.append(out.request_id)
+            delta = detokenizer.release(out.finished)
+            text = ""
+            if out.finished:
+                text = detokenizer.released_text
+                del self._detokenizers[out.request_id]
+            rendered.append(dataclasses.replace(out, delta=delta, text=text))
+        self._engine_abort(stopped)
+        super()._deliver(rendered, step_started)
+
     def _engine_abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            if rid not in self._routes:  # its client has gone: no final output to render
+                self._detokenizers.pop(rid, None)
         if request_ids and self._dead is None and not self._stopping:
             with contextlib.suppress(APIError):
                 self._write(Abort(request_ids))

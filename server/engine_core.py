@@ -413,8 +413,13 @@ class EngineCore:
         added: list[str] = []
         try:
             for r in requests:
+                # The API process renders the text (and applies stop strings).
                 self.engine.add_request(
-                    r.prompt_token_ids, r.params, request_id=r.request_id, lora=r.lora
+                    r.prompt_token_ids,
+                    r.params,
+                    request_id=r.request_id,
+                    lora=r.lora,
+                    detokenize=False,
                 )
                 added.append(r.request_id)
         except Exception:

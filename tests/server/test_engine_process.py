@@ -235,6 +235,28 @@ def test_streams_concatenate_to_the_text(server: ServeProcess) -> None:
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
 
 
+def test_text_and_stop_strings_are_rendered_in_the_api_process(
+    server: ServeProcess, demo_server: Served
+) -> None:
+    """The engine process sends token ids only; the API process renders the text and ends a
+    request at a stop string exactly as the in-process engine does (text, finish reason,
+    usage, and the stream's deltas)."""
+    cases = (("upper", "hello", ["L"]), ("swapcase", "Hello42", ["LO"]), (BASE, "serve9", ["e9"]))
+    for model, word, stop in cases:
+        kwargs: dict[str, Any] = {
+            "model": model, "prompt": f"{word}=", "max_tokens": 16, "temperature": 0,
+            "stop": stop,
+        }  # fmt: skip
+        ours = server.openai().completions.create(**kwargs)
+        theirs = demo_server.openai().completions.create(**kwargs)
+        assert ours.choices[0].text == theirs.choices[0].text, (model, word)
+        assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason == "stop"
+        assert ours.usage == theirs.usage
+        streamed = list(server.openai().completions.create(stream=True, **kwargs))
+        assert "".join(c.choices[0].text for c in streamed) == theirs.choices[0].text
+        assert streamed[-1].choices[0].finish_reason == "stop"
+
+
 def test_errors_come_in_the_envelope(server: ServeProcess) -> None:
     with server.http() as http:
         body = {"model": "nope", "prompt": "x="}
@@ -550,17 +572,20 @@ def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) 
         )
         assert client.reply(1).error is None
         finals: dict[str, Any] = {}
-        texts: dict[str, str] = {}
+        tokens: dict[str, list[int]] = {}
 
         def collect(m: Any) -> bool:
             if isinstance(m, StepOutputs):
                 for out in m.outputs:
-                    texts[out.request_id] = texts.get(out.request_id, "") + out.delta
+                    assert out.delta == ""  # the engine process sends token ids; no text
+                    tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                     if out.finished:
                         finals[out.request_id] = out
             return len(finals) == 2
 
         client.receive(collect)
+        decode = core_engine.tokenizer.decode
+        texts = {rid: decode(ids, skip_special_tokens=True) for rid, ids in tokens.items()}
         assert texts == {"a": "HELLO", "b": "hello"}
         # A refusal queues nothing; its error crosses typed.
         client.send(

@@ -3,7 +3,7 @@
     python benchmarks/lora_kernels.py [--out DIR] [--batches 1,3,7,64] [--smoke]
 
 Each case is a form (BGMV: a decode batch, one token per request; SGMV: prefill segments of
-``--prefill-len`` tokens), a batch size, an adapter popularity (BENCHMARKS.md W1: distinct,
+``--prefill-len`` tokens), a batch size, an adapter popularity (W1: distinct,
 uniform over ⌈√n⌉ adapters, zipf-1.5, identical, skewed), a rank set (8, 16, 32, 64, or
 "mixed": 64/32/16/8 round-robin over adapters, so one batch mixes ranks) and an output width
 (4096: q/k/v/o; 11008: gate/up; the input is hidden 4096). The adapters sit in shuffled pages
@@ -91,7 +91,7 @@ class Case:
 
 
 def popularity(kind: str, n: int, rng: random.Random) -> list[int]:
-    """Each request's adapter id (BENCHMARKS.md W1)."""
+    """Each request's adapter id (W1's popularity patterns)."""
     if kind == "distinct":
         return list(range(n))
     if kind == "uniform":

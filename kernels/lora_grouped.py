@@ -155,13 +155,11 @@ def lora_stacked(
     """
     if stacked.num_rows == 0:
         return
-    width = pool.shape[1]
     in_features, out_features = x.shape[1], out.shape[1]
     # (num_rows, chunks · page_width) → the first in_features / out_features columns
     lora_a = pool.index_select(0, stacked.a_index).view(stacked.num_rows, -1)[:, :in_features]
     lora_b_t = pool.index_select(0, stacked.b_index).view(stacked.num_rows, -1)
     lora_b_t = lora_b_t[:, :out_features]
-    assert lora_b_t.shape[1] == out_features and pool.shape[1] == width
     if out.dtype == torch.float32:
         y = x @ lora_a.T  # (num_tokens, num_rows)
         y.mul_(coef)

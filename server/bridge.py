@@ -19,6 +19,7 @@ plain attributes the watchdog reads).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import itertools
@@ -66,7 +67,7 @@ class Health:
     reason: str = "ok"
 
 
-class BridgeBase:
+class BridgeBase(abc.ABC):
     """Admission, request groups, aborts, drain and delivery (event loop only).
 
     Args:
@@ -87,13 +88,14 @@ class BridgeBase:
 
     # -- what each form provides ----------------------------------------------------------
 
-    def health(self) -> Health:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def health(self) -> Health: ...
 
+    @abc.abstractmethod
     def _engine_abort(self, request_ids: list[str]) -> None:
         """Tell the engine to stop these requests (their final outputs follow)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def submit_async(
         self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
     ) -> RequestGroup:
@@ -104,7 +106,6 @@ class BridgeBase:
                 ``max_pending``.
             ValueError, AdapterError: from the engine's validation (nothing stays queued).
         """
-        raise NotImplementedError
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -560,7 +560,7 @@ def main() -> int:
         path = Path(os.environ.pop(ENV_SOCKET))
         token = read_token(int(os.environ.pop(ENV_TOKEN_FD)))
     except (KeyError, ValueError, OSError):
-        print("server.engine_core is started by `loraserve serve`", file=sys.stderr)
+        sys.stderr.write("server.engine_core is started by `loraserve serve`\n")
         return 2
     # Ctrl-C and SIGTERM reach the whole process group: the API process drains, then
     # closes the socket, which ends this process.

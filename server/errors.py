@@ -37,8 +37,8 @@ _TYPES = {
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
 # AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400.
-# A missing adapter directory is a bad lora_path (400, as RELIABILITY.md's Adapters table
-# says); 404 is for names: a request or an unload naming no loaded adapter.
+# A missing adapter directory is a bad lora_path (400: the path is the request's mistake);
+# 404 is for names: a request or an unload naming no loaded adapter.
 _ADAPTER_STATUS = {
     "model_not_found": 404,
     "adapter_already_loaded": 409,

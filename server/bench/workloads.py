@@ -1,4 +1,4 @@
-"""Seeded request lists for ``loraserve bench`` (BENCHMARKS.md W2, W3, W4).
+"""Seeded request lists for ``loraserve bench`` (W2, W3, W4: see docs/benchmarks.md).
 
 A workload is data: requests with an arrival time, an adapter index, prompt token ids and an
 exact output length, saved as JSON and replayed unchanged against every system compared.
@@ -81,7 +81,7 @@ class Workload:
     """A seeded request list and how to replay it.
 
     Attributes:
-        kind: "W2", "W3" or "W4" (BENCHMARKS.md).
+        kind: "W2", "W3" or "W4" (docs/benchmarks.md).
         params: every generator argument, for the record (stored JSON-normal: tuples become
             lists, so a saved workload loads back equal).
         num_adapters: n; request adapters index ``adapter_names()``.

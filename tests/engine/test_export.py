@@ -1,7 +1,7 @@
 """``loraserve merge``: a base with a LoRA adapter merged in, written as a Hugging Face model.
 
 Oracles: on a float base, PEFT's ``merge_and_unload``; on an NF4 base, W = dequantize(Q) +
-scaling · B @ A with bitsandbytes' own dequantization (``../shared/CONVENTIONS.md``), and
+scaling · B @ A with bitsandbytes' own dequantization, and
 transformers + PEFT on the float model whose weights are bitsandbytes' dequantize(Q).
 """
 

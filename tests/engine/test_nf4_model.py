@@ -1,7 +1,7 @@
 """The NF4 base end to end: checkpoints from transformers + bitsandbytes, quantization at
 load and ``loraserve quantize``, with adapters on top, against transformers + PEFT.
 
-The oracle is the one ``../shared/CONVENTIONS.md`` names: each weight rebuilt with
+The oracle is W = dequantize(Q): each weight rebuilt with
 bitsandbytes' ``dequantize_4bit`` and run in float32 through transformers + PEFT.
 (bitsandbytes' own CPU forward computes in bfloat16, so it is not an exact reference.)
 """

@@ -1,4 +1,4 @@
-"""RELIABILITY.md, Access: keys, admin routes, CORS, adapter path containment, pickles and
+"""Access: keys, admin routes, CORS, adapter path containment, pickles and
 remote code. Each bad request is followed by a good one."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RELIABILITY.md, Adapters, through the HTTP routes: every refusal is a 4xx naming what is
+"""Adapters through the HTTP routes: every refusal is a 4xx naming what is
 wrong (never a 500) followed by a good request; hot loading, unloading in use, churn, bad
 loads under traffic, and adapter files that vanish."""
 

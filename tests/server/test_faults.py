@@ -1,4 +1,4 @@
-"""RELIABILITY.md, Load and faults: disconnects, preemption, oversized requests, a full
+"""Load and faults: disconnects, preemption, oversized requests, a full
 queue, adapters that do not fit together, failing and stuck steps, and draining."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Merging, composing and exporting adapters over HTTP while the server serves, and
-RELIABILITY.md's rows about them: each refusal is a 4xx naming the rule, then a good
+the refusals around them: each refusal is a 4xx naming the rule, then a good
 request still succeeds."""
 
 from __future__ import annotations

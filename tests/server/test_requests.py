@@ -1,4 +1,4 @@
-"""RELIABILITY.md, Requests: every malformed request gets the envelope with the right status,
+"""Requests: every malformed request gets the envelope with the right status,
 code and param, before any work is queued, and a good request succeeds right after."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from engine.cuda_graph import GRAPH_MODES, GraphShape, capture_sizes, graph_memory_bytes
 from engine.dummy import checkpoint_shapes
 from engine.naming import is_quantized_linear
 
@@ -130,6 +131,30 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class GraphConfig:
+    """How decode steps run (see ``engine/cuda_graph.py``).
+
+    Attributes:
+        mode: "graphs" captures the padded decode forward as CUDA graphs and replays them;
+            "static" runs the same padded forward without capture; "eager" (vLLM's
+            ``--enforce-eager``) runs every step as it comes.
+        sizes: the batch sizes to capture; empty for the default ladder up to
+            ``max_num_seqs``.
+    """
+
+    mode: str = "eager"
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRAPH_MODES:
+            raise ValueError(
+                f"graph mode must be one of {', '.join(GRAPH_MODES)}; got {self.mode!r}"
+            )
+        if any(s <= 0 for s in self.sizes):
+            raise ValueError("CUDA graph sizes must be positive")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, grouped by concern."""
 
@@ -137,6 +162,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
+    graphs: GraphConfig = field(default_factory=GraphConfig)
     seed: int = 0
 
     @classmethod
@@ -155,6 +181,9 @@ class EngineConfig:
         max_num_batched_tokens: int = 2048,
         max_lora_rank: int = 64,
         max_loras: int = 256,
+        enforce_eager: bool = False,
+        graph_mode: str | None = None,
+        cuda_graph_sizes: tuple[int, ...] = (),
         seed: int = 0,
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
@@ -164,6 +193,11 @@ class EngineConfig:
         :func:`_default_pool_memory`), at most enough for ``max_num_seqs`` full-length
         sequences. ``quantization`` None serves the checkpoint as it is stored.
         ``load_format="dummy"`` needs only ``config.json`` (random weights, sized from it).
+
+        Decode steps run under CUDA graphs on a GPU and eagerly on the CPU, unless
+        ``enforce_eager`` or an explicit ``graph_mode`` says otherwise; the graphs' memory
+        (:func:`engine.cuda_graph.graph_memory_bytes`) is set aside before a default pool is
+        sized.
         """
         path = Path(model_dir) if model_dir is not None else DEMO_DIR / "model"
         if not (path / "config.json").is_file():
@@ -175,11 +209,23 @@ class EngineConfig:
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
         page_bytes = _page_bytes(hf, torch_dtype)
+        mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
+        if enforce_eager:
+            mode = "eager"
+        graphs = GraphConfig(mode, capture_sizes(max_num_seqs, cuda_graph_sizes))
         if num_pages is None:
             if pool_memory is None:
                 pool_memory = _default_pool_memory(
                     path, torch_dtype, dev, quantization, load_format
                 )
+                if mode == "graphs":
+                    shape = graph_shape(hf, torch_dtype, max_lora_rank, graphs.sizes)
+                    pool_memory -= graph_memory_bytes(shape)
+                    if pool_memory <= 0:
+                        raise ValueError(
+                            "the decode graphs leave no GPU memory for the page pool; "
+                            "pass --enforce-eager or fewer --max-num-seqs"
+                        )
                 # Never more than every running sequence at full length needs.
                 pool_memory = min(pool_memory, 2 * model_len * max_num_seqs * page_bytes)
             num_pages = pool_memory // page_bytes
@@ -188,6 +234,7 @@ class EngineConfig:
             cache=CacheConfig(num_pages),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoraConfig(max_lora_rank, max_loras),
+            graphs=graphs,
             seed=seed,
         )
 
@@ -206,6 +253,23 @@ def _context_limit(hf: dict[str, Any]) -> int:
     if window and hf.get("use_sliding_window", True):
         limit = min(limit, int(window))
     return limit
+
+
+def graph_shape(
+    hf: dict[str, Any], dtype: torch.dtype, max_lora_rank: int, sizes: tuple[int, ...]
+) -> GraphShape:
+    """The widths that size the decode graphs' memory, from a checkpoint's config.json."""
+    num_heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
+    return GraphShape(
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        q_width=num_heads * head_dim,
+        kv_width=int(hf.get("num_key_value_heads") or num_heads) * head_dim,
+        max_lora_rank=max_lora_rank,
+        sizes=sizes,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+    )
 
 
 def _page_bytes(hf: dict[str, Any], dtype: torch.dtype) -> int:

@@ -21,6 +21,7 @@ from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
 from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
+from engine.cuda_graph import DecodeGraphs, capture_sizes
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
 from engine.loader import eos_token_ids, load_model, load_tokenizer
@@ -83,8 +84,12 @@ class LLMEngine:
         )
         sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
         slot_tables = SlotTables(
-            config.scheduler.max_num_seqs, config.model.max_model_len, mc.device
+            config.scheduler.max_num_seqs,
+            config.model.max_model_len,
+            mc.device,
+            scratch_page=self.pool.scratch_page,
         )
+        graphs = self._decode_graphs(config, backends, slot_tables)
         self.runner = ModelRunner(
             self.model,
             self.pool.layers,
@@ -92,7 +97,10 @@ class LLMEngine:
             slot_tables,
             self.adapters.residency.tables,
             backends.lora,
+            graphs,
         )
+        if graphs is not None and config.graphs.mode == "graphs":
+            graphs.capture()
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -107,6 +115,35 @@ class LLMEngine:
             self.pool.num_pages,
             self.pool.page_width,
             self.pool.num_pages * self.pool.page_bytes / 2**20,
+        )
+
+    def _decode_graphs(
+        self, config: EngineConfig, backends: Backends, slot_tables: SlotTables
+    ) -> DecodeGraphs | None:
+        """The static-shape decode path, when the config asks for one (None: eager).
+
+        Capture needs a CUDA device and the Triton kernels (the torch references read their
+        metadata on the host); elsewhere "graphs" falls back to eager steps, with a warning.
+        """
+        mode = config.graphs.mode
+        if mode == "graphs" and not (
+            config.model.device.type == "cuda" and backends.lora.needs_device_passes
+        ):
+            logger.warning(
+                "CUDA graphs need a CUDA device and the Triton kernels; decoding eagerly"
+            )
+            mode = "eager"
+        if mode == "eager":
+            return None
+        return DecodeGraphs(
+            self.model,
+            self.pool.layers,
+            slot_tables,
+            self.adapters.residency.tables,
+            backends.lora,
+            config.graphs.sizes or capture_sizes(config.scheduler.max_num_seqs),
+            config.lora.max_lora_rank,
+            self.pool.scratch_page,
         )
 
     @property

@@ -17,6 +17,7 @@ import torch
 from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
 from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
+from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
@@ -47,6 +48,7 @@ class ModelRunner:
         slot_tables: the runner's copy of each running request's page table.
         lora_tables: where resident adapters' weights are (written by the residency).
         lora_backend: the model's LoRA backend (whether it needs device segments).
+        graphs: the static-shape decode path (CUDA graphs), or None to run every step eagerly.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ModelRunner:
         slot_tables: SlotTables,
         lora_tables: LoraTables,
         lora_backend: LoraBackend,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.pools = pools
@@ -64,6 +67,7 @@ class ModelRunner:
         self.slot_tables = slot_tables
         self.lora_tables = lora_tables
         self.lora_backend = lora_backend
+        self.graphs = graphs
         self.device = pools[0].device
         self.upload = StepUpload(self.device)
         # Token counts of penalized requests, kept from step to step (never recounted).
@@ -82,14 +86,21 @@ class ModelRunner:
         for c in chunks:
             if c.params.penalized and c.request_id not in self._counts:
                 self._counts[c.request_id] = self._initial_counts(c)
-        step = self._prepare(chunks)
-        batch = ForwardBatch(step.attn, self.pools, step.lora)
-        hidden = self.model(step.input_ids, step.positions, batch)
-        results = self._prompt_logprobs(chunks, hidden)
+        if self.graphs is not None and self.graphs.accepts(chunks):
+            # Every chunk is one sampling token: the hidden rows are the rows to sample.
+            hidden = self.graphs.run(chunks, self.slot_tables.assign(chunks))
+            results: dict[str, ChunkResult] = {}
+            sampled_hidden = hidden
+        else:
+            step = self._prepare(chunks)
+            batch = ForwardBatch(step.attn, self.pools, step.lora)
+            hidden = self.model(step.input_ids, step.positions, batch)
+            results = self._prompt_logprobs(chunks, hidden)
+            sampled_hidden = hidden.index_select(0, step.last_rows)
         sampling = [c for c in chunks if c.sample]
         if not sampling:
             return results
-        logits = self.model.compute_logits(hidden.index_select(0, step.last_rows))
+        logits = self.model.compute_logits(sampled_hidden)
         tokens = self.sampler(logits, sampling, [self._counts.get(c.request_id) for c in sampling])
         for row, (chunk, token) in enumerate(zip(sampling, tokens, strict=True)):
             counts = self._counts.get(chunk.request_id)

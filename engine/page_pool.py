@@ -74,12 +74,15 @@ class PagePool:
             raise ValueError("num_layers, num_pages and page_width must be positive")
         self.num_pages = num_pages
         self.page_width = page_width
-        # One tensor per layer, (num_pages, page_width). Zero-filled so that unwritten pages
-        # never hold NaNs that a masked kernel lane could still multiply by zero.
+        # One tensor per layer, (num_pages + 1, page_width). Zero-filled so that unwritten
+        # pages never hold NaNs that a masked kernel lane could still multiply by zero. The
+        # extra last row is the scratch page: never lent, it takes the K and V that padded
+        # rows of a static-shape decode batch write (see engine/cuda_graph.py).
         self.layers: list[torch.Tensor] = [
-            torch.zeros(num_pages, page_width, dtype=dtype, device=device)
+            torch.zeros(num_pages + 1, page_width, dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
+        self.scratch_page = num_pages
         # Pop from the end: low page ids are handed out first.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._refcount: list[int] = [0] * num_pages
@@ -97,7 +100,7 @@ class PagePool:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes one page takes across all layers."""
+        """Bytes one page takes across all layers (the scratch page not counted anywhere)."""
         return len(self.layers) * self.page_width * self.layers[0].element_size()
 
     def register(self, tenant: Tenant, holder: PageHolder) -> None:

@@ -3,7 +3,9 @@
 The scheduler sends only the pages of each step's new tokens; this table accumulates them so
 that per-step work is proportional to the new tokens, not to the whole context (vLLM keeps
 its block tables the same way). Each running request owns one row of two
-``(max_rows, max_len)`` int32 tensors, one for K pages and one for V pages.
+``(max_rows, max_len)`` int32 tensors, one for K pages and one for V pages; one more row,
+never assigned, points every position at a scratch page, for the padded rows of a
+static-shape decode batch (``engine/cuda_graph.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ class SlotTables:
         max_rows: the most requests holding a row at once (``max_num_seqs``).
         max_len: the longest sequence (``max_model_len``).
         device: where the attention kernels read the tables.
+        scratch_page: the page the padding row points at (the pool's scratch page).
     """
 
-    def __init__(self, max_rows: int, max_len: int, device: torch.device) -> None:
+    def __init__(
+        self, max_rows: int, max_len: int, device: torch.device, scratch_page: int = 0
+    ) -> None:
         self.max_len = max_len
-        self.k = torch.zeros(max_rows, max_len, dtype=torch.int32, device=device)
-        self.v = torch.zeros(max_rows, max_len, dtype=torch.int32, device=device)
+        self.k = torch.zeros(max_rows + 1, max_len, dtype=torch.int32, device=device)
+        self.v = torch.zeros(max_rows + 1, max_len, dtype=torch.int32, device=device)
+        self.pad_row = max_rows
+        self.k[max_rows] = scratch_page
+        self.v[max_rows] = scratch_page
         self._rows: dict[str, int] = {}
         self._free_rows = list(range(max_rows - 1, -1, -1))
 

@@ -27,7 +27,13 @@ from engine.config import resolve_dtype
 from engine.export import merge_checkpoint, quantize_checkpoint
 from server.bench.cli import add_bench_parser
 from server.engine_args import add_engine_args, engine_config
-from server.serve import add_serve_args, run_serve
+from server.serve_args import add_serve_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.serve import run_serve  # the HTTP stack, imported only to serve
+
+    return run_serve(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(serve)
-    serve.set_defaults(run=run_serve)
+    serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="generate text for prompts, offline")
     generate.add_argument("--model", default=None, help="a Hugging Face model directory")

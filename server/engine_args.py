@@ -31,6 +31,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step eagerly: no CUDA graphs for decode steps (a GPU captures them "
+        "at start-up by default)",
+    )
+    parser.add_argument(
+        "--cuda-graph-sizes",
+        type=_sizes,
+        default=(),
+        metavar="N[,N...]",
+        help="decode batch sizes to capture (default 1,2,4,8,16,24,32,48,64,... up to "
+        "--max-num-seqs); a batch is padded up to the next one",
+    )
     pool = parser.add_mutually_exclusive_group()
     pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
     pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
@@ -52,5 +66,17 @@ def engine_config(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes,
         seed=seed,
     )
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of batch sizes: {text!r}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError("batch sizes must be positive integers")
+    return sizes

@@ -77,6 +77,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
     sweep.add_argument("--batch-size", type=int, default=32)
     sweep.add_argument("--kernels", default=None)
+    sweep.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs for loraserve's decodes"
+    )
     sweep.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
     _workload_args(sweep)
     sweep.set_defaults(run=_sweep)
@@ -212,6 +215,7 @@ def _sweep(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             kernels=args.kernels,
             distinct_adapters=args.distinct_adapters,
+            enforce_eager=args.enforce_eager,
         )
     )
     for run in result["runs"]:

@@ -64,6 +64,7 @@ class SweepArgs:
     kernels: str | None = None
     adapter_dir: Path | None = None
     distinct_adapters: int | None = None
+    enforce_eager: bool = False
 
 
 def run_sweep(args: SweepArgs) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         max_num_seqs=args.batch_size,
         max_lora_rank=max(args.ranks),
         max_loras=max(1, min(max(args.adapters), 256)),
+        enforce_eager=args.enforce_eager,
     )
     vocab = int(json.loads((args.model_dir / "config.json").read_text())["vocab_size"])
     top = max(args.adapters)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
 from engine.config import DEMO_DIR
 from server.cli import main
-from server.serve import DEMO_MODEL_NAME, add_serve_args, server_config
+from server.engine_args import engine_config
+from server.serve import DEMO_MODEL_NAME, server_config
+from server.serve_args import add_serve_args
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -45,3 +49,32 @@ def test_access_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None
 def test_bad_lora_modules_exit_2(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--lora-modules", spec]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_the_command_line_runs_without_the_http_stack() -> None:
+    """A GPU image may lack the web framework: every command but ``serve`` still parses and
+    ``--help`` works, importing neither fastapi nor uvicorn."""
+    code = (
+        "import sys\n"
+        "sys.modules.update(fastapi=None, uvicorn=None, starlette=None)\n"
+        "from server.cli import main\n"
+        "for argv in (['--help'], ['bench', 'sweep', '--help'], ['generate', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "assert 'server.serve' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_graph_flags_reach_the_engine_config() -> None:
+    args = parse("--enforce-eager", "--cuda-graph-sizes", "1,4,8", "--num-pages", "64")
+    assert args.enforce_eager and args.cuda_graph_sizes == (1, 4, 8)
+    config = engine_config(args, None)
+    assert config.graphs.mode == "eager" and config.graphs.sizes == (1, 4, 8)
+    with pytest.raises(SystemExit):
+        parse("--cuda-graph-sizes", "4,zero")

@@ -1,0 +1,84 @@
+"""The flags of ``loraserve serve``, apart from the server itself.
+
+Kept light (no web framework imported), so that ``loraserve --help`` and the commands that
+never serve (``generate``, ``bench``) run where the HTTP stack is not installed, such as a
+bare GPU image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from server.engine_args import add_engine_args
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", nargs="?", default=None, help="a Hugging Face model dir")
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters to serve from the start",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="the base model's API name")
+    add_engine_args(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--api-key",
+        default=os.environ.get("LORASERVE_API_KEY"),
+        help="required on every route but /health (default: $LORASERVE_API_KEY)",
+    )
+    access.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("LORASERVE_ADMIN_API_KEY"),
+        help="required for adapter management (default: $LORASERVE_ADMIN_API_KEY)",
+    )
+    access.add_argument(
+        "--enable-runtime-lora-loading",
+        action="store_true",
+        help="expose adapter loading without an admin key",
+    )
+    access.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="runtime lora_path values must lie inside one of these",
+    )
+    access.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins")
+    access.add_argument(
+        "--export-root",
+        default=None,
+        metavar="DIR",
+        help="where POST /v1/adapters/{name}/export writes merged models (off without it)",
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-waiting-requests", type=int, default=256)
+    limits.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    limits.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+    limits.add_argument("--watchdog-timeout", type=float, default=60.0)
+    limits.add_argument("--max-compose-candidates", type=int, default=32)
+    limits.add_argument("--max-compose-steps", type=int, default=200)
+    limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
+    parser.add_argument("--no-access-log", action="store_true")
+    engine = parser.add_argument_group("engine process")
+    engine.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="step the engine in a thread of the HTTP process (no engine process)",
+    )
+    engine.add_argument(
+        "--engine-startup-timeout", type=float, default=1800.0, help="seconds to build it"
+    )
+    engine.add_argument(
+        "--engine-failure-exit-delay",
+        type=float,
+        default=5.0,
+        help="seconds of 503s after the engine process dies, before exiting with status 1",
+    )

@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite: W1 kernels, NF4 matmuls and W2 serving sweeps, in ~9 minutes on
-# one H100 / H200, with nothing downloaded (dummy weights from the presets' config.json,
-# random adapters). Everything lands in one folder:
+# The GPU benchmark suite: W1 kernels, NF4 matmuls, decode graphs and W2 serving sweeps, in
+# under 9 minutes on one H100 / H200, with nothing downloaded (dummy weights from the presets'
+# config.json, random adapters) and no web framework needed (everything runs in-process).
+# Everything lands in one folder:
 #
 #   bash benchmarks/gpu_suite.sh            # OUT=benchmarks/results/gpu-<date> by default
 #   SMOKE=1 bash benchmarks/gpu_suite.sh    # or --smoke: every step on the CPU, tiny sizes
-#   SKIP_SWEEP=1 bash benchmarks/gpu_suite.sh   # kernels and NF4 only
+#   SKIP_SWEEP=1 bash benchmarks/gpu_suite.sh   # kernels, NF4 and graphs only
 #
 # Steps (each under `timeout`, its time printed and appended to $OUT/timings.txt):
-#   kernels      python benchmarks/lora_kernels.py            (W1: shrink/expand vs gather+bmm)
-#   nf4          python benchmarks/nf4.py                     (fused NF4 vs dequant vs bf16)
-#   sweep-bf16   loraserve bench sweep, bf16 base, with the HF baselines at n in BASELINE_ADAPTERS
-#   sweep-bf16-n loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS (loraserve only)
-#   sweep-nf4    loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS (loraserve only)
-# The baselines run transformers generate on the 7B model and load every adapter into PEFT,
-# so at n = 100 or 1000 they alone would take far longer than 9 minutes: by default they run
-# at n = 0 and 1 only (set BASELINE_ADAPTERS=0,1,100,1000 for the full table, given time).
+#   kernels         python benchmarks/lora_kernels.py     (W1: shrink/expand vs gather+bmm)
+#   nf4             python benchmarks/nf4.py              (fused NF4 vs dequant vs bf16)
+#   graphs          python benchmarks/decode_graphs.py    (graph replay == eager on the demo,
+#                   bf16 and NF4; decode step graphs vs eager, base vs LoRA; NF4 vs bf16 at
+#                   batch 1)
+#   sweep-bf16      loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS, decode graphs on
+#   sweep-bf16-eager  the same with --enforce-eager
+#   sweep-nf4       loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS, graphs on
+#   sweep-baselines only when BASELINES is set (SMOKE sets it): the HF baselines at n in
+#                   BASELINE_ADAPTERS. They run transformers generate on the 7B model and load
+#                   every adapter into PEFT, so they do not fit the 9 minutes beside the rest.
 #
 # Knobs (environment): OUT, PY (default .venv/bin/python, else python3), LORASERVE (default
 # .venv/bin/loraserve, else "$PY -m server.cli"), MODEL (default the llama-2-7b preset),
-# SWEEP_ADAPTERS, BASELINE_ADAPTERS, SWEEP_RANKS (8; S-LoRA's mixed set is 64,32,16,8),
-# SWEEP_TARGETS, SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter directories
-# written per sweep, reused round-robin: 1000 rank-8 7B adapters would be 17 GB),
-# and T_KERNELS, T_NF4, T_SWEEP (seconds per step).
+# SWEEP_ADAPTERS, BASELINES, BASELINE_ADAPTERS, SWEEP_RANKS (8; S-LoRA's mixed set is
+# 64,32,16,8), SWEEP_TARGETS, SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter
+# directories written per sweep, reused round-robin: 1000 rank-8 7B adapters would be 17 GB),
+# and T_KERNELS, T_NF4, T_GRAPHS, T_SWEEP, T_BASELINES (seconds per step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -48,25 +52,29 @@ if [[ "$SMOKE" == 1 ]]; then
   MODEL=${MODEL:-benchmarks/presets/tiny}
   KERNEL_ARGS=(--smoke)
   NF4_ARGS=(--shapes 256x256 --batches 1,4 --repeats 1)
+  GRAPH_ARGS=(--smoke)
   SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,2}
   BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,2}
   BASELINES=${BASELINES:-peft}
   SIZES=(--num-requests "${SWEEP_REQUESTS:-8}" --rate "${SWEEP_RATE:-4}"
     --input-range 4,8 --output-range 2,4)
   DISTINCT=${DISTINCT:-2}
-  T_KERNELS=${T_KERNELS:-120} T_NF4=${T_NF4:-60} T_SWEEP=${T_SWEEP:-120}
+  T_KERNELS=${T_KERNELS:-120} T_NF4=${T_NF4:-60} T_GRAPHS=${T_GRAPHS:-120}
+  T_SWEEP=${T_SWEEP:-120} T_BASELINES=${T_BASELINES:-120}
 else
   OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
   MODEL=${MODEL:-benchmarks/presets/llama-2-7b}
   KERNEL_ARGS=()
   NF4_ARGS=()
+  GRAPH_ARGS=()
   SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,1,100,1000}
   BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,1}
-  BASELINES=${BASELINES:-peft,peft-mixed,merge-swap}
+  BASELINES=${BASELINES:-}
   SIZES=(--num-requests "${SWEEP_REQUESTS:-32}" --rate "${SWEEP_RATE:-4}"
     --input-range 8,512 --output-range 8,512)
   DISTINCT=${DISTINCT:-100}
-  T_KERNELS=${T_KERNELS:-150} T_NF4=${T_NF4:-90} T_SWEEP=${T_SWEEP:-120}
+  T_KERNELS=${T_KERNELS:-60} T_NF4=${T_NF4:-45} T_GRAPHS=${T_GRAPHS:-135}
+  T_SWEEP=${T_SWEEP:-90} T_BASELINES=${T_BASELINES:-300}
 fi
 W2=(--model "$MODEL" --load-format dummy --ranks "${SWEEP_RANKS:-8}"
   --targets "${SWEEP_TARGETS:-q_proj,k_proj,v_proj,o_proj}" "${SIZES[@]}"
@@ -78,35 +86,52 @@ SUITE_START=$(date +%s.%N)
 
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
-# step NAME TIMEOUT_S COMMAND...: run one step, its output teed to $OUT/NAME.log.
+# step NAME TIMEOUT_S COMMAND...: run one step, its output teed to $OUT/NAME.log. A step that
+# fails or runs out of time is recorded and the suite goes on (a GPU is lent once: the other
+# steps' numbers are still worth having); the suite's exit status says whether any failed.
+FAILED=()
 step() {
   local name=$1 limit=$2
   shift 2
   echo "== $name (timeout ${limit}s): $*"
-  local start end
+  local start end status=0
   start=$(date +%s.%N)
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || status=$?
   end=$(date +%s.%N)
+  if [[ $status != 0 ]]; then
+    FAILED+=("$name")
+    echo "== $name: FAILED (exit $status; 124 = timed out)" | tee -a "$OUT/timings.txt"
+  fi
   echo "== $name: $(seconds "$start" "$end") s" | tee -a "$OUT/timings.txt"
 }
 
 step kernels "$T_KERNELS" "$PY" benchmarks/lora_kernels.py --out "$OUT/kernels" "${KERNEL_ARGS[@]}"
 step nf4 "$T_NF4" "$PY" benchmarks/nf4.py --out "$OUT/nf4" "${NF4_ARGS[@]}"
+step graphs "$T_GRAPHS" "$PY" benchmarks/decode_graphs.py --out "$OUT/graphs" "${GRAPH_ARGS[@]}"
 
 if [[ "$SKIP_SWEEP" == 1 ]]; then
   echo "== sweeps skipped (SKIP_SWEEP=1)"
 else
   step sweep-bf16 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-    --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" --out "$OUT/sweep-bf16"
-  step sweep-bf16-n "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
     --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
-    --out "$OUT/sweep-bf16-n"
+    --out "$OUT/sweep-bf16"
+  step sweep-bf16-eager "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+    --enforce-eager --out "$OUT/sweep-bf16-eager"
   step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
     --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-nf4"
+  if [[ -n "$BASELINES" ]]; then
+    step sweep-baselines "$T_BASELINES" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+      --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" --out "$OUT/sweep-baselines"
+  fi
   # The adapters are scratch: regenerated from the seed, and up to GBs each.
   rm -rf "$OUT"/sweep-*/adapters
 fi
 
 SUITE_END=$(date +%s.%N)
 echo "== suite: $(seconds "$SUITE_START" "$SUITE_END") s, results in $OUT" | tee -a "$OUT/timings.txt"
+if [[ ${#FAILED[@]} != 0 ]]; then
+  echo "== failed steps: ${FAILED[*]}" | tee -a "$OUT/timings.txt"
+  exit 1
+fi

@@ -298,6 +298,7 @@ class DecodeGraphs:
 
     # -- capture ----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
         """Capture the forward of every size, with and without LoRA, largest first, into one
         shared memory pool (CUDA only). The buffers hold a valid all-padding batch while

@@ -29,7 +29,7 @@ from engine.config import EngineConfig
 from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import SLO, RequestRecord, latency_cdf, summarize
 from server.bench.systems import BASELINE_SYSTEMS, peft_model, run_loraserve
-from server.bench.workloads import synthetic_w2
+from server.bench.workloads import Workload, synthetic_w2
 
 BASELINES = BASELINE_SYSTEMS
 SYSTEM_NAMES = {
@@ -130,6 +130,8 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             duration = time.perf_counter() - started
             summary = summarize(records, _duration(records, duration), DEFAULT_SLOS)
             runs.append({"system": SYSTEM_NAMES[system], "n": n, "rate": args.rate, **summary})
+            # What has run so far, in case the sweep is cut short (the GPU suite's timeouts).
+            _write(args, workload, runs, [])
             if n == top:
                 records_at_top[SYSTEM_NAMES[system]] = records
     rate_runs = []
@@ -155,6 +157,15 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             del model
         summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
         rate_runs.append({"system": SYSTEM_NAMES[system], "n": top, "rate": rate, **summary})
+    result = _write(args, workload, runs, rate_runs)
+    plot_sweep(result, records_at_top, args.out)
+    return result
+
+
+def _write(
+    args: SweepArgs, workload: Workload, runs: list[dict[str, Any]], rate_runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write ``sweep.json`` with the runs so far; returns what it holds."""
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": _machine(),
@@ -164,7 +175,6 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         "ratios": _ratios(runs),
     }
     (args.out / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_sweep(result, records_at_top, args.out)
     return result
 
 

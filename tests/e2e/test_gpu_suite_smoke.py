@@ -24,15 +24,30 @@ def test_gpu_suite_smoke_mode(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for step in ("kernels", "nf4", "sweep-bf16", "sweep-bf16-n", "sweep-nf4"):
-        assert f"== {step}:" in (out / "timings.txt").read_text(), step
+    steps = ("kernels", "nf4", "graphs", "sweep-bf16", "sweep-bf16-eager", "sweep-nf4")
+    timings = (out / "timings.txt").read_text()
+    for step in (*steps, "sweep-baselines"):
+        assert f"== {step}:" in timings, step
+    assert "FAILED" not in timings
     assert json.loads((out / "kernels" / "lora_kernels.json").read_text())
     assert json.loads((out / "nf4" / "nf4.json").read_text())["matmuls"]
-    sweep = json.loads((out / "sweep-bf16" / "sweep.json").read_text())
-    systems = {(r["system"], r["n"]) for r in sweep["runs"]}
-    assert {("loraserve", 0), ("loraserve", 2), ("PEFT server", 2)} <= systems
-    assert all(r["failed"] == 0 for r in sweep["runs"])
+    graphs = json.loads((out / "graphs" / "decode_graphs.json").read_text())
+    assert all(not s["differ"] for e in graphs["equality"] for s in e["sizes"])
+    assert all(e["padded_steps"] > 0 for e in graphs["equality"])
+    assert set(graphs["summary"]) >= {"graphs_over_eager_batch1", "lora_overhead_graphs"}
+    for name in ("sweep-bf16", "sweep-bf16-eager"):
+        sweep = json.loads((out / name / "sweep.json").read_text())
+        assert {(r["system"], r["n"]) for r in sweep["runs"]} == {
+            ("loraserve", 0),
+            ("loraserve", 2),
+        }
+        assert all(r["failed"] == 0 for r in sweep["runs"])
+    assert json.loads((out / "sweep-bf16-eager" / "sweep.json").read_text())["args"][
+        "enforce_eager"
+    ]
+    baselines = json.loads((out / "sweep-baselines" / "sweep.json").read_text())
+    assert ("PEFT server", 2) in {(r["system"], r["n"]) for r in baselines["runs"]}
     for plot in ("throughput_vs_n.png", "lora_overhead.png", "latency_cdf.png"):
-        assert (out / "sweep-bf16" / plot).stat().st_size > 0
+        assert (out / "sweep-baselines" / plot).stat().st_size > 0
     nf4 = json.loads((out / "sweep-nf4" / "sweep.json").read_text())
     assert nf4["args"]["quantization"] == "nf4" and nf4["runs"]

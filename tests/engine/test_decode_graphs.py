@@ -195,3 +195,22 @@ def test_prefill_and_mixture_steps_stay_eager(llama_dir: Path, adapters: dict[st
     assert _generate(static, jobs, 3) == _generate(eager, jobs, 3)
     graphs = static.runner.graphs
     assert graphs is not None and sum(graphs.runs.values()) == 0
+
+
+def test_static_buffers_hold_the_padded_batch(llama_dir: Path, adapters: dict[str, Path]) -> None:
+    """One (fields, largest size) int32 buffer; a batch of 3 fills 4 columns, the padding
+    column pointing at the scratch page and the padding row, with no adapter."""
+    static = _engine(llama_dir, adapters, "static")
+    graphs = static.runner.graphs
+    assert graphs is not None
+    assert graphs._static.shape == (7, 16) and graphs._static.dtype == torch.int32
+    assert not graphs.captured
+    _generate(static, _jobs(3, ["r8-all", None], seed=1), 2)
+    scratch, pad_row = static.pool.scratch_page, static.runner.slot_tables.pad_row
+    assert scratch == static.pool.num_pages and static.pool.layers[0].shape[0] == scratch + 1
+    assert graphs.new_k[3] == scratch and graphs.new_v[3] == scratch
+    assert graphs.rows[3] == pad_row and graphs.seq_lens[3] == 1 and graphs.adapters[3] == -1
+    slots = graphs.adapters[:3].tolist()
+    assert slots == sorted(slots) and slots.count(-1) == 1  # grouped: base rows, then r8-all
+    with pytest.raises(AssertionError, match="CUDA"):
+        graphs.capture(progress=False)

@@ -24,6 +24,7 @@ from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
 from adapters.loader import LoraAdapterWeights, load_lora_adapter
+from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
 from adapters.registry import AdapterEntry, AdapterRegistry
 from adapters.residency import AdapterResidency
@@ -334,3 +335,17 @@ class AdapterManager:
     def reclaim(self, num_pages: int) -> bool:
         """Evict unpinned adapters until ``num_pages`` pages are free (for the KV cache)."""
         return self.residency.reclaim(num_pages)
+
+    def take_placements(self) -> tuple[Placement, ...]:
+        """The placements made since the last call, for the step's output (the runner writes
+        them into the pool)."""
+        return self.residency.take_placements()
+
+    def discard(self, placements: Iterable[Placement]) -> None:
+        """Evict the adapters of placements the runner may not have applied (its step
+        failed), unless running requests pin them: they are placed again, written, when
+        next needed, instead of being read from pages that may never have been written."""
+        for placement in placements:
+            resident = self.residency.get(placement.adapter_id)
+            if resident is not None and resident.slot == placement.slot and resident.pins == 0:
+                self.residency.evict(placement.adapter_id)

@@ -267,7 +267,10 @@ class LLMEngine:
             )
             self.num_failed_steps += 1
             self.num_steps += 1
-            return aborted + self._fail(scheduled)
+            failed = self._fail(scheduled)
+            # The runner may have failed before writing the adapters this schedule placed.
+            self.adapters.discard(scheduled.placements)
+            return aborted + failed
         advanced = self.scheduler.update(scheduled, results, self.requests)
         self.num_steps += 1
         self.generation_tokens += sum(1 for c in scheduled.chunks if c.sample)

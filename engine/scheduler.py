@@ -15,8 +15,11 @@ The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
        first: the pages it needs count against the pool like the KV cache's (evicting
        unused adapters when needed). A request whose adapter is still loading from disk is
        passed over, not waited for, so requests behind it still run.
-    3. Copy the adapters of the next waiting requests into free pages (prefetch), so they
+    3. Place the adapters of the next waiting requests into free pages (prefetch), so they
        are resident by the time they are admitted.
+
+Placing an adapter is bookkeeping here: the step's output carries the placements, and the
+runner copies the weights into the pool before its forward.
 
 There are no prefill and decode phases: both share one budget in one batch. A request
 whose chunk reaches its last token samples one new token in :meth:`update`.
@@ -93,6 +96,7 @@ class Scheduler:
             chunks=[self._chunk(r, chunks[r.request_id]) for r in scheduled],
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=retired,
+            placements=self.adapters.take_placements() if self.adapters is not None else (),
         )
 
     def _admit(self, budget: int, chunks: dict[str, int]) -> int:

@@ -107,6 +107,14 @@ class Scheduler:
             readiness = self._adapter_readiness(request)
             if readiness is Readiness.LOADING:
                 continue  # its adapter is still on its way from disk: do not hold others
+            if readiness is Readiness.NO_ROOM and not self.running:
+                # Nothing pins an adapter or holds KV pages: every page but those of the
+                # adapter's own parts could be reclaimed, and were not enough. It never fits
+                # (a mixture whose components were on disk when it was registered).
+                assert request.adapter is not None
+                message = f"adapter {request.adapter.name!r} needs more pages than the pool has"
+                self._abort(request, AdapterError("adapter_too_large", message))
+                continue
             if readiness is Readiness.NO_ROOM:
                 break
             num_new = min(request.num_tokens, budget)
@@ -136,10 +144,14 @@ class Scheduler:
         try:
             return self.adapters.ensure_resident(request.adapter)
         except AdapterError as e:
-            request.error, request.error_code = e.message, e.code
-            self.finish(request, "abort")
-            self.failed.append(request)
+            self._abort(request, e)
             return Readiness.LOADING  # gone from the queue; move on
+
+    def _abort(self, request: Request, error: AdapterError) -> None:
+        """Retire a request its adapter fails, reported to the engine through ``failed``."""
+        request.error, request.error_code = error.message, error.code
+        self.finish(request, "abort")
+        self.failed.append(request)
 
     def _grow(self, request: Request, num_tokens: int, keep_adapter: bool = False) -> bool:
         """Give the request KV pages for ``num_tokens`` tokens, evicting unused adapters."""

@@ -61,9 +61,7 @@ class PlacementWriter:
             self.num_applied += len(placements)
             return
         compute = torch.cuda.current_stream(self.device)
-        for event in self._events.values():  # the previous step's prefetches
-            compute.wait_event(event)
-        self._events.clear()
+        self.wait()  # the previous step's prefetches
         if placements:
             self._stream.wait_stream(compute)
             with torch.cuda.stream(self._stream):
@@ -77,6 +75,16 @@ class PlacementWriter:
             used = self._events.pop(slot, None)
             if used is not None:
                 compute.wait_event(used)
+
+    def wait(self) -> None:
+        """Make the current stream wait (on the device) for every copy still outstanding,
+        so what it runs next reads the placed adapters written (a no-op on the CPU)."""
+        if self._stream is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for event in self._events.values():
+            compute.wait_event(event)
+        self._events.clear()
 
     def _write(self, placement: Placement) -> None:
         """Queue (on the current stream) or run (on the CPU) one placement's writes.

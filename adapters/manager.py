@@ -1,9 +1,29 @@
 """The adapter side of the engine: one object the scheduler asks about adapters.
 
-Control plane (any thread): :meth:`AdapterManager.load` validates an adapter fully (config,
-tensor names and shapes, values) in the caller's thread, so a bad adapter is refused before
-it is registered; :meth:`unload` unregisters a name. Data plane (the engine thread only):
-reference counts, prefetch, placement in the pool, pins and eviction.
+Threads. The residency (which adapters are in the pool, where, pinned by whom) belongs to the
+engine thread: only it reads or changes it. Everything else here is shared under locks.
+
+* Control plane, any thread (HTTP handlers, worker threads, composition jobs):
+  :meth:`AdapterManager.load`, :meth:`~AdapterManager.load_weights`,
+  :meth:`~AdapterManager.register_mixture`, :meth:`~AdapterManager.unload`,
+  :meth:`~AdapterManager.get`, :meth:`~AdapterManager.weights_of`,
+  :meth:`~AdapterManager.has_pending_unloads` and :meth:`~AdapterManager.acquire`. They read
+  the registry, the host cache and fixed numbers only. ``load`` validates an adapter fully
+  (config, tensor names and shapes, values) in the caller's thread, so a bad adapter is
+  refused before it is registered. Whether an adapter fits is checked against a fixed
+  capacity, ``max_adapter_pages`` (the pool less what the smallest request needs beside its
+  adapter), never against the pool's changing occupancy; what does not fit *now* waits on
+  the engine thread, and what never fits there is refused with ``adapter_too_large``.
+  ``acquire`` counts a reference at once and leaves the decision to start loading (which
+  depends on residency) to the next :meth:`~AdapterManager.sync`.
+* Data plane, the engine thread only: :meth:`~AdapterManager.sync`,
+  :meth:`~AdapterManager.release`, :meth:`~AdapterManager.ensure_resident`,
+  :meth:`~AdapterManager.prefetch_into_pool`, :meth:`~AdapterManager.is_ready`,
+  :meth:`~AdapterManager.slots`, :meth:`~AdapterManager.pin`,
+  :meth:`~AdapterManager.unpin`, :meth:`~AdapterManager.reclaim`,
+  :meth:`~AdapterManager.take_placements`, :meth:`~AdapterManager.discard`, and the
+  ``residency`` itself. Placing an adapter here is bookkeeping; the runner writes it into
+  the pool from the step's placements.
 
 Tiers: disk → host (:class:`HostCache`, filled by the :class:`Prefetcher` thread) → pool
 (:class:`AdapterResidency`). A request holds its :class:`AdapterEntry` from the moment it is
@@ -24,6 +44,7 @@ from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
 from adapters.loader import LoraAdapterWeights, load_lora_adapter
+from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
 from adapters.registry import AdapterEntry, AdapterRegistry
 from adapters.residency import AdapterResidency
@@ -44,9 +65,11 @@ class AdapterManager:
     """Registry, host cache, prefetch and residency behind one interface.
 
     Args:
-        residency: the adapter tenant of the page pool.
+        residency: the adapter tenant of the page pool (the engine thread's).
         layout: the base model's linear layers, to validate adapters against.
         max_lora_rank: the largest rank accepted.
+        max_adapter_pages: the most pages an adapter, or a mixture's components together,
+            may take; larger ones are refused when loaded.
         host_cache_bytes: the host tier's capacity.
         load: reads an adapter directory (tests substitute slow or failing sources).
     """
@@ -56,12 +79,17 @@ class AdapterManager:
         residency: AdapterResidency,
         layout: BaseModelLayout,
         max_lora_rank: int,
+        max_adapter_pages: int,
         host_cache_bytes: int = 2 << 30,
         load: LoadFn | None = None,
     ) -> None:
         self.residency = residency
         self.layout = layout
         self.max_lora_rank = max_lora_rank
+        self.max_adapter_pages = max_adapter_pages
+        # Fixed at construction: the control plane's view of the pool, never its state.
+        self.cost = residency.cost
+        self.max_slots = residency.max_slots
         self.registry = AdapterRegistry()
         self.host_cache: HostCache[LoraAdapterWeights] = HostCache(host_cache_bytes)
         # Where weights come from: the files, through the validating loader. Replaceable
@@ -69,6 +97,7 @@ class AdapterManager:
         self.source: LoadFn = load or (lambda path: load_lora_adapter(path, layout, max_lora_rank))
         self.prefetcher = Prefetcher(self._read, self.host_cache)
         self._unloads: list[AdapterEntry] = []
+        self._acquired: list[AdapterEntry] = []  # acquired since the last sync()
         self._lock = threading.Lock()
         self._refs_lock = threading.Lock()  # reference counts change on several threads
         self._live: dict[int, AdapterEntry] = {}  # entries some request or the registry holds
@@ -88,7 +117,7 @@ class AdapterManager:
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
-        pages = self.residency.pages_needed(weights.modules)
+        pages = self.cost.pages(weights.modules)
         logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
         return entry
 
@@ -145,15 +174,15 @@ class AdapterManager:
                 raise AdapterError(INVALID_MERGE, f"the weight of {component!r} is not finite")
             entries.append((entry, float(weight)))
         need = sum(self._pages_for(e) for e, _ in entries)
-        if need > self.residency.pages.num_free + self.residency.num_pages:
+        if need > self.max_adapter_pages:
             raise AdapterError(
-                "adapter_too_large", f"the mixture needs {need} pages; the pool cannot hold it"
+                "adapter_too_large",
+                f"the mixture needs {need} pages; an adapter may take {self.max_adapter_pages}",
             )
-        if len(entries) > self.residency.max_slots:
+        if len(entries) > self.max_slots:
             raise AdapterError(
                 INVALID_MERGE,
-                f"a mixture of {len(entries)} adapters exceeds max_loras "
-                f"{self.residency.max_slots}",
+                f"a mixture of {len(entries)} adapters exceeds max_loras {self.max_slots}",
             )
         mixture, old = self.registry.register(
             name,
@@ -176,15 +205,18 @@ class AdapterManager:
 
     def _pages_for(self, entry: AdapterEntry) -> int:
         """Pool pages the adapter takes, 0 while its weights are not in memory (such a
-        component is checked when it is placed)."""
+        component is checked on the engine thread, when it is placed)."""
         weights = self.host_cache.get(entry.id) or entry.weights
-        return 0 if weights is None else self.residency.pages_needed(weights.modules)
+        return 0 if weights is None else self.cost.pages(weights.modules)
 
     def _check_fits(self, weights: LoraAdapterWeights) -> None:
-        pages = self.residency.pages_needed(weights.modules)
-        if pages > self.residency.pages.num_free + self.residency.num_pages:
+        """Refuse an adapter larger than the fixed capacity (the pool's occupancy is the
+        engine thread's business: an adapter that fits waits there for room)."""
+        pages = self.cost.pages(weights.modules)
+        if pages > self.max_adapter_pages:
             raise AdapterError(
-                "adapter_too_large", f"the adapter needs {pages} pages; the pool cannot hold it"
+                "adapter_too_large",
+                f"the adapter needs {pages} pages; an adapter may take {self.max_adapter_pages}",
             )
 
     def _track(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
@@ -221,9 +253,15 @@ class AdapterManager:
     # -- data plane (the engine thread) ---------------------------------------------------
 
     def sync(self) -> None:
-        """Apply pending unloads (called by the engine thread at the start of a step)."""
+        """Start loading what was acquired and apply pending unloads (called by the engine
+        thread at the start of a step)."""
         with self._lock:
             unloads, self._unloads = self._unloads, []
+            acquired, self._acquired = self._acquired, []
+        for entry in acquired:
+            for part in self.parts(entry):
+                if part.id not in self.residency and part.id not in self.host_cache:
+                    self.prefetcher.request(part)
         for entry in unloads:
             with self._refs_lock:
                 idle = entry.refs == 0
@@ -231,13 +269,16 @@ class AdapterManager:
                 self._forget(entry)
 
     def acquire(self, entry: AdapterEntry) -> None:
-        """A request (or a mixture) naming ``entry`` was queued: count it and start loading
-        if needed. Any thread: a mixture is registered from a worker thread."""
+        """A request (or a mixture) naming ``entry`` was queued: count it now; the next
+        :meth:`sync` starts loading it if it is neither resident nor in host memory.
+
+        Any thread (a mixture is registered from a worker thread): whether it is resident
+        is the engine thread's to ask.
+        """
         with self._refs_lock:
             entry.refs += 1
-        for part in self.parts(entry):
-            if part.id not in self.residency and part.id not in self.host_cache:
-                self.prefetcher.request(part)
+        with self._lock:
+            self._acquired.append(entry)
 
     def release(self, entry: AdapterEntry) -> None:
         """A request naming ``entry`` finished (the engine thread)."""
@@ -290,7 +331,7 @@ class AdapterManager:
                 raise AdapterError("adapter_load_failed", f"adapter {entry.name!r}: {error}")
             self.prefetcher.request(entry)
             return Readiness.LOADING
-        need = self.residency.pages_needed(weights.modules)
+        need = self.cost.pages(weights.modules)
         if not self.residency.reclaim(need, keep=[entry.id, *keep], slot=True):
             return Readiness.NO_ROOM
         self.residency.place(entry.id, weights.modules)
@@ -304,7 +345,7 @@ class AdapterManager:
             weights = self.host_cache.get(entry.id)
             if weights is None:
                 continue
-            need = self.residency.pages_needed(weights.modules)
+            need = self.cost.pages(weights.modules)
             if need > self.residency.pages.num_free or not self.residency.has_free_slot:
                 break
             self.residency.place(entry.id, weights.modules)
@@ -334,3 +375,17 @@ class AdapterManager:
     def reclaim(self, num_pages: int) -> bool:
         """Evict unpinned adapters until ``num_pages`` pages are free (for the KV cache)."""
         return self.residency.reclaim(num_pages)
+
+    def take_placements(self) -> tuple[Placement, ...]:
+        """The placements made since the last call, for the step's output (the runner writes
+        them into the pool)."""
+        return self.residency.take_placements()
+
+    def discard(self, placements: Iterable[Placement]) -> None:
+        """Evict the adapters of placements the runner may not have applied (its step
+        failed), unless running requests pin them: they are placed again, written, when
+        next needed, instead of being read from pages that may never have been written."""
+        for placement in placements:
+            resident = self.residency.get(placement.adapter_id)
+            if resident is not None and resident.slot == placement.slot and resident.pins == 0:
+                self.residency.evict(placement.adapter_id)

@@ -16,6 +16,14 @@ per-layer ``rank_pattern``) are allocated but never read.
 
 Residency policy: adapters pinned by running requests are never evicted; the rest are evicted
 least recently used first when the KV cache or another adapter needs pages.
+
+Ownership. The residency is the scheduler's (the engine thread's) bookkeeping, and it lives
+on the host: resident adapters, their pages and slots, and the host mirrors of the tables
+(ranks, scalings, first pages, generation) that the runner plans a step from. It never
+writes device memory: :meth:`AdapterResidency.place` records a placement
+(:class:`adapters.placement.Placement`) that the step's output carries to the runner, the
+only writer of adapter pages and of the device tables (``a_pages``, ``b_pages``,
+``ranks``, ``scalings``).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Protocol
 import torch
 
 from adapters.base_layout import LINEAR_TARGETS
-from kernels.lora import write_rows
+from adapters.placement import Placement, TargetPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +87,19 @@ class LoraTables:
             int32: the pages of each row of Bᵀ.
         ranks: ``(max_slots, num_layers, len(TARGETS))`` int32; 0 where untouched.
         scalings: ``(max_slots, num_layers, len(TARGETS))`` float32.
-        host_ranks, host_scalings: the same two on the host (the very same tensors on a CPU
-            device), so the runner plans a step without reading the device.
+        host_ranks, host_scalings: host mirrors of those two (distinct tensors, even on a
+            CPU device), so the runner plans a step without reading the device.
         a_first, b_first: per target, per slot (host lists): the first page of the adapter's
             rows when they lie in consecutive pages in order (A row j chunk c at page
             ``first + j · chunks + c``), so they can be read as a view of the pool without a
             gather; -1 otherwise.
         generation: a one-element list, bumped whenever a slot's adapter changes (placed or
             evicted): what is derived from the tables and kept across steps keys on it.
+
+    Writers: the device tensors (the first four) only by the runner, applying placements;
+    the host fields only by the residency, when the scheduler places or evicts. Between a
+    schedule and the runner's writes the two disagree for the slots placed in that
+    schedule, which no one reads in between.
     """
 
     a_pages: dict[str, torch.Tensor]
@@ -98,6 +111,22 @@ class LoraTables:
     a_first: dict[str, list[int]]
     b_first: dict[str, list[int]]
     generation: list[int]
+
+
+@dataclass(frozen=True)
+class PageCost:
+    """Pages an adapter takes: for each target, its rank times the pages of one A row and
+    one Bᵀ row. Fixed by the model and the page width, so any thread may ask.
+
+    Attributes:
+        chunks: per target, (pages of one A row, pages of one Bᵀ row).
+    """
+
+    chunks: Mapping[str, tuple[int, int]]
+
+    def pages(self, modules: Mapping[tuple[int, str], ModuleWeights]) -> int:
+        """Pages an adapter with these modules takes."""
+        return sum(rank * sum(self.chunks[t]) for t, rank in _ranks_by_target(modules).items())
 
 
 @dataclass
@@ -152,14 +181,18 @@ class AdapterResidency:
             },
             ranks=ranks,
             scalings=scalings,
-            host_ranks=ranks if device.type == "cpu" else ranks.cpu(),
-            host_scalings=scalings if device.type == "cpu" else scalings.cpu(),
+            host_ranks=torch.zeros_like(ranks, device="cpu"),
+            host_scalings=torch.zeros_like(scalings, device="cpu"),
             a_first={t: [-1] * max_slots for t in self._chunks},
             b_first={t: [-1] * max_slots for t in self._chunks},
             generation=[0],
         )
+        self.cost = PageCost(dict(self._chunks))
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
+        # Placements recorded since the last take_placements(), in order: each of an adapter
+        # still resident (evict() drops those of the adapter it evicts).
+        self._placements: list[Placement] = []
         self.num_placed = 0
         self.num_evicted = 0
 
@@ -183,7 +216,7 @@ class AdapterResidency:
 
     def pages_needed(self, modules: Mapping[tuple[int, str], ModuleWeights]) -> int:
         """Pages an adapter with these modules takes."""
-        return sum(rank * sum(self._chunks[t]) for t, rank in _ranks_by_target(modules).items())
+        return self.cost.pages(modules)
 
     def held_pages(self) -> Iterator[int]:
         for resident in self._resident.values():
@@ -192,7 +225,8 @@ class AdapterResidency:
     # -- placement ------------------------------------------------------------------------
 
     def place(self, adapter_id: int, modules: Mapping[tuple[int, str], ModuleWeights]) -> Resident:
-        """Copy an adapter into pool pages and give it a slot.
+        """Give an adapter pages and a slot, and record the :class:`Placement` that writes
+        it there (host bookkeeping only: see :meth:`take_placements`).
 
         Raises:
             OutOfPages: (from the pool) too few free pages; nothing changed.
@@ -204,9 +238,10 @@ class AdapterResidency:
         pages = self.pages.allocate(self.pages_needed(modules))
         slot = self._free_slots.pop()
         tables = self.tables
-        device = tables.ranks.device
         offset = 0
-        page_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        targets = []
+        host_ranks = torch.zeros(self.num_layers, len(TARGETS), dtype=torch.int32)
+        host_scalings = torch.zeros(self.num_layers, len(TARGETS))
         for target, rank in ranks.items():
             a_chunks, b_chunks = self._chunks[target]
             a_list = pages[offset : offset + rank * a_chunks]
@@ -215,46 +250,55 @@ class AdapterResidency:
             offset += rank * b_chunks
             tables.a_first[target][slot] = _first_if_consecutive(a_list)
             tables.b_first[target][slot] = _first_if_consecutive(b_list)
-            a = torch.tensor(a_list, dtype=torch.int32)
-            b = torch.tensor(b_list, dtype=torch.int32)
-            a, b = a.view(rank, a_chunks).to(device), b.view(rank, b_chunks).to(device)
-            tables.a_pages[target][slot, :rank] = a
-            tables.b_pages[target][slot, :rank] = b
-            page_tables[target] = (a, b)
-        host_ranks = torch.zeros(self.num_layers, len(TARGETS), dtype=torch.int32)
-        host_scalings = torch.zeros(self.num_layers, len(TARGETS))
-        for target, (a, b) in page_tables.items():
-            for layer, pool in enumerate(self.pages.layers):
-                module = modules.get((layer, target))
-                rank = 0 if module is None else int(module.lora_a.shape[0])
+            per_layer = [modules.get((layer, target)) for layer in range(self.num_layers)]
+            t = TARGETS.index(target)
+            for layer, module in enumerate(per_layer):
                 if module is not None:
-                    write_rows(pool, a[:rank], module.lora_a.to(device=device, dtype=pool.dtype))
-                    lora_b_t = module.lora_b.t().contiguous()  # (rank, out_features)
-                    write_rows(pool, b[:rank], lora_b_t.to(device=device, dtype=pool.dtype))
-                    t = TARGETS.index(target)
-                    host_ranks[layer, t] = rank
+                    host_ranks[layer, t] = int(module.lora_a.shape[0])
                     host_scalings[layer, t] = module.scaling
-                # Rows past this layer's rank are never used, but the CPU's stacked LoRA form
-                # multiplies them by zero: make them zeros, not a former tenant's values.
-                _zero_rows(pool, a[rank:], self.shapes[target][0])
-                _zero_rows(pool, b[rank:], self.shapes[target][1])
+            in_features, out_features = self.shapes[target]
+            targets.append(
+                TargetPlacement(
+                    target=target,
+                    a_pages=torch.tensor(a_list, dtype=torch.int32).view(rank, a_chunks),
+                    b_pages=torch.tensor(b_list, dtype=torch.int32).view(rank, b_chunks),
+                    lora_a=tuple(None if m is None else m.lora_a for m in per_layer),
+                    lora_b=tuple(None if m is None else m.lora_b for m in per_layer),
+                    in_features=in_features,
+                    out_features=out_features,
+                )
+            )
         tables.host_ranks[slot] = host_ranks
         tables.host_scalings[slot] = host_scalings
-        if tables.ranks is not tables.host_ranks:
-            tables.ranks[slot] = host_ranks.to(device)
-            tables.scalings[slot] = host_scalings.to(device)
+        self._placements.append(
+            Placement(adapter_id, slot, tuple(targets), host_ranks, host_scalings)
+        )
         resident = Resident(slot, pages, max(ranks.values(), default=0))
         self._resident[adapter_id] = resident
         self.num_placed += 1
         tables.generation[0] += 1
         return resident
 
+    def take_placements(self) -> tuple[Placement, ...]:
+        """The placements recorded since the last call, in order, for the runner to apply;
+        each is of an adapter resident now, in the slot it names."""
+        placements, self._placements = tuple(self._placements), []
+        return placements
+
     def evict(self, adapter_id: int) -> None:
-        """Free an unpinned adapter's pages and slot."""
+        """Free an unpinned adapter's pages and slot (host bookkeeping only).
+
+        The device tables are left as they are: a slot's rows are read only for the rows of
+        a batch that name the slot, which no request does once its adapter is gone, and the
+        next placement in the slot rewrites its whole rank and scaling rows. A placement of
+        this adapter not yet taken by the runner is dropped: its pages and slot may be handed
+        out again in this very schedule, and writing it would be wasted work.
+        """
         resident = self._resident.pop(adapter_id)
         assert resident.pins == 0, "evicting an adapter that running requests use"
-        self.tables.ranks[resident.slot] = 0
+        self._placements = [p for p in self._placements if p.adapter_id != adapter_id]
         self.tables.host_ranks[resident.slot] = 0
+        self.tables.host_scalings[resident.slot] = 0
         for firsts in (*self.tables.a_first.values(), *self.tables.b_first.values()):
             firsts[resident.slot] = -1
         self.pages.release(resident.pages)
@@ -309,13 +353,6 @@ def _first_if_consecutive(pages: list[int]) -> int:
     if pages and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages):
         return pages[0]
     return -1
-
-
-def _zero_rows(pool: torch.Tensor, pages: torch.Tensor, features: int) -> None:
-    """Zero the rows whose pages are ``pages`` (n_rows, chunks), if any."""
-    if pages.shape[0]:
-        rows = torch.zeros(pages.shape[0], features, dtype=pool.dtype, device=pool.device)
-        write_rows(pool, pages, rows)
 
 
 def _ranks_by_target(modules: Mapping[tuple[int, str], ModuleWeights]) -> dict[str, int]:

@@ -10,6 +10,7 @@ engine in this process with timers wrapped around each phase, and prints each ph
 of the stepping time:
 
     schedule   Scheduler.schedule (admission, pages, adapter residency, prefetch)
+    placement  the runner writing the adapters that schedule placed into the pool
     prepare    ModelRunner._prepare (packing the step's metadata, its one upload)
     linears    the base model's nn.Linear layers, the output head included
     lora       the LoRA backend (every target of every layer)
@@ -47,6 +48,7 @@ from server.bench.workloads import Workload, synthetic_w2
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHASES = (
     "schedule",
+    "placement",
     "prepare",
     "linears",
     "lora",
@@ -85,6 +87,8 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
     scheduler.update = timers.wrap("update", scheduler.update)  # type: ignore[method-assign]
     engine._output = timers.wrap("update", engine._output)  # type: ignore[method-assign]
     runner._prepare = timers.wrap("prepare", runner._prepare)  # type: ignore[method-assign]
+    placements = runner.placements
+    placements.apply = timers.wrap("placement", placements.apply)  # type: ignore[method-assign]
     runner.sampler = timers.wrap("sampling", runner.sampler)  # type: ignore[assignment]
     model.forward = timers.wrap("forward", model.forward)  # type: ignore[method-assign]
     model.compute_logits = timers.wrap("linears", model.compute_logits)  # type: ignore[method-assign]
@@ -112,6 +116,7 @@ def shares(seconds: dict[str, float]) -> dict[str, float]:
     parts = {k: s.get(f"forward.{k}", 0.0) for k in ("linears", "lora", "attention")}
     result = {
         "schedule": s.get("schedule", 0.0),
+        "placement": s.get("placement", 0.0),
         "prepare": s.get("prepare", 0.0),
         "linears": parts["linears"] + s.get("linears", 0.0),
         "lora": parts["lora"],

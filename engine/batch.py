@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.placement import Placement
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -74,11 +75,15 @@ class SchedulerOutput:
         preempted_ids: requests pushed back to the waiting queue by this step's schedule
             (their pages are gone; they restart from position 0).
         finished_ids: requests retired (finished or aborted) since the previous schedule.
+        placements: adapters this schedule made resident, in the order they were placed:
+            the runner writes them into the pool and the LoRA tables before its forward
+            (the scheduler writes no device memory).
     """
 
     chunks: list[ScheduledChunk]
     preempted_ids: list[str]
     finished_ids: list[str]
+    placements: tuple[Placement, ...] = ()
 
     @property
     def num_tokens(self) -> int:

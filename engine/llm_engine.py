@@ -169,7 +169,14 @@ class LLMEngine:
             max_lora_rank=config.max_lora_rank,
         )
         self.pool.register(Tenant.ADAPTER, residency)
-        return AdapterManager(residency, layout, config.max_lora_rank, config.host_cache_bytes)
+        return AdapterManager(
+            residency,
+            layout,
+            config.max_lora_rank,
+            # An adapter's request needs at least the KV pages of one token beside it.
+            max_adapter_pages=self.pool.num_pages - PAGES_PER_TOKEN,
+            host_cache_bytes=config.host_cache_bytes,
+        )
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -304,7 +311,10 @@ class LLMEngine:
             )
             self.num_failed_steps += 1
             self.num_steps += 1
-            return aborted + self._fail(scheduled)
+            failed = self._fail(scheduled)
+            # The runner may have failed before writing the adapters this schedule placed.
+            self.adapters.discard(scheduled.placements)
+            return aborted + failed
         advanced = self.scheduler.update(scheduled, results, self.requests)
         self.num_steps += 1
         self.generation_tokens += sum(1 for c in scheduled.chunks if c.sample)
@@ -322,6 +332,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (safe to call from any thread)."""
+        # Counters only: the residency's structures are the engine thread's (an int read is
+        # atomic, and a snapshot may lag a step).
         residency = self.adapters.residency
         prefetch = self.adapters.prefetcher.stats
         return EngineStats(
@@ -331,7 +343,7 @@ class LLMEngine:
             free_pages=self.pool.num_free,
             kv_pages=self.pool.num_used(Tenant.KV),
             adapter_pages=self.pool.num_used(Tenant.ADAPTER),
-            resident_adapters=len(residency),
+            resident_adapters=residency.num_placed - residency.num_evicted,
             loaded_adapters=len(self.adapters.registry),
             num_preemptions=self.scheduler.num_preemptions,
             prefetch_hits=self.scheduler.prefetch_hits,

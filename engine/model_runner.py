@@ -5,7 +5,8 @@ state. It lays the batch out decodes first (chunks of one token), then prefill c
 part grouped by adapter (so every adapter's rows are contiguous segments for the LoRA path),
 which is the layout :class:`engine.attention.AttentionMetadata` describes. Results are keyed
 by request id, so the order never leaks out. All of a step's integer metadata reaches the
-device in one copy (:class:`engine.step_upload.StepUpload`).
+device in one copy (:class:`engine.step_upload.StepUpload`). Adapters placed by the step's
+schedule are written into the pool first (:class:`engine.placement.PlacementWriter`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
+from engine.placement import PlacementWriter
 from engine.sampler import Sampler, token_logprobs
 from engine.slot_tables import SlotTables
 from engine.step_upload import StepUpload
@@ -46,7 +48,8 @@ class ModelRunner:
         pools: the page pool's per-layer tensors.
         sampler: picks next tokens from logits.
         slot_tables: the runner's copy of each running request's page table.
-        lora_tables: where resident adapters' weights are (written by the residency).
+        lora_tables: where resident adapters' weights are (the device tensors written here,
+            by the placements of each step; the host mirrors by the residency).
         lora_backend: the model's LoRA backend (whether it needs device segments).
         graphs: the static-shape decode path (CUDA graphs), or None to run every step eagerly.
     """
@@ -69,6 +72,7 @@ class ModelRunner:
         self.lora_backend = lora_backend
         self.graphs = graphs
         self.device = pools[0].device
+        self.placements = PlacementWriter(pools, lora_tables)
         self.upload = StepUpload(self.device)
         # Token counts of penalized requests, kept from step to step (never recounted).
         self._counts: dict[str, torch.Tensor] = {}
@@ -76,6 +80,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, ChunkResult]:
         """Run the step; return what each chunk produced (a token, log-probabilities)."""
+        self.placements.apply(
+            output.placements, (s for c in output.chunks for s in c.adapter_slots)
+        )
         gone = output.finished_ids + output.preempted_ids
         self.slot_tables.release(gone)
         for request_id in gone:

@@ -15,8 +15,11 @@ The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
        first: the pages it needs count against the pool like the KV cache's (evicting
        unused adapters when needed). A request whose adapter is still loading from disk is
        passed over, not waited for, so requests behind it still run.
-    3. Copy the adapters of the next waiting requests into free pages (prefetch), so they
+    3. Place the adapters of the next waiting requests into free pages (prefetch), so they
        are resident by the time they are admitted.
+
+Placing an adapter is bookkeeping here: the step's output carries the placements, and the
+runner copies the weights into the pool before its forward.
 
 There are no prefill and decode phases: both share one budget in one batch. A request
 whose chunk reaches its last token samples one new token in :meth:`update`.
@@ -93,6 +96,7 @@ class Scheduler:
             chunks=[self._chunk(r, chunks[r.request_id]) for r in scheduled],
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=retired,
+            placements=self.adapters.take_placements() if self.adapters is not None else (),
         )
 
     def _admit(self, budget: int, chunks: dict[str, int]) -> int:
@@ -103,6 +107,14 @@ class Scheduler:
             readiness = self._adapter_readiness(request)
             if readiness is Readiness.LOADING:
                 continue  # its adapter is still on its way from disk: do not hold others
+            if readiness is Readiness.NO_ROOM and not self.running:
+                # Nothing pins an adapter or holds KV pages: every page but those of the
+                # adapter's own parts could be reclaimed, and were not enough. It never fits
+                # (a mixture whose components were on disk when it was registered).
+                assert request.adapter is not None
+                message = f"adapter {request.adapter.name!r} needs more pages than the pool has"
+                self._abort(request, AdapterError("adapter_too_large", message))
+                continue
             if readiness is Readiness.NO_ROOM:
                 break
             num_new = min(request.num_tokens, budget)
@@ -132,10 +144,14 @@ class Scheduler:
         try:
             return self.adapters.ensure_resident(request.adapter)
         except AdapterError as e:
-            request.error, request.error_code = e.message, e.code
-            self.finish(request, "abort")
-            self.failed.append(request)
+            self._abort(request, e)
             return Readiness.LOADING  # gone from the queue; move on
+
+    def _abort(self, request: Request, error: AdapterError) -> None:
+        """Retire a request its adapter fails, reported to the engine through ``failed``."""
+        request.error, request.error_code = error.message, error.code
+        self.finish(request, "abort")
+        self.failed.append(request)
 
     def _grow(self, request: Request, num_tokens: int, keep_adapter: bool = False) -> bool:
         """Give the request KV pages for ``num_tokens`` tokens, evicting unused adapters."""

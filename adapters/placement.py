@@ -1,0 +1,70 @@
+"""A placement: what the runner must write to make one adapter resident in its slot.
+
+The residency (on the scheduler's side) decides where an adapter goes, pages and a slot, and
+records the decision as a :class:`Placement`; the step's ``SchedulerOutput`` carries the
+placements of that schedule to the runner, which writes them into the page pool and the
+device page tables before its forward (``engine/placement.py``). The scheduler thus never
+writes device memory, and the command is a plain description: it could cross a process
+boundary or go to every tensor-parallel worker alike.
+
+Semantics (what applying a placement of adapter slot ``s`` writes):
+    for each target t in ``targets`` (rank R = ``a_pages.shape[0]``), for each layer l
+    (r_l = rows of ``lora_a[l]``, 0 where it is None):
+        A rows j < r_l    at pages a_pages[j, :] of layer l's pool  ← lora_a[l][j]
+        Bᵀ rows j < r_l   at pages b_pages[j, :] of layer l's pool  ← lora_b[l][:, j]
+        rows r_l <= j < R of both                                   ← zeros
+    tables.a_pages[t][s, :R] ← a_pages;  tables.b_pages[t][s, :R] ← b_pages
+    tables.ranks[s] ← ranks;  tables.scalings[s] ← scalings
+Everything else in the slot's rows is stale and never read (``ranks`` says how far to read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class TargetPlacement:
+    """One target layer's rows of an adapter: where they go, and what they hold.
+
+    Attributes:
+        target: the linear layer's name (``q_proj``, ...).
+        a_pages: ``(rank, ceil(in_features / page_width))`` int32, host: the pages of A's
+            rows; ``rank`` is the adapter's largest rank for this target over its layers.
+        b_pages: ``(rank, ceil(out_features / page_width))`` int32, host: those of Bᵀ's rows.
+        lora_a: per layer, ``(rank_l, in_features)`` host weights, or None where the adapter
+            leaves the layer untouched.
+        lora_b: per layer, ``(out_features, rank_l)`` host weights (stored transposed), or None.
+        in_features, out_features: the target layer's shape (the width of the zero rows).
+    """
+
+    target: str
+    a_pages: torch.Tensor
+    b_pages: torch.Tensor
+    lora_a: tuple[torch.Tensor | None, ...]
+    lora_b: tuple[torch.Tensor | None, ...]
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Make adapter ``adapter_id`` resident in ``slot`` (see the module's Semantics).
+
+    Attributes:
+        adapter_id: the registry's id of the adapter (for logs and tests; the runner needs
+            only the slot).
+        slot: its row in the device page tables.
+        targets: the rows to write, per target it touches.
+        ranks: ``(num_layers, len(TARGETS))`` int32, host: the slot's new rank row (0 where
+            untouched).
+        scalings: ``(num_layers, len(TARGETS))`` float32, host: its scalings.
+    """
+
+    adapter_id: int
+    slot: int
+    targets: tuple[TargetPlacement, ...]
+    ranks: torch.Tensor
+    scalings: torch.Tensor

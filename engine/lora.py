@@ -22,6 +22,7 @@ A batch with no adapter request skips all of it.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from kernels.lora_grouped import (
     choose_form,
     lora_grouped,
     lora_stacked,
+    lora_stacked_packed,
     read_adapter,
     stacked_coefficients,
     stacked_rows,
@@ -186,11 +188,55 @@ class TorchLora(LoraBackend):
         out: torch.Tensor,
         column_offsets: tuple[int, ...],
     ) -> None:
-        # Slice by slice into column views of out: each slice keeps its own form and views,
-        # exactly as a separate layer would (the matmuls here are per adapter anyway).
-        for s, target in enumerate(targets):
-            columns = out[:, column_offsets[s] : column_offsets[s + 1]]
+        # Into column views of out (one split op makes them all). When every slice takes the
+        # stacked form, one gather and one shrink serve them all; otherwise slice by slice,
+        # each with its own form and views, exactly as a separate layer would.
+        if not any(self._touched(meta, TARGET_INDEX[target]) for target in targets):
+            return  # e.g. attention-only adapters on gate_up_proj: not even the split
+        widths = [hi - lo for lo, hi in itertools.pairwise(column_offsets)]
+        outs = torch.split(out, widths, dim=1)
+        plan = self._stacked_packed(meta, targets, x.shape[1], widths)
+        if plan is not None:
+            stacked, a_index, coef = plan
+            lora_stacked_packed(x, outs, pool, stacked, a_index, coef[layer])
+            return
+        for target, columns in zip(targets, outs, strict=True):
             self._add(meta, pool, layer, target, x, columns)
+
+    def _stacked_packed(
+        self, meta: LoraMetadata, targets: tuple[str, ...], in_features: int, widths: list[int]
+    ) -> tuple[list[StackedRows], torch.Tensor, torch.Tensor] | None:
+        """When every slice takes the stacked form and some has rows: the slices' stacked
+        rows, their A pages in one index, and their per-layer coefficients side by side
+        (num_layers, num_tokens, Σ rows); None otherwise. Once a step."""
+        key = ("stacked_packed", targets)
+        if key in meta.cache:
+            return meta.cache[key]  # type: ignore[no-any-return]
+        plan = None
+        slices = [(TARGET_INDEX[t], t, width) for t, width in zip(targets, widths, strict=True)]
+        if all(self._form(meta, t, in_features + width) == "stacked" for t, _, width in slices):
+            tables = meta.tables
+            parts = [
+                self._stacked(meta, t, tables.a_pages[target], tables.b_pages[target])
+                for t, target, _ in slices
+            ]
+            stacked = [rows for rows, _ in parts]
+            coefs = [coef for rows, coef in parts if rows.num_rows]
+            if coefs:
+                a_index = torch.cat([rows.a_index for rows in stacked])
+                plan = (stacked, a_index, torch.cat(coefs, dim=-1))
+        meta.cache[key] = plan
+        return plan
+
+    @staticmethod
+    def _touched(meta: LoraMetadata, t: int) -> bool:
+        """Whether any adapter of the step touches target ``t`` in any layer (once a step)."""
+        key = ("touched", t)
+        touched = meta.cache.get(key)
+        if touched is None:
+            ranks = meta.ranks.values()
+            touched = meta.cache[key] = any(r[t] > 0 for per_layer in ranks for r in per_layer)
+        return bool(touched)
 
     def _add(
         self,

@@ -170,15 +170,17 @@ class AdapterResidency:
             t: (math.ceil(fan_in / width), math.ceil(fan_out / width))
             for t, (fan_in, fan_out) in self.shapes.items()
         }
+        # Every target's page tables are views of one tensor per matrix (target i at [i], its
+        # own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
+        # up's) from one pointer (`kernels.lora_layout.packed_tables`).
+        stacked = (len(TARGETS), max_slots, max_lora_rank)
+        a_chunks = max((a for a, _ in self._chunks.values()), default=0)
+        b_chunks = max((b for _, b in self._chunks.values()), default=0)
+        a_stack = torch.zeros(*stacked, a_chunks, dtype=torch.int32, device=device)
+        b_stack = torch.zeros(*stacked, b_chunks, dtype=torch.int32, device=device)
         self.tables = LoraTables(
-            a_pages={
-                t: torch.zeros(max_slots, max_lora_rank, a, dtype=torch.int32, device=device)
-                for t, (a, _) in self._chunks.items()
-            },
-            b_pages={
-                t: torch.zeros(max_slots, max_lora_rank, b, dtype=torch.int32, device=device)
-                for t, (_, b) in self._chunks.items()
-            },
+            a_pages={t: a_stack[TARGETS.index(t), ..., :a] for t, (a, _) in self._chunks.items()},
+            b_pages={t: b_stack[TARGETS.index(t), ..., :b] for t, (_, b) in self._chunks.items()},
             ranks=ranks,
             scalings=scalings,
             host_ranks=torch.zeros_like(ranks, device="cpu"),

@@ -12,7 +12,7 @@ of the stepping time:
     schedule   Scheduler.schedule (admission, pages, adapter residency, prefetch)
     placement  the runner writing the adapters that schedule placed into the pool
     prepare    ModelRunner._prepare (packing the step's metadata, its one upload)
-    linears    the base model's nn.Linear layers, the output head included
+    linears    the base model's nn.Linear layers (packed ones too), the output head included
     lora       the LoRA backend (every target of every layer)
     attention  the paged-attention backend
     other      the rest of the forward: embeddings, norms, rotary embeddings, activations
@@ -106,6 +106,7 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
     lora = model.model.layers[0].self_attn.backends.lora
     # object.__setattr__: a backend may be a frozen dataclass (older versions' was)
     object.__setattr__(lora, "apply", timers.wrap("forward.lora", lora.apply))
+    object.__setattr__(lora, "apply_packed", timers.wrap("forward.lora", lora.apply_packed))
     engine.step = timers.wrap("step", engine.step)  # type: ignore[method-assign]
 
 

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from engine.model import Backends, CausalLM
-from engine.quantization import NF4Linear, quantize_nf4
+from engine.packed import checkpoint_tensors
+from engine.quantization import nf4_layer, quantize_nf4
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,12 @@ def init_dummy_weights(
     """Fill every parameter of the materialised ``model`` in place (see `Semantics`).
 
     Works on any module named like transformers' decoders (ours, or a transformers model for
-    a baseline: the same seed, device and dtype give the same weights). ``nf4_modules`` are
-    :class:`NF4Linear` layers whose weight is drawn in ``dtype`` (default: the model's), then
-    quantized and dropped, one at a time.
+    a baseline: the same seed, device and dtype give the same weights), by the checkpoint's
+    names: each slice of a packed layer is drawn on its own. ``nf4_modules`` are the
+    checkpoint names of NF4 layers (or slices), whose weight is drawn in ``dtype`` (default:
+    the model's), then quantized and dropped, one at a time.
     """
-    params = list(model.named_parameters())  # tied parameters once
+    params = list(checkpoint_tensors(model))  # tied parameters once
     device = params[0][1].device if params else torch.device("cpu")
     dtype = dtype or (params[0][1].dtype if params else torch.float32)
     desc = "dummy weights" + (", quantizing to nf4" if nf4_modules else "")
@@ -87,8 +89,7 @@ def init_dummy_weights(
                 param.normal_(0.0, std, generator=_generator(param.device, seed, name))
             bar.update()
         for module_name in nf4_modules:
-            layer = model.get_submodule(module_name)
-            assert isinstance(layer, NF4Linear), f"{module_name} is not an NF4Linear"
+            layer = nf4_layer(model, module_name)
             name = f"{module_name}.weight"
             weight = torch.empty(layer.out_features, layer.in_features, device=device, dtype=dtype)
             weight.normal_(0.0, std, generator=_generator(device, seed, name))
@@ -103,7 +104,7 @@ def checkpoint_shapes(model_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = CausalLM(config, Backends.select("torch", torch.device("cpu")))
-    for name, param in model.named_parameters():
+    for name, param in checkpoint_tensors(model):
         yield name, tuple(param.shape)
 
 

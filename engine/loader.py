@@ -3,10 +3,11 @@
 Weights come from ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``; pickled checkpoints are never opened. The model is built
 on the meta device and materialised on the target device, so no memory is spent on random
-initial weights. An NF4 base either comes quantized (bitsandbytes' tensors, as transformers
-saves them) or is quantized here as its float tensors stream in. With
-``load_format="dummy"`` only ``config.json`` is read and the weights are random
-(:mod:`engine.dummy`).
+initial weights. The checkpoint's q, k, v, gate and up tensors load into their slices of the
+model's packed layers (:func:`engine.packed.checkpoint_tensors`). An NF4 base either comes
+quantized (bitsandbytes' tensors, as transformers saves them) or is quantized here as its
+float tensors stream in. With ``load_format="dummy"`` only ``config.json`` is read and the
+weights are random (:mod:`engine.dummy`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from engine.config import LOAD_FORMATS
 from engine.dummy import has_tokenizer, init_dummy_weights, init_std, synthetic_tokenizer
 from engine.model import Backends, CausalLM
 from engine.naming import is_quantized_linear
+from engine.packed import checkpoint_tensors
 from engine.quantization import (
     QUANT_STATE_KEY,
-    NF4Linear,
     memory_report,
     nf4_from_checkpoint,
+    nf4_layer,
     quantize_nf4,
     swap_linears,
 )
@@ -79,12 +81,11 @@ def quantized_modules(model_dir: Path) -> set[str]:
 
 
 def _quantized_linears(model: CausalLM) -> set[str]:
-    """The linear layers that NF4 quantization at load covers."""
+    """The checkpoint's linear layers that NF4 quantization at load covers."""
     return {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and is_quantized_linear(name + ".weight", tuple(module.weight.shape))
+        name.removesuffix(".weight")
+        for name, tensor in checkpoint_tensors(model)
+        if is_quantized_linear(name, tuple(tensor.shape))
     }
 
 
@@ -151,7 +152,7 @@ def _load_checkpoint(
     device: torch.device,
 ) -> None:
     """Copy the checkpoint's tensors into the materialised ``model``; every one must arrive."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(checkpoint_tensors(model, remove_duplicate=False))  # packed: slice views
     packed: dict[str, dict[str, torch.Tensor]] = {}  # module -> its pre-quantized tensors
     loaded: set[str] = set()
     desc = "quantizing to nf4" if nf4_modules and not prequantized else "loading weights"
@@ -164,7 +165,7 @@ def _load_checkpoint(
                 packed.setdefault(module, {})[part.removeprefix(".") or "weight"] = tensor
             else:
                 weight = quantize_nf4(tensor.to(device=device, dtype=dtype))
-                _nf4_layer(model, module).set_weight(weight)
+                nf4_layer(model, module).set_weight(weight)
             continue
         if name not in params:
             raise ValueError(f"unexpected tensor {name} in checkpoint")
@@ -177,21 +178,15 @@ def _load_checkpoint(
             param.copy_(tensor)
         loaded.add(name)
     for module, tensors in packed.items():
-        _nf4_layer(model, module).set_weight(
+        nf4_layer(model, module).set_weight(
             nf4_from_checkpoint(f"{module}.weight", tensors).to(device)
         )
     if model.arch.tie_word_embeddings:
         loaded.add("lm_head.weight")
     missing = set(params) - loaded
-    missing |= {f"{m}.weight" for m in nf4_modules if _nf4_layer(model, m).weight is None}
+    missing |= {f"{m}.weight" for m in nf4_modules if nf4_layer(model, m).weight is None}
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-
-
-def _nf4_layer(model: CausalLM, name: str) -> NF4Linear:
-    module = model.get_submodule(name)
-    assert isinstance(module, NF4Linear)
-    return module
 
 
 def load_tokenizer(model_dir: Path, load_format: str = "auto") -> PreTrainedTokenizerBase:

@@ -1,16 +1,20 @@
 """The LoRA path of a mixed-adapter batch: ``out += scaling · (x · Aᵀ) · Bᵀ`` per request.
 
-The base matmul runs once for the whole batch (the model's own ``nn.Linear``); then, for each
+The base matmul runs once for the whole batch (the model's own linear layer); then, for each
 target layer, the LoRA backend adds every row's own adapter's update, reading adapter
-weights straight from the page pool. The runner lays each step's rows out **grouped by
-adapter** (decodes first, then prefill chunks, each part sorted by adapter), so every
-adapter's rows form at most a few contiguous segments; :class:`LoraMetadata` lists them.
+weights straight from the page pool. A packed projection (q, k and v as one matmul; gate and
+up) hands the backend all its slices at once, each a target of its own (an adapter targets
+q_proj, never "qkv_proj"), with the columns of the packed output that are that target's.
+The runner lays each step's rows out **grouped by adapter** (decodes first, then prefill
+chunks, each part sorted by adapter), so every adapter's rows form at most a few contiguous
+segments; :class:`LoraMetadata` lists them.
 
 * ``torch`` (the CPU path): each distinct adapter's A and Bᵀ are gathered once per target
   and layer, never per token; then either one pair of matmuls per segment or, where
   dispatch dominates, one stacked pair for the whole batch (`kernels/lora_grouped.py`; a
   cost model picks per target and step).
-* ``triton``: the segmented (SGMV) shrink and expand kernels over the sorted segments.
+* ``triton``: the segmented (SGMV) shrink and expand kernels over the sorted segments, one
+  shrink and one expand launch per layer and pass for a packed projection's slices.
 
 A batch with no adapter request skips all of it.
 """
@@ -18,6 +22,7 @@ A batch with no adapter request skips all of it.
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,7 @@ from kernels.lora_grouped import (
     choose_form,
     lora_grouped,
     lora_stacked,
+    lora_stacked_packed,
     read_adapter,
     stacked_coefficients,
     stacked_rows,
@@ -100,7 +106,8 @@ class LoraMetadata:
 
 
 class LoraBackend(abc.ABC):
-    """Adds the LoRA updates of one target in one layer (a variation point: torch, triton)."""
+    """Adds the LoRA updates of one target, or of a packed projection's targets, in one layer
+    (a variation point: torch, triton)."""
 
     name: str
     needs_device_passes: bool = False  # whether the runner must build ``LoraMetadata.passes``
@@ -124,6 +131,26 @@ class LoraBackend(abc.ABC):
             out: (num_tokens, out_features) the base layer's output.
         """
 
+    @abc.abstractmethod
+    def apply_packed(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        targets: tuple[str, ...],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        column_offsets: tuple[int, ...],
+    ) -> None:
+        """Add the LoRA deltas of a packed projection's slices to ``out`` in place:
+        ``targets[s]``'s into columns ``column_offsets[s] .. column_offsets[s + 1]``.
+
+        Args:
+            targets: consecutive in :data:`TARGETS` (q, k, v; gate, up), sharing ``x``.
+            out: (num_tokens, column_offsets[-1]) the packed base layer's output.
+            column_offsets: (len(targets) + 1,) from 0 to out's width.
+        """
+
 
 class TorchLora(LoraBackend):
     """The CPU path: adapters gathered once per call, matmuls per segment or stacked."""
@@ -141,6 +168,77 @@ class TorchLora(LoraBackend):
         self._generation = -1
 
     def apply(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        target: str,
+        x: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        self._add(meta, pool, layer, target, x, out)
+
+    def apply_packed(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        targets: tuple[str, ...],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        column_offsets: tuple[int, ...],
+    ) -> None:
+        # Into column views of out (one split op makes them all). When every slice takes the
+        # stacked form, one gather and one shrink serve them all; otherwise slice by slice,
+        # each with its own form and views, exactly as a separate layer would.
+        if not any(self._touched(meta, TARGET_INDEX[target]) for target in targets):
+            return  # e.g. attention-only adapters on gate_up_proj: not even the split
+        widths = [hi - lo for lo, hi in itertools.pairwise(column_offsets)]
+        outs = torch.split(out, widths, dim=1)
+        plan = self._stacked_packed(meta, targets, x.shape[1], widths)
+        if plan is not None:
+            stacked, a_index, coef = plan
+            lora_stacked_packed(x, outs, pool, stacked, a_index, coef[layer])
+            return
+        for target, columns in zip(targets, outs, strict=True):
+            self._add(meta, pool, layer, target, x, columns)
+
+    def _stacked_packed(
+        self, meta: LoraMetadata, targets: tuple[str, ...], in_features: int, widths: list[int]
+    ) -> tuple[list[StackedRows], torch.Tensor, torch.Tensor] | None:
+        """When every slice takes the stacked form and some has rows: the slices' stacked
+        rows, their A pages in one index, and their per-layer coefficients side by side
+        (num_layers, num_tokens, Σ rows); None otherwise. Once a step."""
+        key = ("stacked_packed", targets)
+        if key in meta.cache:
+            return meta.cache[key]  # type: ignore[no-any-return]
+        plan = None
+        slices = [(TARGET_INDEX[t], t, width) for t, width in zip(targets, widths, strict=True)]
+        if all(self._form(meta, t, in_features + width) == "stacked" for t, _, width in slices):
+            tables = meta.tables
+            parts = [
+                self._stacked(meta, t, tables.a_pages[target], tables.b_pages[target])
+                for t, target, _ in slices
+            ]
+            stacked = [rows for rows, _ in parts]
+            coefs = [coef for rows, coef in parts if rows.num_rows]
+            if coefs:
+                a_index = torch.cat([rows.a_index for rows in stacked])
+                plan = (stacked, a_index, torch.cat(coefs, dim=-1))
+        meta.cache[key] = plan
+        return plan
+
+    @staticmethod
+    def _touched(meta: LoraMetadata, t: int) -> bool:
+        """Whether any adapter of the step touches target ``t`` in any layer (once a step)."""
+        key = ("touched", t)
+        touched = meta.cache.get(key)
+        if touched is None:
+            ranks = meta.ranks.values()
+            touched = meta.cache[key] = any(r[t] > 0 for per_layer in ranks for r in per_layer)
+        return bool(touched)
+
+    def _add(
         self,
         meta: LoraMetadata,
         pool: torch.Tensor,
@@ -264,7 +362,8 @@ class TorchLora(LoraBackend):
 
 
 class TritonLora(LoraBackend):
-    """The GPU path: segmented (SGMV) shrink and expand over the sorted segments."""
+    """The GPU path: segmented (SGMV) shrink and expand over the sorted segments, one launch
+    of each per pass for a target or for all of a packed projection's slices."""
 
     name = "triton"
     needs_device_passes = True
@@ -293,6 +392,36 @@ class TritonLora(LoraBackend):
                 y.mul_(p.token_weights)
             kernels.lora_expand_sgmv(
                 y, pool, b_pages, ranks, scalings, starts, adapters, out, longest
+            )
+
+    def apply_packed(
+        self,
+        meta: LoraMetadata,
+        pool: torch.Tensor,
+        layer: int,
+        targets: tuple[str, ...],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        column_offsets: tuple[int, ...],
+    ) -> None:
+        assert meta.passes is not None, "the triton backend needs the device passes"
+        tables = meta.tables
+        t, end = TARGET_INDEX[targets[0]], TARGET_INDEX[targets[0]] + len(targets)
+        assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
+        # (max_slots, num_slices) views: the slices' columns of the per-layer tables
+        ranks = tables.ranks[:, layer, t:end]
+        scalings = tables.scalings[:, layer, t:end]
+        a_pages = [tables.a_pages[target] for target in targets]
+        b_pages = [tables.b_pages[target] for target in targets]
+        for p in meta.passes:
+            starts, adapters, longest = p.seg_starts, p.seg_adapters, p.max_seg_len
+            y = kernels.lora_shrink_sgmv_packed(
+                x, pool, a_pages, ranks, starts, adapters, meta.max_rank, longest
+            )  # (num_tokens, num_slices · max_rank)
+            if p.token_weights is not None:
+                y.mul_(p.token_weights)
+            kernels.lora_expand_sgmv_packed(
+                y, pool, b_pages, ranks, scalings, starts, adapters, out, column_offsets, longest
             )
 
 

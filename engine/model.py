@@ -1,8 +1,9 @@
 """The decoder: one plain ``nn.Module`` for the Llama, Mistral and Qwen2 families.
 
-Module names follow transformers', so a checkpoint's tensor names load as they are. The
-model keeps no per-request state: every forward receives the batch's positions, attention
-metadata and the page pool's per-layer tensors as arguments.
+Module names follow transformers', except that q, k and v run as one packed ``qkv_proj``
+and gate and up as one ``gate_up_proj`` (`engine/packed.py`); the loader maps a checkpoint's
+tensor names onto them. The model keeps no per-request state: every forward receives the
+batch's positions, attention metadata and the page pool's per-layer tensors as arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from transformers import PretrainedConfig
 from engine.attention import ATTENTION_BACKENDS, AttentionBackend
 from engine.forward_batch import ForwardBatch
 from engine.lora import LORA_BACKENDS, LoraBackend
+from engine.naming import PACKED
+from engine.packed import PackedLinear
 from engine.rope import RotaryEmbedding
 from kernels.nf4 import NF4Weight, nf4_linear_tiled
 from kernels.nf4_matmul import nf4_linear
@@ -126,9 +129,9 @@ class Attention(nn.Module):
         self.arch = arch
         self.layer = layer
         q_width, kv_width = arch.num_heads * arch.head_dim, arch.kv_width
-        self.q_proj = nn.Linear(arch.hidden_size, q_width, bias=arch.qkv_bias)
-        self.k_proj = nn.Linear(arch.hidden_size, kv_width, bias=arch.qkv_bias)
-        self.v_proj = nn.Linear(arch.hidden_size, kv_width, bias=arch.qkv_bias)
+        self.qkv_widths = [q_width, kv_width, kv_width]
+        qkv = tuple(zip(PACKED["qkv_proj"], self.qkv_widths, strict=True))  # ((q_proj, width), ...)
+        self.qkv_proj = PackedLinear(arch.hidden_size, qkv, arch.qkv_bias)
         self.o_proj = nn.Linear(q_width, arch.hidden_size, bias=arch.o_bias)
         self.scale = arch.head_dim**-0.5
         self.rope = rope  # shared by all layers; owns no parameters
@@ -139,10 +142,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         arch, pool, lora = self.arch, batch.pools[self.layer], batch.lora
         num_tokens = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = self.qkv_proj(x)  # (num_tokens, q_width + 2 · kv_width)
         if lora is not None:
-            for target, projected in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                self.backends.lora.apply(lora, pool, self.layer, target, x, projected)
+            slices = self.qkv_proj.slices
+            self.backends.lora.apply_packed(
+                lora, pool, self.layer, slices.names, x, qkv, slices.column_offsets
+            )
+        q, k, v = qkv.split(self.qkv_widths, dim=-1)  # column views
         q = q.view(num_tokens, arch.num_heads, arch.head_dim)
         k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
         v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
@@ -163,17 +169,21 @@ class MLP(nn.Module):
         super().__init__()
         h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
         self.layer = layer
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.intermediate_size = i
+        gate_up = tuple(zip(PACKED["gate_up_proj"], (i, i), strict=True))
+        self.gate_up_proj = PackedLinear(h, gate_up, bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.backends = backends
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         lora, pool = batch.lora, batch.pools[self.layer]
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate_up = self.gate_up_proj(x)  # (num_tokens, 2 · intermediate_size)
         if lora is not None:
-            self.backends.lora.apply(lora, pool, self.layer, "gate_proj", x, gate)
-            self.backends.lora.apply(lora, pool, self.layer, "up_proj", x, up)
+            slices = self.gate_up_proj.slices
+            self.backends.lora.apply_packed(
+                lora, pool, self.layer, slices.names, x, gate_up, slices.column_offsets
+            )
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         hidden = F.silu(gate) * up
         out: torch.Tensor = self.down_proj(hidden)
         if lora is not None:

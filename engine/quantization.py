@@ -4,9 +4,10 @@ gpt-fast's pattern. :func:`quantize_nf4` turns one float weight into an
 :class:`~kernels.nf4.NF4Weight`, byte for byte what bitsandbytes'
 ``quantize_4bit(quant_type="nf4", compress_statistics=True)`` produces; :func:`swap_linears`
 replaces the decoder's ``nn.Linear`` layers with :class:`NF4Linear`, whose forward is the
-fused dequantize-matmul of the model's backend. The checkpoint format (bitsandbytes' tensor
-names and packed quant state, as transformers saves them) is read and written here too.
-The one definition of dequantization is :func:`kernels.nf4.dequantize_nf4`.
+fused dequantize-matmul of the model's backend, and its packed layers (q, k and v; gate and
+up) with :class:`PackedNF4Linear`, one NF4Linear per slice. The checkpoint format
+(bitsandbytes' tensor names and packed quant state, as transformers saves them) is read and
+written here too. The one definition of dequantization is :func:`kernels.nf4.dequantize_nf4`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from engine.model import NF4Matmul
+from engine.naming import packed_module, slice_module
+from engine.packed import PackedLinear, PackedSlices
 from kernels.nf4 import (
     BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
@@ -225,22 +228,86 @@ class NF4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nf4 blocksize={bs}"
 
 
-def swap_linears(model: nn.Module, matmul: NF4Matmul, keep: Callable[[str], bool]) -> list[str]:
-    """Replace every ``nn.Linear`` of ``model`` not kept by ``keep(name)`` with NF4Linear.
+class PackedNF4Linear(nn.Module):
+    """A packed layer (`engine/packed.py`) in NF4: one :class:`NF4Linear` per slice, named
+    after it (``qkv_proj.k_proj``), each writing its columns of one output.
 
-    Runs on the meta device before materialisation, so the float weights are never
-    allocated. Returns the replaced modules' names.
+    bitsandbytes quantizes q, k and v as three tensors, each with its own blocks, absmax and
+    double-quantization offset (the mean of its own absmax), so re-quantizing the packed
+    weight as one tensor would not keep the checkpoint's bytes. Each slice keeps its
+    NF4Weight exactly as an unpacked layer would, and the forward runs one fused
+    dequantize-matmul per slice, copied into its columns of the output buffer: that copy is
+    of (num_tokens, width) outputs, small beside reading the slice's weight. The bias
+    (Qwen2's q, k and v) is one float parameter of the packed width, as PackedLinear's.
+    """
+
+    def __init__(
+        self, in_features: int, slices: PackedSlices, bias: bool, matmul: NF4Matmul
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = slices.out_features
+        self.slices = slices
+        for name, width in zip(slices.names, slices.widths, strict=True):
+            self.add_module(name, NF4Linear(in_features, width, False, matmul))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def part(self, name: str) -> NF4Linear:
+        """The NF4Linear of slice ``name``."""
+        layer = self.get_submodule(name)
+        assert isinstance(layer, NF4Linear)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        offsets = self.slices.column_offsets
+        for s, name in enumerate(self.slices.names):
+            out[:, offsets[s] : offsets[s + 1]] = self.part(name)(flat)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def swap_linears(model: nn.Module, matmul: NF4Matmul, keep: Callable[[str], bool]) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` not kept by ``keep`` with NF4Linear, and every
+    packed layer with PackedNF4Linear.
+
+    ``keep`` and the result speak the checkpoint's module names: a packed layer is swapped
+    when none of its slices is kept (a checkpoint quantizing only some of them cannot be
+    served packed). Runs on the meta device before materialisation, so the float weights are
+    never allocated. Returns the replaced modules' checkpoint names.
     """
     swapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or keep(name):
+        if not isinstance(module, nn.Linear):
+            continue
+        has_bias = module.bias is not None
+        nf4: nn.Module
+        if isinstance(module, PackedLinear):
+            names = [slice_module(name, leaf) for leaf in module.slices.names]
+            kept = [keep(n) for n in names]
+            if any(kept) and not all(kept):
+                raise ValueError(f"NF4 covers some of {names} but not all; they run as one layer")
+            nf4 = PackedNF4Linear(module.in_features, module.slices, has_bias, matmul)
+        else:
+            names, kept = [name], [keep(name)]
+            nf4 = NF4Linear(module.in_features, module.out_features, has_bias, matmul)
+        if all(kept):
             continue
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        nf4 = NF4Linear(module.in_features, module.out_features, module.bias is not None, matmul)
-        setattr(parent, child, nf4)
-        swapped.append(name)
+        setattr(model.get_submodule(parent_name), child, nf4)
+        swapped.extend(names)
     return swapped
+
+
+def nf4_layer(model: nn.Module, module: str) -> NF4Linear:
+    """The NF4Linear holding checkpoint module ``module``'s weight (in a packed layer, the
+    slice's: ``...self_attn.k_proj`` is ``...self_attn.qkv_proj.k_proj``)."""
+    packed = packed_module(module)
+    layer = model.get_submodule(module if packed is None else ".".join(packed))
+    assert isinstance(layer, NF4Linear), f"{module} is not an NF4 layer"
+    return layer
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ Semantics:
     same signature, the CPU backend. The page layout and `write_rows` / `read_rows` are in
     `kernels/lora_layout.py`.
 
+A packed projection (q, k and v as one matmul; gate and up) runs its slices' LoRA in one
+launch of each op: `lora_shrink_sgmv_packed` shrinks x by every slice's A into one y of
+num_slices · max_rank columns, `lora_expand_sgmv_packed` adds each slice's part of y times its
+own Bᵀ into that slice's columns of the packed output. Each slice has its own page tables,
+ranks and scalings (an adapter may touch q and not k).
+
 On the CPU the engine runs neither form's reference directly: it sorts a step's rows by
 adapter and uses `kernels/lora_grouped.py`, which gathers each adapter's weights once per
 call (the per-token references gather every row's, padded to the largest rank).
@@ -26,6 +32,8 @@ from kernels.lora_expand import (
     lora_expand_bgmv,
     lora_expand_bgmv_ref,
     lora_expand_sgmv,
+    lora_expand_sgmv_packed,
+    lora_expand_sgmv_packed_ref,
     lora_expand_sgmv_ref,
 )
 from kernels.lora_layout import read_rows, write_rows
@@ -33,6 +41,8 @@ from kernels.lora_shrink import (
     lora_shrink_bgmv,
     lora_shrink_bgmv_ref,
     lora_shrink_sgmv,
+    lora_shrink_sgmv_packed,
+    lora_shrink_sgmv_packed_ref,
     lora_shrink_sgmv_ref,
 )
 
@@ -40,10 +50,14 @@ __all__ = [
     "lora_expand_bgmv",
     "lora_expand_bgmv_ref",
     "lora_expand_sgmv",
+    "lora_expand_sgmv_packed",
+    "lora_expand_sgmv_packed_ref",
     "lora_expand_sgmv_ref",
     "lora_shrink_bgmv",
     "lora_shrink_bgmv_ref",
     "lora_shrink_sgmv",
+    "lora_shrink_sgmv_packed",
+    "lora_shrink_sgmv_packed_ref",
     "lora_shrink_sgmv_ref",
     "read_rows",
     "write_rows",

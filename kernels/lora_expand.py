@@ -2,7 +2,9 @@
 
 The second half of a LoRA linear layer: `y` comes from `kernels/lora_shrink.py`, Bᵀ is read
 from the page pool as `kernels/lora_layout.py` describes, and the product is added into the base
-layer's output. Segmented (SGMV, prefill) and per-token (BGMV, decode) forms, as for shrink.
+layer's output. Segmented (SGMV, prefill) and per-token (BGMV, decode) forms, as for shrink;
+the segmented one also packed, adding every slice of a packed projection (q, k and v; gate
+and up) into its own columns of the packed output in one launch.
 
 Semantics:
     a = adapter of row t (its segment's, or token_adapters[t]); r = ranks[a]; s = scalings[a]
@@ -13,6 +15,10 @@ Semantics:
     Rows with a == -1 or r == 0 are not written at all. This is PEFT's order,
     lora_B(lora_A(x)) * scaling: for float32 the reference is exactly
     out[rows] += (y[rows, :r] @ B_aᵀ) * s. Columns j >= r of y are never read.
+    Packed (`lora_expand_sgmv_packed`), with y's width R = num_slices · max_rank, for every
+    slice s = 0 .. num_slices - 1 (columns c_s = column_offsets[s] .. column_offsets[s + 1]):
+        out[:, c_s] += the above with y[:, s · max_rank : (s + 1) · max_rank], B_a of
+                       b_pages[s], ranks[a, s] and scalings[a, s]
 
 Args (shared by every op here):
     y: (num_tokens, >= max rank in the batch) float32, unit stride along ranks; the shrink
@@ -22,8 +28,14 @@ Args (shared by every op here):
     out: (num_tokens, out_features), float32, bfloat16 or float16, unit stride along features
         (any row stride: it may be a column slice of a fused projection's output).
     seg_starts, seg_adapters / token_adapters, max_seg_len: as in `kernels/lora_shrink.py`.
+    Packed: b_pages a sequence of num_slices tables (for the kernel, views of one tensor:
+        `packed_tables`), slice s's chunks those of its own width; ranks int32 and scalings
+        float32 (num_adapters, num_slices); column_offsets (num_slices + 1,) host ints from
+        0 to out's width (at most MAX_SLICES slices).
 """
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +44,20 @@ from kernels.lora_layout import (
     DTYPES,
     check_adapter_tables,
     check_launch,
+    check_packed,
     check_segments,
     check_values,
     check_vector,
     gather_token_rows,
     num_chunks,
+    packed_tables,
     read_rows,
     segments,
     token_ranks,
 )
 from kernels.triton_utils import HAS_TRITON, next_power_of_2
+
+MAX_SLICES = 3  # the packed kernel takes each slice's end column as a scalar: q, k and v
 
 # ----------------------------------------------------------------------------------------------
 # Torch references (also the CPU backend)
@@ -75,6 +91,30 @@ def lora_expand_sgmv_ref(
         y_in = y[lo:hi, :rank].to(out.dtype).float()  # rounded like PEFT's lora_B input
         delta = (y_in @ lora_b_t) * float(scalings[adapter])  # (rows, out_features)
         out[lo:hi] = (out[lo:hi].float() + delta).to(out.dtype)
+
+
+def lora_expand_sgmv_packed_ref(
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_pages: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    out: torch.Tensor,
+    column_offsets: Sequence[int],
+    max_seg_len: int | None = None,
+    *,
+    validate: bool = True,
+) -> None:
+    """out[:, c_s] += scaling_s · y_s · B_sᵀ for every slice s (see `Semantics`), in place."""
+    max_rank = _check_packed_inputs(y, b_pages, ranks, scalings, out, column_offsets)
+    for s, table in enumerate(b_pages):
+        lo, hi = column_offsets[s], column_offsets[s + 1]
+        lora_expand_sgmv_ref(
+            y[:, s * max_rank : (s + 1) * max_rank], pool, table, ranks[:, s], scalings[:, s],
+            seg_starts, seg_adapters, out[:, lo:hi], validate=validate,
+        )  # fmt: skip
 
 
 def lora_expand_bgmv_ref(
@@ -130,6 +170,31 @@ def _check_inputs(
     check_vector(scalings, torch.float32, ranks.shape[0], "scalings")
 
 
+def _check_packed_inputs(
+    y: torch.Tensor,
+    b_pages: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    out: torch.Tensor,
+    column_offsets: Sequence[int],
+) -> int:
+    """The packed form's own shapes; returns each slice's columns of y (max_rank)."""
+    num_slices = len(b_pages)
+    check_packed(num_slices, ranks, scalings)
+    assert 1 <= num_slices <= MAX_SLICES, f"{num_slices} slices; at most {MAX_SLICES}"
+    assert len(column_offsets) == num_slices + 1, "column_offsets needs num_slices + 1 entries"
+    assert column_offsets[0] == 0 and column_offsets[-1] == out.shape[1], (
+        f"column_offsets {list(column_offsets)} must run from 0 to out's {out.shape[1]} columns"
+    )
+    assert all(lo <= hi for lo, hi in itertools.pairwise(column_offsets)), (
+        "column_offsets must be non-decreasing"
+    )
+    assert y.dim() == 2 and y.shape[1] % num_slices == 0, (
+        f"y's {y.shape[1]} columns do not split into {num_slices} slices"
+    )
+    return y.shape[1] // num_slices
+
+
 # ----------------------------------------------------------------------------------------------
 # Block sizes (tuning is data)
 # ----------------------------------------------------------------------------------------------
@@ -174,40 +239,58 @@ if HAS_TRITON:
     # program reads contiguous Bᵀ rows inside one page per rank row, masked at the page end and
     # at out_features: the page width need not be a power of two. Each output element belongs
     # to one program, so the read-modify-write of `out` needs no atomics.
+    # The SGMV kernel serves the packed form too (one slice for the per-target op): axis 2
+    # enumerates (slice, column program), every slice given the programs of the widest one.
+    # Slice s adds into out's columns column_offsets[s] .. column_offsets[s + 1] (passed as
+    # the end columns end0 .. end2: Triton takes no list of scalars), reading its page table
+    # at b_pages_ptr + s * stride_pages_slice and y's columns from s * max_rank. Programs
+    # past a narrower slice's width (GQA's k and v) return at once.
     @triton.jit
     def _expand_sgmv_kernel(  # type: ignore[no-untyped-def]
         y_ptr, pool_ptr, b_pages_ptr, ranks_ptr, scalings_ptr, seg_starts_ptr, seg_adapters_ptr,
         out_ptr,
-        out_features, page_width, blocks_per_page, max_rank,
-        stride_y_tok, stride_pool_page, stride_pages_adapter, stride_pages_row, stride_ranks,
-        stride_scalings, stride_out_tok,
+        end0, end1, end2, page_width, blocks_per_page, column_programs, max_rank,
+        stride_y_tok, stride_pool_page, stride_pages_slice, stride_pages_adapter,
+        stride_pages_row, stride_ranks_adapter, stride_ranks_slice, stride_scalings_adapter,
+        stride_scalings_slice, stride_out_tok,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
     ):  # fmt: skip
-        # One program: BLOCK_M rows of one segment x BLOCK_N output columns, all ranks.
+        # One program: BLOCK_M rows of one segment x BLOCK_N output columns of one slice, all
+        # ranks.
         seg = tl.program_id(0)
         m_block = tl.program_id(1)
-        chunk = tl.program_id(2) // blocks_per_page
+        slice_id = tl.program_id(2) // column_programs
+        column_program = tl.program_id(2) % column_programs
+        chunk = column_program // blocks_per_page
+        first_col = tl.where(slice_id == 0, 0, tl.where(slice_id == 1, end0, end1))
+        end_col = tl.where(slice_id == 0, end0, tl.where(slice_id == 1, end1, end2))
+        out_features = end_col - first_col  # the slice's width
         seg_start = tl.load(seg_starts_ptr + seg)
         seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
         adapter = tl.load(seg_adapters_ptr + seg)
-        rank = tl.load(ranks_ptr + adapter * stride_ranks, mask=adapter >= 0, other=0)
+        slice_id = slice_id.to(tl.int64)
+        rank_ptr = ranks_ptr + adapter * stride_ranks_adapter + slice_id * stride_ranks_slice
+        rank = tl.load(rank_ptr, mask=adapter >= 0, other=0)
         rank = tl.minimum(rank, max_rank)  # 0 for no LoRA; never past y's columns
-        if (m_block * BLOCK_M >= seg_len) | (rank == 0):  # past the segment, or no LoRA
+        # past the segment, no LoRA, or past this slice's columns
+        if (m_block * BLOCK_M >= seg_len) | (rank == 0) | (chunk * page_width >= out_features):
             return
 
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the segment
-        offs_n = (tl.program_id(2) % blocks_per_page) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (column_program % blocks_per_page) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = offs_m < seg_len
-        out_cols = chunk * page_width + offs_n  # column of out
+        out_cols = chunk * page_width + offs_n  # column of the slice
         n_mask = (offs_n < page_width) & (out_cols < out_features)
         rows = (seg_start + offs_m).to(tl.int64)
-        adapter_pages = b_pages_ptr + adapter.to(tl.int64) * stride_pages_adapter + chunk
+        table = b_pages_ptr + slice_id * stride_pages_slice
+        adapter_pages = table + adapter.to(tl.int64) * stride_pages_adapter + chunk
+        y_slice = y_ptr + slice_id * max_rank
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
-            y_ptrs = y_ptr + rows[:, None] * stride_y_tok + offs_r[None, :]
+            y_ptrs = y_slice + rows[:, None] * stride_y_tok + offs_r[None, :]
             y = tl.load(y_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
             y = y.to(out_ptr.dtype.element_ty).to(DOT_DTYPE)  # (BLOCK_M, BLOCK_R)
             pages = tl.load(adapter_pages + offs_r * stride_pages_row, mask=r_mask, other=0)
@@ -215,8 +298,11 @@ if HAS_TRITON:
             b_t = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(y, b_t.to(DOT_DTYPE), acc=acc, input_precision="ieee")
 
-        scaling = tl.load(scalings_ptr + adapter * stride_scalings)
-        out_ptrs = out_ptr + rows[:, None] * stride_out_tok + out_cols[None, :]
+        scaling_ptr = (
+            scalings_ptr + adapter * stride_scalings_adapter + slice_id * stride_scalings_slice
+        )
+        scaling = tl.load(scaling_ptr)
+        out_ptrs = out_ptr + rows[:, None] * stride_out_tok + (first_col + out_cols)[None, :]
         mask = row_mask[:, None] & n_mask[None, :]
         old = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, (old + acc * scaling).to(out_ptr.dtype.element_ty), mask=mask)
@@ -285,12 +371,69 @@ def lora_expand_sgmv(
     _check_inputs(y, pool, b_pages, ranks, scalings, out)
     check_segments(seg_starts, seg_adapters)
     check_launch(out, (y, pool, b_pages, seg_starts, seg_adapters), (ranks, scalings))
-    num_tokens, out_features = out.shape
-    max_rank = y.shape[1]
     if out.device.type == "cpu":
-        check_values(ranks, max_rank, seg_adapters, seg_starts, num_tokens)
+        check_values(ranks, y.shape[1], seg_adapters, seg_starts, out.shape[0])
+    # One slice: the packed kernel's slice stride is never used.
+    _launch_sgmv(
+        y, pool, b_pages, 0, ranks[:, None], scalings[:, None], seg_starts, seg_adapters, out,
+        (0, out.shape[1]), max_seg_len,
+    )  # fmt: skip
+
+
+def lora_expand_sgmv_packed(
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_pages: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    out: torch.Tensor,
+    column_offsets: Sequence[int],
+    max_seg_len: int | None = None,
+) -> None:
+    """Triton `lora_expand_sgmv_packed_ref`: every slice's out[:, c_s] += scaling_s · y_s ·
+    B_sᵀ, in place, in one launch."""
+    max_rank = _check_packed_inputs(y, b_pages, ranks, scalings, out, column_offsets)
+    for s, table in enumerate(b_pages):
+        lo, hi = column_offsets[s], column_offsets[s + 1]
+        y_s = y[:, s * max_rank : (s + 1) * max_rank]
+        _check_inputs(y_s, pool, table, ranks[:, s], scalings[:, s], out[:, lo:hi])
+    first, slice_stride = packed_tables(b_pages, "b_pages")
+    check_segments(seg_starts, seg_adapters)
+    check_launch(out, (y, pool, first, seg_starts, seg_adapters), (ranks, scalings))
+    if out.device.type == "cpu":
+        for s in range(len(b_pages)):
+            check_values(ranks[:, s], max_rank, seg_adapters, seg_starts, out.shape[0])
+    _launch_sgmv(
+        y, pool, first, slice_stride, ranks, scalings, seg_starts, seg_adapters, out,
+        tuple(column_offsets), max_seg_len,
+    )  # fmt: skip
+
+
+def _launch_sgmv(
+    y: torch.Tensor,
+    pool: torch.Tensor,
+    b_pages: torch.Tensor,
+    slice_stride: int,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    out: torch.Tensor,
+    column_offsets: tuple[int, ...],
+    max_seg_len: int | None,
+) -> None:
+    """Launch the SGMV kernel on checked inputs: slice s's page table at ``b_pages`` plus
+    ``s · slice_stride`` elements, its ranks and scalings in column s of the
+    (num_adapters, num_slices) ``ranks`` and ``scalings``, its columns of out from
+    ``column_offsets[s]`` to ``column_offsets[s + 1]``."""
+    num_tokens = out.shape[0]
+    num_slices = ranks.shape[1]
+    max_rank = y.shape[1] // num_slices
+    widths = [hi - lo for lo, hi in itertools.pairwise(column_offsets)]
     num_segments = seg_adapters.shape[0]
-    if num_tokens == 0 or num_segments == 0 or max_rank == 0 or out_features == 0:
+    if num_tokens == 0 or num_segments == 0 or max_rank == 0 or max(widths) == 0:
         return
     if max_seg_len is None:
         max_seg_len = int(torch.diff(seg_starts).max())
@@ -298,13 +441,19 @@ def lora_expand_sgmv(
     page_width = pool.shape[1]
     block_r = max(16, min(next_power_of_2(max_rank), blocks.max_block_r))
     block_n = max(16, min(blocks.block_n, next_power_of_2(page_width)))
-    blocks_per_page, column_programs = _column_grid(out_features, page_width, block_n)
-    grid = (num_segments, triton.cdiv(max_seg_len, blocks.block_m), column_programs)
+    blocks_per_page, column_programs = _column_grid(max(widths), page_width, block_n)
+    grid = (
+        num_segments,
+        triton.cdiv(max_seg_len, blocks.block_m),
+        num_slices * column_programs,
+    )
+    ends = [*column_offsets[1:], *[column_offsets[-1]] * (MAX_SLICES - num_slices)]
     _expand_sgmv_kernel[grid](
         y, pool, b_pages, ranks, scalings, seg_starts, seg_adapters, out,
-        out_features, page_width, blocks_per_page, max_rank,
-        y.stride(0), pool.stride(0), b_pages.stride(0), b_pages.stride(1), ranks.stride(0),
-        scalings.stride(0), out.stride(0),
+        *ends, page_width, blocks_per_page, column_programs, max_rank,
+        y.stride(0), pool.stride(0), slice_stride, b_pages.stride(0), b_pages.stride(1),
+        ranks.stride(0), ranks.stride(1), scalings.stride(0), scalings.stride(1),
+        out.stride(0),
         BLOCK_M=blocks.block_m, BLOCK_R=block_r, BLOCK_N=block_n,
         DOT_DTYPE=dot_operand_dtype(out.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,

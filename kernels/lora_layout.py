@@ -31,9 +31,14 @@ Metadata shared by the ops (num_adapters: the adapters, or adapter slots, the ba
     seg_adapters: int32 (num_segments,): adapter index of each segment, -1 for no LoRA.
     token_adapters: int32 (num_tokens,): adapter index of each row, -1 for no LoRA (per-token /
         BGMV form).
+
+Packed forms (one launch for a packed projection's slices, e.g. q, k and v): per slice s, its
+own page table a_pages[s] / b_pages[s] (a sequence of tables as above) and a column s of
+    ranks: int32 (num_adapters, num_slices); scalings: float32 (num_adapters, num_slices);
+        any strides (a (slots, layers, targets) table's [:, layer, t0 : t0 + num_slices]).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -182,6 +187,44 @@ def check_launch(
         assert t.device == device, f"tensors on different devices: {t.device} vs {device}"
     for t in (first, *unit_stride):
         assert t.stride(-1) == 1 or t.shape[-1] <= 1, "tensors need a unit last stride"
+
+
+def packed_tables(tables: Sequence[torch.Tensor], name: str) -> tuple[torch.Tensor, int]:
+    """``(tables[0], slice_stride)``: how the packed kernels address the slices' page tables.
+
+    They take one pointer, to slice 0's table, and find slice s's table ``s · slice_stride``
+    elements after it, so the tables must be views of one tensor at a constant distance, with
+    equal strides and (adapters, rows); their chunks may differ (k and v narrower than q). The
+    residency allocates every target's table as a view of one tensor, so q, k and v's are.
+    """
+    assert tables, f"{name}: no slices"
+    first = tables[0]
+    itemsize = first.element_size()
+    step = (tables[1].data_ptr() - first.data_ptr()) // itemsize if len(tables) > 1 else 0
+    storage = first.untyped_storage().data_ptr()
+    for s, table in enumerate(tables):
+        assert table.device == first.device, f"{name}: tables on different devices"
+        assert table.untyped_storage().data_ptr() == storage, f"{name}: views of one tensor"
+        assert table.stride() == first.stride(), f"{name}: tables with different strides"
+        assert table.shape[:2] == first.shape[:2], f"{name}: tables of different sizes"
+        assert table.data_ptr() - first.data_ptr() == s * step * itemsize, (
+            f"{name}: slice tables must lie at a constant distance from each other"
+        )
+    return first, step
+
+
+def check_packed(
+    num_slices: int, ranks: torch.Tensor, scalings: torch.Tensor | None = None
+) -> None:
+    """The packed forms' per-slice metadata: (num_adapters, num_slices) ranks and scalings."""
+    assert num_slices >= 1, "a packed op needs at least one slice"
+    assert ranks.dtype == torch.int32, f"ranks must be int32, got {ranks.dtype}"
+    assert ranks.dim() == 2 and ranks.shape[1] == num_slices, (
+        f"ranks must be (num_adapters, {num_slices}), got {tuple(ranks.shape)}"
+    )
+    if scalings is not None:
+        assert scalings.dtype == torch.float32, f"scalings must be float32, got {scalings.dtype}"
+        assert scalings.shape == ranks.shape, "scalings and ranks must have the same shape"
 
 
 def check_values(

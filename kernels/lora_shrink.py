@@ -3,7 +3,8 @@
 The first half of a LoRA linear layer (`kernels/lora_expand.py` is the second). Every row of x
 is multiplied by the A matrix of its own adapter, paged as `kernels/lora_layout.py` describes.
 Two forms: segmented (SGMV, prefill: consecutive rows share an adapter) and per-token (BGMV,
-decode: any adapter per row).
+decode: any adapter per row). The segmented form also comes packed: the slices of a packed
+projection (q, k and v; gate and up) share x, and one launch shrinks x by every slice's A.
 
 Semantics:
     a = adapter of row t: seg_adapters[s] for the segment s holding t (seg_starts[s] <= t <
@@ -13,6 +14,8 @@ Semantics:
                                                              and for all j when a == -1
     y is (num_tokens, max_rank) float32: products are exact for 16-bit inputs and accumulate in
     float32 (summation order unspecified); the reference computes x[rows] @ A_aᵀ in float32.
+    Packed (`lora_shrink_sgmv_packed`), for slices s = 0 .. num_slices - 1 side by side:
+    y[t, s · max_rank + j] = y_s[t, j]    y_s: the above with A_a of a_pages[s], ranks[a, s]
 
 Args (shared by every op here):
     x: (num_tokens, in_features), float32, bfloat16 or float16; unit stride along features.
@@ -23,8 +26,11 @@ Args (shared by every op here):
     seg_starts, seg_adapters / token_adapters: see `kernels/lora_layout.py`.
     max_seg_len: longest segment, sizing the SGMV grid; read from seg_starts (one device sync)
         when None. The reference ignores it.
+    Packed: a_pages is a sequence of num_slices such tables (for the kernel, views of one
+        tensor: `packed_tables`), ranks int32 (num_adapters, num_slices).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +39,13 @@ from kernels.lora_layout import (
     DTYPES,
     check_adapter_tables,
     check_launch,
+    check_packed,
     check_segments,
     check_values,
     check_vector,
     gather_token_rows,
     num_chunks,
+    packed_tables,
     read_rows,
     segments,
     token_ranks,
@@ -75,6 +83,31 @@ def lora_shrink_sgmv_ref(
         lora_a = read_rows(pool, a_pages[adapter, :rank], x.shape[1]).float()  # (rank, in)
         y[lo:hi, :rank] = x[lo:hi].float() @ lora_a.T
     return y
+
+
+def lora_shrink_sgmv_packed_ref(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_pages: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    max_rank: int,
+    max_seg_len: int | None = None,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """y = x · A_sᵀ for every slice s, side by side: (num_tokens, num_slices · max_rank)."""
+    check_packed(len(a_pages), ranks)
+    return torch.cat(
+        [
+            lora_shrink_sgmv_ref(
+                x, pool, table, ranks[:, s], seg_starts, seg_adapters, max_rank, validate=validate
+            )
+            for s, table in enumerate(a_pages)
+        ],
+        dim=1,
+    )
 
 
 def lora_shrink_bgmv_ref(
@@ -158,26 +191,32 @@ if HAS_TRITON:
     # BLOCK_K-wide slices inside the page (masked at the page end and at in_features), so the
     # page width need not be a power of two. Rank rows j >= rank are masked, so their (garbage)
     # page ids are never used and their y columns come out zero.
+    # The SGMV kernel serves the packed form too (one slice for the per-target op): slice s
+    # reads the page table at a_pages_ptr + s * stride_pages_slice and writes y's columns
+    # s * max_rank onwards; its programs re-read x's rows (from L2, in the same launch).
     @triton.jit
     def _shrink_sgmv_kernel(  # type: ignore[no-untyped-def]
         x_ptr, pool_ptr, a_pages_ptr, ranks_ptr, seg_starts_ptr, seg_adapters_ptr, y_ptr,
-        in_features, page_width, a_chunks, max_rank,
-        stride_x_tok, stride_pool_page, stride_pages_adapter, stride_pages_row, stride_ranks,
-        stride_y_tok,
+        in_features, page_width, a_chunks, max_rank, rank_blocks,
+        stride_x_tok, stride_pool_page, stride_pages_slice, stride_pages_adapter,
+        stride_pages_row, stride_ranks_adapter, stride_ranks_slice, stride_y_tok,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):  # fmt: skip
-        # One program: BLOCK_M rows of one segment x BLOCK_R rank columns x 1/SPLIT_K of the sum.
+        # One program: BLOCK_M rows of one segment x BLOCK_R rank columns of one slice x
+        # 1/SPLIT_K of the sum. Axis 2 enumerates (slice, rank block, split).
         seg = tl.program_id(0)
         m_block = tl.program_id(1)
-        r_block = tl.program_id(2) // SPLIT_K
+        slice_id = (tl.program_id(2) // (rank_blocks * SPLIT_K)).to(tl.int64)
+        r_block = (tl.program_id(2) // SPLIT_K) % rank_blocks
         k_split = tl.program_id(2) % SPLIT_K
         seg_start = tl.load(seg_starts_ptr + seg)
         seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
         if m_block * BLOCK_M >= seg_len:  # the grid covers the longest segment in the batch
             return
         adapter = tl.load(seg_adapters_ptr + seg)
-        rank = tl.load(ranks_ptr + adapter * stride_ranks, mask=adapter >= 0, other=0)
+        rank_ptr = ranks_ptr + adapter * stride_ranks_adapter + slice_id * stride_ranks_slice
+        rank = tl.load(rank_ptr, mask=adapter >= 0, other=0)
         rank = tl.minimum(rank, max_rank)  # 0 for no LoRA; never past y's columns
 
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row within the segment
@@ -187,7 +226,8 @@ if HAS_TRITON:
         rows = (seg_start + offs_m).to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         if r_block * BLOCK_R < rank:  # else the tile is all zeros (also for no-LoRA rows)
-            adapter_pages = a_pages_ptr + adapter.to(tl.int64) * stride_pages_adapter
+            table = a_pages_ptr + slice_id * stride_pages_slice
+            adapter_pages = table + adapter.to(tl.int64) * stride_pages_adapter
             page_rows = adapter_pages + offs_r * stride_pages_row  # (BLOCK_R,) table rows
             for chunk in range(0, a_chunks):
                 pages = tl.load(page_rows + chunk, mask=r_mask, other=0).to(tl.int64)
@@ -203,7 +243,7 @@ if HAS_TRITON:
                         x.to(DOT_DTYPE), tl.trans(a.to(DOT_DTYPE)), acc=acc, input_precision="ieee"
                     )  # (BLOCK_M, BLOCK_R)
 
-        y_ptrs = y_ptr + rows[:, None] * stride_y_tok + offs_r[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_y_tok + slice_id * max_rank + offs_r[None, :]
         if SPLIT_K == 1:  # y is uninitialised: write every column, zeros included
             tl.store(y_ptrs, acc, mask=row_mask[:, None] & (offs_r < max_rank)[None, :])
         else:  # y is zeroed: add this split's partial sums
@@ -257,10 +297,10 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 
 
-def _new_y(x: torch.Tensor, max_rank: int, split_k: int) -> torch.Tensor:
+def _new_y(x: torch.Tensor, columns: int, split_k: int) -> torch.Tensor:
     """y: written whole by single-split kernels, accumulated into by split ones."""
     alloc = torch.empty if split_k == 1 else torch.zeros
-    return alloc(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    return alloc(x.shape[0], columns, dtype=torch.float32, device=x.device)
 
 
 def _block_r(max_rank: int, blocks: ShrinkBlocks, minimum: int) -> int:
@@ -281,11 +321,57 @@ def lora_shrink_sgmv(
     _check_inputs(x, pool, a_pages, ranks, max_rank)
     check_segments(seg_starts, seg_adapters)
     check_launch(x, (pool, a_pages, seg_starts, seg_adapters), (ranks,))
-    num_tokens, in_features = x.shape
     if x.device.type == "cpu":
-        check_values(ranks, max_rank, seg_adapters, seg_starts, num_tokens)
+        check_values(ranks, max_rank, seg_adapters, seg_starts, x.shape[0])
+    # One slice: the packed kernel's slice stride is never used.
+    return _launch_sgmv(
+        x, pool, a_pages, 0, ranks[:, None], seg_starts, seg_adapters, max_rank, max_seg_len
+    )
+
+
+def lora_shrink_sgmv_packed(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_pages: Sequence[torch.Tensor],
+    ranks: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    max_rank: int,
+    max_seg_len: int | None = None,
+) -> torch.Tensor:
+    """Triton `lora_shrink_sgmv_packed_ref`, one launch for every slice: returns y
+    (num_tokens, num_slices · max_rank), slice s in columns s · max_rank onwards."""
+    check_packed(len(a_pages), ranks)
+    for s, table in enumerate(a_pages):
+        _check_inputs(x, pool, table, ranks[:, s], max_rank)
+    first, slice_stride = packed_tables(a_pages, "a_pages")
+    check_segments(seg_starts, seg_adapters)
+    check_launch(x, (pool, first, seg_starts, seg_adapters), (ranks,))
+    if x.device.type == "cpu":
+        for s in range(len(a_pages)):
+            check_values(ranks[:, s], max_rank, seg_adapters, seg_starts, x.shape[0])
+    return _launch_sgmv(
+        x, pool, first, slice_stride, ranks, seg_starts, seg_adapters, max_rank, max_seg_len
+    )
+
+
+def _launch_sgmv(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_pages: torch.Tensor,
+    slice_stride: int,
+    ranks: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    max_rank: int,
+    max_seg_len: int | None,
+) -> torch.Tensor:
+    """Launch the SGMV kernel on checked inputs: slice s's page table at ``a_pages`` plus
+    ``s · slice_stride`` elements, its ranks in ``ranks[:, s]`` (num_adapters, num_slices)."""
+    num_tokens, in_features = x.shape
+    num_slices = ranks.shape[1]
     blocks = _blocks_for(x.device, "sgmv")
-    y = _new_y(x, max_rank, blocks.split_k)
+    y = _new_y(x, num_slices * max_rank, blocks.split_k)
     num_segments = seg_adapters.shape[0]
     if num_tokens == 0 or num_segments == 0 or max_rank == 0:
         return y
@@ -294,16 +380,17 @@ def lora_shrink_sgmv(
     page_width = pool.shape[1]
     block_r = _block_r(max_rank, blocks, minimum=16)
     block_k = max(16, min(blocks.block_k, next_power_of_2(page_width)))
+    rank_blocks = triton.cdiv(max_rank, block_r)
     grid = (
         num_segments,
         triton.cdiv(max_seg_len, blocks.block_m),
-        triton.cdiv(max_rank, block_r) * blocks.split_k,
+        num_slices * rank_blocks * blocks.split_k,
     )
     _shrink_sgmv_kernel[grid](
         x, pool, a_pages, ranks, seg_starts, seg_adapters, y,
-        in_features, page_width, num_chunks(in_features, page_width), max_rank,
-        x.stride(0), pool.stride(0), a_pages.stride(0), a_pages.stride(1), ranks.stride(0),
-        y.stride(0),
+        in_features, page_width, num_chunks(in_features, page_width), max_rank, rank_blocks,
+        x.stride(0), pool.stride(0), slice_stride, a_pages.stride(0), a_pages.stride(1),
+        ranks.stride(0), ranks.stride(1), y.stride(0),
         BLOCK_M=blocks.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=blocks.split_k,
         DOT_DTYPE=dot_operand_dtype(x.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,

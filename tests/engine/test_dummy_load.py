@@ -15,7 +15,8 @@ from engine.config import EngineConfig, weight_bytes
 from engine.dummy import init_dummy_weights, init_std, synthetic_tokenizer
 from engine.loader import load_config, load_model, load_tokenizer
 from engine.model import Backends, CausalLM
-from engine.quantization import NF4Linear, quantize_nf4
+from engine.packed import checkpoint_tensors
+from engine.quantization import NF4Linear, nf4_layer, quantize_nf4
 from server.engine_args import add_engine_args, engine_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "presets"
@@ -110,13 +111,18 @@ def test_weights_are_seeded_and_initialised_like_transformers(model_dirs: dict[s
 def test_nf4_dummy_quantizes_the_same_random_weights(llama_dir: Path) -> None:
     plain = dummy_model(llama_dir, seed=3)
     nf4 = dummy_model(llama_dir, seed=3, quantization="nf4")
-    layers = {n: m for n, m in nf4.named_modules() if isinstance(m, NF4Linear)}
-    assert len(layers) == 7 * plain.arch.num_layers
-    for name, layer in layers.items():
-        assert layer.weight is not None
-        expected = quantize_nf4(plain.get_submodule(name).weight.detach())
-        assert torch.equal(layer.weight.packed, expected.packed), name
-        assert torch.equal(layer.weight.absmax, expected.absmax), name
+    assert len([m for m in nf4.modules() if isinstance(m, NF4Linear)]) == 7 * plain.arch.num_layers
+    floats = dict(checkpoint_tensors(plain))  # q, k, v, gate and up: slices of packed layers
+    modules = [
+        n.removesuffix(".weight") for n, t in floats.items() if t.dim() == 2 and "_proj" in n
+    ]
+    assert len(modules) == 7 * plain.arch.num_layers
+    for module in modules:
+        weight = nf4_layer(nf4, module).weight
+        assert weight is not None
+        expected = quantize_nf4(floats[f"{module}.weight"].detach())
+        assert torch.equal(weight.packed, expected.packed), module
+        assert torch.equal(weight.absmax, expected.absmax), module
     assert torch.equal(nf4.lm_head.weight, plain.lm_head.weight)  # the head stays float
 
 
@@ -175,8 +181,8 @@ def test_a_transformers_model_gets_the_same_dummy_weights() -> None:
     config = load_config(TINY)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     init_dummy_weights(hf, init_std(config), seed=5)
-    ours = dummy_model(TINY, seed=5).state_dict()
-    theirs = hf.state_dict()
+    ours = dict(checkpoint_tensors(dummy_model(TINY, seed=5)))
+    theirs = dict(hf.named_parameters())
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name]), name

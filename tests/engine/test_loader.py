@@ -14,6 +14,7 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.loader import load_model
 from engine.model import Backends
+from engine.packed import checkpoint_tensors
 from tests.references import hf_greedy
 
 CPU = torch.device("cpu")
@@ -51,8 +52,23 @@ def test_half_precision_weights(llama_dir: Path, dtype: torch.dtype) -> None:
     model = load_model(llama_dir, dtype, CPU, Backends.select(None, CPU))
     assert {p.dtype for p in model.parameters()} == {dtype}
     reference = load_file(llama_dir / "model.safetensors")
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(dict(model.named_parameters())[name], reference[name].to(dtype))
+    loaded = dict(checkpoint_tensors(model))  # q, k, v, gate, up: slices of packed layers
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(loaded[name], tensor.to(dtype)), name
+
+
+def test_packed_layers_load_their_slices_in_order(model_dirs: dict[str, Path]) -> None:
+    """Qwen2's q, k and v (weights and biases) are rows of qkv_proj; gate and up of gate_up_proj."""
+    model = load_model(model_dirs["qwen2"], torch.float32, CPU, Backends.select(None, CPU))
+    reference = load_file(model_dirs["qwen2"] / "model.safetensors")
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    for kind in ("weight", "bias"):
+        qkv = [reference[f"{attn}.{t}.{kind}"] for t in ("q_proj", "k_proj", "v_proj")]
+        packed = model.get_parameter(f"{attn}.qkv_proj.{kind}")
+        assert torch.equal(packed, torch.cat(qkv))
+    gate_up = [reference[f"{mlp}.{t}.weight"] for t in ("gate_proj", "up_proj")]
+    assert torch.equal(model.get_parameter(f"{mlp}.gate_up_proj.weight"), torch.cat(gate_up))
 
 
 def test_auto_dtype_reads_the_checkpoint(llama_dir: Path) -> None:

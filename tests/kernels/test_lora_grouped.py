@@ -1,4 +1,4 @@
-"""The CPU LoRA forms (grouped, stacked) against the naive per-token loop.
+"""The CPU LoRA forms (grouped, stacked, stacked packed) against the naive per-token loop.
 
 Batches come from `tests/kernels/test_lora.py` (shuffled pages, garbage in every other page,
 mixed ranks including 0, rows without LoRA), with their rows sorted by adapter as the runner
@@ -7,15 +7,19 @@ lays them out; the forms must add exactly each row's own adapter's update.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from kernels import lora_layout
 from kernels.lora_grouped import (
     CPU_COSTS,
+    StackedRows,
     choose_form,
     lora_grouped,
     lora_stacked,
+    lora_stacked_packed,
     read_adapter,
     stacked_coefficients,
     stacked_rows,
@@ -29,6 +33,7 @@ from tests.kernels.test_lora import (
     naive_lora,
     prefill_segments,
 )
+from tests.kernels.test_lora_packed import GATE_UP, QKV, PackedBatch, make_packed, naive_packed
 
 Segment = tuple[int, int, int, float]
 
@@ -201,3 +206,57 @@ def test_adapters_in_consecutive_pages_are_read_in_place(monkeypatch: pytest.Mon
     lora_grouped(x, in_place, segments, {0: view}, [0.5])
     torch.testing.assert_close(in_place, gathered, atol=1e-6, rtol=1e-6)
     assert torch.equal(in_place[0], base[0]) and torch.equal(in_place[4], base[4])
+
+
+def _stacked_slices(
+    segments: list[tuple[int, int]], shape: tuple[int, int, tuple[int, ...]], dtype: torch.dtype
+) -> tuple[PackedBatch, list[StackedRows], list[torch.Tensor]]:
+    """A packed batch, and each slice's stacked rows and coefficients (one layer)."""
+    batch = make_packed(segments, shape, dtype)
+    spans = batch.seg_starts.tolist()
+    segs = [
+        (a, spans[i], spans[i + 1], 1.0)
+        for i, a in enumerate(batch.seg_adapters.tolist())
+        if a >= 0 and spans[i + 1] > spans[i]
+    ]
+    slots = list(dict.fromkeys(a for a, _, _, _ in segs))
+    token_slots = torch.full((1, batch.x.shape[0]), -1, dtype=torch.int32)
+    token_coefs = torch.zeros(1, batch.x.shape[0])
+    for slot, lo, hi, weight in segs:
+        token_slots[0, lo:hi], token_coefs[0, lo:hi] = slot, weight
+    stacked, coefs = [], []
+    for s in range(len(batch.a_pages)):
+        ranks, scalings = batch.ranks[:, s].tolist(), batch.scalings[:, s].tolist()
+        rows = [ranks[slot] for slot in slots]
+        stacked.append(stacked_rows(batch.a_pages[s], batch.b_pages[s], slots, rows))
+        column_slots = [slot for slot in slots for _ in range(ranks[slot])]
+        coef = stacked_coefficients(
+            token_slots,
+            token_coefs,
+            torch.tensor(column_slots, dtype=torch.int32),
+            torch.tensor([[scalings[slot] for slot in column_slots]]),
+        )
+        coefs.append(coef[0])
+    return batch, stacked, coefs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [QKV, GATE_UP], ids=["qkv", "gate_up"])
+@pytest.mark.parametrize("popularity", ["uniform", "skewed"])
+def test_stacked_packed_is_stacked_slice_by_slice(
+    popularity: str, shape: tuple[int, int, tuple[int, ...]], dtype: torch.dtype
+) -> None:
+    """One gather and one shrink for every slice of a packed projection: the same updates as
+    the stacked form run per slice into column views (and as the naive loop)."""
+    batch, stacked, coefs = _stacked_slices(prefill_segments(popularity, 7), shape, dtype)
+    widths = [hi - lo for lo, hi in itertools.pairwise(batch.column_offsets)]
+    expected = batch.base_out.clone()
+    for s, columns in enumerate(expected.split(widths, dim=1)):
+        lora_stacked(batch.x, columns, batch.pool, stacked[s], coefs[s])
+    got = batch.base_out.clone()
+    a_index = torch.cat([rows.a_index for rows in stacked])
+    coef = torch.cat(coefs, dim=1)
+    lora_stacked_packed(batch.x, got.split(widths, dim=1), batch.pool, stacked, a_index, coef)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(got, naive_packed(batch)[1], atol=tol, rtol=tol)

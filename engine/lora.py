@@ -188,13 +188,14 @@ class TorchLora(LoraBackend):
         out: torch.Tensor,
         column_offsets: tuple[int, ...],
     ) -> None:
-        # Into column views of out (one split op makes them all). When every slice takes the
-        # stacked form, one gather and one shrink serve them all; otherwise slice by slice,
-        # each with its own form and views, exactly as a separate layer would.
+        # Into column views of out. When every slice takes the stacked form, one gather and
+        # one shrink serve them all; otherwise slice by slice, each with its own form and
+        # views, exactly as a separate layer would. (Slices, not one torch.split: autograd
+        # forbids writing into split's views in place, should anyone run the model with it.)
         if not any(self._touched(meta, TARGET_INDEX[target]) for target in targets):
-            return  # e.g. attention-only adapters on gate_up_proj: not even the split
-        widths = [hi - lo for lo, hi in itertools.pairwise(column_offsets)]
-        outs = torch.split(out, widths, dim=1)
+            return  # e.g. attention-only adapters on gate_up_proj: not even the views
+        outs = [out[:, lo:hi] for lo, hi in itertools.pairwise(column_offsets)]
+        widths = [columns.shape[1] for columns in outs]
         plan = self._stacked_packed(meta, targets, x.shape[1], widths)
         if plan is not None:
             stacked, a_index, coef = plan

@@ -44,6 +44,8 @@ from kernels.lora_grouped import (
 )
 
 TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
+# Stacked rows per target, all their A pages, each column's slot and per-layer scaling.
+_StackPlan = tuple[tuple[StackedRows, ...], torch.Tensor, torch.Tensor, torch.Tensor]
 _MAX_VIEWS = 1 << 16  # cached adapter views (small objects; cleared when full)
 
 
@@ -162,9 +164,9 @@ class TorchLora(LoraBackend):
         # Views of adapters whose rows lie in consecutive pages, kept across steps: keyed by
         # where they are, so a view is reused only while it still reads those very pages.
         self._views: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        # The stacked form's rows and per-layer scalings by (target, slots, rows), valid while
-        # the tables' generation is unchanged.
-        self._plans: dict[tuple[Any, ...], tuple[StackedRows, torch.Tensor, torch.Tensor]] = {}
+        # The stacked form's rows and per-layer scalings by (targets, slots, rows), valid
+        # while the tables' generation is unchanged.
+        self._plans: dict[tuple[Any, ...], _StackPlan] = {}
         self._generation = -1
 
     def apply(
@@ -195,39 +197,15 @@ class TorchLora(LoraBackend):
         if not any(self._touched(meta, TARGET_INDEX[target]) for target in targets):
             return  # e.g. attention-only adapters on gate_up_proj: not even the views
         outs = [out[:, lo:hi] for lo, hi in itertools.pairwise(column_offsets)]
-        widths = [columns.shape[1] for columns in outs]
-        plan = self._stacked_packed(meta, targets, x.shape[1], widths)
-        if plan is not None:
-            stacked, a_index, coef = plan
-            lora_stacked_packed(x, outs, pool, stacked, a_index, coef[layer])
+        ts = tuple(TARGET_INDEX[target] for target in targets)
+        features = [x.shape[1] + columns.shape[1] for columns in outs]
+        if all(self._form(meta, t, f) == "stacked" for t, f in zip(ts, features, strict=True)):
+            stacked, a_index, coef = self._stacked(meta, ts)
+            if coef.numel():
+                lora_stacked_packed(x, outs, pool, stacked, a_index, coef[layer])
             return
         for target, columns in zip(targets, outs, strict=True):
             self._add(meta, pool, layer, target, x, columns)
-
-    def _stacked_packed(
-        self, meta: LoraMetadata, targets: tuple[str, ...], in_features: int, widths: list[int]
-    ) -> tuple[list[StackedRows], torch.Tensor, torch.Tensor] | None:
-        """When every slice takes the stacked form and some has rows: the slices' stacked
-        rows, their A pages in one index, and their per-layer coefficients side by side
-        (num_layers, num_tokens, Σ rows); None otherwise. Once a step."""
-        key = ("stacked_packed", targets)
-        if key in meta.cache:
-            return meta.cache[key]  # type: ignore[no-any-return]
-        plan = None
-        slices = [(TARGET_INDEX[t], t, width) for t, width in zip(targets, widths, strict=True)]
-        if all(self._form(meta, t, in_features + width) == "stacked" for t, _, width in slices):
-            tables = meta.tables
-            parts = [
-                self._stacked(meta, t, tables.a_pages[target], tables.b_pages[target])
-                for t, target, _ in slices
-            ]
-            stacked = [rows for rows, _ in parts]
-            coefs = [coef for rows, coef in parts if rows.num_rows]
-            if coefs:
-                a_index = torch.cat([rows.a_index for rows in stacked])
-                plan = (stacked, a_index, torch.cat(coefs, dim=-1))
-        meta.cache[key] = plan
-        return plan
 
     @staticmethod
     def _touched(meta: LoraMetadata, t: int) -> bool:
@@ -252,7 +230,7 @@ class TorchLora(LoraBackend):
         tables = meta.tables
         a_pages, b_pages = tables.a_pages[target], tables.b_pages[target]
         if self._form(meta, t, x.shape[1] + out.shape[1]) == "stacked":
-            stacked, coef = self._stacked(meta, t, a_pages, b_pages)
+            (stacked,), _, coef = self._stacked(meta, (t,))
             if stacked.num_rows:
                 lora_stacked(x, out, pool, stacked, coef[layer])
             return
@@ -293,70 +271,85 @@ class TorchLora(LoraBackend):
         return str(form)
 
     def _stacked(
-        self, meta: LoraMetadata, t: int, a_pages: torch.Tensor, b_pages: torch.Tensor
-    ) -> tuple[StackedRows, torch.Tensor]:
-        """The stacked rows of target ``t`` and their per-layer coefficients, once a step.
+        self, meta: LoraMetadata, ts: tuple[int, ...]
+    ) -> tuple[tuple[StackedRows, ...], torch.Tensor, torch.Tensor]:
+        """The stacked rows of targets ``ts`` (one, or a packed layer's slices), all their A
+        pages in one index, and their per-layer coefficients side by side
+        (num_layers, num_tokens, Σ rows; empty when no adapter of the batch touches them).
 
         Which rows are stacked and their per-layer scalings depend only on the batch's set of
         adapters and the tables, so they are kept across steps (until an adapter is placed or
-        evicted); each step only matches its rows to them.
+        evicted); each step only matches its rows to them, once.
         """
-        key = ("stacked", t)
+        key = ("stacked", ts)
         hit = meta.cache.get(key)
         if hit is not None:
             return hit  # type: ignore[no-any-return]
         slots = meta.slots
-        rows = [max(r[t] for r in meta.ranks[s]) for s in slots]  # each slot's rows, any layer
+        # each slot's rows per target, any layer
+        rows = tuple(tuple(max(r[t] for r in meta.ranks[s]) for s in slots) for t in ts)
         generation = meta.tables.generation[0]
         if generation != self._generation:
             self._plans.clear()
             self._generation = generation
-        plan_key = (t, tuple(slots), tuple(rows))
+        plan_key = (ts, tuple(slots), rows)
         plan = self._plans.get(plan_key)
         if plan is None:
-            plan = self._plans[plan_key] = self._stack(meta, t, slots, rows, a_pages, b_pages)
-        stacked, column_slots, column_coefs = plan
-        if stacked.num_rows == 0:  # no adapter of the batch touches this target
-            meta.cache[key] = (stacked, torch.zeros(0))
-            return meta.cache[key]  # type: ignore[no-any-return]
-        device = a_pages.device
-        coef = stacked_coefficients(
-            torch.tensor([s for s, _ in meta.row_slots], dtype=torch.int32).to(device),
-            torch.tensor([w for _, w in meta.row_slots]).to(device),
-            column_slots,
-            column_coefs,
-        )
-        meta.cache[key] = (stacked, coef)
-        return stacked, coef
+            plan = self._plans[plan_key] = self._stack(meta, ts, slots, rows)
+        stacked, a_index, column_slots, column_coefs = plan
+        coef = torch.zeros(0)
+        if column_slots.numel():
+            token_slots, token_coefs = self._token_rows(meta, column_slots.device)
+            coef = stacked_coefficients(token_slots, token_coefs, column_slots, column_coefs)
+        meta.cache[key] = (stacked, a_index, coef)
+        return stacked, a_index, coef
+
+    @staticmethod
+    def _token_rows(meta: LoraMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's slot and weight per pass, (num_passes, num_tokens), once a step."""
+        key = ("token_rows",)
+        hit = meta.cache.get(key)
+        if hit is None:
+            hit = meta.cache[key] = (
+                torch.tensor([s for s, _ in meta.row_slots], dtype=torch.int32).to(device),
+                torch.tensor([w for _, w in meta.row_slots]).to(device),
+            )
+        return hit  # type: ignore[no-any-return]
 
     @staticmethod
     def _stack(
         meta: LoraMetadata,
-        t: int,
+        ts: tuple[int, ...],
         slots: list[int],
-        rows: list[int],
-        a_pages: torch.Tensor,
-        b_pages: torch.Tensor,
-    ) -> tuple[StackedRows, torch.Tensor, torch.Tensor]:
-        """Stacked rows, each column's slot, and each column's scaling per layer (0 past the
-        layer's rank): (num_rows,) int32 and (num_layers, num_rows) float32."""
-        stacked = stacked_rows(a_pages, b_pages, slots, rows)
+        rows: tuple[tuple[int, ...], ...],
+    ) -> _StackPlan:
+        """Per target its stacked rows; all their A pages in one index; each column's slot
+        and scaling per layer (0 past the layer's rank), targets side by side: (Σ rows,)
+        int32 and (num_layers, Σ rows) float32."""
+        tables = meta.tables
+        stacked = tuple(
+            stacked_rows(tables.a_pages[TARGETS[t]], tables.b_pages[TARGETS[t]], slots, list(r))
+            for t, r in zip(ts, rows, strict=True)
+        )
         column_slots: list[int] = []
         column_coefs: list[list[float]] = []  # per column, per layer
-        for slot, num_rows in zip(slots, rows, strict=True):
-            per_layer = [
-                (r[t], s[t]) for r, s in zip(meta.ranks[slot], meta.scalings[slot], strict=True)
-            ]
-            for j in range(num_rows):
-                column_slots.append(slot)
-                column_coefs.append([s if j < r else 0.0 for r, s in per_layer])
-        device = a_pages.device
+        for t, target_rows in zip(ts, rows, strict=True):
+            for slot, num_rows in zip(slots, target_rows, strict=True):
+                per_layer = [
+                    (r[t], s[t]) for r, s in zip(meta.ranks[slot], meta.scalings[slot], strict=True)
+                ]
+                for j in range(num_rows):
+                    column_slots.append(slot)
+                    column_coefs.append([s if j < r else 0.0 for r, s in per_layer])
+        device = tables.ranks.device
         num_layers = len(meta.ranks[slots[0]]) if slots else 0
         coefs = torch.tensor(column_coefs, dtype=torch.float32).reshape(
             len(column_slots), num_layers
         )
+        a_index = torch.cat([s.a_index for s in stacked])
         return (
             stacked,
+            a_index,
             torch.tensor(column_slots, dtype=torch.int32).to(device),
             coefs.T.contiguous().to(device),
         )

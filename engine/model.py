@@ -183,8 +183,8 @@ class MLP(nn.Module):
             self.backends.lora.apply_packed(
                 lora, pool, self.layer, slices.names, x, gate_up, slices.column_offsets
             )
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        hidden = F.silu(gate) * up
+        i = self.intermediate_size
+        hidden = F.silu(gate_up[:, :i]) * gate_up[:, i:]
         out: torch.Tensor = self.down_proj(hidden)
         if lora is not None:
             self.backends.lora.apply(lora, pool, self.layer, "down_proj", hidden, out)

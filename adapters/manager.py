@@ -43,6 +43,7 @@ from pathlib import Path
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
+from adapters.identity import adapter_identity, content_digest, mixture_identity
 from adapters.loader import LoraAdapterWeights, load_lora_adapter
 from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
@@ -112,8 +113,15 @@ class AdapterManager:
         """
         weights = self.source(path)
         self._check_fits(weights)
+        digest = content_digest(weights.modules)
         entry, old = self.registry.register(
-            name, path, weights.max_rank, weights.nbytes, replace=replace
+            name,
+            path,
+            weights.max_rank,
+            weights.nbytes,
+            replace=replace,
+            digest=digest,
+            identity=adapter_identity(name, digest),
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
@@ -138,8 +146,16 @@ class AdapterManager:
                 f"{self.max_lora_rank}",
             )
         self._check_fits(weights)
+        digest = content_digest(weights.modules)
         entry, old = self.registry.register(
-            name, None, weights.max_rank, weights.nbytes, replace=replace, weights=weights
+            name,
+            None,
+            weights.max_rank,
+            weights.nbytes,
+            replace=replace,
+            weights=weights,
+            digest=digest,
+            identity=adapter_identity(name, digest),
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
@@ -191,6 +207,7 @@ class AdapterManager:
             sum(e.nbytes for e, _ in entries),
             replace=replace,
             components=tuple(entries),
+            identity=mixture_identity(name, [(e.identity, w) for e, w in entries]),
         )
         for entry, _ in entries:  # the mixture keeps its components alive
             self.acquire(entry)
@@ -230,7 +247,16 @@ class AdapterManager:
         if entry.weights is not None:
             return entry.weights
         assert entry.path is not None, f"adapter {entry.name} has neither files nor weights"
-        return self.source(entry.path)
+        weights = self.source(entry.path)
+        if entry.digest and content_digest(weights.modules) != entry.digest:
+            # Its cached prompts, and requests already running, computed with the weights
+            # read at load time: serving other weights under this entry would mix the two.
+            raise AdapterError(
+                "adapter_changed_on_disk",
+                f"the files of adapter {entry.name!r} changed since it was loaded; load it "
+                "again (with replace) to serve the new weights",
+            )
+        return weights
 
     def unload(self, name: str) -> None:
         """Unregister ``name``; running requests finish on its weights, then they are freed.

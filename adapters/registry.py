@@ -35,6 +35,13 @@ class AdapterEntry:
         refs: unfinished requests naming it; it cannot leave the pool while running
             requests use it, nor be forgotten while any do.
         unloading: unregistered, waiting for ``refs`` to drain.
+        digest: a hash of what its weights compute (``adapters.identity.content_digest``;
+            empty for a mixture).
+        identity: its name and content together (``adapters.identity``): what the prefix
+            cache keys on, so two entries share cached prompts only when they compute the
+            same thing under the same name.
+        version: 1 for the first load of a name, one more with each load of the same name
+            since (a replacement, or a load after an unload): counted for the server's life.
     """
 
     id: int
@@ -47,6 +54,9 @@ class AdapterEntry:
     error: str | None = field(default=None)
     weights: LoraAdapterWeights | None = None  # an adapter made in memory
     components: tuple[tuple[AdapterEntry, float], ...] = ()  # a mixture's (adapter, weight)
+    digest: bytes = b""
+    identity: bytes = b""
+    version: int = 1
 
     @property
     def is_mixture(self) -> bool:
@@ -59,6 +69,7 @@ class AdapterRegistry:
     def __init__(self) -> None:
         self._by_name: dict[str, AdapterEntry] = {}
         self._ids = itertools.count(1)
+        self._versions: dict[str, int] = {}  # the last version of every name ever loaded
         self._lock = threading.Lock()
 
     def register(
@@ -70,6 +81,8 @@ class AdapterRegistry:
         replace: bool = False,
         weights: LoraAdapterWeights | None = None,
         components: tuple[tuple[AdapterEntry, float], ...] = (),
+        digest: bytes = b"",
+        identity: bytes = b"",
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -90,7 +103,11 @@ class AdapterRegistry:
                 nbytes,
                 weights=weights,
                 components=components,
+                digest=digest,
+                identity=identity,
+                version=self._versions.get(name, 0) + 1,
             )
+            self._versions[name] = entry.version
             self._by_name[name] = entry
             if old is not None:
                 old.unloading = True

@@ -83,14 +83,25 @@ class CacheConfig:
     """The unified page pool's size, as a page count.
 
     A page is one vector slot of ``num_kv_heads * head_dim`` elements in every layer: one
-    token's K, or one token's V, or (later) rank-rows of an adapter.
+    token's K, or one token's V, or rank-rows of an adapter.
+
+    Attributes:
+        num_pages: pages in the pool.
+        enable_prefix_caching: keep the keys and values of full blocks of computed tokens
+            after their request ends, and reuse them for a later request with the same
+            tokens under the same adapter (``engine/prefix_cache.py``).
+        block_size: tokens per block of the prefix cache: what is hashed and reused as one.
     """
 
     num_pages: int
+    enable_prefix_caching: bool = True
+    block_size: int = 16
 
     def __post_init__(self) -> None:
         if self.num_pages < 2:
             raise ValueError("the page pool needs at least 2 pages (one token's K and V)")
+        if self.block_size <= 0:
+            raise ValueError("block_size must be positive")
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,8 @@ class EngineConfig:
         enforce_eager: bool = False,
         graph_mode: str | None = None,
         cuda_graph_sizes: tuple[int, ...] = (),
+        enable_prefix_caching: bool = True,
+        block_size: int = 16,
         seed: int = 0,
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
@@ -231,7 +244,7 @@ class EngineConfig:
             num_pages = pool_memory // page_bytes
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
-            cache=CacheConfig(num_pages),
+            cache=CacheConfig(num_pages, enable_prefix_caching, block_size),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoraConfig(max_lora_rank, max_loras),
             graphs=graphs,

@@ -48,6 +48,8 @@ class RequestOutput:
         text: on the final output, the whole released text; "" before.
         token_ids: on the final output, every generated token id; empty before.
         logprobs: on the final output (with ``SamplingParams.logprobs``), every entry.
+        num_cached_tokens: prompt tokens whose keys and values came from the prefix cache
+            at the request's first admission (OpenAI's ``cached_tokens``).
     """
 
     request_id: str
@@ -66,6 +68,7 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ class EngineStats:
     unquantized_weight_bytes: int = 0
     quantized_bits_per_param: float = 0.0
     quantization_freed_pages: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found (their keys and values reused)
+    cached_pages: int = 0  # pages only the prefix cache holds (free for the taking)
+    cached_pages_by_adapter: dict[str, int] = field(default_factory=dict)  # "" = base model
+    adapter_versions: dict[str, int] = field(default_factory=dict)  # name -> version
 
     @property
     def kv_cache_usage(self) -> float:

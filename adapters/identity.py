@@ -1,0 +1,73 @@
+"""What makes two adapters the same adapter, for anything keyed on what an adapter computes.
+
+The prefix cache reuses a prompt's keys and values only under the adapter that computed
+them, so its key must change whenever the computation does. A name is not enough (a name can
+be loaded again with other weights), and neither is a registry id (it changes with every
+load, even of the same files). The identity here is the name plus a digest of the content:
+every module's layer, target, A, B and scaling, which is all the ``adapter_config.json``
+decides about what a LoRA adapter computes (its rank is A's shape; alpha, rsLoRA and the
+patterns end up in the scalings; ``target_modules`` and ``layers_to_transform`` in which
+modules exist). A mixture's identity is its name and its components' identities with their
+weights, so it never shares with a component, nor with another mixture of other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import torch
+
+
+class _Module(Protocol):
+    @property
+    def lora_a(self) -> torch.Tensor: ...
+
+    @property
+    def lora_b(self) -> torch.Tensor: ...
+
+    @property
+    def scaling(self) -> float: ...
+
+
+def content_digest(modules: Mapping[tuple[int, str], _Module]) -> bytes:
+    """SHA-256 over every module's (layer, target, dtype, shapes, scaling, A, B), in order."""
+    h = hashlib.sha256(b"loraserve-lora-v1")
+    for layer, target in sorted(modules):
+        module = modules[(layer, target)]
+        h.update(struct.pack("<i", layer))
+        h.update(target.encode())
+        h.update(struct.pack("<d", float(module.scaling)))
+        for tensor in (module.lora_a, module.lora_b):
+            h.update(str(tensor.dtype).encode())
+            h.update(struct.pack(f"<{tensor.dim()}q", *tensor.shape))
+            h.update(_bytes(tensor))
+    return h.digest()
+
+
+def adapter_identity(name: str, digest: bytes) -> bytes:
+    """The identity of an adapter named ``name`` whose content hashes to ``digest``."""
+    return _hash(b"adapter", name.encode(), digest)
+
+
+def mixture_identity(name: str, components: Iterable[tuple[bytes, float]]) -> bytes:
+    """The identity of a mixture: its name, each component's identity and weight, in order."""
+    parts = [b"mixture", name.encode()]
+    for identity, weight in components:
+        parts += [identity, struct.pack("<d", weight)]
+    return _hash(*parts)
+
+
+def _hash(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(struct.pack("<q", len(part)))  # lengths keep ("ab", "c") from ("a", "bc")
+        h.update(part)
+    return h.digest()
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()

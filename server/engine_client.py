@@ -92,14 +92,12 @@ SLOW_CALL_S = 1800.0  # loads, merges and exports (worker threads of the engine 
 
 
 # Zeros (a pool of one page, so that ratios are defined), until the engine answers.
-_EMPTY_STATS = EngineStats(
-    **{
-        f.name: 0
-        for f in dataclasses.fields(EngineStats)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    | {"num_pages": 1}
-)
+_REQUIRED_STATS: dict[str, Any] = {
+    f.name: 0
+    for f in dataclasses.fields(EngineStats)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+}
+_EMPTY_STATS = EngineStats(**_REQUIRED_STATS | {"num_pages": 1})
 
 
 class EngineCallError(RuntimeError):

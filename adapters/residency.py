@@ -15,7 +15,9 @@ Rank 0 marks a (layer, target) it does not touch; rows past a layer's own rank (
 per-layer ``rank_pattern``) are allocated but never read.
 
 Residency policy: adapters pinned by running requests are never evicted; the rest are evicted
-least recently used first when the KV cache or another adapter needs pages.
+least recently used first when the KV cache or another adapter needs pages, in one order with
+another tenant's spare pages when there is one (:class:`SparePages`: the prefix cache's unused
+blocks), which also hears of every eviction.
 
 Ownership. The residency is the scheduler's (the engine thread's) bookkeeping, and it lives
 on the host: resident adapters, their pages and slots, and the host mirrors of the tables
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -61,6 +64,23 @@ class PageLender(Protocol):
     def allocate(self, n: int) -> list[int]: ...
 
     def release(self, pages: Iterable[int]) -> None: ...
+
+
+class SparePages(Protocol):
+    """Pages another tenant gives up on demand, in its own least-recently-used order (the
+    prefix cache's unused blocks, ``engine.prefix_cache.PrefixCache``)."""
+
+    def oldest(self) -> float | None:
+        """When the next unit to go was last used (``time.monotonic``); None if none."""
+        ...
+
+    def evict_oldest(self) -> int:
+        """Give up that unit; returns the pages it freed."""
+        ...
+
+    def adapter_evicted(self, adapter_id: int) -> None:
+        """An adapter left the pool (what depends on it may go first)."""
+        ...
 
 
 class ModuleWeights(Protocol):
@@ -131,12 +151,14 @@ class PageCost:
 
 @dataclass
 class Resident:
-    """A resident adapter: its slot, its pages, and how many running requests pin it."""
+    """A resident adapter: its slot, its pages, how many running requests pin it, and when
+    it was last used (``time.monotonic``: placed, or last let go by a request)."""
 
     slot: int
     pages: list[int]
     max_rank: int
     pins: int = 0
+    last_used: float = 0.0
 
 
 class AdapterResidency:
@@ -197,6 +219,7 @@ class AdapterResidency:
         self._placements: list[Placement] = []
         self.num_placed = 0
         self.num_evicted = 0
+        self.spare: SparePages | None = None  # reclaimed in one order with the adapters
 
     # -- queries --------------------------------------------------------------------------
 
@@ -275,7 +298,7 @@ class AdapterResidency:
         self._placements.append(
             Placement(adapter_id, slot, tuple(targets), host_ranks, host_scalings)
         )
-        resident = Resident(slot, pages, max(ranks.values(), default=0))
+        resident = Resident(slot, pages, max(ranks.values(), default=0), last_used=time.monotonic())
         self._resident[adapter_id] = resident
         self.num_placed += 1
         tables.generation[0] += 1
@@ -307,38 +330,41 @@ class AdapterResidency:
         self._free_slots.append(resident.slot)
         self.num_evicted += 1
         self.tables.generation[0] += 1
+        if self.spare is not None:
+            self.spare.adapter_evicted(adapter_id)
 
     def reclaim(self, num_pages: int, keep: Iterable[int] = (), slot: bool = False) -> bool:
-        """Evict unpinned adapters, least recently used first, until ``num_pages`` are free
-        (and, with ``slot``, a slot too).
+        """Free pages until ``num_pages`` are free (and, with ``slot``, a slot too).
 
-        Adapters in ``keep`` stay. Returns whether enough is free now.
+        Two kinds of victim, least recently used first in one order: unpinned adapters not in
+        ``keep``, and the spare tenant's units (the prefix cache's unused blocks). Only an
+        adapter frees a slot. Returns whether enough is free now.
         """
         kept = set(keep)
-
-        def enough() -> bool:
-            return self.pages.num_free >= num_pages and (not slot or bool(self._free_slots))
-
-        for adapter_id in list(self._resident):
-            if enough():
-                break
-            resident = self._resident[adapter_id]
-            if resident.pins == 0 and adapter_id not in kept:
-                self.evict(adapter_id)
-        return enough()
+        while True:
+            short_of_slot = slot and not self._free_slots
+            if self.pages.num_free >= num_pages and not short_of_slot:
+                return True
+            victim = next(
+                (i for i, r in self._resident.items() if r.pins == 0 and i not in kept), None
+            )
+            spare = None if self.spare is None or short_of_slot else self.spare.oldest()
+            if spare is not None and (victim is None or spare <= self._resident[victim].last_used):
+                assert self.spare is not None
+                self.spare.evict_oldest()
+            elif victim is not None:
+                self.evict(victim)
+            else:
+                return False
 
     @property
     def has_free_slot(self) -> bool:
         return bool(self._free_slots)
 
-    def can_reclaim(self, keep: Iterable[int] = ()) -> int:
-        """Pages that :meth:`reclaim` could free (unpinned adapters not in ``keep``)."""
-        kept = set(keep)
-        return sum(len(r.pages) for i, r in self._resident.items() if r.pins == 0 and i not in kept)
-
     def touch(self, adapter_id: int) -> None:
         """Mark as most recently used."""
         self._resident.move_to_end(adapter_id)
+        self._resident[adapter_id].last_used = time.monotonic()
 
     def pin(self, adapter_id: int) -> None:
         self._resident[adapter_id].pins += 1
@@ -348,6 +374,8 @@ class AdapterResidency:
         resident = self._resident[adapter_id]
         assert resident.pins > 0
         resident.pins -= 1
+        if resident.pins == 0:
+            self.touch(adapter_id)  # used until now
 
 
 def _first_if_consecutive(pages: list[int]) -> int:

@@ -39,6 +39,9 @@ class ScheduledChunk:
             a request with penalties (the runner counts later tokens itself); else empty.
         prompt_targets: with ``prompt_logprobs``, the prompt tokens this chunk's positions
             predict (position ``start_pos + i`` predicts ``prompt_targets[i]``); else empty.
+        cached_k_slots, cached_v_slots: on the first chunk after an admission that reused
+            cached blocks, the K and V pages of positions ``0 .. start_pos - 1`` (computed by
+            earlier requests: the runner records them but computes nothing for them).
     """
 
     request_id: str
@@ -55,6 +58,8 @@ class ScheduledChunk:
     adapter_rank: int = 0
     output_token_ids: tuple[int, ...] = ()
     prompt_targets: tuple[int, ...] = ()
+    cached_k_slots: list[int] = field(default_factory=list)
+    cached_v_slots: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

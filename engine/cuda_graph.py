@@ -185,11 +185,12 @@ class DecodeGraphs:
 
     def accepts(self, chunks: Sequence[ScheduledChunk]) -> bool:
         """Whether the step is a decode this path runs: every chunk one token that samples,
-        at most one adapter per row (no mixture), and no more rows than the largest size."""
+        at most one adapter per row (no mixture), no cached blocks to record in the page
+        tables, and no more rows than the largest size."""
         if not chunks or len(chunks) > self.max_size:
             return False
         for c in chunks:
-            if c.num_tokens != 1 or not c.sample or c.prompt_targets:
+            if c.num_tokens != 1 or not c.sample or c.prompt_targets or c.cached_k_slots:
                 return False
             if len(c.adapter_slots) > 1 or any(w != 1.0 for w in c.adapter_weights):
                 return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -76,8 +77,11 @@ class LLMEngine:
                 self.weights.unquantized_bytes / 2**20,
                 self.freed_pages,
             )
-        self.kv_cache = KVCache(self.pool)
+        cache = config.cache
+        self.kv_cache = KVCache(self.pool, cache.block_size, cache.enable_prefix_caching)
         self.adapters = self._adapter_manager(config.lora)
+        # Adapters and unused cached blocks are reclaimed in one least-recently-used order.
+        self.adapters.residency.spare = self.kv_cache.prefix
         self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
         self.scheduler = Scheduler(
             config.scheduler, self.kv_cache, self.eos_token_ids, self.adapters
@@ -336,12 +340,15 @@ class LLMEngine:
         # atomic, and a snapshot may lag a step).
         residency = self.adapters.residency
         prefetch = self.adapters.prefetcher.stats
+        prefix = self.kv_cache.prefix
+        cached_pages = self.kv_cache.num_cached_pages
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
             num_pages=self.pool.num_pages,
             free_pages=self.pool.num_free,
-            kv_pages=self.pool.num_used(Tenant.KV),
+            # Live keys and values; unused cached blocks are counted apart (cached_pages).
+            kv_pages=self.pool.num_used(Tenant.KV) - cached_pages,
             adapter_pages=self.pool.num_used(Tenant.ADAPTER),
             resident_adapters=residency.num_placed - residency.num_evicted,
             loaded_adapters=len(self.adapters.registry),
@@ -359,6 +366,11 @@ class LLMEngine:
             unquantized_weight_bytes=self.weights.unquantized_bytes,
             quantized_bits_per_param=self.weights.bits_per_param,
             quantization_freed_pages=self.freed_pages,
+            prefix_cache_queries=0 if prefix is None else prefix.queries,
+            prefix_cache_hits=0 if prefix is None else prefix.hits,
+            cached_pages=cached_pages,
+            cached_pages_by_adapter={} if prefix is None else _snapshot(prefix.pages_by_label),
+            adapter_versions={e.name: e.version for e in self.adapters.registry.entries()},
         )
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -412,11 +424,13 @@ class LLMEngine:
             text=request.detokenizer.released_text if finished else "",
             token_ids=list(request.output_token_ids) if finished else [],
             logprobs=None if logprobs is None or not finished else list(logprobs),
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     def check_integrity(self) -> None:
         """Assert the page pool's invariants across both tenants, and the adapter pins."""
         self.pool.check_integrity()
+        self.kv_cache.check_integrity()
         assert self.kv_cache.num_requests() <= len(self.scheduler.running)
         pins: dict[int, int] = {}
         for request in self.scheduler.running:
@@ -428,3 +442,13 @@ class LLMEngine:
             resident = residency.get(adapter_id)
             assert resident is not None and resident.pins == count, "adapter pins drifted"
         assert sum(r.pins for r in residency.residents()) == sum(pins.values())
+
+
+def _snapshot(counts: Mapping[str, int]) -> dict[str, int]:
+    """A copy of a dict the engine thread may be changing (for stats from another thread)."""
+    for _ in range(8):
+        try:
+            return dict(counts)
+        except RuntimeError:  # changed size during the copy
+            continue
+    return {}

@@ -153,13 +153,25 @@ class ModelRunner:
         new_k: list[int] = []
         new_v: list[int] = []
         table_index: list[int] = []  # flat (row, position) entries of the page tables
+        # Pages that the tables record beside the new tokens' own: a request starting on
+        # cached blocks records theirs at its first chunk.
+        cached = any(c.cached_k_slots for c in chunks)
+        table_k: list[int] = []  # with ``cached``: the K page of every table_index entry
+        table_v: list[int] = []
         last_rows: list[int] = []
         for c, row in zip(chunks, rows, strict=True):
             ids.extend(c.token_ids)
             span = range(c.start_pos, c.seq_len)
             positions.extend(span)
             base = row * max_len
+            if c.cached_k_slots:  # positions 0 .. start_pos - 1 come from the prefix cache
+                table_index.extend(range(base, base + c.start_pos))
+                table_k.extend(c.cached_k_slots)
+                table_v.extend(c.cached_v_slots)
             table_index.extend(range(base + c.start_pos, base + c.seq_len))
+            if cached:
+                table_k.extend(c.new_k_slots)
+                table_v.extend(c.new_v_slots)
             new_k.extend(c.new_k_slots)
             new_v.extend(c.new_v_slots)
             if c.sample:
@@ -183,11 +195,16 @@ class ModelRunner:
                 cu_seqlens,
                 [c.seq_len for c in prefills],
                 last_rows,
+                *([table_k, table_v] if cached else []),
                 *passes,
             ]
         )
         (ids_t, pos_t, k_t, v_t, index_t, rows_t, d_lens, cu_t, p_lens, last_t) = views[:10]
-        self.slot_tables.write(index_t, k_t, v_t)
+        if cached:
+            self.slot_tables.write(index_t, views[10], views[11])
+            views = views[:10] + views[12:]
+        else:
+            self.slot_tables.write(index_t, k_t, v_t)
         decode_k, decode_v = self.slot_tables.gather(
             rows_t[:nd], max((c.seq_len for c in decodes), default=0)
         )

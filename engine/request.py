@@ -49,6 +49,11 @@ class Request:
         prompt_logprobs: per prompt token (None for the first), when asked for.
         num_reported: how many output tokens earlier outputs carried (the next delta starts
             there).
+        num_cached_tokens: prompt tokens reused from the prefix cache at its first admission.
+        block_keys: the prefix cache's chain keys of its first full blocks, as far as computed.
+        just_admitted: admitted (or readmitted) and not yet scheduled a chunk: its first chunk
+            carries the pages of the tokens it starts with (from the prefix cache) and, with
+            penalties, the tokens it generated before.
     """
 
     request_id: str
@@ -70,6 +75,9 @@ class Request:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_reported: int = 0  # output tokens already sent in a RequestOutput
+    num_cached_tokens: int | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    just_admitted: bool = False
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:

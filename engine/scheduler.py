@@ -13,13 +13,16 @@ The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
     2. If nothing was preempted, admit waiting requests first-come-first-served while the
        budget, ``max_num_seqs`` and the pages allow. A request's adapter must be resident
        first: the pages it needs count against the pool like the KV cache's (evicting
-       unused adapters when needed). A request whose adapter is still loading from disk is
-       passed over, not waited for, so requests behind it still run.
+       unused adapters and cached blocks when needed). A request whose adapter is still
+       loading from disk is passed over, not waited for, so requests behind it still run.
+       With prefix caching, an admitted request starts on the cached blocks of its longest
+       cached prefix (under its adapter's identity) and computes only the rest.
     3. Place the adapters of the next waiting requests into free pages (prefetch), so they
        are resident by the time they are admitted.
 
 Placing an adapter is bookkeeping here: the step's output carries the placements, and the
-runner copies the weights into the pool before its forward.
+runner copies the weights into the pool before its forward. After the step, :meth:`update`
+offers the prefix cache every block the step filled.
 
 There are no prefill and decode phases: both share one budget in one batch. A request
 whose chunk reaches its last token samples one new token in :meth:`update`.
@@ -36,6 +39,7 @@ from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.config import SchedulerConfig
 from engine.kv_cache import KVCache
 from engine.page_pool import OutOfPages
+from engine.prefix_cache import BASE_ROOT, chain_keys
 from engine.request import Request, RequestStatus
 
 _PREFETCH_AHEAD = 8  # waiting requests whose adapters step 3 copies into free pages
@@ -117,9 +121,14 @@ class Scheduler:
                 continue
             if readiness is Readiness.NO_ROOM:
                 break
-            num_new = min(request.num_tokens, budget)
-            if not self._grow(request, num_new, keep_adapter=True):
+            cached = self._match(request)
+            num_new = min(request.num_tokens - cached, budget)
+            if not self._grow(request, cached + num_new, keep_adapter=True):
+                self.kv_cache.free(request.request_id)  # lets go of the matched blocks
                 break
+            self._count_lookup(request, cached)
+            request.num_computed_tokens = cached
+            request.just_admitted = True
             self.waiting.remove(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -130,6 +139,61 @@ class Scheduler:
             chunks[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _root(self, request: Request) -> bytes | None:
+        """The root of the request's chain keys; None when it must not use the cache (no
+        prefix cache; it wants every prompt token's log-probability; an adapter without an
+        identity)."""
+        if self.kv_cache.prefix is None or request.params.prompt_logprobs is not None:
+            return None
+        if request.adapter is None:
+            return BASE_ROOT
+        return request.adapter.identity or None
+
+    def _keys(self, request: Request, root: bytes, num_blocks: int) -> list[bytes]:
+        return chain_keys(
+            request.block_keys, root, request.token_ids, num_blocks, self.kv_cache.block_size
+        )
+
+    def _adapter_ids(self, request: Request) -> tuple[int, ...]:
+        if request.adapter is None or self.adapters is None:
+            return ()
+        return tuple(self.adapters.ids(request.adapter))
+
+    def _match(self, request: Request) -> int:
+        """Start the request on its longest cached prefix; returns the tokens it covers
+        (whole blocks, and never the last token, which must be computed to sample)."""
+        root = self._root(request)
+        if root is None:
+            return 0
+        num_blocks = (request.num_tokens - 1) // self.kv_cache.block_size
+        keys = self._keys(request, root, num_blocks)
+        return self.kv_cache.match(request.request_id, keys, self._adapter_ids(request))
+
+    def _count_lookup(self, request: Request, cached: int) -> None:
+        prefix = self.kv_cache.prefix
+        if prefix is None or self._root(request) is None:
+            return
+        prefix.queries += request.num_tokens
+        prefix.hits += cached
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = min(cached, len(request.prompt_token_ids))
+
+    def _commit(self, request: Request) -> None:
+        """Offer the prefix cache the blocks the request's computed tokens fill."""
+        root = self._root(request)
+        if root is None:
+            return
+        num_blocks = request.num_computed_tokens // self.kv_cache.block_size
+        keys = self._keys(request, root, num_blocks)
+        label = request.adapter.name if request.adapter is not None else ""
+        self.kv_cache.commit(
+            request.request_id,
+            keys,
+            request.num_computed_tokens,
+            self._adapter_ids(request),
+            label,
+        )
 
     def _adapter_readiness(self, request: Request) -> Readiness | None:
         """Make the request's adapter resident if it can be; None for base-model requests."""
@@ -159,10 +223,15 @@ class Scheduler:
             self.kv_cache.grow(request.request_id, num_tokens)
             return True
         except OutOfPages as e:
+            # Unused adapters and unused cached blocks, least recently used first.
             if self.adapters is None:
-                return False
-            keep = self.adapters.ids(request.adapter) if keep_adapter and request.adapter else []
-            if not self.adapters.residency.reclaim(e.requested, keep=keep):
+                reclaimed = self.kv_cache.reclaim(e.requested)
+            else:
+                keep = (
+                    self.adapters.ids(request.adapter) if keep_adapter and request.adapter else []
+                )
+                reclaimed = self.adapters.residency.reclaim(e.requested, keep=keep)
+            if not reclaimed:
                 return False
         self.kv_cache.grow(request.request_id, num_tokens)
         return True
@@ -193,6 +262,11 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         k_slots, v_slots = self.kv_cache.slots(request.request_id, start, end)
+        first, request.just_admitted = request.just_admitted, False
+        cached_k: list[int] = []
+        cached_v: list[int] = []
+        if first and start:
+            cached_k, cached_v = self.kv_cache.slots(request.request_id, 0, start)
         slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
         if request.adapter is not None and self.adapters is not None:
             slots = self.adapters.slots(request.adapter)
@@ -212,9 +286,11 @@ class Scheduler:
             # The runner keeps penalty counts from step to step: it needs the history only
             # on the first chunk after (re)admission.
             output_token_ids=(
-                tuple(request.output_token_ids) if request.params.penalized and start == 0 else ()
+                tuple(request.output_token_ids) if request.params.penalized and first else ()
             ),
             prompt_targets=self._prompt_targets(request, start, end),
+            cached_k_slots=cached_k,
+            cached_v_slots=cached_v,
         )
 
     @staticmethod
@@ -247,6 +323,7 @@ class Scheduler:
         for chunk in output.chunks:
             request = requests[chunk.request_id]
             request.num_computed_tokens += chunk.num_tokens
+            self._commit(request)
             result = results.get(chunk.request_id, ChunkResult())
             if request.prompt_logprobs is not None:
                 for i, entry in enumerate(result.prompt_logprobs):

@@ -7,8 +7,11 @@ load, even of the same files). The identity here is the name plus a digest of th
 every module's layer, target, A, B and scaling, which is all the ``adapter_config.json``
 decides about what a LoRA adapter computes (its rank is A's shape; alpha, rsLoRA and the
 patterns end up in the scalings; ``target_modules`` and ``layers_to_transform`` in which
-modules exist). A mixture's identity is its name and its components' identities with their
-weights, so it never shares with a component, nor with another mixture of other weights.
+modules exist), and the version of the name (each load of a name is a new version), so that
+nothing cached under one version is reused by the next, even when a replacement happens to
+carry the same weights. A mixture's identity is its name, version and its components'
+identities with their weights, so it never shares with a component, nor with another mixture
+of other weights.
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ def content_digest(modules: Mapping[tuple[int, str], _Module]) -> bytes:
     return h.digest()
 
 
-def adapter_identity(name: str, digest: bytes) -> bytes:
-    """The identity of an adapter named ``name`` whose content hashes to ``digest``."""
-    return _hash(b"adapter", name.encode(), digest)
+def adapter_identity(name: str, version: int, digest: bytes) -> bytes:
+    """The identity of version ``version`` of ``name``, whose content hashes to ``digest``."""
+    return _hash(b"adapter", name.encode(), struct.pack("<q", version), digest)
 
 
-def mixture_identity(name: str, components: Iterable[tuple[bytes, float]]) -> bytes:
-    """The identity of a mixture: its name, each component's identity and weight, in order."""
-    parts = [b"mixture", name.encode()]
+def mixture_identity(name: str, version: int, components: Iterable[tuple[bytes, float]]) -> bytes:
+    """The identity of a mixture: its name and version, each component's identity and
+    weight, in order."""
+    parts = [b"mixture", name.encode(), struct.pack("<q", version)]
     for identity, weight in components:
         parts += [identity, struct.pack("<d", weight)]
     return _hash(*parts)

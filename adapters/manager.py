@@ -43,7 +43,7 @@ from pathlib import Path
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
-from adapters.identity import adapter_identity, content_digest, mixture_identity
+from adapters.identity import content_digest
 from adapters.loader import LoraAdapterWeights, load_lora_adapter
 from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
@@ -113,15 +113,13 @@ class AdapterManager:
         """
         weights = self.source(path)
         self._check_fits(weights)
-        digest = content_digest(weights.modules)
         entry, old = self.registry.register(
             name,
             path,
             weights.max_rank,
             weights.nbytes,
             replace=replace,
-            digest=digest,
-            identity=adapter_identity(name, digest),
+            digest=content_digest(weights.modules),
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
@@ -146,7 +144,6 @@ class AdapterManager:
                 f"{self.max_lora_rank}",
             )
         self._check_fits(weights)
-        digest = content_digest(weights.modules)
         entry, old = self.registry.register(
             name,
             None,
@@ -154,8 +151,7 @@ class AdapterManager:
             weights.nbytes,
             replace=replace,
             weights=weights,
-            digest=digest,
-            identity=adapter_identity(name, digest),
+            digest=content_digest(weights.modules),
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
@@ -207,7 +203,6 @@ class AdapterManager:
             sum(e.nbytes for e, _ in entries),
             replace=replace,
             components=tuple(entries),
-            identity=mixture_identity(name, [(e.identity, w) for e, w in entries]),
         )
         for entry, _ in entries:  # the mixture keeps its components alive
             self.acquire(entry)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import AdapterError
+from adapters.identity import adapter_identity, mixture_identity
 from adapters.loader import LoraAdapterWeights
 
 
@@ -37,9 +38,8 @@ class AdapterEntry:
         unloading: unregistered, waiting for ``refs`` to drain.
         digest: a hash of what its weights compute (``adapters.identity.content_digest``;
             empty for a mixture).
-        identity: its name and content together (``adapters.identity``): what the prefix
-            cache keys on, so two entries share cached prompts only when they compute the
-            same thing under the same name.
+        identity: its name, version and content together (``adapters.identity``): what
+            the prefix cache keys on, so nothing cached for one entry is reused by another.
         version: 1 for the first load of a name, one more with each load of the same name
             since (a replacement, or a load after an unload): counted for the server's life.
     """
@@ -82,7 +82,6 @@ class AdapterRegistry:
         weights: LoraAdapterWeights | None = None,
         components: tuple[tuple[AdapterEntry, float], ...] = (),
         digest: bytes = b"",
-        identity: bytes = b"",
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -95,6 +94,12 @@ class AdapterRegistry:
                 raise AdapterError(
                     "adapter_already_loaded", f"an adapter named {name!r} is already loaded"
                 )
+            version = self._versions.get(name, 0) + 1
+            if components:
+                parts = [(part.identity, weight) for part, weight in components]
+                identity = mixture_identity(name, version, parts)
+            else:
+                identity = adapter_identity(name, version, digest)
             entry = AdapterEntry(
                 next(self._ids),
                 name,
@@ -105,7 +110,7 @@ class AdapterRegistry:
                 components=components,
                 digest=digest,
                 identity=identity,
-                version=self._versions.get(name, 0) + 1,
+                version=version,
             )
             self._versions[name] = entry.version
             self._by_name[name] = entry

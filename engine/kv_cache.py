@@ -90,6 +90,10 @@ class KVCache:
                 self._blocks.setdefault(request_id, []).append(block)
         self._offered[request_id] = max(start, end)
 
+    def num_offered(self, request_id: str) -> int:
+        """The request's leading blocks already matched or offered to the cache."""
+        return self._offered.get(request_id, 0)
+
     def free(self, request_id: str) -> None:
         """Drop every page reference of the request (no-op if it holds none)."""
         pages = self._pages.pop(request_id, None)

@@ -181,10 +181,10 @@ class Scheduler:
 
     def _commit(self, request: Request) -> None:
         """Offer the prefix cache the blocks the request's computed tokens fill."""
-        root = self._root(request)
-        if root is None:
-            return
         num_blocks = request.num_computed_tokens // self.kv_cache.block_size
+        root = self._root(request)
+        if root is None or num_blocks <= self.kv_cache.num_offered(request.request_id):
+            return  # (most steps: a decode that fills no block)
         keys = self._keys(request, root, num_blocks)
         label = request.adapter.name if request.adapter is not None else ""
         self.kv_cache.commit(

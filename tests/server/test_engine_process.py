@@ -234,6 +234,8 @@ def test_streams_concatenate_to_the_text(server: ServeProcess) -> None:
     parts = list(chat)
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "ABC"
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
+    details = parts[-1].usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == 0  # shorter than a block
 
 
 def test_text_and_stop_strings_are_rendered_in_the_api_process(

@@ -1,4 +1,4 @@
-"""The adapter routes' work on the engine side: merge, export and the composition jobs.
+"""The adapter routes' work on the engine side: loads, merge, export and the composition jobs.
 
 Both forms of the server run these next to the :class:`~engine.LLMEngine`: the in-process
 server from its worker threads, the engine process from its own (the routes reach them
@@ -22,6 +22,21 @@ from engine.config import DTYPES
 from engine.export import write_merged
 from engine.llm_engine import LLMEngine
 from server.errors import APIError
+
+
+def load_adapter(engine: LLMEngine, name: str, path: Path, replace: bool) -> int:
+    """Load (or, with ``replace``, swap in) a PEFT adapter; returns the version now served.
+
+    The routes serialize loads and unloads, so the entry read back is the one just
+    registered.
+    """
+    engine.load_lora(name, path, replace)
+    return engine.adapters.get(name).version
+
+
+def adapter_versions(engine: LLMEngine) -> dict[str, int]:
+    """Every registered name (temporary ``_`` ones included) and its version."""
+    return {e.name: e.version for e in engine.adapters.registry.entries()}
 
 
 def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path | None) -> int:

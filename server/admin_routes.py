@@ -3,6 +3,10 @@
 Registered only when an admin key is set or runtime loading was enabled by flag (otherwise
 they do not exist: 404). Loads and unloads are serialized; a load validates the adapter
 fully, in a worker thread (of the engine's process), before its name becomes servable.
+``replace`` (or vLLM's ``load_inplace``) swaps a loaded name's weights: requests already
+running finish on the old ones, later ones get the new. Every load of a name is its next
+version (1, 2, ... over the server's life, whether the name was replaced or unloaded in
+between), which the response and ``/v1/models`` report.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def admin_router(state: ServerState) -> APIRouter:
     config = state.config
 
     @router.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> dict[str, str]:
+    async def load_lora_adapter(request: Request) -> dict[str, str | int]:
         require_admin(config, request.headers.raw)
         body = parse_body(await read_body(request, config.max_request_bytes), LoadLoraRequest)
         if body.lora_name == config.model_name:
@@ -39,13 +43,18 @@ def admin_router(state: ServerState) -> APIRouter:
         async with state.admin_lock:
             started = time.monotonic()
             try:
-                await state.handle.load_lora(body.lora_name, path, body.replace)
+                version = await state.handle.load_lora(body.lora_name, path, body.in_place)
             except AdapterError as e:
                 param = "lora_name" if e.code == "adapter_already_loaded" else "lora_path"
                 raise from_adapter_error(e, param) from None
             state.metrics.adapter_api_seconds.observe(time.monotonic() - started)
-        logger.info("loaded adapter %s", body.lora_name)
-        return {"status": "ok", "lora_name": body.lora_name}
+        logger.info("loaded adapter %s version %d", body.lora_name, version)
+        return {
+            "status": "ok",
+            "lora_name": body.lora_name,
+            "version": version,
+            "message": f"loaded adapter {body.lora_name} version {version}",
+        }
 
     @router.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> dict[str, str]:

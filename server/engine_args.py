@@ -38,6 +38,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "at start-up by default)",
     )
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the keys and values of a prompt's leading blocks computed before under "
+        "the same adapter (on by default)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=_positive,
+        default=16,
+        metavar="N",
+        help="tokens per prefix-cache block: what is hashed and reused as one",
+    )
+    parser.add_argument(
         "--cuda-graph-sizes",
         type=_sizes,
         default=(),
@@ -68,6 +82,8 @@ def engine_config(
         max_loras=args.max_loras,
         enforce_eager=args.enforce_eager,
         cuda_graph_sizes=args.cuda_graph_sizes,
+        enable_prefix_caching=args.enable_prefix_caching,
+        block_size=args.block_size,
         seed=seed,
     )
 
@@ -80,3 +96,13 @@ def _sizes(text: str) -> tuple[int, ...]:
     if not sizes or any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError("batch sizes must be positive integers")
     return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value

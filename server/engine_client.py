@@ -513,12 +513,12 @@ class RemoteEngine:
     async def check_integrity(self) -> None:
         await self.bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
 
-    async def adapter_names(self) -> list[str]:
-        return await self.bridge.call(ListAdapters, list[str], QUICK_CALL_S)  # type: ignore[arg-type]
+    async def adapter_versions(self) -> dict[str, int]:
+        return await self.bridge.call(ListAdapters, dict[str, int], QUICK_CALL_S)  # type: ignore[arg-type]
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> None:
+    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
         make = lambda cid: LoadLora(cid, name, str(path), replace)  # noqa: E731
-        await self.bridge.call(make, type(None), SLOW_CALL_S)
+        return await self.bridge.call(make, int, SLOW_CALL_S)
 
     async def unload_lora(self, name: str) -> None:
         await self.bridge.call(lambda cid: UnloadLora(cid, name), type(None), QUICK_CALL_S)

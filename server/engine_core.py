@@ -47,7 +47,13 @@ from adapters.errors import AdapterError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.scoring import SCORING_PARAMS
-from server.adapter_ops import ComposeJobs, export_adapter, merge_adapter
+from server.adapter_ops import (
+    ComposeJobs,
+    adapter_versions,
+    export_adapter,
+    load_adapter,
+    merge_adapter,
+)
 from server.engine_protocol import (
     Abort,
     AddRequests,
@@ -350,7 +356,7 @@ class EngineCore:
         elif isinstance(message, LoadLora):
             self._in_worker(
                 message.call_id,
-                lambda: engine.load_lora(message.name, message.path, message.replace),
+                lambda: load_adapter(engine, message.name, Path(message.path), message.replace),
             )
         elif isinstance(message, UnloadLora):
             self._answer(message.call_id, lambda: engine.unload_lora(message.name))
@@ -379,7 +385,7 @@ class EngineCore:
                 ),
             )
         elif isinstance(message, ListAdapters):
-            self._answer(message.call_id, lambda: list(engine.adapters.registry.names()))
+            self._answer(message.call_id, lambda: adapter_versions(engine))
         elif isinstance(message, GetStats):
             self._answer(message.call_id, engine.stats)
         elif isinstance(message, CheckIntegrity):

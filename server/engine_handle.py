@@ -21,7 +21,13 @@ from engine.composition import RunBatch
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.scoring import SCORING_PARAMS
-from server.adapter_ops import ComposeJobs, export_adapter, merge_adapter
+from server.adapter_ops import (
+    ComposeJobs,
+    adapter_versions,
+    export_adapter,
+    load_adapter,
+    merge_adapter,
+)
 from server.bridge import BridgeBase
 from server.request_group import RequestGroup
 
@@ -42,11 +48,13 @@ class EngineHandle(Protocol):
     async def refresh_stats(self) -> None:
         """Bring :meth:`stats` up to date (a scrape awaits it)."""
 
-    async def adapter_names(self) -> list[str]:
-        """Every registered name, temporary ``_`` ones included."""
+    async def adapter_versions(self) -> dict[str, int]:
+        """Every registered name (temporary ``_`` ones included) and its version."""
         ...
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> None: ...
+    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
+        """Load ``name`` (``replace``: swap a loaded one's weights); returns its version."""
+        ...
 
     async def unload_lora(self, name: str) -> None: ...
 
@@ -93,11 +101,11 @@ class LocalEngine:
     async def refresh_stats(self) -> None:
         pass  # stats() reads the engine itself
 
-    async def adapter_names(self) -> list[str]:
-        return list(self.engine.adapters.registry.names())
+    async def adapter_versions(self) -> dict[str, int]:
+        return adapter_versions(self.engine)
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> None:
-        await asyncio.to_thread(self.engine.load_lora, name, path, replace)
+    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
+        return await asyncio.to_thread(load_adapter, self.engine, name, path, replace)
 
     async def unload_lora(self, name: str) -> None:
         self.engine.unload_lora(name)

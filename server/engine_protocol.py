@@ -84,6 +84,8 @@ class Abort(msgspec.Struct, frozen=True, tag="abort"):
 
 
 class LoadLora(msgspec.Struct, frozen=True, tag="load_lora"):
+    """Replies with the version now served under ``name`` (an int)."""
+
     call_id: int
     name: str
     path: str
@@ -140,7 +142,8 @@ class Export(msgspec.Struct, frozen=True, tag="export"):
 
 
 class ListAdapters(msgspec.Struct, frozen=True, tag="list_adapters"):
-    """Replies with the registered names (temporary ``_`` ones included)."""
+    """Replies with every registered name (temporary ``_`` ones included) and its version,
+    as a map."""
 
     call_id: int
 

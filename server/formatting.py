@@ -55,6 +55,7 @@ class Choice:
     text: str = ""
     num_tokens: int = 0
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, from the prefix cache
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -62,13 +63,21 @@ class Choice:
 
 
 def usage(choices: list[Choice], n: int) -> Json:
-    """Token counts; each prompt counts once however many choices share it."""
-    prompt = sum(c.num_prompt_tokens for c in choices if c.index % n == 0)
+    """Token counts; each prompt counts once however many choices share it.
+
+    ``prompt_tokens_details.cached_tokens`` (OpenAI's shape, present even when 0): the
+    prompt tokens whose keys and values came from the prefix cache, counted like the prompt
+    tokens, from each prompt's first choice (so never more than ``prompt_tokens``).
+    """
+    first = [c for c in choices if c.index % n == 0]
+    prompt = sum(c.num_prompt_tokens for c in first)
+    cached = sum(c.num_cached_tokens for c in first)
     completion = sum(c.num_tokens for c in choices)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

@@ -72,6 +72,8 @@ class Generation:
         choice.text += text
         choice.logprobs.extend(entries)
         choice.num_tokens = max(choice.num_tokens, out.num_output_tokens)
+        # Fixed at the first admission; whichever outputs carry it.
+        choice.num_cached_tokens = max(choice.num_cached_tokens, out.num_cached_tokens)
         if out.finished:
             choice.finish_reason = out.finish_reason or "abort"
             choice.error = out.error

@@ -5,8 +5,9 @@ counters held here), and the engine's own counters and gauges, read from
 ``LLMEngine.stats()`` at scrape time (a custom collector, so a scrape costs one snapshot and
 never waits for the engine thread). Each server has its own registry, so several can live in
 one process (tests). Labels stay bounded: ``finished_reason`` has three values, and only the
-first ``max_adapter_labels`` adapter names get a label of their own; later ones share
-``other``.
+first ``max_adapter_labels`` adapter names get a label of their own; later ones (and the
+temporary ``_`` adapters of compositions, one per step) share ``other``. The same names keep
+their labels in every family that has an ``adapter`` label.
 """
 
 from __future__ import annotations
@@ -76,10 +77,16 @@ _E2E_BUCKETS = (
 
 
 class _EngineCollector(Collector):
-    """The engine's snapshot as Prometheus families, built at each scrape."""
+    """The engine's snapshot as Prometheus families, built at each scrape.
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    Args:
+        stats: reads the snapshot.
+        own_label: whether an adapter name gets a label of its own (else it is ``other``).
+    """
+
+    def __init__(self, stats: Callable[[], EngineStats], own_label: Callable[[str], bool]) -> None:
         self._stats = stats
+        self._own_label = own_label
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -109,8 +116,10 @@ class _EngineCollector(Collector):
         pages = GaugeMetricFamily(P + "pool_pages", "Pool pages by tenant.", labels=["tenant"])
         pages.add_metric(["kv"], s.kv_pages)
         pages.add_metric(["adapter"], s.adapter_pages)
+        pages.add_metric(["cached"], s.cached_pages)  # kv + adapter + cached + free = all
         pages.add_metric(["free"], s.free_pages)
         yield pages
+        yield from self._adapter_families(s)
         counters = {
             "num_preemptions": ("Preemptions (recompute).", s.num_preemptions),
             "prompt_tokens": ("Prompt tokens admitted.", s.prompt_tokens),
@@ -122,9 +131,48 @@ class _EngineCollector(Collector):
             "adapter_load_seconds": ("Time spent loading adapters.", s.adapter_load_seconds),
             "engine_steps": ("Engine steps.", s.num_steps),
             "engine_failed_steps": ("Engine steps that failed.", s.num_failed_steps),
+            "prefix_cache_queries": (
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            "prefix_cache_hits": (
+                "Prompt tokens found in the prefix cache (their keys and values reused).",
+                s.prefix_cache_hits,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(P + name, doc, value=value)
+
+    def _adapter_families(self, s: EngineStats) -> Iterator[Metric]:
+        """Gauges labelled by adapter: cached prefix pages and versions."""
+        pages: dict[str, int] = {}
+        for name, num_pages in sorted(s.cached_pages_by_adapter.items()):
+            label = "base" if name == "" else self._label(name)
+            # Summed: "other" holds the rest (and an adapter named "base" would share the
+            # base model's label), so no label ever has two samples.
+            pages[label] = pages.get(label, 0) + num_pages
+        family = GaugeMetricFamily(
+            P + "prefix_cache_pages",
+            "Pages the prefix cache holds, by the adapter that computed them (base: none).",
+            labels=["adapter"],
+        )
+        for label, num_pages in pages.items():
+            family.add_metric([label], num_pages)
+        yield family
+        # A version is one adapter's: names without a label of their own are left out (a
+        # sum or maximum of versions under "other" would mean nothing).
+        family = GaugeMetricFamily(
+            P + "lora_adapter_version",
+            "The version each adapter serves (its name's load count, replacements included).",
+            labels=["adapter"],
+        )
+        for name, version in sorted(s.adapter_versions.items()):
+            if self._own_label(name):
+                family.add_metric([name], version)
+        yield family
+
+    def _label(self, name: str) -> str:
+        return name if self._own_label(name) else "other"
 
 
 class ServerMetrics:
@@ -134,6 +182,9 @@ class ServerMetrics:
         self, stats: Callable[[], EngineStats] | None, max_adapter_labels: int = 32
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()
+        self._lock = threading.Lock()
         if stats is not None:
             self.watch_engine(stats)
         r = self.registry
@@ -185,13 +236,10 @@ class ServerMetrics:
             ["status"],
             registry=r,
         )
-        self._max_adapter_labels = max_adapter_labels
-        self._adapter_labels: set[str] = set()
-        self._lock = threading.Lock()
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's snapshot, read through ``stats`` at each scrape."""
-        self.registry.register(_EngineCollector(stats))
+        self.registry.register(_EngineCollector(stats, self._own_label))
 
     def first_token(self, ttft_s: float, queue_s: float) -> None:
         self.ttft.observe(ttft_s)
@@ -207,13 +255,19 @@ class ServerMetrics:
             self.adapter_requests.labels(self._adapter_label(adapter)).inc()
 
     def _adapter_label(self, name: str) -> str:
+        return name if self._own_label(name) else "other"
+
+    def _own_label(self, name: str) -> bool:
+        """Whether ``name`` has (or, while labels remain, now gets) a label of its own."""
+        if name.startswith("_"):
+            return False  # temporary: clients never name it, and there is one per step
         with self._lock:
             if name in self._adapter_labels:
-                return name
+                return True
             if len(self._adapter_labels) < self._max_adapter_labels:
                 self._adapter_labels.add(name)
-                return name
-        return "other"
+                return True
+        return False
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

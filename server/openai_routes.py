@@ -78,6 +78,7 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
+        """The base (``parent: null``) and every adapter, with the version it serves."""
         created = int(time.time())
         base = config.model_name
         max_len = state.handle.max_model_len
@@ -93,8 +94,11 @@ def openai_router(state: ServerState) -> APIRouter:
                 "max_model_len": max_len,
             }
 
-        names = [n for n in await state.handle.adapter_names() if not n.startswith("_")]
-        return {"object": "list", "data": [card(base, None)] + [card(n, base) for n in names]}
+        data = [card(base, None)]
+        for name, version in (await state.handle.adapter_versions()).items():
+            if not name.startswith("_"):  # temporary adapters (compositions) stay unlisted
+                data.append(card(name, base) | {"version": version})
+        return {"object": "list", "data": data}
 
     return router
 

@@ -198,11 +198,20 @@ _ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 
 
 class LoadLoraRequest(_Strict):
-    """``POST /v1/load_lora_adapter`` (vLLM's route and fields)."""
+    """``POST /v1/load_lora_adapter`` (vLLM's route and fields).
+
+    ``replace`` and vLLM's spelling ``load_inplace`` mean the same: a name already loaded
+    gets the new weights as its next version (without either, it is a 409).
+    """
 
     lora_name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
     lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
     replace: bool = False
+    load_inplace: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        return self.replace or self.load_inplace
 
 
 class UnloadLoraRequest(_Strict):

@@ -205,6 +205,50 @@ def test_name_conflict_and_replace(server: Served) -> None:
     assert_good(server)
 
 
+def versions(served: Served) -> dict[str, int]:
+    """``/v1/models`` as adapter name → version (the base's card carries none)."""
+    cards = [c.to_dict() for c in served.openai().models.list().data]
+    assert [c["id"] for c in cards if c["parent"] is None] == [BASE]
+    assert all("version" not in c for c in cards if c["parent"] is None)
+    return {c["id"]: c["version"] for c in cards if c["parent"] is not None}
+
+
+def test_versions_count_every_load_of_a_name(server: Served) -> None:
+    """``replace`` and vLLM's ``load_inplace`` both swap a loaded name's weights as its next
+    version; the response and /v1/models say which; unloading and loading again continues
+    the count; replacing a name not loaded simply loads it."""
+    first = load(server, "ver", "upper")
+    assert first.status_code == 200, first.text
+    assert first.json()["version"] == 1 and "version 1" in first.json()["message"]
+    assert versions(server)["ver"] == 1
+    with server.http() as http:
+        body = {"lora_name": "ver", "lora_path": "swapcase", "load_inplace": True}
+        second = http.post("/v1/load_lora_adapter", json=body)
+    assert second.status_code == 200, second.text
+    assert second.json()["version"] == 2 and "version 2" in second.json()["message"]
+    assert versions(server)["ver"] == 2
+    assert complete(server.openai(), "ver", "Name") == "nAME"  # the new weights
+    assert_error(load(server, "ver", "upper"), 409, "adapter_already_loaded", "lora_name")
+    assert versions(server)["ver"] == 2  # a refused load is no version
+    assert unload(server, "ver").status_code == 200
+    assert "ver" not in versions(server)
+    third = load(server, "ver", "upper", replace=True)  # nothing to replace: a load
+    assert third.status_code == 200 and third.json()["version"] == 3, third.text
+    assert versions(server)["ver"] == 3
+    assert complete(server.openai(), "ver", "Name") == "NAME"
+    assert unload(server, "ver").status_code == 200
+    server.wait_idle()
+    assert_good(server)
+
+
+def test_load_inplace_must_be_a_boolean(server: Served) -> None:
+    with server.http() as http:
+        body = {"lora_name": "x", "lora_path": "upper", "load_inplace": "yes"}
+        response = http.post("/v1/load_lora_adapter", json=body)
+        assert_error(response, 400, "invalid_value", "load_inplace")
+    assert_good(server)
+
+
 def test_unload_unknown_is_404(server: Served) -> None:
     assert_error(unload(server, "never-loaded"), 404, "model_not_found", "lora_name")
     assert_good(server)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from engine.config import DEMO_DIR
+from engine.config import DEMO_DIR, EngineConfig
 from server.cli import main
 from server.engine_args import engine_config
-from server.serve import DEMO_MODEL_NAME, server_config
+from server.engine_core import build_from_spec
+from server.engine_protocol import HEADER_BYTES, Hello, decode_to_engine, frame
+from server.serve import DEMO_MODEL_NAME, engine_spec, server_config
 from server.serve_args import add_serve_args
 
 
@@ -78,3 +81,49 @@ def test_graph_flags_reach_the_engine_config() -> None:
     assert config.graphs.mode == "eager" and config.graphs.sizes == (1, 4, 8)
     with pytest.raises(SystemExit):
         parse("--cuda-graph-sizes", "4,zero")
+
+
+def test_prefix_cache_flags_reach_the_engine_config() -> None:
+    default = engine_config(parse("--num-pages", "64"), None).cache
+    assert default.enable_prefix_caching and default.block_size == 16
+    args = parse("--no-enable-prefix-caching", "--block-size", "32", "--num-pages", "64")
+    cache = engine_config(args, None).cache
+    assert not cache.enable_prefix_caching and cache.block_size == 32
+    assert engine_config(parse("--enable-prefix-caching"), None).cache.enable_prefix_caching
+    for bad in ("0", "-16", "x"):
+        with pytest.raises(SystemExit):
+            parse("--block-size", bad)
+
+
+def test_prefix_cache_flags_reach_the_engine_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flags travel in the EngineSpec (encoded, decoded) and the engine process builds its
+    config from them, as ``--enforce-eager`` does."""
+    import server.serve
+
+    monkeypatch.setattr(server.serve, "LLMEngine", lambda config: config)  # no model built
+    args = parse("--no-enable-prefix-caching", "--block-size", "8", "--num-pages", "64")
+    spec = engine_spec(args, [])
+    hello = decode_to_engine(frame(Hello("token", spec))[HEADER_BYTES:])
+    assert isinstance(hello, Hello)
+    config: Any = build_from_spec(hello.spec)
+    assert isinstance(config, EngineConfig)
+    assert not config.cache.enable_prefix_caching and config.cache.block_size == 8
+    assert config.cache.num_pages == 64
+
+
+def test_generate_takes_the_prefix_cache_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.cli
+
+    built: list[EngineConfig] = []
+
+    class FakeLLM:  # records its config; builds no model
+        def __init__(self, config: EngineConfig) -> None:
+            built.append(config)
+
+        def generate(self, prompts: list[str], params: object) -> list[Any]:
+            return [argparse.Namespace(text="", finish_reason="length") for _ in prompts]
+
+    monkeypatch.setattr(server.cli, "LLM", FakeLLM)
+    argv = ["generate", "--no-enable-prefix-caching", "--block-size", "4", "--num-pages", "64"]
+    assert main([*argv, "hi"]) == 0
+    assert not built[0].cache.enable_prefix_caching and built[0].cache.block_size == 4

@@ -43,6 +43,7 @@ from server.engine_protocol import (
     Reply,
     StepOutputs,
     decode_to_api,
+    decode_value,
     frame,
 )
 from tests.server.conftest import (
@@ -233,6 +234,8 @@ def test_streams_concatenate_to_the_text(server: ServeProcess) -> None:
     parts = list(chat)
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == "ABC"
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens > 0
+    details = parts[-1].usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens == 0  # shorter than a block
 
 
 def test_text_and_stop_strings_are_rendered_in_the_api_process(
@@ -284,10 +287,18 @@ def test_load_unload_merge_compose_export(server: ServeProcess) -> None:
     with server.http(headers=ADMIN) as http:
         path = str(demo_adapters("upper")["upper"])
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "up2", "lora_path": path})
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
         assert complete(client, "up2", "mixed") == "MIXED"
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "up2", "lora_path": path})
         assert_error(r, 409, "adapter_already_loaded", "lora_name")
+        # In place, a new version: the reply and /v1/models come from the engine process.
+        swap = str(demo_adapters("swapcase")["swapcase"])
+        body = {"lora_name": "up2", "lora_path": swap, "load_inplace": True}
+        r = http.post("/v1/load_lora_adapter", json=body)
+        assert r.status_code == 200 and r.json()["version"] == 2, r.text
+        cards = {m.id: m.to_dict() for m in client.models.list().data}
+        assert cards["up2"]["version"] == 2 and cards["upper"]["version"] == 1
+        assert complete(client, "up2", "Mixed") == "mIXED"  # the new weights
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"})
         assert r.status_code in (400, 403), r.text
         assert "up2" in {m.id for m in client.models.list().data}
@@ -610,7 +621,7 @@ def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) 
         client.send(CheckIntegrity(4))
         assert client.reply(4).error is None
         client.send(ListAdapters(5))
-        assert bytes(client.reply(5).result)  # ["upper"]
+        assert decode_value(client.reply(5).result, dict[str, int]) == {"upper": 1}
         client.send(GetStats(6))
         assert client.reply(6).error is None
         assert client.receive(lambda m: isinstance(m, Heartbeat), timeout=5)

@@ -73,6 +73,7 @@ OUTPUT = RequestOutput(
     new_logprobs=[TokenLogprob(7, -0.3)],
     logprobs=[TokenLogprob(5, -0.1, [(5, -0.1), (9, -2.5)])],
     prompt_logprobs=[None, TokenLogprob(2, -1.0)],
+    num_cached_tokens=1,
 )
 SPEC = EngineSpec(
     model_dir=None,
@@ -139,6 +140,7 @@ def test_engine_dataclasses_keep_their_types() -> None:
     assert isinstance(decoded, StepOutputs)
     out = decoded.outputs[0]
     assert isinstance(out, RequestOutput) and out == OUTPUT
+    assert out.num_cached_tokens == 1  # what usage.prompt_tokens_details reports
     assert out.logprobs is not None and isinstance(out.logprobs[0], TokenLogprob)
     assert out.logprobs[0].top == [(5, -0.1), (9, -2.5)]
     (payload,) = FrameDecoder().feed(frame(TO_ENGINE[1]))
@@ -148,13 +150,20 @@ def test_engine_dataclasses_keep_their_types() -> None:
     assert isinstance(request.requests[0].params.stop, tuple)
 
 
+def _value(type_name: str, i: int) -> Any:
+    if type_name.startswith("dict"):  # by adapter name ("" = the base model)
+        return {"": i, "upper": i + 1}
+    return i + 0.5 if "float" in type_name else i
+
+
 def test_reply_values_decode_as_the_caller_expects() -> None:
     fields = dataclasses.fields(EngineStats)
-    stats = EngineStats(
-        **{f.name: (i + 0.5 if "float" in str(f.type) else i) for i, f in enumerate(fields)}
-    )
+    stats = EngineStats(**{f.name: _value(str(f.type), i) for i, f in enumerate(fields)})
     assert decode_value(encode_value(stats), EngineStats) == stats
     assert decode_value(encode_value(["a", "b"]), list[str]) == ["a", "b"]
+    versions = {"upper": 3, "swapcase": 1}  # ListAdapters' and LoadLora's replies
+    assert decode_value(encode_value(versions), dict[str, int]) == versions
+    assert decode_value(encode_value(2), int) == 2
     assert decode_value(encode_value(None), type(None)) is None
     with pytest.raises(ProtocolError):
         decode_value(encode_value("twelve"), int)

@@ -32,6 +32,9 @@ def test_completion_response_shape(client: openai.OpenAI) -> None:
     assert out.usage.prompt_tokens == len(b"<s>abc=") - 2  # byte tokens, BOS counts 1
     assert out.usage.completion_tokens == 4  # "ABC" + EOS
     assert out.usage.total_tokens == out.usage.prompt_tokens + 4
+    # Always present (OpenAI's shape); a prompt shorter than a prefix-cache block has none.
+    assert out.usage.prompt_tokens_details is not None
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_length_finish(client: openai.OpenAI) -> None:
@@ -245,6 +248,11 @@ def test_metrics_exposition(demo_server: Served) -> None:
         'loraserve:pool_pages{tenant="kv"}',
         'loraserve:pool_pages{tenant="adapter"}',
         'loraserve:pool_pages{tenant="free"}',
+        'loraserve:pool_pages{tenant="cached"}',
+        "loraserve:prefix_cache_queries_total",
+        "loraserve:prefix_cache_hits_total",
+        "# TYPE loraserve:prefix_cache_pages gauge",
+        "# TYPE loraserve:lora_adapter_version gauge",
         "loraserve:num_resident_adapters",
         "loraserve:adapter_loads_total",
         "loraserve:adapter_evictions_total",

@@ -184,14 +184,18 @@ class LLMEngine:
 
     # -- adapters -------------------------------------------------------------------------
 
-    def load_lora(self, name: str, path: str | Path, replace: bool = False) -> None:
-        """Validate and register a PEFT LoRA adapter under ``name``. Safe from any thread.
+    def load_lora(self, name: str, path: str | Path, replace: bool = False) -> int:
+        """Validate and register a PEFT LoRA adapter under ``name``; returns its version (1
+        for a name's first load, one more with each load since). Safe from any thread.
+
+        With ``replace``, requests already running keep the weights they started with and
+        new ones get these; nothing cached for the old version is reused.
 
         Raises:
             AdapterError: the adapter is invalid (code and message say why) or the name is
                 taken (``adapter_already_loaded``) and ``replace`` is False.
         """
-        self.adapters.load(name, Path(path), replace=replace)
+        return self.adapters.load(name, Path(path), replace=replace).version
 
     def load_lora_weights(
         self, name: str, weights: LoraAdapterWeights, replace: bool = False

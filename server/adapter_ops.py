@@ -25,13 +25,8 @@ from server.errors import APIError
 
 
 def load_adapter(engine: LLMEngine, name: str, path: Path, replace: bool) -> int:
-    """Load (or, with ``replace``, swap in) a PEFT adapter; returns the version now served.
-
-    The routes serialize loads and unloads, so the entry read back is the one just
-    registered.
-    """
-    engine.load_lora(name, path, replace)
-    return engine.adapters.get(name).version
+    """Load (or, with ``replace``, swap in) a PEFT adapter; returns the version now served."""
+    return engine.load_lora(name, path, replace)
 
 
 def adapter_versions(engine: LLMEngine) -> dict[str, int]:

@@ -112,7 +112,7 @@ class AdapterManager:
             AdapterError: the adapter is invalid, or the name is taken.
         """
         weights = self.source(path)
-        self._check_fits(weights)
+        pages = self._check_fits(weights)
         entry, old = self.registry.register(
             name,
             path,
@@ -120,10 +120,10 @@ class AdapterManager:
             weights.nbytes,
             replace=replace,
             digest=content_digest(weights.modules),
+            pages=pages,
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
-        pages = self.cost.pages(weights.modules)
         logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
         return entry
 
@@ -143,7 +143,7 @@ class AdapterManager:
                 f"adapter rank {weights.max_rank} exceeds the server's max_lora_rank "
                 f"{self.max_lora_rank}",
             )
-        self._check_fits(weights)
+        pages = self._check_fits(weights)
         entry, old = self.registry.register(
             name,
             None,
@@ -152,6 +152,7 @@ class AdapterManager:
             replace=replace,
             weights=weights,
             digest=content_digest(weights.modules),
+            pages=pages,
         )
         self.host_cache.put(entry.id, weights)
         self._track(entry, old)
@@ -185,7 +186,7 @@ class AdapterManager:
             if not math.isfinite(weight):
                 raise AdapterError(INVALID_MERGE, f"the weight of {component!r} is not finite")
             entries.append((entry, float(weight)))
-        need = sum(self._pages_for(e) for e, _ in entries)
+        need = sum(e.pages for e, _ in entries)
         if need > self.max_adapter_pages:
             raise AdapterError(
                 "adapter_too_large",
@@ -203,6 +204,7 @@ class AdapterManager:
             sum(e.nbytes for e, _ in entries),
             replace=replace,
             components=tuple(entries),
+            pages=need,
         )
         for entry, _ in entries:  # the mixture keeps its components alive
             self.acquire(entry)
@@ -215,21 +217,17 @@ class AdapterManager:
         cached = self.host_cache.get(entry.id)
         return cached if cached is not None else self._read(entry)
 
-    def _pages_for(self, entry: AdapterEntry) -> int:
-        """Pool pages the adapter takes, 0 while its weights are not in memory (such a
-        component is checked on the engine thread, when it is placed)."""
-        weights = self.host_cache.get(entry.id) or entry.weights
-        return 0 if weights is None else self.cost.pages(weights.modules)
-
-    def _check_fits(self, weights: LoraAdapterWeights) -> None:
+    def _check_fits(self, weights: LoraAdapterWeights) -> int:
         """Refuse an adapter larger than the fixed capacity (the pool's occupancy is the
-        engine thread's business: an adapter that fits waits there for room)."""
+        engine thread's business: an adapter that fits waits there for room); returns the
+        pages it takes."""
         pages = self.cost.pages(weights.modules)
         if pages > self.max_adapter_pages:
             raise AdapterError(
                 "adapter_too_large",
                 f"the adapter needs {pages} pages; an adapter may take {self.max_adapter_pages}",
             )
+        return pages
 
     def _track(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
         with self._lock:

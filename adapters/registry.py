@@ -33,6 +33,7 @@ class AdapterEntry:
             adapter made in memory or a mixture.
         max_rank: the largest rank of any of its modules (a mixture: of its components).
         nbytes: its weights' size.
+        pages: pool pages it takes when resident (a mixture: its components together).
         refs: unfinished requests naming it; it cannot leave the pool while running
             requests use it, nor be forgotten while any do.
         unloading: unregistered, waiting for ``refs`` to drain.
@@ -49,6 +50,7 @@ class AdapterEntry:
     path: Path | None
     max_rank: int
     nbytes: int
+    pages: int = 0
     refs: int = 0
     unloading: bool = False
     error: str | None = field(default=None)
@@ -82,6 +84,7 @@ class AdapterRegistry:
         weights: LoraAdapterWeights | None = None,
         components: tuple[tuple[AdapterEntry, float], ...] = (),
         digest: bytes = b"",
+        pages: int = 0,
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -106,6 +109,7 @@ class AdapterRegistry:
                 path,
                 max_rank,
                 nbytes,
+                pages=pages,
                 weights=weights,
                 components=components,
                 digest=digest,

@@ -246,7 +246,7 @@ class LLMEngine:
         params = params or SamplingParams()
         adapter = self.adapters.get(lora) if lora is not None else None
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        self.validate(ids, params)
+        self.validate(ids, params, adapter.pages if adapter is not None else 0)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         generator = None
         if params.seed is not None:
@@ -270,8 +270,9 @@ class LLMEngine:
             self._inbox.append(request)
         return request_id
 
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError when the request could never run (add_request calls it)."""
+    def validate(self, ids: list[int], params: SamplingParams, adapter_pages: int = 0) -> None:
+        """Raise ValueError when the request could never run (add_request calls it): its
+        pages at full length beside its adapter's (``adapter_pages``) must fit the pool."""
         if not ids:
             raise ValueError("the prompt is empty")
         vocab_size = self.model.arch.vocab_size
@@ -284,10 +285,11 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the context length {limit}"
             )
-        if PAGES_PER_TOKEN * total > self.pool.num_pages:
+        need = PAGES_PER_TOKEN * total
+        if need + adapter_pages > self.pool.num_pages:
+            beside = f" beside its adapter's {adapter_pages}" if adapter_pages else ""
             raise ValueError(
-                f"the request needs up to {PAGES_PER_TOKEN * total} pages; the pool has "
-                f"{self.pool.num_pages}"
+                f"the request needs up to {need} pages{beside}; the pool has {self.pool.num_pages}"
             )
 
     def abort(self, request_id: str) -> None:

@@ -122,6 +122,43 @@ def test_unknown_adapter_is_refused(llama_dir: Path) -> None:
     assert not engine.has_unfinished()
 
 
+def test_a_request_that_cannot_fit_beside_its_adapter_is_refused(
+    llama_dir: Path, many_adapters: list[Path]
+) -> None:
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", num_pages=160))
+    engine.load_lora("a", many_adapters[2])  # rank 4 on the attention: 104 pages
+    assert engine.adapters.get("a").pages == 104
+    prompt, params = list(range(5, 42)), SamplingParams(temperature=0.0, max_tokens=10)
+    with pytest.raises(ValueError, match="beside its adapter's 104"):
+        engine.add_request(prompt, params, lora="a")  # 94 pages of KV: it could never run
+    engine.add_request(prompt, params)  # the base model has room
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_integrity()
+
+
+def test_files_changed_since_the_load_fail_only_that_adapters_requests(
+    llama_dir: Path, many_adapters: list[Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32"))
+    path = shutil.copytree(many_adapters[4], tmp_path / "changing")
+    engine.load_lora("changing", path)
+    engine.adapters.host_cache.drop(engine.adapters.get("changing").id)
+    shutil.rmtree(path)
+    shutil.copytree(many_adapters[7], path)  # other weights under the same directory
+    engine.add_request([5, 6], GREEDY, request_id="c", lora="changing")
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+        engine.check_integrity()
+    assert outs["c"].finish_reason == "abort"
+    assert "changed since it was loaded" in (outs["c"].error or "")
+
+
 def test_deleted_files_fail_only_that_adapters_requests(
     llama_dir: Path, many_adapters: list[Path], tmp_path: Path
 ) -> None:

@@ -160,6 +160,13 @@ def summarize(
     return summary
 
 
+def replay_span(records: Sequence[RequestRecord], fallback: float) -> float:
+    """From the first send to the last answer: a replay's own duration (``fallback`` when
+    nothing was answered)."""
+    ends = [r.end for r in records if r.end]
+    return max(ends) - min(r.start for r in records) if records and ends else fallback
+
+
 def _line(label: str, value: object, digits: int = 2) -> str:
     if value is None:
         text = "n/a"

@@ -327,7 +327,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _prefix(args: argparse.Namespace) -> int:
-    from server.bench.prefix import SMOKE, PrefixArgs, format_ratios, format_system, run_prefix
+    from server.bench.prefix import SMOKE, PrefixArgs, run_prefix
+    from server.bench.prefix_report import format_ratios, format_system
 
     sizes = {
         key: value

@@ -1,9 +1,10 @@
-"""``loraserve bench``: serve, sweep, compare and make-adapters.
+"""``loraserve bench``: serve, sweep, compare, prefix and make-adapters.
 
 loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
 loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
 loraserve bench make-adapters --model DIR --n N --ranks 8,16,32,64 --targets ... --out DIR
 loraserve bench compare --model DIR [--load-format dummy] [--systems ...] [--base] --out DIR
+loraserve bench prefix --model DIR [--load-format dummy] [--prefix-len 1000] [--smoke] --out DIR
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 from pathlib import Path
 
 from server.bench.metrics import SLO, format_summary, summarize
@@ -85,6 +87,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     sweep.set_defaults(run=_sweep)
 
     _add_compare_parser(sub)
+    _add_prefix_parser(sub)
 
     make = sub.add_parser("make-adapters", help="random PEFT adapters shaped for a base")
     make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
@@ -135,6 +138,68 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     compare.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
     compare.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
     compare.set_defaults(run=_compare)
+
+
+def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    prefix = sub.add_parser(
+        "prefix",
+        help="prefix caching on against off over HTTP: a shared system prompt over 8 adapters",
+    )
+    prefix.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
+    prefix.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    prefix.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    # Sizes default to None: --smoke's or PrefixArgs' defaults (in the help) fill them in.
+    prefix.add_argument("--num-requests", type=int, default=None, help="default 64")
+    prefix.add_argument(
+        "--concurrency", type=int, default=None, help="clients in a closed loop (default 8)"
+    )
+    prefix.add_argument("--num-adapters", type=int, default=None, help="default 8")
+    prefix.add_argument(
+        "--prefix-len", type=int, default=None, help="system prompt tokens (default 1000)"
+    )
+    prefix.add_argument(
+        "--question-range", type=_range, default=None, help="[lo, hi) tokens (default 16,49)"
+    )
+    prefix.add_argument(
+        "--output-range", type=_range, default=None, help="[lo, hi) tokens (default 16,33)"
+    )
+    prefix.add_argument("--ranks", type=_ints, default=None, help="round-robin (default 4,8,16)")
+    prefix.add_argument("--targets", default=ATTENTION)
+    prefix.add_argument("--seed", type=int, default=42)
+    prefix.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the server (default: $OMP_NUM_THREADS, else 1)",
+    )
+    prefix.add_argument(
+        "--on-flags",
+        type=shlex.split,
+        default=None,
+        help="loraserve serve flags of the caching-on system (default: none; caching is on "
+        "by default), e.g. --on-flags='--block-size 32'",
+    )
+    prefix.add_argument(
+        "--off-flags",
+        type=shlex.split,
+        default=None,
+        help="flags of the caching-off system (default: --no-enable-prefix-caching; "
+        "--off-flags= runs both with the same flags, on a server without that flag)",
+    )
+    prefix.add_argument(
+        "--server-flags", type=shlex.split, default=None, help="flags of both systems"
+    )
+    prefix.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a handful of short requests over 2 adapters, the engine in the server's process: "
+        "checks the pipeline in seconds, not for numbers",
+    )
+    prefix.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    prefix.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix"))
+    prefix.set_defaults(run=_prefix)
 
 
 def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
@@ -258,6 +323,48 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
+    return 0
+
+
+def _prefix(args: argparse.Namespace) -> int:
+    from server.bench.prefix import SMOKE, PrefixArgs, run_prefix
+    from server.bench.prefix_report import format_ratios, format_system
+
+    sizes = {
+        key: value
+        for key in (
+            "num_requests",
+            "concurrency",
+            "num_adapters",
+            "prefix_len",
+            "question_range",
+            "output_range",
+            "ranks",
+            "on_flags",
+            "off_flags",
+            "server_flags",
+        )
+        if (value := getattr(args, key)) is not None
+    }
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    result = run_prefix(
+        PrefixArgs(
+            model_dir=args.model,
+            out=args.out,
+            targets=args.targets.split(","),
+            seed=args.seed,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            threads=threads,
+            startup_timeout_s=args.startup_timeout,
+            **({**SMOKE, **sizes} if args.smoke else sizes),
+        ),
+        on_system=lambda entry: print(format_system(entry), flush=True),
+    )
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(format_ratios(result))
+    print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
     return 0
 
 

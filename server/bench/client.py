@@ -4,7 +4,9 @@ Each request goes to ``/v1/completions`` at its arrival time (open loop), or as 
 of ``max_concurrency`` slots frees (closed loop), with the prompt as token ids, streaming,
 ``ignore_eos`` and ``min_tokens`` = ``max_tokens`` = its planned output length. Times are
 taken at the client: TTFT when the first streamed chunk with text arrives, each chunk's
-arrival for its tokens (the final usage chunk gives the count), the end at ``[DONE]``. The
+arrival for its tokens (the final usage chunk gives the count, and the prompt tokens read from
+the server's prefix cache when it reports ``prompt_tokens_details.cached_tokens``), the end
+at ``[DONE]``. The
 client is a minimal HTTP/1.1 reader over asyncio (plain ``http://`` only), so that on a small
 machine it takes as little CPU as possible from the server it measures.
 """
@@ -116,6 +118,9 @@ async def _one(
                 usage = chunk.get("usage")
                 if usage:
                     record.output_len = int(usage["completion_tokens"])
+                    details = usage.get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        record.cached_tokens = int(details["cached_tokens"])
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
             if b'"text":""' not in data:

@@ -7,7 +7,7 @@ another in one run, by:
 * ``loraserve-http``: ``loraserve serve`` started as a subprocess on a free loopback port with
   the adapters as ``--lora-modules adapter-i=PATH``, driven over HTTP with streaming by
   :func:`server.bench.client.run_workload` (workload adapter i is the model ``adapter-i``),
-  then stopped (SIGTERM, a bounded wait, then kill);
+  then stopped (SIGTERM, a bounded wait, then kill): :func:`server.bench.harness.running_server`;
 * ``loraserve``: the same engine configuration in this process
   (:func:`server.bench.systems.run_loraserve`);
 * ``peft-mixed``: PEFT mixed batches (:func:`server.bench.systems.run_peft_mixed`);
@@ -35,26 +35,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import platform
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from tqdm import tqdm
 
 from engine.config import EngineConfig
 from server.bench.client import run_workload
+from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
 from server.bench.make_adapters import make_random_adapters
-from server.bench.metrics import SLO, RequestRecord, summarize
+from server.bench.metrics import SLO, RequestRecord, replay_span, summarize
 from server.bench.systems import peft_model, run_loraserve, run_peft_mixed, run_peft_server
 from server.bench.workloads import Workload, describe, synthetic_w2
 
@@ -73,10 +67,8 @@ BASE_LABELS = {
     "peft-mixed": "transformers generate (base)",
     "peft": "transformers generate (base)",
 }
-SERVED_BASE = "compare-base"  # the server's name for the base model
 ALL_AT_ONCE = 1e6  # req/s: every request has arrived within a few microseconds
 SLOS = {"ttft<6s": SLO(ttft_s=6.0, tpot_s=None)}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -282,57 +274,26 @@ def _header(
     return lines
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def server_command(
+def server_spec(
     model_dir: Path,
-    port: int,
     adapters: list[tuple[str, Path]],
     args: CompareArgs,
     max_num_seqs: int,
     max_rank: int,
-) -> list[str]:
+) -> ServerSpec:
     """``loraserve serve`` with the in-process system's engine configuration."""
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "--log-level",
-        "WARNING",
-        "serve",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        SERVED_BASE,
-        "--dtype",
-        args.dtype,
-        "--load-format",
-        args.load_format,
-        "--max-num-seqs",
-        str(max_num_seqs),
-        "--max-lora-rank",
-        str(max_rank),
-        "--max-loras",
-        str(args.num_adapters),
-        "--max-waiting-requests",
-        str(args.num_requests),
-        "--no-access-log",
-    ]
-    if adapters:
-        command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters)]
-    return command
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    """This process's environment with ``threads`` OpenMP/MKL threads."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return ServerSpec(
+        model_dir=model_dir,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_num_seqs=max_num_seqs,
+        max_lora_rank=max_rank,
+        max_loras=args.num_adapters,
+        max_waiting_requests=args.num_requests,
+        threads=args.threads,
+        adapters=tuple(adapters),
+        startup_timeout_s=args.startup_timeout_s,
+    )
 
 
 def run_http(
@@ -345,60 +306,11 @@ def run_http(
     log_path: Path,
 ) -> list[RequestRecord]:
     """Start ``loraserve serve``, replay ``workload`` over HTTP (streamed), stop it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = server_command(model_dir, port, adapters, args, max_num_seqs, max_rank)
-    logger.info("starting %s", " ".join(command))
-    with log_path.open("a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=thread_env(args.threads), stdout=log, stderr=log
-        )
-        try:
-            _wait_healthy(proc, url, args.startup_timeout_s, log_path)
-            _warm_up_http(url)
-            names: list[str | None] = [name for name, _ in adapters]
-            records, _ = asyncio.run(
-                run_workload(url, workload, names, SERVED_BASE, progress=False)
-            )
-        finally:
-            stop_server(proc)
+    spec = server_spec(model_dir, adapters, args, max_num_seqs, max_rank)
+    with running_server(spec, log_path) as url:
+        names: list[str | None] = [name for name, _ in adapters]
+        records, _ = asyncio.run(run_workload(url, workload, names, SERVED_BASE, progress=False))
     return records
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text()[-2000:]
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server was not healthy within {timeout_s:g} s (log: {log})")
-
-
-def _warm_up_http(url: str) -> None:
-    """One short request, as ``run_loraserve`` warms its engine before timing."""
-    body = {"model": SERVED_BASE, "prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True}
-    httpx.post(url + "/v1/completions", json=body, timeout=120.0).raise_for_status()
-
-
-def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGTERM, wait up to ``timeout_s``, then kill."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        logger.warning("the server ignored SIGTERM for %g s; killing it", timeout_s)
-        proc.kill()
-        proc.wait(timeout=timeout_s)
 
 
 def _warm_up(model: Any) -> None:
@@ -408,19 +320,13 @@ def _warm_up(model: Any) -> None:
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
-def _span(records: list[RequestRecord], fallback: float) -> float:
-    """From the first send to the last answer: the replay's own duration."""
-    ends = [r.end for r in records if r.end]
-    return max(ends) - min(r.start for r in records) if records and ends else fallback
-
-
 def _result(
     args: CompareArgs, header: list[str], workload: Workload, runs: list[Run]
 ) -> dict[str, Any]:
     planned = [r.output_len for r in workload.requests]  # the same on the base
     systems: list[dict[str, Any]] = []
     for run in runs:
-        summary = summarize(run.records, _span(run.records, run.wall_s), SLOS)
+        summary = summarize(run.records, replay_span(run.records, run.wall_s), SLOS)
         generated = [r.output_len for r in run.records]
         systems.append(
             {
@@ -449,22 +355,11 @@ def _result(
         "header": header,
         "reference": ref["label"] if ref else None,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": _machine(args.threads),
+        "machine": machine_info(args.threads),
         "workload": workload.params,
         "systems": systems,
         "ratios": {s["label"]: s["ratio"] for s in systems},
         "lora_overhead": overhead,
-    }
-
-
-def _machine(threads: int) -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

@@ -45,6 +45,9 @@ class RequestRecord:
         end: when the response completed.
         output_len: tokens received.
         error: why it failed; None when it completed.
+        cached_tokens: prompt tokens the server read from its prefix cache, as its usage
+            reports them (``usage.prompt_tokens_details.cached_tokens``); None when it does
+            not say.
     """
 
     adapter: str | None
@@ -54,6 +57,7 @@ class RequestRecord:
     end: float = 0.0
     output_len: int = 0
     error: str | None = None
+    cached_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,12 +123,15 @@ def summarize(
     """The fields of ``vllm bench serve`` (module docstring), plus one entry per SLO.
 
     Token totals count completed requests; throughputs divide by ``duration_s`` (0 when it
-    is not positive). ``summary["slo"][name]`` holds the SLO's bounds, ``met`` (requests),
-    ``attainment`` (met / all requests; None without requests) and ``goodput`` (met / s).
+    is not positive). ``total_cached_tokens`` sums the prompt tokens the server reported
+    reading from its prefix cache, None when no completed request's usage said.
+    ``summary["slo"][name]`` holds the SLO's bounds, ``met`` (requests), ``attainment``
+    (met / all requests; None without requests) and ``goodput`` (met / s).
     """
     done = [r for r in records if r.ok]
     inputs = sum(r.prompt_len for r in done)
     outputs = sum(r.output_len for r in done)
+    cached = [r.cached_tokens for r in done if r.cached_tokens is not None]
 
     def per_s(count: float) -> float:
         return count / duration_s if duration_s > 0 else 0.0
@@ -135,6 +142,7 @@ def summarize(
         "duration_s": duration_s,
         "total_input_tokens": inputs,
         "total_output_tokens": outputs,
+        "total_cached_tokens": sum(cached) if cached else None,
         "request_throughput": per_s(len(done)),
         "output_throughput": per_s(outputs),
         "total_token_throughput": per_s(inputs + outputs),
@@ -158,6 +166,13 @@ def summarize(
             "goodput": per_s(met),
         }
     return summary
+
+
+def replay_span(records: Sequence[RequestRecord], fallback: float) -> float:
+    """From the first send to the last answer: a replay's own duration (``fallback`` when
+    nothing was answered)."""
+    ends = [r.end for r in records if r.end]
+    return max(ends) - min(r.start for r in records) if records and ends else fallback
 
 
 def _line(label: str, value: object, digits: int = 2) -> str:

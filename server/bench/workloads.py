@@ -1,4 +1,5 @@
-"""Seeded request lists for ``loraserve bench`` (W2, W3, W4: see docs/benchmarks.md).
+"""Seeded request lists for ``loraserve bench`` (W2, W3, W4 and the shared-prefix workload:
+see docs/benchmarks.md).
 
 A workload is data: requests with an arrival time, an adapter index, prompt token ids and an
 exact output length, saved as JSON and replayed unchanged against every system compared.
@@ -20,6 +21,8 @@ popularity law:
   two differ only in popularity.
 * ``identical`` (W3): adapter 0 (default n = 1).
 
+The shared-prefix workload (``bench prefix``) spreads its requests with W3's ``uniform`` law.
+
 n = 0 sends every request to the base model (adapter None). No draw depends on n, so
 ``Workload.with_num_adapters(m)`` equals the generator run with ``num_adapters=m``: a sweep
 over n replays the same prompts, lengths and arrivals, and only the adapter column changes.
@@ -39,9 +42,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-KINDS = ("W2", "W3", "W4")
+KINDS = ("W2", "W3", "W4", "shared-prefix")
 POPULARITIES = ("distinct", "uniform", "skewed", "identical")
 W3_MAX_CONCURRENCY = 32  # Punica's batch size
+_CHOSEN_POPULARITY = ("W3", "shared-prefix")  # kinds whose params name their adapter law
 ZIPF_EXPONENT = 1.5
 FORMAT_VERSION = 1
 _BELOW_ONE = math.nextafter(1.0, 0.0)  # power(α) may return 1.0; floor(n·x) must stay < n
@@ -81,7 +85,7 @@ class Workload:
     """A seeded request list and how to replay it.
 
     Attributes:
-        kind: "W2", "W3" or "W4" (docs/benchmarks.md).
+        kind: "W2", "W3", "W4" or "shared-prefix" (docs/benchmarks.md).
         params: every generator argument, for the record (stored JSON-normal: tuples become
             lists, so a saved workload loads back equal).
         num_adapters: n; request adapters index ``adapter_names()``.
@@ -100,8 +104,8 @@ class Workload:
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {KINDS}")
         object.__setattr__(self, "params", json.loads(json.dumps(self.params)))
-        if self.kind == "W3" and self.params.get("popularity") not in POPULARITIES:
-            raise ValueError(f"W3 needs params['popularity'] in {POPULARITIES}")
+        if self.kind in _CHOSEN_POPULARITY and self.params.get("popularity") not in POPULARITIES:
+            raise ValueError(f"{self.kind} needs params['popularity'] in {POPULARITIES}")
         if self.num_adapters < 0:
             raise ValueError(f"num_adapters = {self.num_adapters} < 0")
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -114,8 +118,8 @@ class Workload:
 
     @property
     def popularity(self) -> str:
-        """The adapter law (module docstring): "power" for W2/W4, the W3 popularity else."""
-        return "power" if self.kind != "W3" else str(self.params["popularity"])
+        """The adapter law (module docstring): "power" for W2/W4, else ``params["popularity"]``."""
+        return str(self.params["popularity"]) if self.kind in _CHOSEN_POPULARITY else "power"
 
     def adapter_names(self, prefix: str = "adapter-") -> list[str]:
         """The served name of adapter i is ``f"{prefix}{i}"``."""
@@ -371,6 +375,67 @@ def closed_loop_w3(
         for a, p, o, x in zip(_assign(popularity, xs, n), prompts, outputs, xs, strict=True)
     )
     return Workload("W3", params, n, requests, max_concurrency=W3_MAX_CONCURRENCY)
+
+
+def shared_prefix(
+    *,
+    num_requests: int = 64,
+    num_adapters: int = 8,
+    prefix_len: int = 1000,
+    question_range: tuple[int, int] = (16, 49),
+    output_range: tuple[int, int] = (16, 33),
+    concurrency: int = 8,
+    seed: int = 42,
+    vocab_size: int,
+    vocab_offset: int = 3,
+) -> Workload:
+    """One system prompt shared by every request, short questions over n adapters, closed loop.
+
+    Every prompt begins with the same ``prefix_len`` token ids (the system prompt) and ends
+    with its own question of q tokens, q uniform in ``question_range`` ([lo, hi)); the output
+    length is uniform in ``output_range``. All ids are uniform in [vocab_offset, vocab_size).
+    Adapters follow W3's ``uniform`` law (module docstring): each of the n adapters gets
+    ⌊N/n⌋ or ⌈N/n⌉ of the N requests, in shuffled order; n = 0 sends all to the base model.
+
+    Arrivals are a closed loop with ``concurrency`` requests in flight, like that many chat
+    users each asking their next question once the last answer is complete: every request
+    is queued at 0 and the client sends the next one, in list order, whenever one finishes.
+    Not everything at once: then every request would be admitted before any system prompt
+    had been computed, and each would compute it itself; in a closed loop only the first
+    requests of each adapter (those sent before its system prompt is in the cache) miss.
+    """
+    if num_requests < 1 or num_adapters < 0 or prefix_len < 1 or concurrency < 1:
+        raise ValueError(
+            "need num_requests >= 1, num_adapters >= 0, prefix_len >= 1 and concurrency >= 1"
+        )
+    _check_range("question_range", question_range)
+    _check_range("output_range", output_range)
+    params = {
+        "num_requests": num_requests,
+        "num_adapters": num_adapters,
+        "popularity": "uniform",
+        "prefix_len": prefix_len,
+        "question_range": question_range,
+        "output_range": output_range,
+        "concurrency": concurrency,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "vocab_offset": vocab_offset,
+    }
+    rng = np.random.default_rng(seed)
+    (system,) = _prompts(rng, np.array([prefix_len]), vocab_size, vocab_offset)
+    question_lens = rng.integers(*question_range, size=num_requests)
+    outputs = rng.integers(*output_range, size=num_requests)
+    ranks = rng.permutation(num_requests)
+    questions = _prompts(rng, question_lens, vocab_size, vocab_offset)
+    xs = [float(x) for x in (ranks + 0.5) / num_requests]
+    requests = tuple(
+        BenchRequest(0.0, a, system + q, int(o), x)
+        for a, q, o, x in zip(
+            _assign("uniform", xs, num_adapters), questions, outputs, xs, strict=True
+        )
+    )
+    return Workload("shared-prefix", params, num_adapters, requests, max_concurrency=concurrency)
 
 
 def describe(workload: Workload) -> dict[str, Any]:

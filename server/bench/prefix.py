@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 OFF_FLAGS = ("--no-enable-prefix-caching",)
 SYSTEMS = {"on": "prefix caching on", "off": "prefix caching off"}  # in the order they run
-# The issue's target on 2 CPU cores: with caching on, TTFT p50 at least 3× lower and output
+# The targets on 2 CPU cores: with caching on, TTFT p50 at least 3× lower and output
 # throughput at least 2× higher than with caching off.
 TARGETS = {"ttft_p50_off_over_on": 3.0, "output_throughput_on_over_off": 2.0}
 # ``--smoke``: a handful of short requests to check the pipeline end to end in seconds; the
@@ -190,12 +190,7 @@ def check_serve_flags(model_dir: Path, flags: list[str], label: str) -> None:
     except SystemExit:  # argparse has printed why (a flag missing its value, say)
         raise ValueError(f"loraserve serve rejects the {label} flags {shlex.join(flags)}") from None
     if unknown:
-        raise ValueError(
-            f"loraserve serve does not know {shlex.join(unknown)} (the {label} flags). "
-            "The prefix-caching flags (--enable-prefix-caching / --no-enable-prefix-caching, "
-            "--block-size) come with issue 14's command-line change; on a branch without it, "
-            "--off-flags= runs both systems with the same flags, which checks the harness only."
-        )
+        raise ValueError(f"loraserve serve does not know {shlex.join(unknown)} (the {label} flags)")
 
 
 def prefix_workload(args: PrefixArgs, hf: dict[str, Any]) -> Workload:

@@ -217,8 +217,8 @@ def test_fit_is_checked_against_a_fixed_capacity(
 ) -> None:
     """Loading refuses only what could never fit (the pool less one token's KV pages), not
     what does not fit while the KV cache is busy; that waits for room on the engine thread.
-    A mixture whose components were on disk at registration is refused there once nothing
-    runs."""
+    A mixture too large is refused at registration, even with its components on disk (an
+    entry's pages are fixed when it is loaded)."""
     engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", num_pages=300))
     big = make_adapter(llama_dir, tmp_path / "big", r=8, alpha=8, targets=ATTN, seed=1)  # 208
     huge = make_adapter(llama_dir, tmp_path / "huge", r=12, alpha=8, targets=ATTN, seed=2)
@@ -244,17 +244,10 @@ def test_fit_is_checked_against_a_fixed_capacity(
     engine.load_lora("big2", big)
     for name in ("big", "big2"):
         engine.adapters.host_cache.drop(engine.adapters.get(name).id)
-    engine.register_mixture("both", [("big", 1.0), ("big2", 1.0)])  # 416 pages, unknown now
-    engine.add_request([5, 6, 7], GREEDY, request_id="mixed", lora="both")
-    outs = []
-    for _ in range(200):
-        outs += [o for o in engine.step() if o.finished]
-        engine.check_integrity()
-        if outs:
-            break
-        for name in ("big", "big2"):
-            engine.adapters.prefetcher.wait(engine.adapters.get(name), timeout=60)
-    assert [(o.request_id, o.error_code) for o in outs] == [("mixed", "adapter_too_large")]
+    with pytest.raises(AdapterError) as info:
+        engine.register_mixture("both", [("big", 1.0), ("big2", 1.0)])  # 416 pages
+    assert info.value.code == "adapter_too_large"
+    assert not engine.has_unfinished()
 
 
 # -- the residency race ------------------------------------------------------------------

@@ -4,6 +4,7 @@ reuse nothing (the isolation rows of the reliability table)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from engine.outputs import RequestOutput
 from server.config import ServerConfig
 from tests.server.conftest import BASE, DEMO_ADAPTERS, Served, demo_adapters, make_engine, serve
 
@@ -64,4 +66,48 @@ def test_no_reuse_across_adapters_the_base_or_versions(served: Served) -> None:
     text, cached = complete(client, "upper")
     assert cached == 0
     assert complete(client, "upper") == (text, 48)
+    served.wait_idle()
+
+
+def test_a_stream_running_through_a_replacement_finishes_on_its_version(served: Served) -> None:
+    """The reliability row for in-place updates, with adapters whose outputs tell them
+    apart: "upper" is replaced by swapcase's weights while a stream on it is half done (the
+    engine holds still after the stream's third token until the replacement is in)."""
+    client = served.openai()
+    paths = demo_adapters("upper", "swapcase")
+    engine = served.state.engine
+    step = engine.step
+    held, resume = threading.Event(), threading.Event()
+
+    def step_then_hold() -> list[RequestOutput]:
+        outputs = step()
+        if any(o.num_output_tokens == 3 and not o.finished for o in outputs):
+            held.set()
+            resume.wait(30)
+        return outputs
+
+    engine.step = step_then_hold  # type: ignore[method-assign]
+    try:
+        stream = client.completions.create(
+            model="upper", prompt="HelloWorld=", max_tokens=16, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        assert held.wait(30)
+        body = {"lora_name": "upper", "lora_path": str(paths["swapcase"]), "replace": True}
+        reply = httpx.post(f"{served.url}/v1/load_lora_adapter", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["version"] >= 2
+    finally:
+        resume.set()
+        engine.step = step  # type: ignore[method-assign]
+    text += "".join(chunk.choices[0].text for chunk in chunks)
+    assert text == "HELLOWORLD"  # version 1's weights to the end
+    after = client.completions.create(
+        model="upper", prompt="HelloWorld=", max_tokens=16, temperature=0
+    )
+    assert after.choices[0].text == "hELLOwORLD"  # the new version
+    # Back to the real "upper"; nothing leaked.
+    body = {"lora_name": "upper", "lora_path": str(paths["upper"]), "replace": True}
+    assert httpx.post(f"{served.url}/v1/load_lora_adapter", json=body, timeout=60).is_success
     served.wait_idle()

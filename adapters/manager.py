@@ -357,7 +357,8 @@ class AdapterManager:
         return Readiness.RESIDENT
 
     def prefetch_into_pool(self, entries: Iterable[AdapterEntry]) -> None:
-        """Place host-ready adapters of queued requests into free pages (no eviction)."""
+        """Place host-ready adapters of queued requests into free pages, or pages of no use
+        now (cached blocks of adapters out of the pool); nothing in use is evicted."""
         for entry in (part for e in entries for part in self.parts(e)):
             if entry.id in self.residency:
                 continue
@@ -365,7 +366,9 @@ class AdapterManager:
             if weights is None:
                 continue
             need = self.cost.pages(weights.modules)
-            if need > self.residency.pages.num_free or not self.residency.has_free_slot:
+            if not self.residency.has_free_slot:
+                break
+            if not self.residency.reclaim_stale(need, keep=[entry.id]):
                 break
             self.residency.place(entry.id, weights.modules)
 

@@ -70,16 +70,22 @@ class SparePages(Protocol):
     """Pages another tenant gives up on demand, in its own least-recently-used order (the
     prefix cache's unused blocks, ``engine.prefix_cache.PrefixCache``)."""
 
-    def oldest(self) -> float | None:
-        """When the next unit to go was last used (``time.monotonic``); None if none."""
+    def oldest(self, keep: Iterable[int] = ()) -> float | None:
+        """When the next unit to go was last used (``time.monotonic``; -inf for a unit of
+        no use while its adapter is out of the pool); None if none. Units that need an
+        adapter in ``keep`` are passed over."""
         ...
 
-    def evict_oldest(self) -> int:
+    def evict_oldest(self, keep: Iterable[int] = ()) -> int:
         """Give up that unit; returns the pages it freed."""
         ...
 
     def adapter_evicted(self, adapter_id: int) -> None:
         """An adapter left the pool (what depends on it may go first)."""
+        ...
+
+    def adapter_placed(self, adapter_id: int) -> None:
+        """An adapter came back to the pool."""
         ...
 
 
@@ -302,6 +308,8 @@ class AdapterResidency:
         self._resident[adapter_id] = resident
         self.num_placed += 1
         tables.generation[0] += 1
+        if self.spare is not None:
+            self.spare.adapter_placed(adapter_id)
         return resident
 
     def take_placements(self) -> tuple[Placement, ...]:
@@ -348,14 +356,25 @@ class AdapterResidency:
             victim = next(
                 (i for i, r in self._resident.items() if r.pins == 0 and i not in kept), None
             )
-            spare = None if self.spare is None or short_of_slot else self.spare.oldest()
+            spare = None if self.spare is None or short_of_slot else self.spare.oldest(kept)
             if spare is not None and (victim is None or spare <= self._resident[victim].last_used):
                 assert self.spare is not None
-                self.spare.evict_oldest()
+                self.spare.evict_oldest(kept)
             elif victim is not None:
                 self.evict(victim)
             else:
                 return False
+
+    def reclaim_stale(self, num_pages: int, keep: Iterable[int] = ()) -> bool:
+        """Free pages only from the spare tenant's units of no use now (the cached blocks
+        of adapters out of the pool, other than those in ``keep``) until ``num_pages`` are
+        free; returns whether they are."""
+        kept = set(keep)
+        while self.pages.num_free < num_pages and self.spare is not None:
+            if self.spare.oldest(kept) != -math.inf:
+                break
+            self.spare.evict_oldest(kept)
+        return self.pages.num_free >= num_pages
 
     @property
     def has_free_slot(self) -> bool:

@@ -22,8 +22,11 @@ no shared page is ever written again.
 Eviction. A block no request uses is *unused*: it stays in the pool, its pages counted as
 cached, until someone needs the space. Unused blocks go least recently used first (a
 request's blocks are released tail first, so a chain shrinks from its end), in one order with
-the adapters (``AdapterResidency.reclaim`` compares the two), and the blocks of an adapter that
-leaves the pool go to the front: without their adapter they are of no use.
+the adapters (``AdapterResidency.reclaim`` compares the two). The blocks of an adapter that
+leaves the pool become *stale* and go before all others: without their adapter they are of
+no use. Stale blocks are never taken to make room for their own adapter (``keep``), and when
+it is placed again they are unused blocks once more, as recent as the placement (a request
+that needs the adapter is about to run, and likely to share their prompt).
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class Block:
         adapters: the ids of the adapters its keys and values need resident (empty: base).
         label: the adapter's name ("" for the base model), for per-adapter page counts.
         users: requests holding it (each with a reference to its pages).
-        last_used: when its last user let go (monotonic seconds); -inf once its adapter left
-            the pool.
+        last_used: when its last user let go, or its adapter came back to the pool
+            (monotonic seconds).
     """
 
     key: bytes
@@ -97,7 +100,10 @@ class PrefixCache:
         self.pool = pool
         self.block_size = block_size
         self._blocks: dict[bytes, Block] = {}
-        self._unused: OrderedDict[bytes, Block] = OrderedDict()  # the first goes first
+        # Unused blocks, the first to go first: those of adapters out of the pool, then
+        # the rest, least recently used first.
+        self._stale: OrderedDict[bytes, Block] = OrderedDict()
+        self._unused: OrderedDict[bytes, Block] = OrderedDict()
         self.pages_by_label: Counter[str] = Counter()
         self.num_unused_pages = 0
         self.queries = 0  # tokens looked up
@@ -149,22 +155,30 @@ class PrefixCache:
 
     def _use(self, block: Block) -> None:
         if block.users == 0:
-            del self._unused[block.key]
-            self.num_unused_pages -= len(block.pages)
+            self._forget_unused(block)
         block.users += 1
+
+    def _forget_unused(self, block: Block) -> None:
+        queue = self._stale if block.key in self._stale else self._unused
+        del queue[block.key]
+        self.num_unused_pages -= len(block.pages)
 
     # -- eviction (for the unified reclaim) -------------------------------------------------
 
-    def oldest(self) -> float | None:
-        """When the next block to go was last used; None when no block is unused."""
-        if not self._unused:
+    def oldest(self, keep: Iterable[int] = ()) -> float | None:
+        """When the next block to go was last used (-inf for a stale block); None when no
+        block is unused. Blocks that need an adapter in ``keep`` are passed over."""
+        block = self._next(keep)
+        if block is None:
             return None
-        return next(iter(self._unused.values())).last_used
+        return -math.inf if block.key in self._stale else block.last_used
 
-    def evict_oldest(self) -> int:
-        """Drop the next unused block; returns the pages freed."""
-        _, block = self._unused.popitem(last=False)
-        self.num_unused_pages -= len(block.pages)
+    def evict_oldest(self, keep: Iterable[int] = ()) -> int:
+        """Drop the next unused block (passing over those of ``keep``); returns the pages
+        freed."""
+        block = self._next(keep)
+        assert block is not None, "no unused block to evict"
+        self._forget_unused(block)
         del self._blocks[block.key]
         self.pages_by_label[block.label] -= len(block.pages)
         if not self.pages_by_label[block.label]:
@@ -173,18 +187,35 @@ class PrefixCache:
         self.num_evicted += 1
         return len(block.pages)
 
+    def _next(self, keep: Iterable[int]) -> Block | None:
+        kept = set(keep)
+        for queue in (self._stale, self._unused):
+            for block in queue.values():
+                if not kept.intersection(block.adapters):
+                    return block
+        return None
+
     def evict(self, num_pages: int) -> bool:
-        """Drop unused blocks, least recently used first, until ``num_pages`` are free."""
-        while self.pool.num_free < num_pages and self._unused:
+        """Drop unused blocks, stale first, then least recently used, until ``num_pages``
+        are free."""
+        while self.pool.num_free < num_pages and self.num_unused_pages:
             self.evict_oldest()
         return self.pool.num_free >= num_pages
 
     def adapter_evicted(self, adapter_id: int) -> None:
-        """An adapter left the pool: its unused blocks go to the front of the eviction order."""
-        stale = [b for b in self._unused.values() if adapter_id in b.adapters]
-        for block in reversed(stale):
-            block.last_used = -math.inf
-            self._unused.move_to_end(block.key, last=False)
+        """An adapter left the pool: its unused blocks become stale (they go first)."""
+        for block in [b for b in self._unused.values() if adapter_id in b.adapters]:
+            del self._unused[block.key]
+            self._stale[block.key] = block
+
+    def adapter_placed(self, adapter_id: int) -> None:
+        """An adapter came back to the pool: its stale blocks are unused blocks again, as
+        recent as now."""
+        now = time.monotonic()
+        for block in [b for b in self._stale.values() if adapter_id in b.adapters]:
+            del self._stale[block.key]
+            block.last_used = now
+            self._unused[block.key] = block
 
     # -- audit ------------------------------------------------------------------------------
 
@@ -197,7 +228,9 @@ class PrefixCache:
         """Assert the books: ``users`` counts, per key, the requests holding each block."""
         for key, block in self._blocks.items():
             assert block.users == users[key], "a cached block's users drifted"
-            assert (key in self._unused) == (block.users == 0), "unused blocks drifted"
+            unused = (key in self._unused) + (key in self._stale)
+            assert unused == (block.users == 0), "unused blocks drifted"
         assert all(key in self._blocks for key in users), "a request holds an uncached block"
-        assert self.num_unused_pages == sum(len(b.pages) for b in self._unused.values())
+        unused_pages = sum(len(b.pages) for q in (self._unused, self._stale) for b in q.values())
+        assert self.num_unused_pages == unused_pages
         assert sum(self.pages_by_label.values()) == sum(len(b.pages) for b in self._blocks.values())

@@ -320,3 +320,50 @@ def test_an_evicted_adapters_blocks_go_before_older_ones(clock: None) -> None:
     assert kv.match("w", keys_of([1, 2, 3, 4]), ()) == 2 * BLOCK  # older, still there
     assert kv.match("v", keys_of([4, 4, 3, 3]), ()) == 2 * BLOCK
     audit(pool, kv)
+
+
+def test_an_adapter_placed_again_keeps_its_blocks_and_gets_them_back(clock: None) -> None:
+    """Making room for an adapter never takes its own stale blocks (they are what its next
+    request will reuse); once it is back, they are unused blocks again, recent ones."""
+    pool, kv, residency, prefix = wired(40)
+    place(residency, 1)
+    compute(kv, "one", [5, 6, 7, 8], adapters=(1,))
+    kv.free("one")  # adapter 1's two blocks, 8 pages
+    compute(kv, "base", [1, 2, 3, 4])
+    kv.free("base")  # two base blocks, used after them
+    residency.evict(1)
+    assert prefix.oldest() == float("-inf")
+    assert prefix.oldest(keep=[1]) not in (None, float("-inf"))  # a base block
+    # Placing adapter 1 again (4 pages) in a full pool takes a base block, not its own.
+    compute(kv, "filler", list(range(10, 22)))  # 24 pages held by a running request
+    assert pool.num_free == 40 - 8 - 8 - 24
+    assert residency.reclaim(4, keep=[1], slot=True)
+    place(residency, 1)
+    assert prefix.num_evicted == 1  # the base chain's tail
+    assert prefix.oldest() != float("-inf")  # adapter 1's blocks are not stale any more
+    assert kv.match("again", keys_of([5, 6, 7, 8]), (1,)) == 2 * BLOCK
+    kv.free("again")
+    kv.free("filler")
+    audit(pool, kv)
+
+
+def test_prefetch_takes_only_stale_blocks(clock: None) -> None:
+    """``reclaim_stale`` (what prefetching into the pool may evict) frees the blocks of
+    adapters out of the pool and nothing else."""
+    pool, kv, residency, prefix = wired(24)
+    place(residency, 1)
+    compute(kv, "one", [5, 6, 7, 8], adapters=(1,))
+    kv.free("one")
+    compute(kv, "base", [1, 2, 3, 4])
+    kv.free("base")
+    assert pool.num_free == 24 - 4 - 8 - 8
+    assert not residency.reclaim_stale(8)  # nothing is stale: nothing goes
+    assert prefix.num_evicted == 0
+    residency.evict(1)
+    assert residency.reclaim_stale(8 + 4)  # one of adapter 1's blocks is enough
+    assert prefix.num_evicted == 1
+    assert not residency.reclaim_stale(24)  # then only base blocks are left: they stay
+    assert prefix.num_evicted == 2
+    assert kv.match("b", keys_of([1, 2, 3, 4]), ()) == 2 * BLOCK
+    kv.free("b")
+    audit(pool, kv)

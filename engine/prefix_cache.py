@@ -126,7 +126,7 @@ class PrefixCache:
             found.append(block)
         for block in found:
             self._use(block)
-            block.adapters = adapters  # the entry that uses it now (a reload of the same)
+            block.adapters = adapters  # (the same ids: an identity names one entry)
         return found
 
     def insert(

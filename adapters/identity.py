@@ -19,23 +19,13 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Protocol
 
 import torch
 
-
-class _Module(Protocol):
-    @property
-    def lora_a(self) -> torch.Tensor: ...
-
-    @property
-    def lora_b(self) -> torch.Tensor: ...
-
-    @property
-    def scaling(self) -> float: ...
+from adapters.residency import ModuleWeights
 
 
-def content_digest(modules: Mapping[tuple[int, str], _Module]) -> bytes:
+def content_digest(modules: Mapping[tuple[int, str], ModuleWeights]) -> bytes:
     """SHA-256 over every module's (layer, target, dtype, shapes, scaling, A, B), in order."""
     h = hashlib.sha256(b"loraserve-lora-v1")
     for layer, target in sorted(modules):

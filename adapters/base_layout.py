@@ -79,6 +79,14 @@ class BaseModelLayout:
             },
         )
 
+    def flops_ratio(self, ranks: Mapping[tuple[int, str], int]) -> float:
+        """The multiply-adds LoRA modules of these ranks (by ``(layer, target)``) add to a
+        token, ``r·(in + out)`` each, over those of the base's linear layers, ``in·out``
+        for every target of every layer."""
+        base = self.num_layers * sum(i * o for i, o in self.linear_shapes.values())
+        extra = sum(r * sum(self.linear_shapes[t]) for (_, t), r in ranks.items())
+        return extra / base
+
     def module_path(self, layer: int, target: str) -> str:
         """The transformers module path, e.g. ``model.layers.3.self_attn.q_proj``."""
         if not 0 <= layer < self.num_layers:

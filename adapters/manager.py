@@ -15,15 +15,17 @@ engine thread: only it reads or changes it. Everything else here is shared under
   adapter), never against the pool's changing occupancy; what does not fit *now* waits on
   the engine thread, and what never fits there is refused with ``adapter_too_large``.
   ``acquire`` counts a reference at once and leaves the decision to start loading (which
-  depends on residency) to the next :meth:`~AdapterManager.sync`.
+  depends on residency) to the next :meth:`~AdapterManager.sync`. An adapter loaded
+  ``pinned`` is checked against ``pin_capacity`` (the pool less one request at full length)
+  with the other pins, so pins can never leave the pool without room for a request.
 * Data plane, the engine thread only: :meth:`~AdapterManager.sync`,
   :meth:`~AdapterManager.release`, :meth:`~AdapterManager.ensure_resident`,
   :meth:`~AdapterManager.prefetch_into_pool`, :meth:`~AdapterManager.is_ready`,
   :meth:`~AdapterManager.slots`, :meth:`~AdapterManager.pin`,
   :meth:`~AdapterManager.unpin`, :meth:`~AdapterManager.reclaim`,
-  :meth:`~AdapterManager.take_placements`, :meth:`~AdapterManager.discard`, and the
-  ``residency`` itself. Placing an adapter here is bookkeeping; the runner writes it into
-  the pool from the step's placements.
+  :meth:`~AdapterManager.take_placements`, :meth:`~AdapterManager.discard`,
+  :meth:`~AdapterManager.place_pinned`, and the ``residency`` itself. Placing an adapter
+  here is bookkeeping; the runner writes it into the pool from the step's placements.
 
 Tiers: disk → host (:class:`HostCache`, filled by the :class:`Prefetcher` thread) → pool
 (:class:`AdapterResidency`). A request holds its :class:`AdapterEntry` from the moment it is
@@ -33,11 +35,12 @@ with; the entry's pages and host copy are dropped once its last request is done.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from adapters.base_layout import BaseModelLayout
@@ -73,6 +76,8 @@ class AdapterManager:
             may take; larger ones are refused when loaded.
         host_cache_bytes: the host tier's capacity.
         load: reads an adapter directory (tests substitute slow or failing sources).
+        pin_capacity: the most pages pinned adapters may take together (the pool less what
+            one request needs at full length); None: the pool less one token's KV.
     """
 
     def __init__(
@@ -83,11 +88,13 @@ class AdapterManager:
         max_adapter_pages: int,
         host_cache_bytes: int = 2 << 30,
         load: LoadFn | None = None,
+        pin_capacity: int | None = None,
     ) -> None:
         self.residency = residency
         self.layout = layout
         self.max_lora_rank = max_lora_rank
         self.max_adapter_pages = max_adapter_pages
+        self.pin_capacity = max_adapter_pages if pin_capacity is None else pin_capacity
         # Fixed at construction: the control plane's view of the pool, never its state.
         self.cost = residency.cost
         self.max_slots = residency.max_slots
@@ -102,33 +109,44 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._refs_lock = threading.Lock()  # reference counts change on several threads
         self._live: dict[int, AdapterEntry] = {}  # entries some request or the registry holds
+        self._pin_lock = threading.Lock()  # a pin's check and its registration, together
+        self._pinned: dict[int, AdapterEntry] = {}  # pinned entries not yet forgotten
+        self._new_pins: list[AdapterEntry] = []  # pinned since the last sync()
+        self._unplaced: list[AdapterEntry] = []  # pinned, not yet in the pool (engine thread)
 
     # -- control plane (any thread) -------------------------------------------------------
 
-    def load(self, name: str, path: Path, replace: bool = False) -> AdapterEntry:
-        """Validate and register an adapter; its weights go to the host cache.
+    def load(
+        self, name: str, path: Path, replace: bool = False, pinned: bool = False
+    ) -> AdapterEntry:
+        """Validate and register an adapter; its weights go to the host cache. ``pinned``
+        keeps it in the pool from the next step until it is unloaded.
 
         Raises:
-            AdapterError: the adapter is invalid, or the name is taken.
+            AdapterError: the adapter is invalid, the name is taken, or (``pin_refused``)
+                the pins would leave no room for a request.
         """
         weights = self.source(path)
         pages = self._check_fits(weights)
-        entry, old = self.registry.register(
-            name,
-            path,
-            weights.max_rank,
-            weights.nbytes,
-            replace=replace,
-            digest=content_digest(weights.modules),
-            pages=pages,
-        )
-        self.host_cache.put(entry.id, weights)
-        self._track(entry, old)
+        with self._pinning(pinned, name, pages, replace):
+            entry, old = self.registry.register(
+                name,
+                path,
+                weights.max_rank,
+                weights.nbytes,
+                replace=replace,
+                digest=content_digest(weights.modules),
+                pages=pages,
+                pinned=pinned,
+                flops_ratio=self._flops_ratio(weights),
+            )
+            self.host_cache.put(entry.id, weights)
+            self._track(entry, old)
         logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
         return entry
 
     def load_weights(
-        self, name: str, weights: LoraAdapterWeights, replace: bool = False
+        self, name: str, weights: LoraAdapterWeights, replace: bool = False, pinned: bool = False
     ) -> AdapterEntry:
         """Register an adapter made in memory (a merge, a composition), already validated.
 
@@ -144,18 +162,21 @@ class AdapterManager:
                 f"{self.max_lora_rank}",
             )
         pages = self._check_fits(weights)
-        entry, old = self.registry.register(
-            name,
-            None,
-            weights.max_rank,
-            weights.nbytes,
-            replace=replace,
-            weights=weights,
-            digest=content_digest(weights.modules),
-            pages=pages,
-        )
-        self.host_cache.put(entry.id, weights)
-        self._track(entry, old)
+        with self._pinning(pinned, name, pages, replace):
+            entry, old = self.registry.register(
+                name,
+                None,
+                weights.max_rank,
+                weights.nbytes,
+                replace=replace,
+                weights=weights,
+                digest=content_digest(weights.modules),
+                pages=pages,
+                pinned=pinned,
+                flops_ratio=self._flops_ratio(weights),
+            )
+            self.host_cache.put(entry.id, weights)
+            self._track(entry, old)
         logger.info("registered adapter %s (rank %d, in memory)", name, weights.max_rank)
         return entry
 
@@ -205,6 +226,7 @@ class AdapterManager:
             replace=replace,
             components=tuple(entries),
             pages=need,
+            flops_ratio=sum(e.flops_ratio for e, _ in entries),
         )
         for entry, _ in entries:  # the mixture keeps its components alive
             self.acquire(entry)
@@ -229,9 +251,47 @@ class AdapterManager:
             )
         return pages
 
+    def _flops_ratio(self, weights: LoraAdapterWeights) -> float:
+        ranks = {key: int(m.lora_a.shape[0]) for key, m in weights.modules.items()}
+        return self.layout.flops_ratio(ranks)
+
+    @contextlib.contextmanager
+    def _pinning(self, pinned: bool, name: str, pages: int, replace: bool) -> Iterator[None]:
+        """Hold the pins still while a pinned adapter is checked and registered: refuse it
+        when the pins together would take more than ``pin_capacity`` pages or every slot
+        but one."""
+        if not pinned:
+            yield
+            return
+        with self._pin_lock:
+            with self._lock:
+                others = [
+                    e
+                    for e in self._pinned.values()
+                    if not e.unloading and not (replace and e.name == name)
+                ]
+            taken = sum(e.pages for e in others)
+            if taken + pages > self.pin_capacity:
+                raise AdapterError(
+                    "pin_refused",
+                    f"pinning {name!r} ({pages} pages) beside the pinned adapters' {taken} "
+                    f"would leave too little of the pool for a request: pins may take "
+                    f"{self.pin_capacity} pages together",
+                )
+            if len(others) + 1 >= self.max_slots:
+                raise AdapterError(
+                    "pin_refused",
+                    f"pinning {name!r} would take the last free adapter slot of "
+                    f"{self.max_slots} (--max-resident-loras)",
+                )
+            yield
+
     def _track(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
         with self._lock:
             self._live[entry.id] = entry
+            if entry.pinned:
+                self._pinned[entry.id] = entry
+                self._new_pins.append(entry)  # placed by the next step's place_pinned()
             if old is not None:
                 self._unloads.append(old)
 
@@ -264,6 +324,17 @@ class AdapterManager:
     def get(self, name: str) -> AdapterEntry:
         return self.registry.get(name)
 
+    def pinned_pages(self, beside: AdapterEntry | None = None) -> int:
+        """Pages the pinned adapters hold that a request of ``beside`` cannot use: all of
+        them but its own (any thread)."""
+        own = {part.id for part in self.parts(beside)} if beside is not None else set()
+        with self._lock:
+            return sum(e.pages for e in self._pinned.values() if e.id not in own)
+
+    def pinned_names(self) -> list[str]:
+        with self._lock:
+            return sorted(e.name for e in self._pinned.values() if not e.unloading)
+
     def has_pending_unloads(self) -> bool:
         """Whether unloads wait for the engine thread's next :meth:`sync`."""
         with self._lock:
@@ -277,6 +348,8 @@ class AdapterManager:
         with self._lock:
             unloads, self._unloads = self._unloads, []
             acquired, self._acquired = self._acquired, []
+            new_pins, self._new_pins = self._new_pins, []
+        self._unplaced += [e for e in new_pins if not e.unloading]
         for entry in acquired:
             for part in self.parts(entry):
                 if part.id not in self.residency and part.id not in self.host_cache:
@@ -310,12 +383,17 @@ class AdapterManager:
     def _forget(self, entry: AdapterEntry) -> None:
         for component, _ in entry.components:
             self.release(component)
-        if entry.id in self.residency:
+        if entry in self._unplaced:
+            self._unplaced.remove(entry)
+        resident = self.residency.get(entry.id)
+        if resident is not None:
+            resident.pinned = False  # unloaded: the pin goes with it
             self.residency.evict(entry.id)
         self.host_cache.drop(entry.id)
         self.prefetcher.forget(entry)
         with self._lock:
             self._live.pop(entry.id, None)
+            self._pinned.pop(entry.id, None)
 
     def parts(self, entry: AdapterEntry) -> list[AdapterEntry]:
         """The adapters that must be resident for ``entry``: itself, or a mixture's components."""
@@ -355,6 +433,32 @@ class AdapterManager:
             return Readiness.NO_ROOM
         self.residency.place(entry.id, weights.modules)
         return Readiness.RESIDENT
+
+    def place_pinned(self) -> bool:
+        """Place pinned adapters not yet in the pool, evicting what is not in use if need
+        be; returns whether every pin is in place (until then, the scheduler admits nothing:
+        pins count against the pool before requests do). A pinned adapter whose files fail
+        to load loses its pin, with a warning, instead of holding admission forever."""
+        if not self._unplaced:
+            return True
+        for entry in list(self._unplaced):
+            if entry.unloading:
+                self._unplaced.remove(entry)
+                continue
+            try:
+                readiness = self.ensure_resident(entry)
+            except AdapterError as e:
+                logger.warning("adapter %s stays unpinned: %s", entry.name, e.message)
+                self._unplaced.remove(entry)
+                with self._lock:
+                    self._pinned.pop(entry.id, None)
+                continue
+            if readiness is Readiness.RESIDENT:
+                resident = self.residency.get(entry.id)
+                assert resident is not None
+                resident.pinned = True
+                self._unplaced.remove(entry)
+        return not self._unplaced
 
     def prefetch_into_pool(self, entries: Iterable[AdapterEntry]) -> None:
         """Place host-ready adapters of queued requests into free pages, or pages of no use
@@ -410,4 +514,10 @@ class AdapterManager:
         for placement in placements:
             resident = self.residency.get(placement.adapter_id)
             if resident is not None and resident.slot == placement.slot and resident.pins == 0:
+                if resident.pinned:  # placed again, written, by the next place_pinned()
+                    resident.pinned = False
+                    with self._lock:
+                        entry = self._pinned.get(placement.adapter_id)
+                    if entry is not None:
+                        self._unplaced.append(entry)
                 self.residency.evict(placement.adapter_id)

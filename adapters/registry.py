@@ -43,6 +43,10 @@ class AdapterEntry:
             the prefix cache keys on, so nothing cached for one entry is reused by another.
         version: 1 for the first load of a name, one more with each load of the same name
             since (a replacement, or a load after an unload): counted for the server's life.
+        pinned: the operator asked to keep it in the pool through any churn, until unloaded.
+        flops_ratio: the arithmetic its modules add to a token, over the base model's linear
+            layers' (``adapters.base_layout.BaseModelLayout.flops_ratio``; a mixture: the sum
+            of its components'): what the scheduler prices its rank by.
     """
 
     id: int
@@ -59,6 +63,8 @@ class AdapterEntry:
     digest: bytes = b""
     identity: bytes = b""
     version: int = 1
+    pinned: bool = False
+    flops_ratio: float = 0.0
 
     @property
     def is_mixture(self) -> bool:
@@ -85,6 +91,8 @@ class AdapterRegistry:
         components: tuple[tuple[AdapterEntry, float], ...] = (),
         digest: bytes = b"",
         pages: int = 0,
+        pinned: bool = False,
+        flops_ratio: float = 0.0,
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -115,6 +123,8 @@ class AdapterRegistry:
                 digest=digest,
                 identity=identity,
                 version=version,
+                pinned=pinned,
+                flops_ratio=flops_ratio,
             )
             self._versions[name] = entry.version
             self._by_name[name] = entry

@@ -14,7 +14,8 @@ Every resident adapter also gets a *slot*: a row in the device page tables the k
 Rank 0 marks a (layer, target) it does not touch; rows past a layer's own rank (with a
 per-layer ``rank_pattern``) are allocated but never read.
 
-Residency policy: adapters pinned by running requests are never evicted; the rest are evicted
+Residency policy: adapters pinned by running requests, and adapters the operator pinned
+(:attr:`Resident.pinned`: loaded with ``"pinned": true``), are never evicted; the rest are evicted
 least recently used first when the KV cache or another adapter needs pages, in one order with
 another tenant's spare pages when there is one (:class:`SparePages`: the prefix cache's unused
 blocks), which also hears of every eviction.
@@ -157,14 +158,16 @@ class PageCost:
 
 @dataclass
 class Resident:
-    """A resident adapter: its slot, its pages, how many running requests pin it, and when
-    it was last used (``time.monotonic``: placed, or last let go by a request)."""
+    """A resident adapter: its slot, its pages, how many running requests pin it, whether
+    the operator pinned it (kept in the pool until unloaded), and when it was last used
+    (``time.monotonic``: placed, or last let go by a request)."""
 
     slot: int
     pages: list[int]
     max_rank: int
     pins: int = 0
     last_used: float = 0.0
+    pinned: bool = False
 
 
 class AdapterResidency:
@@ -319,7 +322,8 @@ class AdapterResidency:
         return placements
 
     def evict(self, adapter_id: int) -> None:
-        """Free an unpinned adapter's pages and slot (host bookkeeping only).
+        """Free an adapter's pages and slot (host bookkeeping only). No running request may
+        pin it; an operator's pin is for the caller to have lifted (an unload).
 
         The device tables are left as they are: a slot's rows are read only for the rows of
         a batch that name the slot, which no request does once its adapter is gone, and the
@@ -354,7 +358,12 @@ class AdapterResidency:
             if self.pages.num_free >= num_pages and not short_of_slot:
                 return True
             victim = next(
-                (i for i, r in self._resident.items() if r.pins == 0 and i not in kept), None
+                (
+                    i
+                    for i, r in self._resident.items()
+                    if r.pins == 0 and not r.pinned and i not in kept
+                ),
+                None,
             )
             spare = None if self.spare is None or short_of_slot else self.spare.oldest(kept)
             if spare is not None and (victim is None or spare <= self._resident[victim].last_used):

@@ -22,6 +22,10 @@ from engine.dummy import checkpoint_shapes
 from engine.naming import is_quantized_linear
 
 QUANTIZATIONS = ("none", "nf4")
+# Which waiting request is admitted next (see ``engine/scheduling.py``).
+SCHEDULING_POLICIES = ("fcfs", "fair", "priority")
+# What the fair policy shares the engine between: adapters, or the OpenAI ``user`` field.
+FAIRNESS_KEYS = ("adapter", "user")
 # "auto": the safetensors checkpoint; "dummy": random weights from config.json alone.
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,14 +115,38 @@ class SchedulerConfig:
     Attributes:
         max_num_seqs: the most requests running at once.
         max_num_batched_tokens: the per-step token budget shared by prefill chunks and decodes.
+        policy: which waiting request is admitted next: "fcfs" (arrival order), "fair"
+            (the client served least so far, by the Virtual Token Counter) or "priority"
+            (the request's ``priority``, lower first, arrival order within a level).
+        fairness_key: what "fair" calls a client: the request's "adapter" (the base model is
+            one client too), or its "user" (the OpenAI field; requests without one fall
+            back to their adapter).
+        input_token_weight, output_token_weight: what one prompt token and one generated
+            token cost a client's counter under "fair" (before its adapter's rank factor).
     """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    policy: str = "fair"
+    fairness_key: str = "adapter"
+    input_token_weight: float = 1.0
+    output_token_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                f"got {self.policy!r}"
+            )
+        if self.fairness_key not in FAIRNESS_KEYS:
+            raise ValueError(
+                f"fairness key must be one of {', '.join(FAIRNESS_KEYS)}; got {self.fairness_key!r}"
+            )
+        weights = (self.input_token_weight, self.output_token_weight)
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError("token weights must be positive and finite")
 
 
 @dataclass(frozen=True)
@@ -127,18 +155,29 @@ class LoraConfig:
 
     Attributes:
         max_lora_rank: adapters with a larger rank are refused.
-        max_loras: the most adapters resident in the pool at once (rows of the kernels'
-            page tables; the weights themselves take pool pages only while resident).
+        max_loras: the most distinct adapters in one batch (a mixture counts each of its
+            components); requests past it wait for a later step. None: no cap but
+            ``max_resident_loras``.
+        max_resident_loras: the most adapters resident in the pool at once (rows of the
+            kernels' page tables; the weights themselves take pool pages only while
+            resident).
         host_cache_bytes: capacity of the host-memory tier of parsed adapters.
     """
 
     max_lora_rank: int = 64
-    max_loras: int = 256
+    max_loras: int | None = None
+    max_resident_loras: int = 256
     host_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
-        if self.max_lora_rank <= 0 or self.max_loras <= 0 or self.host_cache_bytes <= 0:
-            raise ValueError("max_lora_rank, max_loras and host_cache_bytes must be positive")
+        if self.max_lora_rank <= 0 or self.max_resident_loras <= 0 or self.host_cache_bytes <= 0:
+            raise ValueError(
+                "max_lora_rank, max_resident_loras and host_cache_bytes must be positive"
+            )
+        if self.max_loras is not None and not 0 < self.max_loras <= self.max_resident_loras:
+            raise ValueError(
+                f"max_loras must be between 1 and max_resident_loras ({self.max_resident_loras})"
+            )
 
 
 @dataclass(frozen=True)
@@ -191,7 +230,12 @@ class EngineConfig:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_lora_rank: int = 64,
-        max_loras: int = 256,
+        max_loras: int | None = None,
+        max_resident_loras: int = 256,
+        scheduling_policy: str = "fair",
+        fairness_key: str = "adapter",
+        input_token_weight: float = 1.0,
+        output_token_weight: float = 2.0,
         enforce_eager: bool = False,
         graph_mode: str | None = None,
         cuda_graph_sizes: tuple[int, ...] = (),
@@ -245,8 +289,15 @@ class EngineConfig:
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
             cache=CacheConfig(num_pages, enable_prefix_caching, block_size),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-            lora=LoraConfig(max_lora_rank, max_loras),
+            scheduler=SchedulerConfig(
+                max_num_seqs,
+                max_num_batched_tokens,
+                scheduling_policy,
+                fairness_key,
+                input_token_weight,
+                output_token_weight,
+            ),
+            lora=LoraConfig(max_lora_rank, max_loras, max(max_resident_loras, max_loras or 0)),
             graphs=graphs,
             seed=seed,
         )

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -19,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.base_layout import BaseModelLayout
 from adapters.loader import LoraAdapterWeights
 from adapters.manager import AdapterManager
+from adapters.registry import AdapterEntry
 from adapters.residency import AdapterResidency
 from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
@@ -35,9 +37,11 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduling import token_cost
 from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LLMEngine:
@@ -84,7 +88,11 @@ class LLMEngine:
         self.adapters.residency.spare = self.kv_cache.prefix
         self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
         self.scheduler = Scheduler(
-            config.scheduler, self.kv_cache, self.eos_token_ids, self.adapters
+            config.scheduler,
+            self.kv_cache,
+            self.eos_token_ids,
+            self.adapters,
+            max_loras=config.lora.max_loras,
         )
         sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
         slot_tables = SlotTables(
@@ -169,7 +177,7 @@ class LLMEngine:
             self.pool.tenant(Tenant.ADAPTER),
             layout.num_layers,
             layout.linear_shapes,
-            max_slots=config.max_loras,
+            max_slots=config.max_resident_loras,
             max_lora_rank=config.max_lora_rank,
         )
         self.pool.register(Tenant.ADAPTER, residency)
@@ -180,22 +188,30 @@ class LLMEngine:
             # An adapter's request needs at least the KV pages of one token beside it.
             max_adapter_pages=self.pool.num_pages - PAGES_PER_TOKEN,
             host_cache_bytes=config.host_cache_bytes,
+            # Pins leave room for one request at the full context length.
+            pin_capacity=max(
+                self.pool.num_pages - PAGES_PER_TOKEN * self.config.model.max_model_len, 0
+            ),
         )
 
     # -- adapters -------------------------------------------------------------------------
 
-    def load_lora(self, name: str, path: str | Path, replace: bool = False) -> int:
+    def load_lora(
+        self, name: str, path: str | Path, replace: bool = False, pinned: bool = False
+    ) -> int:
         """Validate and register a PEFT LoRA adapter under ``name``; returns its version (1
         for a name's first load, one more with each load since). Safe from any thread.
 
         With ``replace``, requests already running keep the weights they started with and
-        new ones get these; nothing cached for the old version is reused.
+        new ones get these; nothing cached for the old version is reused. ``pinned`` keeps
+        the adapter in the pool through any churn until it is unloaded (or replaced).
 
         Raises:
-            AdapterError: the adapter is invalid (code and message say why) or the name is
-                taken (``adapter_already_loaded``) and ``replace`` is False.
+            AdapterError: the adapter is invalid (code and message say why), the name is
+                taken (``adapter_already_loaded``) and ``replace`` is False, or
+                (``pin_refused``) pinning it would leave no room for a request.
         """
-        return self.adapters.load(name, Path(path), replace=replace).version
+        return self.adapters.load(name, Path(path), replace=replace, pinned=pinned).version
 
     def load_lora_weights(
         self, name: str, weights: LoraAdapterWeights, replace: bool = False
@@ -227,6 +243,9 @@ class LLMEngine:
         request_id: str | None = None,
         lora: str | None = None,
         detokenize: bool = True,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Safe to call from any thread.
 
@@ -237,16 +256,26 @@ class LLMEngine:
             lora: the name of a loaded adapter, or None for the base model.
             detokenize: render text (deltas, stop strings) here; False leaves outputs'
                 text empty and stop strings to the caller (the API process does both).
+            priority: lower runs first under the "priority" policy; must be 0 under others.
+            user: the OpenAI ``user`` field: the client the "fair" policy charges when
+                ``fairness_key`` is "user".
 
         Raises:
-            ValueError: the prompt is empty or has unknown token ids, or the request can never
-                fit the model's context or the page pool.
+            ValueError: the prompt is empty or has unknown token ids, the request can never
+                fit the model's context or the page pool, or it has a priority the
+                scheduling policy does not use.
             AdapterError: ``lora`` names no loaded adapter (``model_not_found``).
         """
         params = params or SamplingParams()
+        sched = self.config.scheduler
+        if priority != 0 and sched.policy != "priority":
+            raise ValueError(
+                f"priority {priority} needs --scheduling-policy priority; this server "
+                f"schedules by {sched.policy}"
+            )
         adapter = self.adapters.get(lora) if lora is not None else None
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        self.validate(ids, params, adapter.pages if adapter is not None else 0)
+        self.validate(ids, params, self.adapters.pinned_pages(adapter), adapter)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         generator = None
         if params.seed is not None:
@@ -263,6 +292,13 @@ class LLMEngine:
             ),
             generator=generator,
             adapter=adapter,
+            priority=priority,
+            client=(
+                user
+                if user is not None and sched.fairness_key == "user"
+                else (adapter.name if adapter is not None else "")
+            ),
+            token_cost=token_cost(adapter.flops_ratio) if adapter is not None else 1.0,
         )
         with self._lock:
             if request_id in self.requests or any(r.request_id == request_id for r in self._inbox):
@@ -270,9 +306,16 @@ class LLMEngine:
             self._inbox.append(request)
         return request_id
 
-    def validate(self, ids: list[int], params: SamplingParams, adapter_pages: int = 0) -> None:
+    def validate(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        pinned_pages: int = 0,
+        adapter: AdapterEntry | None = None,
+    ) -> None:
         """Raise ValueError when the request could never run (add_request calls it): its
-        pages at full length beside its adapter's (``adapter_pages``) must fit the pool."""
+        pages at full length must fit the pool beside its adapter's (``adapter``) and the
+        pinned adapters' other than its own (``pinned_pages``)."""
         if not ids:
             raise ValueError("the prompt is empty")
         vocab_size = self.model.arch.vocab_size
@@ -286,8 +329,11 @@ class LLMEngine:
                 f"exceeds the context length {limit}"
             )
         need = PAGES_PER_TOKEN * total
-        if need + adapter_pages > self.pool.num_pages:
+        adapter_pages = 0 if adapter is None else adapter.pages
+        if need + adapter_pages + pinned_pages > self.pool.num_pages:
             beside = f" beside its adapter's {adapter_pages}" if adapter_pages else ""
+            if pinned_pages:
+                beside += f" and the pinned adapters' {pinned_pages}"
             raise ValueError(
                 f"the request needs up to {need} pages{beside}; the pool has {self.pool.num_pages}"
             )
@@ -348,6 +394,7 @@ class LLMEngine:
         prefetch = self.adapters.prefetcher.stats
         prefix = self.kv_cache.prefix
         cached_pages = self.kv_cache.num_cached_pages
+        ledger = self.scheduler.ledger
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -377,6 +424,10 @@ class LLMEngine:
             cached_pages=cached_pages,
             cached_pages_by_adapter={} if prefix is None else _snapshot(prefix.pages_by_label),
             adapter_versions={e.name: e.version for e in self.adapters.registry.entries()},
+            pinned_adapters=self.adapters.pinned_names(),
+            client_prompt_tokens=_snapshot(ledger.prompt_tokens),
+            client_output_tokens=_snapshot(ledger.output_tokens),
+            client_virtual_tokens=ledger.labelled(_snapshot(self.scheduler.waiting.counters())),
         )
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -450,7 +501,7 @@ class LLMEngine:
         assert sum(r.pins for r in residency.residents()) == sum(pins.values())
 
 
-def _snapshot(counts: Mapping[str, int]) -> dict[str, int]:
+def _snapshot(counts: Mapping[str, T]) -> dict[str, T]:
     """A copy of a dict the engine thread may be changing (for stats from another thread)."""
     for _ in range(8):
         try:

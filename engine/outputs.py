@@ -102,6 +102,13 @@ class EngineStats:
     cached_pages: int = 0  # pages only the prefix cache holds (free for the taking)
     cached_pages_by_adapter: dict[str, int] = field(default_factory=dict)  # "" = base model
     adapter_versions: dict[str, int] = field(default_factory=dict)  # name -> version
+    pinned_adapters: list[str] = field(default_factory=list)  # names, kept in the pool
+    # Per client (``Request.client``; at most ``scheduling.MAX_CLIENT_LABELS`` named, the
+    # rest summed under ``scheduling.OTHER_CLIENTS``): prompt tokens admitted, tokens
+    # generated, and the fair policy's virtual token counter.
+    client_prompt_tokens: dict[str, int] = field(default_factory=dict)
+    client_output_tokens: dict[str, int] = field(default_factory=dict)
+    client_virtual_tokens: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_cache_usage(self) -> float:

@@ -54,6 +54,12 @@ class Request:
         just_admitted: admitted (or readmitted) and not yet scheduled a chunk: its first chunk
             carries the pages of the tokens it starts with (from the prefix cache) and, with
             penalties, the tokens it generated before.
+        priority: lower runs first under the "priority" policy (vLLM's field); 0 otherwise.
+        client: whom the "fair" policy charges for it: its adapter's name ("" for the base
+            model) or its user, as ``--fairness-key`` says.
+        token_cost: what each of its tokens costs its client beyond the token weights: 1
+            for the base model, more for an adapter by its rank (``engine/scheduling.py``).
+        seq: its place in arrival order (set when the scheduler first queues it).
     """
 
     request_id: str
@@ -78,6 +84,10 @@ class Request:
     num_cached_tokens: int | None = None
     block_keys: list[bytes] = field(default_factory=list)
     just_admitted: bool = False
+    priority: int = 0
+    client: str = ""
+    token_cost: float = 1.0
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:

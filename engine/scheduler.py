@@ -9,15 +9,21 @@ The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
        If the KV cache cannot hold those tokens, evict adapters no running request uses;
        if that is not enough, preempt the newest running request (drop its pages; it
        rejoins the head of the waiting queue and is recomputed later) and retry, until the
-       request fits or is itself the one preempted.
-    2. If nothing was preempted, admit waiting requests first-come-first-served while the
-       budget, ``max_num_seqs`` and the pages allow. A request's adapter must be resident
+       request fits or is itself the one preempted. The policy picks the victim (fcfs: the
+       newest; priority: the lowest priority; fair: the newest of the client served most),
+       and gives running requests their tokens in an order that serves the victim last.
+    2. If nothing was preempted (and every pinned adapter is in the pool), admit waiting
+       requests in the policy's order (``engine/scheduling.py``: fcfs, fair or priority)
+       while the budget, ``max_num_seqs`` and the pages allow. A request whose adapter
+       would make the batch hold more than ``max_loras`` distinct adapters is passed over
+       for a later step. A request's adapter must be resident
        first: the pages it needs count against the pool like the KV cache's (evicting
        unused adapters and cached blocks when needed). A request whose adapter is still
        loading from disk is passed over, not waited for, so requests behind it still run.
        With prefix caching, an admitted request starts on the cached blocks of its longest
        cached prefix (under its adapter's identity) and computes only the rest.
-    3. Place the adapters of the next waiting requests into free pages (prefetch), so they
+    3. Place the adapters of the next waiting requests (in the policy's order) into free
+       pages (prefetch), so they
        are resident by the time they are admitted.
 
 Placing an adapter is bookkeeping here: the step's output carries the placements, and the
@@ -31,7 +37,6 @@ whose chunk reaches its last token samples one new token in :meth:`update`.
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from adapters.errors import AdapterError
 from adapters.manager import AdapterManager, Readiness
@@ -41,12 +46,21 @@ from engine.kv_cache import KVCache
 from engine.page_pool import OutOfPages
 from engine.prefix_cache import BASE_ROOT, chain_keys
 from engine.request import Request, RequestStatus
+from engine.scheduling import ClientLedger, make_policy
 
 _PREFETCH_AHEAD = 8  # waiting requests whose adapters step 3 copies into free pages
 
 
 class Scheduler:
-    """Owns the waiting queue, the running list and the KV cache's page lists."""
+    """Owns the waiting queue, the running list and the KV cache's page lists.
+
+    Args:
+        config: batch limits and the scheduling policy.
+        kv_cache: the KV tenant's page lists.
+        eos_token_ids: tokens that end a request.
+        adapters: the adapter side of the engine (None: base-model requests only).
+        max_loras: the most distinct adapters in one batch (None: no cap).
+    """
 
     def __init__(
         self,
@@ -54,12 +68,15 @@ class Scheduler:
         kv_cache: KVCache,
         eos_token_ids: set[int],
         adapters: AdapterManager | None = None,
+        max_loras: int | None = None,
     ) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters
-        self.waiting: deque[Request] = deque()
+        self.max_loras = max_loras
+        self.waiting = make_policy(config)  # the waiting queue, in the policy's order
+        self.ledger = ClientLedger()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.prefetch_hits = 0
@@ -68,7 +85,7 @@ class Scheduler:
         self._retired: list[str] = []  # finished or aborted since the last schedule()
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -78,20 +95,22 @@ class Scheduler:
         chunks: dict[str, int] = {}  # request id -> tokens scheduled this step
         preempted: list[Request] = []
 
-        for request in list(self.running):
+        for request in list(self.waiting.running_order(self.running)):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._reserve(request, num_new, preempted):
+            fits, budget = self._reserve(request, num_new, preempted, chunks, budget)
+            if fits:
                 chunks[request.request_id] = num_new
                 budget -= num_new
 
-        if not preempted:
+        pins_placed = self.adapters is None or self.adapters.place_pinned()
+        if not preempted and pins_placed:
             budget = self._admit(budget, chunks)
         if self.adapters is not None:
-            ahead = [r.adapter for r in list(self.waiting)[:_PREFETCH_AHEAD] if r.adapter]
+            ahead = [r.adapter for r in self.waiting.peek(_PREFETCH_AHEAD) if r.adapter]
             self.adapters.prefetch_into_pool(ahead)
 
         scheduled = [r for r in self.running if r.request_id in chunks]
@@ -104,10 +123,16 @@ class Scheduler:
         )
 
     def _admit(self, budget: int, chunks: dict[str, int]) -> int:
-        """Admit waiting requests FCFS (step 2); returns the budget left."""
-        for request in list(self.waiting):
+        """Admit waiting requests in the policy's order (step 2); returns the budget left."""
+        in_batch = self._batch_adapters()
+        for request in self.waiting.order():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            parts: list[int] = []
+            if in_batch is not None and request.adapter is not None:
+                parts = [i for i in self._adapter_ids(request) if i not in in_batch]
+                if len(in_batch) + len(parts) > (self.max_loras or 0):
+                    continue  # one adapter too many for this batch: a later step
             readiness = self._adapter_readiness(request)
             if readiness is Readiness.LOADING:
                 continue  # its adapter is still on its way from disk: do not hold others
@@ -130,8 +155,13 @@ class Scheduler:
             request.num_computed_tokens = cached
             request.just_admitted = True
             self.waiting.remove(request)
-            if request.first_scheduled_time is None:
+            first = request.first_scheduled_time is None
+            if first:
                 request.first_scheduled_time = time.monotonic()
+                self.ledger.admitted(request)
+            self.waiting.admitted(request, first)
+            if in_batch is not None:
+                in_batch.update(parts)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             if request.adapter is not None and self.adapters is not None:
@@ -139,6 +169,12 @@ class Scheduler:
             chunks[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _batch_adapters(self) -> set[int] | None:
+        """The adapters the running requests use, when ``max_loras`` caps them (else None)."""
+        if self.max_loras is None:
+            return None
+        return {i for r in self.running for i in self._adapter_ids(r)}
 
     def _root(self, request: Request) -> bytes | None:
         """The root of the request's chain keys; None when it must not use the cache (no
@@ -236,16 +272,26 @@ class Scheduler:
         self.kv_cache.grow(request.request_id, num_tokens)
         return True
 
-    def _reserve(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
-        """Grow a running request's pages for ``num_new`` tokens, preempting newer requests."""
+    def _reserve(
+        self,
+        request: Request,
+        num_new: int,
+        preempted: list[Request],
+        chunks: dict[str, int],
+        budget: int,
+    ) -> tuple[bool, int]:
+        """Grow a running request's pages for ``num_new`` tokens, preempting the policy's
+        victims; returns whether it fits, and the budget (with the tokens of any victim
+        already scheduled this step given back)."""
         target = request.num_computed_tokens + num_new
         while not self._grow(request, target):
-            victim = self.running[-1]
+            victim = self.waiting.victim(self.running)
             self._preempt(victim)
             preempted.append(victim)
+            budget += chunks.pop(victim.request_id, 0)
             if victim is request:
-                return False
-        return True
+                return False, budget
+        return True, budget
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -255,7 +301,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.requeue(request)
         self.num_preemptions += 1
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
@@ -336,6 +382,8 @@ class Scheduler:
             if request.logprobs is not None and result.logprob is not None:
                 request.logprobs.append(result.logprob)
             request.output_token_ids.append(token)
+            self.waiting.generated(request)
+            self.ledger.generated(request)
             request.detokenizer.add_token(token)
             reason = self._finish_reason(request, token)
             if reason is not None:
@@ -366,6 +414,7 @@ class Scheduler:
         self.kv_cache.free(request.request_id)
         if request.adapter is not None and self.adapters is not None:
             self.adapters.release(request.adapter)
+        self.waiting.finished(request)
         self._retired.append(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

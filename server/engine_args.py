@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from engine.config import EngineConfig
@@ -27,7 +28,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
     )
     parser.add_argument("--max-lora-rank", type=int, default=64)
-    parser.add_argument("--max-loras", type=int, default=256)
+    parser.add_argument(
+        "--max-loras",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="the most distinct adapters in one batch; requests past it wait for a later "
+        "step (default: no cap but --max-resident-loras)",
+    )
+    parser.add_argument(
+        "--max-resident-loras",
+        type=_positive,
+        default=256,
+        metavar="N",
+        help="the most adapters resident in the page pool at once",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -50,6 +65,33 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=16,
         metavar="N",
         help="tokens per prefix-cache block: what is hashed and reused as one",
+    )
+    parser.add_argument(
+        "--scheduling-policy",
+        default="fair",
+        choices=["fcfs", "fair", "priority"],
+        help="which waiting request runs next: fair shares between clients (the Virtual "
+        "Token Counter), fcfs in arrival order, priority by the request's priority field",
+    )
+    parser.add_argument(
+        "--fairness-key",
+        default="adapter",
+        choices=["adapter", "user"],
+        help="what the fair policy calls a client: the request's adapter, or its user field",
+    )
+    parser.add_argument(
+        "--fairness-input-weight",
+        type=_weight,
+        default=1.0,
+        metavar="W",
+        help="what one prompt token costs a client under the fair policy",
+    )
+    parser.add_argument(
+        "--fairness-output-weight",
+        type=_weight,
+        default=2.0,
+        metavar="W",
+        help="what one generated token costs a client under the fair policy",
     )
     parser.add_argument(
         "--cuda-graph-sizes",
@@ -80,6 +122,11 @@ def engine_config(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
+        max_resident_loras=args.max_resident_loras,
+        scheduling_policy=args.scheduling_policy,
+        fairness_key=args.fairness_key,
+        input_token_weight=args.fairness_input_weight,
+        output_token_weight=args.fairness_output_weight,
         enforce_eager=args.enforce_eager,
         cuda_graph_sizes=args.cuda_graph_sizes,
         enable_prefix_caching=args.enable_prefix_caching,
@@ -105,4 +152,14 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
     return value

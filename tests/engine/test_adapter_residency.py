@@ -50,13 +50,13 @@ def churn(engine: LLMEngine, adapters: list[Path]) -> dict[str, list[int]]:
 
 
 def test_churn_through_a_small_pool(llama_dir: Path, many_adapters: list[Path]) -> None:
-    roomy = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", max_loras=256))
+    roomy = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", max_resident_loras=256))
     expected = churn(roomy, many_adapters)
     assert roomy.adapters.residency.num_evicted == 0
     # A rank-r adapter on q, k, v, o takes r * (4 + 4 + 4 + 1 + 4 + 1 + 4 + 4) = 26r pages
     # (A rows of 64 and Bᵀ rows of 64 or 16 elements, 16 to a page): 52 to 104 pages.
     # 1200 pages hold about ten of them beside the KV cache of the running batch.
-    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=1200, max_loras=16)
+    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=1200, max_resident_loras=16)
     host_cap = 40 * 12_288  # about 40 parsed adapters (~12 KB each) in host memory
     tight = LLMEngine(config.replace(lora=LoraConfig(64, 16, host_cache_bytes=host_cap)))
     got = churn(tight, many_adapters)

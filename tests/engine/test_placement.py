@@ -124,7 +124,7 @@ def test_placements_evicted_in_the_same_schedule_are_dropped(
 ) -> None:
     """An adapter placed and evicted before the runner applies it leaves no placement; the
     slot and pages, handed to the next adapter, receive only that adapter's weights."""
-    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", max_loras=1))
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", max_resident_loras=1))
     residency = engine.adapters.residency
     weights = {}
     for name in ("a0", "a1"):
@@ -172,7 +172,9 @@ def test_churn_reuses_slots_and_pages_exactly(llama_dir: Path, adapters: dict[st
     """Ten adapters through four slots and a pool that holds about three: slots and pages
     are evicted and placed again step after step, and every request generates what it
     generates alone through PEFT."""
-    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", num_pages=600, max_loras=4))
+    engine = LLMEngine(
+        EngineConfig.create(llama_dir, dtype="float32", num_pages=600, max_resident_loras=4)
+    )
     for name, path in adapters.items():
         engine.load_lora(name, path)
     placed: list[Placement] = []
@@ -311,7 +313,7 @@ def test_only_the_engine_thread_touches_residency(
     adapters while the engine steps through a pool too small for them all; every access to
     the residency comes from the stepping thread, and every request generates what it does
     in a roomy engine."""
-    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=600, max_loras=4)
+    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=600, max_resident_loras=4)
     engine = LLMEngine(config)
     recorder = ThreadRecorder()
     record_residency(engine.adapters.residency, recorder)

@@ -92,7 +92,7 @@ def test_preemption_recomputes_the_newest_request(tokenizer: PreTrainedTokenizer
     assert scheduler.num_preemptions == 1
     new = requests["new"]
     assert new.num_computed_tokens == 0 and len(new.output_token_ids) == 2
-    assert scheduler.waiting[0] is new
+    assert scheduler.waiting.peek(1) == [new]
     while requests["old"].status.value != "finished":
         run_step(scheduler, requests)
     # Resumed: prompt and its two generated tokens are recomputed in one chunk.

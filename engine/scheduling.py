@@ -39,6 +39,7 @@ clients named (the first seen) and the rest summed under :data:`OTHER_CLIENTS`.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from abc import ABC, abstractmethod
 from bisect import insort
@@ -235,14 +236,21 @@ class FairPolicy(Policy):
         return self._len
 
     def order(self) -> Iterator[Request]:
-        pending = {c: list(q) for c, q in self._queues.items()}
-        while pending:
-            client = min(pending, key=lambda c: (self._counters[c], pending[c][0].seq))
-            queue = pending[client]
-            request = queue.pop(0)
-            if not queue:
-                del pending[client]
-            yield request
+        # A heap of each client's next request by (counter, arrival); only the client just
+        # yielded can have been charged since, so it alone is pushed back with a new key.
+        cursors = {c: iter(list(q)) for c, q in self._queues.items()}
+        heap = [(self._counters[c], q[0].seq, c) for c, q in self._queues.items()]
+        heapq.heapify(heap)
+        heads = {c: q[0] for c, q in self._queues.items()}
+        for cursor in cursors.values():
+            next(cursor)
+        while heap:
+            _, _, client = heapq.heappop(heap)
+            yield heads[client]
+            following = next(cursors[client], None)
+            if following is not None:
+                heads[client] = following
+                heapq.heappush(heap, (self._counters[client], following.seq, client))
 
     def admitted(self, request: Request, first: bool) -> None:
         if first:

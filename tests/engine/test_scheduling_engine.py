@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.errors import AdapterError
 from engine import LLMEngine, SamplingParams
 from engine.batch import SchedulerOutput
 from engine.config import EngineConfig
@@ -125,3 +126,11 @@ def test_max_loras_counts_each_part_of_a_mixture(llama_dir: Path, adapters: list
         for out in engine.step():
             assert out.error is None
     assert max(len(s) for s in seen) == 2
+
+
+def test_a_mixture_larger_than_a_batch_is_refused(llama_dir: Path, adapters: list[Path]) -> None:
+    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32", max_loras=2))
+    for i, path in enumerate(adapters[:3]):
+        engine.load_lora(f"a{i}", path)
+    with pytest.raises(AdapterError, match="exceeds the 2 one batch may hold"):
+        engine.register_mixture("mix", [("a0", 1.0), ("a1", 1.0), ("a2", 1.0)])

@@ -422,13 +422,18 @@ class ProcessBridge(BridgeBase):
     # -- requests (event loop) ------------------------------------------------------------
 
     async def submit_async(
-        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+        self,
+        prompts: Sequence[tuple[str | list[int], SamplingParams]],
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> RequestGroup:
         group = self._admit(len(prompts))
         requests = []
         for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
             ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else prompt
-            requests.append(NewRequest(rid, ids, params, lora))
+            requests.append(NewRequest(rid, ids, params, lora, priority, user))
             self._detokenizers[rid] = IncrementalDetokenizer(
                 self.tokenizer, ids, params.stop, params.skip_special_tokens
             )
@@ -500,6 +505,10 @@ class RemoteEngine:
     @property
     def max_model_len(self) -> int:
         return self.info.max_model_len
+
+    @property
+    def scheduling_policy(self) -> str:
+        return self.info.scheduling_policy
 
     def stats(self) -> EngineStats:
         if self._stats is None:  # before the first answer (refreshed at startup)

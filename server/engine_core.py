@@ -426,6 +426,8 @@ class EngineCore:
                     request_id=r.request_id,
                     lora=r.lora,
                     detokenize=False,
+                    priority=r.priority,
+                    user=r.user,
                 )
                 added.append(r.request_id)
         except Exception:
@@ -527,6 +529,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         max_model_len=mc.max_model_len,
         max_num_seqs=engine.config.scheduler.max_num_seqs,
         adapters=list(engine.adapters.registry.names()),
+        scheduling_policy=engine.config.scheduler.policy,
     )
 
 

@@ -48,6 +48,11 @@ class EngineHandle(Protocol):
     async def refresh_stats(self) -> None:
         """Bring :meth:`stats` up to date (a scrape awaits it)."""
 
+    @property
+    def scheduling_policy(self) -> str:
+        """The engine's ``--scheduling-policy`` ("fcfs", "fair" or "priority")."""
+        ...
+
     async def adapter_versions(self) -> dict[str, int]:
         """Every registered name (temporary ``_`` ones included) and its version."""
         ...
@@ -94,6 +99,10 @@ class LocalEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.config.model.max_model_len
+
+    @property
+    def scheduling_policy(self) -> str:
+        return self.engine.config.scheduler.policy
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -64,12 +64,15 @@ class Hello(msgspec.Struct, frozen=True, tag="hello"):
 
 
 class NewRequest(msgspec.Struct, frozen=True):
-    """One engine request: the prompt tokenized by the API process."""
+    """One engine request: the prompt tokenized by the API process; ``priority`` and
+    ``user`` as ``LLMEngine.add_request`` takes them."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     lora: str | None = None
+    priority: int = 0
+    user: str | None = None
 
 
 class AddRequests(msgspec.Struct, frozen=True, tag="add"):
@@ -202,6 +205,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_model_len: int
     max_num_seqs: int
     adapters: list[str]
+    scheduling_policy: str = "fair"  # the API process refuses priorities the policy ignores
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):

@@ -93,6 +93,8 @@ def from_adapter_error(error: AdapterError, param: str | None = None) -> APIErro
 def from_engine_value_error(error: ValueError, prompt_param: str) -> APIError:
     """Map ``LLMEngine.add_request``'s ``ValueError`` onto a 400 with a code and a param."""
     message = str(error)
+    if message.startswith("priority"):  # a priority under a policy that has none
+        return APIError(400, "invalid_value", message, "priority")
     if "exceeds the context length" in message:
         return APIError(400, "context_length_exceeded", message, prompt_param)
     if "prompt" in message:

@@ -113,8 +113,11 @@ async def _generate(
     echo: list[str] | None,
 ) -> Response:
     """Queue the jobs, then stream or collect their outputs."""
+    body.check_priority(state.handle.scheduling_policy)
     try:
-        group = await state.bridge.submit_async(jobs, state.lora_for(body.model))
+        group = await state.bridge.submit_async(
+            jobs, state.lora_for(body.model), priority=body.priority, user=body.client_user
+        )
     except AdapterError as e:
         raise from_adapter_error(e, "model") from None
     except APIError as e:

@@ -46,6 +46,7 @@ from server.engine_protocol import (
     decode_value,
     frame,
 )
+from server.errors import from_engine_value_error
 from tests.server.conftest import (
     BASE,
     TASKS,
@@ -626,6 +627,20 @@ def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) 
         assert client.reply(6).error is None
         assert client.receive(lambda m: isinstance(m, Heartbeat), timeout=5)
     assert client.code == [0]  # the connection closed: a clean exit
+    assert not core_engine.has_unfinished()
+
+
+def test_engine_core_refuses_a_priority_the_policy_ignores(core_engine: LLMEngine) -> None:
+    """The fair engine's own check: its refusal crosses as a ValueError that the routes
+    map onto 400 ``param: priority`` (the API process refuses it first, from the policy
+    the engine reported)."""
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    with running_core(core_engine) as client:
+        client.send(AddRequests(1, [NewRequest("p", [5, 6, 7], greedy, None, priority=2)]))
+        error = client.reply(1).error
+    assert error is not None and error.kind == "value"
+    api = from_engine_value_error(ValueError(error.message), "prompt")
+    assert (api.status, api.code, api.param) == (400, "invalid_value", "priority")
     assert not core_engine.has_unfinished()
 
 

@@ -1,0 +1,148 @@
+"""Scheduling through the API, on the demo model and its trained adapters: the ``priority``
+field (validated; refused under a policy without priorities; ordering admission under
+``--scheduling-policy priority``), ``user`` as the scheduler's client under
+``--fairness-key user``, pinned adapters loaded over HTTP (and refused when the pins would
+not leave room for a request), and the per-client metrics with their bounded labels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from server.config import ServerConfig
+from server.errors import from_engine_value_error
+from tests.server.conftest import (
+    BASE,
+    DEMO_ADAPTERS,
+    Served,
+    assert_error,
+    assert_good,
+    demo_adapters,
+    make_engine,
+    serve,
+)
+
+PROMPT = {"model": BASE, "prompt": "ok=", "max_tokens": 4}
+CHAT = {"model": BASE, "messages": [{"role": "user", "content": "ok"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def prio() -> Iterator[Served]:
+    """The priority policy, users as clients, one request at a time (so admission order is
+    completion order), runtime loading, and a pool of 600 pages: pins may take 600 - 2 · 128
+    (one request at the full context) = 344 of them; "upper" takes 56, "swapcase" 304."""
+    engine = make_engine(
+        demo_adapters("upper", "swapcase"),
+        scheduling_policy="priority",
+        fairness_key="user",
+        max_num_seqs=1,
+        num_pages=600,
+    )
+    config = ServerConfig(model_name=BASE, allow_runtime_lora=True, adapter_roots=(DEMO_ADAPTERS,))
+    served = serve(engine, config)
+    yield served
+    served.stop()
+
+
+def metric(served: Served, name: str) -> dict[str, float]:
+    """One family's samples from ``/metrics``: the value by its one label's value ("" for
+    an unlabelled sample)."""
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                values[next(iter(sample.labels.values()), "")] = sample.value
+    return values
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# -- priority ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", 1.5, True, None, 2**31, -(2**31) - 1])
+def test_priority_is_a_32_bit_integer(demo_server: Served, value: Any) -> None:
+    with demo_server.http() as http:
+        for route, body in (("/v1/completions", PROMPT), ("/v1/chat/completions", CHAT)):
+            response = http.post(route, json={**body, "priority": value})
+            assert_error(response, 400, "invalid_value", "priority")
+    assert_good(demo_server)
+
+
+def test_a_priority_needs_the_priority_policy(demo_server: Served) -> None:
+    """Under the default fair policy a non-zero priority is refused before it is queued
+    (the API process knows the policy); 0, the default, is what every request has."""
+    with demo_server.http() as http:
+        for route, body in (("/v1/completions", PROMPT), ("/v1/chat/completions", CHAT)):
+            for priority in (3, -1):
+                response = http.post(route, json={**body, "priority": priority})
+                error = assert_error(response, 400, "invalid_value", "priority")
+                assert "--scheduling-policy priority" in error["message"]
+                assert "fair" in error["message"]
+            assert http.post(route, json={**body, "priority": 0}).status_code == 200
+    demo_server.wait_idle()
+    # The engine refuses it too, and its refusal maps onto the same envelope.
+    engine = demo_server.state.engine
+    with pytest.raises(ValueError) as refused:
+        engine.add_request("ok=", SamplingParams(max_tokens=2), priority=3)
+    error = from_engine_value_error(refused.value, "prompt")
+    assert (error.status, error.code, error.param) == (400, "invalid_value", "priority")
+    assert not engine.has_unfinished()
+
+
+def test_priorities_order_admission(prio: Served) -> None:
+    """Three requests queued while the engine holds still, told apart by their lengths:
+    with one running at a time, they finish in priority order (lower first)."""
+    engine = prio.state.engine
+    step = engine.step
+    release = threading.Event()
+    finished: list[int] = []
+
+    def held_step() -> list[RequestOutput]:
+        release.wait(30)
+        outputs = step()
+        finished.extend(o.num_output_tokens for o in outputs if o.finished)
+        return outputs
+
+    lengths = {5: 3, -1: 4, 2: 5}  # priority -> max_tokens
+    client = prio.openai()
+    engine.step = held_step  # type: ignore[method-assign]
+    try:
+        with ThreadPoolExecutor(len(lengths)) as pool:
+            futures = [
+                pool.submit(
+                    client.completions.create,
+                    model=BASE,
+                    prompt="abc=",
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    extra_body={"priority": priority, "ignore_eos": True},
+                )
+                for priority, max_tokens in lengths.items()
+            ]
+            assert wait_for(lambda: engine.stats().num_waiting == len(lengths))
+            release.set()
+            usages = [f.result(30).usage for f in futures]
+    finally:
+        release.set()
+        engine.step = step  # type: ignore[method-assign]
+    assert [u.completion_tokens for u in usages if u is not None] == [3, 4, 5]
+    assert finished == [4, 5, 3]  # priorities -1, 2, 5
+    prio.wait_idle()

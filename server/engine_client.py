@@ -42,6 +42,7 @@ from adapters.merge import MergeSpec
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from server.adapter_ops import AdapterInfo
 from server.bridge import BridgeBase, Health
 from server.engine_core import ENV_SOCKET, ENV_TOKEN_FD
 from server.engine_protocol import (
@@ -522,11 +523,11 @@ class RemoteEngine:
     async def check_integrity(self) -> None:
         await self.bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
 
-    async def adapter_versions(self) -> dict[str, int]:
-        return await self.bridge.call(ListAdapters, dict[str, int], QUICK_CALL_S)  # type: ignore[arg-type]
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        return await self.bridge.call(ListAdapters, dict[str, AdapterInfo], QUICK_CALL_S)  # type: ignore[arg-type]
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        make = lambda cid: LoadLora(cid, name, str(path), replace)  # noqa: E731
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        make = lambda cid: LoadLora(cid, name, str(path), replace, pinned)  # noqa: E731
         return await self.bridge.call(make, int, SLOW_CALL_S)
 
     async def unload_lora(self, name: str) -> None:

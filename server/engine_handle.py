@@ -22,8 +22,9 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.scoring import SCORING_PARAMS
 from server.adapter_ops import (
+    AdapterInfo,
     ComposeJobs,
-    adapter_versions,
+    adapter_infos,
     export_adapter,
     load_adapter,
     merge_adapter,
@@ -53,12 +54,13 @@ class EngineHandle(Protocol):
         """The engine's ``--scheduling-policy`` ("fcfs", "fair" or "priority")."""
         ...
 
-    async def adapter_versions(self) -> dict[str, int]:
-        """Every registered name (temporary ``_`` ones included) and its version."""
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        """Every registered name (temporary ``_`` ones included), its version and pin."""
         ...
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        """Load ``name`` (``replace``: swap a loaded one's weights); returns its version."""
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        """Load ``name`` (``replace``: swap a loaded one's weights; ``pinned``: keep it in
+        the pool until unloaded); returns its version."""
         ...
 
     async def unload_lora(self, name: str) -> None: ...
@@ -110,11 +112,11 @@ class LocalEngine:
     async def refresh_stats(self) -> None:
         pass  # stats() reads the engine itself
 
-    async def adapter_versions(self) -> dict[str, int]:
-        return adapter_versions(self.engine)
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        return adapter_infos(self.engine)
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        return await asyncio.to_thread(load_adapter, self.engine, name, path, replace)
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        return await asyncio.to_thread(load_adapter, self.engine, name, path, replace, pinned)
 
     async def unload_lora(self, name: str) -> None:
         self.engine.unload_lora(name)

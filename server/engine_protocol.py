@@ -47,13 +47,15 @@ class ProtocolError(Exception):
 
 class EngineSpec(msgspec.Struct, frozen=True):
     """What the engine process builds: ``server.engine_args`` flags (by their argparse
-    destinations), the seed, the adapters to load at startup and the log level."""
+    destinations), the seed, the adapters to load at startup (``pinned_lora_modules``: the
+    names among them loaded pinned) and the log level."""
 
     model_dir: str | None
     engine_args: dict[str, Any]  # plain values, whatever flags engine_args defines
     seed: int = 0
     lora_modules: list[tuple[str, str]] = []
     log_level: str = "INFO"
+    pinned_lora_modules: list[str] = []
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
@@ -93,6 +95,7 @@ class LoadLora(msgspec.Struct, frozen=True, tag="load_lora"):
     name: str
     path: str
     replace: bool = False
+    pinned: bool = False
 
 
 class UnloadLora(msgspec.Struct, frozen=True, tag="unload_lora"):
@@ -145,8 +148,8 @@ class Export(msgspec.Struct, frozen=True, tag="export"):
 
 
 class ListAdapters(msgspec.Struct, frozen=True, tag="list_adapters"):
-    """Replies with every registered name (temporary ``_`` ones included) and its version,
-    as a map."""
+    """Replies with every registered name (temporary ``_`` ones included) and its
+    :class:`~server.adapter_ops.AdapterInfo` (version, pinned), as a map."""
 
     call_id: int
 

@@ -36,7 +36,8 @@ _TYPES = {
 # The engine process has stopped (process mode): requests in flight and new ones get 503.
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
-# AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400.
+# AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400
+# (``pin_refused`` included: the pins would leave the pool too small, the request's to change).
 # A missing adapter directory is a bad lora_path (400: the path is the request's mistake);
 # 404 is for names: a request or an unload naming no loaded adapter.
 _ADAPTER_STATUS = {

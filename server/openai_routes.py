@@ -78,7 +78,8 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The base (``parent: null``) and every adapter, with the version it serves."""
+        """The base (``parent: null``) and every adapter, with the version it serves and
+        whether it is pinned."""
         created = int(time.time())
         base = config.model_name
         max_len = state.handle.max_model_len
@@ -95,9 +96,9 @@ def openai_router(state: ServerState) -> APIRouter:
             }
 
         data = [card(base, None)]
-        for name, version in (await state.handle.adapter_versions()).items():
+        for name, info in (await state.handle.adapters()).items():
             if not name.startswith("_"):  # temporary adapters (compositions) stay unlisted
-                data.append(card(name, base) | {"version": version})
+                data.append(card(name, base) | {"version": info.version, "pinned": info.pinned})
         return {"object": "list", "data": data}
 
     return router

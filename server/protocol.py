@@ -223,13 +223,16 @@ class LoadLoraRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's route and fields).
 
     ``replace`` and vLLM's spelling ``load_inplace`` mean the same: a name already loaded
-    gets the new weights as its next version (without either, it is a 409).
+    gets the new weights as its next version (without either, it is a 409). ``pinned``
+    keeps the adapter in the page pool through any churn; the engine refuses a pin
+    (``pin_refused``) that would leave the pool too small for a request.
     """
 
     lora_name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
     lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
     replace: bool = False
     load_inplace: bool = False
+    pinned: bool = False  # kept in the pool until unloaded (or replaced unpinned)
 
     @property
     def in_place(self) -> bool:

@@ -27,7 +27,9 @@ import openai
 import pytest
 
 from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats
 from engine.sampling_params import SamplingParams
+from server.adapter_ops import AdapterInfo
 from server.engine_core import EngineCore, EngineSocketServer
 from server.engine_protocol import (
     Abort,
@@ -39,6 +41,7 @@ from server.engine_protocol import (
     Heartbeat,
     Hello,
     ListAdapters,
+    LoadLora,
     NewRequest,
     Reply,
     StepOutputs,
@@ -622,12 +625,36 @@ def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) 
         client.send(CheckIntegrity(4))
         assert client.reply(4).error is None
         client.send(ListAdapters(5))
-        assert decode_value(client.reply(5).result, dict[str, int]) == {"upper": 1}
+        infos = decode_value(client.reply(5).result, dict[str, AdapterInfo])
+        assert infos == {"upper": AdapterInfo(version=1, pinned=False)}
         client.send(GetStats(6))
         assert client.reply(6).error is None
         assert client.receive(lambda m: isinstance(m, Heartbeat), timeout=5)
     assert client.code == [0]  # the connection closed: a clean exit
     assert not core_engine.has_unfinished()
+
+
+def test_engine_core_takes_priority_user_and_pins() -> None:
+    """``NewRequest``'s priority and user reach ``add_request``; ``LoadLora`` pins; the
+    adapters' listing says which are pinned."""
+    engine = make_engine(scheduling_policy="priority", fairness_key="user")
+    path = str(demo_adapters("upper")["upper"])
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    ids = list(engine.tokenizer("pin=").input_ids)
+    with running_core(engine) as client:
+        client.send(LoadLora(1, "upper", path, pinned=True))
+        assert decode_value(client.reply(1).result, int) == 1
+        client.send(AddRequests(2, [NewRequest("a", ids, greedy, "upper", -3, "erin")]))
+        assert client.reply(2).error is None
+        client.receive(lambda m: isinstance(m, StepOutputs) and any(o.finished for o in m.outputs))
+        client.send(ListAdapters(3))
+        infos = decode_value(client.reply(3).result, dict[str, AdapterInfo])
+        assert infos == {"upper": AdapterInfo(version=1, pinned=True)}
+        client.send(GetStats(4))
+        stats = decode_value(client.reply(4).result, EngineStats)
+        assert stats.client_prompt_tokens == {"erin": len(ids)}
+        assert stats.pinned_adapters == ["upper"]
+    assert not engine.has_unfinished()
 
 
 def test_engine_core_refuses_a_priority_the_policy_ignores(core_engine: LLMEngine) -> None:

@@ -26,6 +26,7 @@ from tests.server.conftest import (
     Served,
     assert_error,
     assert_good,
+    complete,
     demo_adapters,
     make_engine,
     serve,
@@ -146,3 +147,58 @@ def test_priorities_order_admission(prio: Served) -> None:
     assert [u.completion_tokens for u in usages if u is not None] == [3, 4, 5]
     assert finished == [4, 5, 3]  # priorities -1, 2, 5
     prio.wait_idle()
+
+
+# -- pinned adapters ---------------------------------------------------------------------
+
+
+def load(served: Served, name: str, adapter: str, **fields: Any) -> httpx.Response:
+    body = {"lora_name": name, "lora_path": str(demo_adapters(adapter)[adapter]), **fields}
+    return httpx.post(served.url + "/v1/load_lora_adapter", json=body, timeout=60)
+
+
+def unload(served: Served, name: str) -> bool:
+    body = {"lora_name": name}
+    return httpx.post(served.url + "/v1/unload_lora_adapter", json=body).status_code == 200
+
+
+def cards(served: Served) -> dict[str, dict[str, Any]]:
+    return {m.id: m.to_dict() for m in served.openai().models.list().data}
+
+
+def test_a_pinned_load_shows_on_its_card(prio: Served) -> None:
+    reply = load(prio, "pinned-upper", "upper", pinned=True)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["pinned"] is True and reply.json()["version"] == 1
+    models = cards(prio)
+    assert models["pinned-upper"]["pinned"] is True
+    assert models["upper"]["pinned"] is False and models["swapcase"]["pinned"] is False
+    assert "pinned" not in models[BASE]
+    assert complete(prio.openai(), "pinned-upper", "hello") == "HELLO"
+    assert prio.state.engine.adapters.pinned_names() == ["pinned-upper"]
+    assert unload(prio, "pinned-upper")
+    prio.wait_idle()
+
+
+def test_a_pin_that_would_not_fit_is_refused(prio: Served) -> None:
+    assert load(prio, "small-pin", "upper", pinned=True).status_code == 200  # 56 pages
+    # 56 + 304 pinned pages would leave less than one full-length request's 256 of 600.
+    error = assert_error(load(prio, "big-pin", "swapcase", pinned=True), 400, "pin_refused")
+    assert error["param"] == "pinned" and "pages" in error["message"]
+    assert "big-pin" not in cards(prio)
+    assert load(prio, "big-unpinned", "swapcase").status_code == 200  # unpinned, it loads
+    assert complete(prio.openai(), "big-unpinned", "Hi") == "hI"
+    # With the small pin gone, the big one fits.
+    assert unload(prio, "small-pin")
+    reply = load(prio, "big-pin", "swapcase", pinned=True)
+    assert reply.status_code == 200, reply.text
+    assert cards(prio)["big-pin"]["pinned"] is True
+    assert unload(prio, "big-pin") and unload(prio, "big-unpinned")
+    assert_good(prio)
+    prio.wait_idle()
+
+
+def test_pinned_must_be_a_boolean(prio: Served) -> None:
+    assert_error(load(prio, "x", "upper", pinned="yes"), 400, "invalid_value", "pinned")
+    assert_error(load(prio, "x", "upper", pinned=1), 400, "invalid_value", "pinned")
+    assert "x" not in cards(prio)

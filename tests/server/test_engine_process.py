@@ -168,7 +168,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """The demo model and its four adapters, admin routes on, exports allowed."""
+    """The demo model and its four adapters ("upper" pinned), admin routes on, exports
+    allowed, the priority policy with users as clients (requests without a priority run
+    first come, first served)."""
     demo_adapters("upper", "swapcase", "caesar", "reverse")
     tmp = tmp_path_factory.mktemp("engine-process")
     (tmp / "exports").mkdir()
@@ -180,6 +182,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         str(tmp / "exports"),
         "--max-compose-steps",
         "4",
+        "--scheduling-policy",
+        "priority",
+        "--fairness-key",
+        "user",
+        "--pinned-lora-modules",
+        "upper",
     ) as served:
         yield served
 
@@ -361,6 +369,26 @@ def test_metrics_and_health(server: ServeProcess) -> None:
     assert server.metric("loraserve:num_loaded_adapters") >= 4
     assert server.metric("loraserve:num_pool_pages") > 0
     assert server.metric("loraserve:engine_steps_total") > 0
+
+
+def test_priority_user_and_pins_cross_to_the_engine_process(server: ServeProcess) -> None:
+    """``priority`` and ``user`` reach the engine through the socket (the user shows as a
+    client), and the startup pin shows on the adapter's card and in the metrics."""
+    client = server.openai()
+    out = client.completions.create(
+        model="upper", prompt="pin=", max_tokens=8, temperature=0, user="dave",
+        extra_body={"priority": -5},
+    )  # fmt: skip
+    assert out.choices[0].text == "PIN" and out.usage is not None
+    with server.http() as http:
+        text = http.get("/metrics").text
+        body = {"model": BASE, "prompt": "x=", "priority": "high"}
+        assert_error(http.post("/v1/completions", json=body), 400, "invalid_value", "priority")
+    line = next(x for x in text.splitlines() if 'client_prompt_tokens_total{client="dave"}' in x)
+    assert float(line.split()[-1]) == out.usage.prompt_tokens
+    assert server.metric("loraserve:num_pinned_adapters") == 1
+    cards = {m.id: m.to_dict() for m in client.models.list().data}
+    assert cards["upper"]["pinned"] is True and cards["swapcase"]["pinned"] is False
 
 
 def test_the_channel_is_private(server: ServeProcess) -> None:

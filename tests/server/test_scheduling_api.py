@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.scheduling import MAX_CLIENT_LABELS, OTHER_CLIENTS
 from server.config import ServerConfig
 from server.errors import from_engine_value_error
 from tests.server.conftest import (
@@ -149,6 +150,61 @@ def test_priorities_order_admission(prio: Served) -> None:
     prio.wait_idle()
 
 
+# -- user --------------------------------------------------------------------------------
+
+
+def test_the_user_is_the_client_under_fairness_key_user(prio: Served) -> None:
+    client = prio.openai()
+    alice = client.completions.create(
+        model="upper", prompt="hello=", max_tokens=8, temperature=0, user="alice"
+    )
+    assert alice.choices[0].text == "HELLO"
+    assert complete(client, BASE, "plain") == "plain"  # no user: the base model's client
+    assert complete(client, "swapcase", "Plain", user="") == "pLAIN"  # "" is no user
+    prompt = metric(prio, "loraserve:client_prompt_tokens_total")
+    generated = metric(prio, "loraserve:client_generation_tokens_total")
+    assert alice.usage is not None
+    assert prompt["alice"] == alice.usage.prompt_tokens
+    assert generated["alice"] == alice.usage.completion_tokens
+    assert {BASE, "swapcase"} <= set(prompt)  # "" is shown as the served model's name
+    assert "" not in prompt
+    assert metric(prio, "loraserve:client_virtual_tokens") == {}  # a fair-policy counter
+
+
+def test_a_user_is_no_client_under_fairness_key_adapter(demo_server: Served) -> None:
+    """The default key: clients are adapters (the base model one too), users are ignored."""
+    client = demo_server.openai()
+    assert complete(client, "upper", "fair", user="mallory") == "FAIR"
+    assert complete(client, BASE, "fair", user="mallory") == "fair"
+    prompt = metric(demo_server, "loraserve:client_prompt_tokens_total")
+    assert "mallory" not in prompt and {"upper", BASE} <= set(prompt)
+    virtual = metric(demo_server, "loraserve:client_virtual_tokens")
+    assert virtual["upper"] > 0 and virtual[BASE] > 0
+
+
+def test_client_labels_stay_bounded(prio: Served) -> None:
+    """Forty users: at most 32 clients are named, the rest summed under one label, and no
+    token goes uncounted."""
+    before = sum(metric(prio, "loraserve:client_prompt_tokens_total").values())
+    client = prio.openai()
+
+    def ask(i: int) -> int:
+        out = client.completions.create(
+            model=BASE, prompt="many=", max_tokens=1, temperature=0, user=f"user-{i}"
+        )
+        assert out.usage is not None
+        return out.usage.prompt_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        prompt_tokens = sum(pool.map(ask, range(40)))
+    prompt = metric(prio, "loraserve:client_prompt_tokens_total")
+    assert len(prompt) <= MAX_CLIENT_LABELS + 1
+    assert OTHER_CLIENTS in prompt
+    assert sum(prompt.values()) - before == prompt_tokens
+    assert set(metric(prio, "loraserve:client_generation_tokens_total")) == set(prompt)
+    prio.wait_idle()
+
+
 # -- pinned adapters ---------------------------------------------------------------------
 
 
@@ -166,7 +222,7 @@ def cards(served: Served) -> dict[str, dict[str, Any]]:
     return {m.id: m.to_dict() for m in served.openai().models.list().data}
 
 
-def test_a_pinned_load_shows_on_its_card(prio: Served) -> None:
+def test_a_pinned_load_shows_on_its_card_and_in_the_metrics(prio: Served) -> None:
     reply = load(prio, "pinned-upper", "upper", pinned=True)
     assert reply.status_code == 200, reply.text
     assert reply.json()["pinned"] is True and reply.json()["version"] == 1
@@ -175,8 +231,12 @@ def test_a_pinned_load_shows_on_its_card(prio: Served) -> None:
     assert models["upper"]["pinned"] is False and models["swapcase"]["pinned"] is False
     assert "pinned" not in models[BASE]
     assert complete(prio.openai(), "pinned-upper", "hello") == "HELLO"
+    assert metric(prio, "loraserve:num_pinned_adapters") == {"": 1}
+    pinned = metric(prio, "loraserve:lora_adapter_pinned")
+    assert pinned["pinned-upper"] == 1 and pinned["upper"] == 0
     assert prio.state.engine.adapters.pinned_names() == ["pinned-upper"]
     assert unload(prio, "pinned-upper")
+    assert metric(prio, "loraserve:num_pinned_adapters") == {"": 0}
     prio.wait_idle()
 
 

@@ -456,6 +456,7 @@ class AdapterManager:
             except AdapterError as e:
                 logger.warning("adapter %s stays unpinned: %s", entry.name, e.message)
                 self._unplaced.remove(entry)
+                entry.pinned = False
                 with self._lock:
                     self._pinned.pop(entry.id, None)
                 continue

@@ -264,7 +264,7 @@ def _flat(rounds: list[list[float]]) -> list[float]:
     return [seconds for steps in rounds for seconds in steps]
 
 
-def analyse(benches: list[Bench], phase: str) -> dict[str, Any]:
+def analyse(benches: list[Bench], phase: str, coefficient: float) -> dict[str, Any]:
     """Ratios and fits of one model and phase, per pattern.
 
     A setup's ratio is paired by round: the median over rounds of its median step in the
@@ -307,6 +307,9 @@ def analyse(benches: list[Bench], phase: str) -> dict[str, Any]:
                     "ratio_rounds": r,
                     "fit": 1.0 + kappa * f,
                     "fit_error": y / (1.0 + kappa * f) - 1.0,
+                    # what the scheduler charges with --coefficient, and how far off that is
+                    "priced": 1.0 + coefficient * f,
+                    "priced_error": y / (1.0 + coefficient * f) - 1.0,
                 }
                 for c, (f, y), r in zip(chosen, points, by_round, strict=True)
             ],
@@ -331,6 +334,12 @@ def report(results: dict[str, Any]) -> None:
                     f"{p['kappa']:6.2f} {lo:6.2f}–{hi:<6.2f} {p['affine']['a']:6.3f} "
                     f"{p['affine']['b']:6.2f}"
                 )
+    print("\nmeasured ratio / (1 + κ·flops_ratio) - 1 at each rank, κ = --coefficient:")
+    for model, phases in results.items():
+        for phase, r in phases.items():
+            for pattern, p in r["patterns"].items():
+                cells = "  ".join(f"r{q['rank']}: {q['priced_error']:+6.1%}" for q in p["points"])
+                print(f"{model:<10} {phase:<8} {pattern:<7} {cells}")
 
 
 def plot(results: dict[str, Any], path: Path, coefficient: float | None) -> None:
@@ -463,7 +472,7 @@ def main() -> None:
                 flush=True,
             )
             measure(model, model_source(source)[0], benches, args, t0)
-            results[model] = {phase: analyse(benches, phase) for phase in PHASES}
+            results[model] = {phase: analyse(benches, phase, args.coefficient) for phase in PHASES}
             raw[model] = {
                 b.setup.name: {
                     "flops_ratio": b.flops_ratio,

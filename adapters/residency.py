@@ -73,8 +73,9 @@ class SparePages(Protocol):
 
     def oldest(self, keep: Iterable[int] = ()) -> float | None:
         """When the next unit to go was last used (``time.monotonic``; -inf for a unit of
-        no use while its adapter is out of the pool); None if none. Units that need an
-        adapter in ``keep`` are passed over."""
+        no use while its adapter is out of the pool, unless that adapter is in ``keep``);
+        None if none. Units of no use that need an adapter in ``keep`` go last (a
+        preference, never a refusal)."""
         ...
 
     def evict_oldest(self, keep: Iterable[int] = ()) -> int:

@@ -24,9 +24,11 @@ cached, until someone needs the space. Unused blocks go least recently used firs
 request's blocks are released tail first, so a chain shrinks from its end), in one order with
 the adapters (``AdapterResidency.reclaim`` compares the two). The blocks of an adapter that
 leaves the pool become *stale* and go before all others: without their adapter they are of
-no use. Stale blocks are never taken to make room for their own adapter (``keep``), and when
-it is placed again they are unused blocks once more, as recent as the placement (a request
-that needs the adapter is about to run, and likely to share their prompt).
+no use. Stale blocks are taken to make room for their own adapter (``keep``) only when no
+other unused block is left, and when it is placed again they are unused blocks once more, as
+recent as the placement (a request that needs the adapter is about to run, and likely to
+share their prompt). ``keep`` is a preference, never a refusal: a pool full of one adapter's
+unused blocks must still make room for that adapter's next request.
 """
 
 from __future__ import annotations
@@ -166,15 +168,17 @@ class PrefixCache:
     # -- eviction (for the unified reclaim) -------------------------------------------------
 
     def oldest(self, keep: Iterable[int] = ()) -> float | None:
-        """When the next block to go was last used (-inf for a stale block); None when no
-        block is unused. Blocks that need an adapter in ``keep`` are passed over."""
+        """When the next block to go was last used (-inf for a stale block, but one of an
+        adapter in ``keep``); None when no block is unused. Stale blocks of an adapter in
+        ``keep`` go last."""
         block = self._next(keep)
         if block is None:
             return None
-        return -math.inf if block.key in self._stale else block.last_used
+        stale = block.key in self._stale and not set(keep).intersection(block.adapters)
+        return -math.inf if stale else block.last_used
 
     def evict_oldest(self, keep: Iterable[int] = ()) -> int:
-        """Drop the next unused block (passing over those of ``keep``); returns the pages
+        """Drop the next unused block (stale blocks of ``keep`` last); returns the pages
         freed."""
         block = self._next(keep)
         assert block is not None, "no unused block to evict"
@@ -188,12 +192,17 @@ class PrefixCache:
         return len(block.pages)
 
     def _next(self, keep: Iterable[int]) -> Block | None:
+        """Stale blocks of adapters not kept, then unused blocks (their adapters are in the
+        pool: keeping them is the residency's business), then the kept adapters' stale
+        blocks."""
         kept = set(keep)
-        for queue in (self._stale, self._unused):
-            for block in queue.values():
-                if not kept.intersection(block.adapters):
-                    return block
-        return None
+        stale = iter(self._stale.values())
+        for block in stale:
+            if not kept.intersection(block.adapters):
+                return block
+        for block in self._unused.values():
+            return block
+        return next(iter(self._stale.values()), None)
 
     def evict(self, num_pages: int) -> bool:
         """Drop unused blocks, stale first, then least recently used, until ``num_pages``

@@ -323,7 +323,7 @@ def test_an_evicted_adapters_blocks_go_before_older_ones(clock: None) -> None:
 
 
 def test_an_adapter_placed_again_keeps_its_blocks_and_gets_them_back(clock: None) -> None:
-    """Making room for an adapter never takes its own stale blocks (they are what its next
+    """Making room for an adapter takes its own stale blocks last (they are what its next
     request will reuse); once it is back, they are unused blocks again, recent ones."""
     pool, kv, residency, prefix = wired(40)
     place(residency, 1)
@@ -344,6 +344,29 @@ def test_an_adapter_placed_again_keeps_its_blocks_and_gets_them_back(clock: None
     assert kv.match("again", keys_of([5, 6, 7, 8]), (1,)) == 2 * BLOCK
     kv.free("again")
     kv.free("filler")
+    audit(pool, kv)
+
+
+def test_a_pool_full_of_an_adapters_own_blocks_still_makes_room_for_it(clock: None) -> None:
+    """``keep`` is a preference: when only the kept adapter's blocks are left, they go (a
+    refusal would leave its next request waiting forever with nothing running)."""
+    pool, kv, residency, prefix = wired(24)
+    place(residency, 1)
+    compute(kv, "one", [5, 6, 7, 8], adapters=(1,))
+    kv.free("one")
+    compute(kv, "two", [6, 6, 7, 7], adapters=(1,))
+    kv.free("two")
+    assert pool.num_free == 24 - 4 - 16
+    # Growing a request of adapter 1 (kept: it must stay resident) takes its unused blocks.
+    assert residency.reclaim(8, keep=[1])
+    assert 1 in residency and prefix.num_evicted == 1
+    # Out of the pool, its blocks are stale; placing it again may take them, last of all,
+    # though prefetching (which takes only what is of no use) leaves them.
+    residency.evict(1)
+    assert not residency.reclaim_stale(pool.num_free + 4, keep=[1])
+    assert prefix.oldest(keep=[1]) not in (None, float("-inf"))
+    assert residency.reclaim(pool.num_free + 4, keep=[1], slot=True)
+    assert prefix.num_evicted == 2
     audit(pool, kv)
 
 

@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from engine import LLMEngine, RequestOutput, SamplingParams
-from engine.config import EngineConfig
+from engine.config import DEMO_DIR, EngineConfig
 from tests.engine.test_multilora import ADAPTERS
 from tests.tiny_models import make_adapter
 
@@ -402,3 +402,22 @@ def test_replace_while_running_serves_each_request_its_own_version(
     again = run_one(engine, LONG, "a", params)
     assert again.num_cached_tokens == 3 * BLOCK and again.token_ids == v2.token_ids
     assert_no_leak(engine)
+
+
+def test_a_pool_full_of_one_adapters_cached_blocks_keeps_admitting_it() -> None:
+    """Sequential requests on one adapter fill the pool with its unused blocks; each next
+    request must take some of them (a regression: it once waited forever, nothing running)."""
+    engine = LLMEngine(EngineConfig.create(DEMO_DIR / "model", dtype="float32", num_pages=1000))
+    engine.load_lora("a", DEMO_DIR / "adapters" / "upper")
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i in range(24):
+        prompt = [rng.randrange(3, 100) for _ in range(48)]
+        engine.add_request(prompt, params, request_id=f"r{i}", lora="a")
+        for _ in range(100):
+            if any(out.finished for out in engine.step()):
+                break
+        else:
+            raise AssertionError(f"request {i} was never admitted: {engine.stats()}")
+        engine.check_integrity()
+    assert engine.kv_cache.prefix is not None and engine.kv_cache.prefix.num_evicted > 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import hmac
 import itertools
 import logging
@@ -591,6 +592,8 @@ def main() -> int:
         conn.sendall(frame(StartupFailed(message)))
         conn.close()
         return 2
+    gc.collect()  # start-up's objects live until exit: out of the collector's sight
+    gc.freeze()
     conn.sendall(frame(Ready(engine_info(engine))))
     return EngineCore(engine, conn, decoder).run()
 

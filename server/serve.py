@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Collection
@@ -187,6 +188,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     bridge = app.state.server.bridge
     server = DrainingServer(uv_config, bridge, config.drain_timeout_s)
+    # What start-up imported and built (torch, transformers, the model) lives until exit:
+    # move it out of the collector's sight, so a full collection does not walk it again
+    # every few seconds and pause every stream for ~0.2 s.
+    gc.collect()
+    gc.freeze()
     try:
         server.run()
     finally:

@@ -229,7 +229,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
     )
     fairness.add_argument(
-        "--flood-requests", type=int, default=None, help="the flooder's requests (2400)"
+        "--flood-requests", type=int, default=None, help="the flooder's requests (3600)"
     )
     fairness.add_argument(
         "--flood-concurrency", type=int, default=None, help="the flooder's requests in flight (128)"
@@ -238,7 +238,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--modest-rate", type=float, default=None, help="req/s of each modest client (1.0)"
     )
     fairness.add_argument(
-        "--duration", type=float, default=None, help="seconds the modest clients send for (40)"
+        "--duration", type=float, default=None, help="seconds the modest clients send for (60)"
     )
     fairness.add_argument(
         "--input-range", type=_range, default=None, help="[lo, hi) prompt tokens (16,64)"

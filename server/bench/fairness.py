@@ -2,10 +2,13 @@
 load, under the fcfs, fair and priority scheduling policies, through the HTTP API, one run.
 
 The workload (:func:`server.bench.fairness_workload.flooding`): adapter 0 is a flooding
-client, a closed loop of 128 requests in flight (4× ``--max-num-seqs``, so a queue of its
-requests always waits in the server); adapters 1–7 are modest clients, each a Poisson stream
-of 1 request/s for 40 s (well below a fair share of the server's capacity); prompts of 16–63
-tokens, outputs of 16–47, greedy, EOS ignored, ``min_tokens = max_tokens``.
+client, 3,600 requests in a closed loop of 128 in flight (4× ``--max-num-seqs``, so about
+96 of its requests always wait in the server); adapters 1–7 are modest clients, each a
+Poisson stream of 1 request/s for 60 s (on the 2-core machine the demo-sized server answers
+about 45 requests/s, so a fair eighth is over 5 requests/s); prompts of 16–63 tokens,
+outputs of 16–47, greedy, EOS ignored, ``min_tokens = max_tokens``. The flooder's requests
+outlast the modest streams (each system's ``flood_outlasted_modest`` says whether they did),
+so every modest request meets the flood.
 
 Three systems replay the same saved request list, one after the other:
 
@@ -98,10 +101,10 @@ class FairnessArgs:
     model_dir: Path
     out: Path
     num_adapters: int = 8
-    flood_requests: int = 2400
+    flood_requests: int = 3600
     flood_concurrency: int = 128
     modest_rate: float = 1.0
-    duration_s: float = 40.0
+    duration_s: float = 60.0
     input_range: tuple[int, int] = (16, 64)
     output_range: tuple[int, int] = (16, 48)
     max_num_seqs: int = 32

@@ -45,10 +45,10 @@ def client_group(adapter: int | None) -> str:
 def flooding(
     *,
     num_adapters: int = 8,
-    flood_requests: int = 2400,
+    flood_requests: int = 3600,
     flood_concurrency: int = 128,
     modest_rate: float = 1.0,
-    duration_s: float = 40.0,
+    duration_s: float = 60.0,
     input_range: tuple[int, int] = (16, 64),
     output_range: tuple[int, int] = (16, 48),
     seed: int = 42,

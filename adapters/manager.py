@@ -78,6 +78,8 @@ class AdapterManager:
         load: reads an adapter directory (tests substitute slow or failing sources).
         pin_capacity: the most pages pinned adapters may take together (the pool less what
             one request needs at full length); None: the pool less one token's KV.
+        max_loras: the most distinct adapters in one batch (the scheduler's cap), which a
+            mixture's components may not exceed; None: no cap but the slots.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class AdapterManager:
         host_cache_bytes: int = 2 << 30,
         load: LoadFn | None = None,
         pin_capacity: int | None = None,
+        max_loras: int | None = None,
     ) -> None:
         self.residency = residency
         self.layout = layout
@@ -98,6 +101,7 @@ class AdapterManager:
         # Fixed at construction: the control plane's view of the pool, never its state.
         self.cost = residency.cost
         self.max_slots = residency.max_slots
+        self.max_loras = max_loras
         self.registry = AdapterRegistry()
         self.host_cache: HostCache[LoraAdapterWeights] = HostCache(host_cache_bytes)
         # Where weights come from: the files, through the validating loader. Replaceable
@@ -213,10 +217,12 @@ class AdapterManager:
                 "adapter_too_large",
                 f"the mixture needs {need} pages; an adapter may take {self.max_adapter_pages}",
             )
-        if len(entries) > self.max_slots:
+        most = min(self.max_slots, self.max_loras or self.max_slots)
+        if len(entries) > most:
             raise AdapterError(
                 INVALID_MERGE,
-                f"a mixture of {len(entries)} adapters exceeds max_loras {self.max_slots}",
+                f"a mixture of {len(entries)} adapters exceeds the {most} one batch may hold "
+                "(--max-loras, --max-resident-loras)",
             )
         mixture, old = self.registry.register(
             name,

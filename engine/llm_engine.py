@@ -192,6 +192,7 @@ class LLMEngine:
             pin_capacity=max(
                 self.pool.num_pages - PAGES_PER_TOKEN * self.config.model.max_model_len, 0
             ),
+            max_loras=config.max_loras,
         )
 
     # -- adapters -------------------------------------------------------------------------

@@ -3,28 +3,29 @@
 The algorithm, once, as :meth:`Scheduler.schedule` runs it every step:
 
     budget = max_num_batched_tokens
-    1. Running requests, oldest first. Each wants the tokens it has not computed yet:
-       1 for a decode, the rest of its prompt (capped by the budget) for a prefill, so long
-       prompts are prefilled in chunks across steps while decodes keep flowing.
-       If the KV cache cannot hold those tokens, evict adapters no running request uses;
-       if that is not enough, preempt the newest running request (drop its pages; it
-       rejoins the head of the waiting queue and is recomputed later) and retry, until the
-       request fits or is itself the one preempted. The policy picks the victim (fcfs: the
-       newest; priority: the lowest priority; fair: the newest of the client served most),
-       and gives running requests their tokens in an order that serves the victim last.
+    1. Running requests, in the policy's order (oldest first but under ``priority``).
+       Each wants the tokens it has not computed yet: 1 for a decode, the rest of its
+       prompt (capped by the budget) for a prefill, so long prompts are prefilled in
+       chunks across steps while decodes keep flowing. If the KV cache cannot hold those
+       tokens, evict adapters no running request uses; if that is not enough, preempt the
+       policy's victim (fcfs: the newest request; priority: the lowest priority; fair: the
+       newest of the most served client), which drops its pages, goes back to the waiting
+       queue where its arrival puts it and is recomputed later, and retry, until the
+       request fits or is itself the one preempted. The running order serves the victims
+       last, so a preemption rarely undoes a chunk already scheduled (when it does, the
+       chunk's tokens go back to the budget).
     2. If nothing was preempted (and every pinned adapter is in the pool), admit waiting
-       requests in the policy's order (``engine/scheduling.py``: fcfs, fair or priority)
-       while the budget, ``max_num_seqs`` and the pages allow. A request whose adapter
-       would make the batch hold more than ``max_loras`` distinct adapters is passed over
-       for a later step. A request's adapter must be resident
-       first: the pages it needs count against the pool like the KV cache's (evicting
-       unused adapters and cached blocks when needed). A request whose adapter is still
-       loading from disk is passed over, not waited for, so requests behind it still run.
-       With prefix caching, an admitted request starts on the cached blocks of its longest
-       cached prefix (under its adapter's identity) and computes only the rest.
+       requests in the policy's order (``engine/scheduling.py``) while the budget,
+       ``max_num_seqs`` and the pages allow. A request whose adapter would make the batch
+       hold more than ``max_loras`` distinct adapters is passed over for a later step. A
+       request's adapter must be resident first: the pages it needs count against the pool
+       like the KV cache's (evicting unused adapters and cached blocks when needed). A
+       request whose adapter is still loading from disk is passed over, not waited for, so
+       requests behind it still run. With prefix caching, an admitted request starts on the
+       cached blocks of its longest cached prefix (under its adapter's identity) and
+       computes only the rest.
     3. Place the adapters of the next waiting requests (in the policy's order) into free
-       pages (prefetch), so they
-       are resident by the time they are admitted.
+       pages (prefetch), so they are resident by the time they are admitted.
 
 Placing an adapter is bookkeeping here: the step's output carries the placements, and the
 runner copies the weights into the pool before its forward. After the step, :meth:`update`

@@ -16,7 +16,8 @@ preempted first when the pool runs out.
   rank factor, below). Admission always takes the head request of the client with the
   smallest counter (ties in arrival order). A client that arrives with nothing waiting has
   its counter lifted to the smallest counter among the clients that are waiting (or, when
-  none is, to the counter of the client admitted last), so idling earns no credit. Over any
+  none is, among those running, or else to the counter of the client admitted last), so
+  idling earns no credit. Over any
   interval in which two clients stay backlogged, the weighted service they receive differs
   by at most ``2 · max(input_token_weight · L · c, output_token_weight · M · c)``, where L
   is the longest prompt, M the most tokens the running batch can hold and c the largest
@@ -38,6 +39,7 @@ clients named (the first seen) and the rest summed under :data:`OTHER_CLIENTS`.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from abc import ABC, abstractmethod
 from bisect import insort
@@ -201,12 +203,20 @@ class FairPolicy(Policy):
         client = request.client
         if client not in self._queues:
             # Nothing of this client waits: no credit for the time it had nothing to ask.
-            lift = min((self._counters[c] for c in self._queues), default=self._last)
-            self._counters[client] = max(self._counters.get(client, 0.0), lift)
+            self._counters[client] = max(self._counters.get(client, 0.0), self._lift(client))
         self._idle.pop(client, None)
         self._unfinished[client] = self._unfinished.get(client, 0) + 1
         self._queues.setdefault(client, deque()).append(request)
         self._len += 1
+
+    def _lift(self, client: str) -> float:
+        """Where a client arriving with nothing waiting starts: level with the least served
+        of the clients that wait, or, when none does, of those being served, or else with
+        the client admitted last."""
+        if self._queues:
+            return min(self._counters[c] for c in self._queues)
+        serving = [self._counters[c] for c in self._unfinished if c != client]
+        return min(serving, default=self._last)
 
     def requeue(self, request: Request) -> None:
         queue = self._queues.setdefault(request.client, deque())
@@ -226,14 +236,21 @@ class FairPolicy(Policy):
         return self._len
 
     def order(self) -> Iterator[Request]:
-        pending = {c: list(q) for c, q in self._queues.items()}
-        while pending:
-            client = min(pending, key=lambda c: (self._counters[c], pending[c][0].seq))
-            queue = pending[client]
-            request = queue.pop(0)
-            if not queue:
-                del pending[client]
-            yield request
+        # A heap of each client's next request by (counter, arrival); only the client just
+        # yielded can have been charged since, so it alone is pushed back with a new key.
+        cursors = {c: iter(list(q)) for c, q in self._queues.items()}
+        heap = [(self._counters[c], q[0].seq, c) for c, q in self._queues.items()]
+        heapq.heapify(heap)
+        heads = {c: q[0] for c, q in self._queues.items()}
+        for cursor in cursors.values():
+            next(cursor)
+        while heap:
+            _, _, client = heapq.heappop(heap)
+            yield heads[client]
+            following = next(cursors[client], None)
+            if following is not None:
+                heads[client] = following
+                heapq.heappush(heap, (self._counters[client], following.seq, client))
 
     def admitted(self, request: Request, first: bool) -> None:
         if first:

@@ -24,14 +24,29 @@ from engine.llm_engine import LLMEngine
 from server.errors import APIError
 
 
-def load_adapter(engine: LLMEngine, name: str, path: Path, replace: bool) -> int:
-    """Load (or, with ``replace``, swap in) a PEFT adapter; returns the version now served."""
-    return engine.load_lora(name, path, replace)
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """What ``/v1/models`` says of a registered adapter: the version it serves, and
+    whether it is pinned (kept in the pool until unloaded)."""
+
+    version: int
+    pinned: bool = False
 
 
-def adapter_versions(engine: LLMEngine) -> dict[str, int]:
-    """Every registered name (temporary ``_`` ones included) and its version."""
-    return {e.name: e.version for e in engine.adapters.registry.entries()}
+def load_adapter(
+    engine: LLMEngine, name: str, path: Path, replace: bool, pinned: bool = False
+) -> int:
+    """Load (or, with ``replace``, swap in) a PEFT adapter, ``pinned`` if asked; returns the
+    version now served."""
+    return engine.load_lora(name, path, replace, pinned)
+
+
+def adapter_infos(engine: LLMEngine) -> dict[str, AdapterInfo]:
+    """Every registered name (temporary ``_`` ones included), its version and pin."""
+    pinned = set(engine.adapters.pinned_names())
+    return {
+        e.name: AdapterInfo(e.version, e.name in pinned) for e in engine.adapters.registry.entries()
+    }
 
 
 def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path | None) -> int:

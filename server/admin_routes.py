@@ -6,7 +6,9 @@ fully, in a worker thread (of the engine's process), before its name becomes ser
 ``replace`` (or vLLM's ``load_inplace``) swaps a loaded name's weights: requests already
 running finish on the old ones, later ones get the new. Every load of a name is its next
 version (1, 2, ... over the server's life, whether the name was replaced or unloaded in
-between), which the response and ``/v1/models`` report.
+between), which the response and ``/v1/models`` report. ``pinned`` keeps the adapter in
+the page pool until it is unloaded (or replaced without ``pinned``); a pin that would leave
+too little of the pool for a request is refused (400 ``pin_refused``).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
+# The field a load's refusal is about, by AdapterError code (the rest: the adapter's files).
+_LOAD_PARAMS = {"adapter_already_loaded": "lora_name", "pin_refused": "pinned"}
+
 
 def admin_router(state: ServerState) -> APIRouter:
     router = APIRouter()
     config = state.config
 
     @router.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> dict[str, str | int]:
+    async def load_lora_adapter(request: Request) -> dict[str, str | int | bool]:
         require_admin(config, request.headers.raw)
         body = parse_body(await read_body(request, config.max_request_bytes), LoadLoraRequest)
         if body.lora_name == config.model_name:
@@ -43,17 +48,21 @@ def admin_router(state: ServerState) -> APIRouter:
         async with state.admin_lock:
             started = time.monotonic()
             try:
-                version = await state.handle.load_lora(body.lora_name, path, body.in_place)
+                version = await state.handle.load_lora(
+                    body.lora_name, path, body.in_place, body.pinned
+                )
             except AdapterError as e:
-                param = "lora_name" if e.code == "adapter_already_loaded" else "lora_path"
+                param = _LOAD_PARAMS.get(e.code, "lora_path")
                 raise from_adapter_error(e, param) from None
             state.metrics.adapter_api_seconds.observe(time.monotonic() - started)
-        logger.info("loaded adapter %s version %d", body.lora_name, version)
+        pinned = " (pinned)" if body.pinned else ""
+        logger.info("loaded adapter %s version %d%s", body.lora_name, version, pinned)
         return {
             "status": "ok",
             "lora_name": body.lora_name,
             "version": version,
-            "message": f"loaded adapter {body.lora_name} version {version}",
+            "pinned": body.pinned,
+            "message": f"loaded adapter {body.lora_name} version {version}{pinned}",
         }
 
     @router.post("/v1/unload_lora_adapter")

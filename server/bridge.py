@@ -49,7 +49,14 @@ class Engine(Protocol):
     """What the bridge needs of :class:`engine.LLMEngine` (tests substitute fakes)."""
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, lora: str | None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> str: ...
 
     def abort(self, request_id: str) -> None: ...
@@ -97,9 +104,17 @@ class BridgeBase(abc.ABC):
 
     @abc.abstractmethod
     async def submit_async(
-        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+        self,
+        prompts: Sequence[tuple[str | list[int], SamplingParams]],
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params); all or none are queued.
+
+        ``priority`` and ``user`` go to every request as ``LLMEngine.add_request`` takes them
+        (the scheduling policy's inputs).
 
         Raises:
             APIError: 503 while draining or when the engine is unavailable, 429 past
@@ -272,14 +287,21 @@ class EngineBridge(BridgeBase):
     # -- requests (event loop) ------------------------------------------------------------
 
     def submit(
-        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+        self,
+        prompts: Sequence[tuple[str | list[int], SamplingParams]],
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> RequestGroup:
         """:meth:`submit_async`, at once (the engine validates in the caller's thread)."""
         group = self._admit(len(prompts))
         queued: list[str] = []
         try:
             for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
-                self.engine.add_request(prompt, params, request_id=rid, lora=lora)
+                self.engine.add_request(
+                    prompt, params, request_id=rid, lora=lora, priority=priority, user=user
+                )
                 queued.append(rid)
         except Exception:
             self._engine_abort(queued)
@@ -290,9 +312,14 @@ class EngineBridge(BridgeBase):
         return group
 
     async def submit_async(
-        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+        self,
+        prompts: Sequence[tuple[str | list[int], SamplingParams]],
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> RequestGroup:
-        return self.submit(prompts, lora)
+        return self.submit(prompts, lora, priority=priority, user=user)
 
     def _engine_abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -42,6 +42,7 @@ from adapters.merge import MergeSpec
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from server.adapter_ops import AdapterInfo
 from server.bridge import BridgeBase, Health
 from server.engine_core import ENV_SOCKET, ENV_TOKEN_FD
 from server.engine_protocol import (
@@ -422,13 +423,18 @@ class ProcessBridge(BridgeBase):
     # -- requests (event loop) ------------------------------------------------------------
 
     async def submit_async(
-        self, prompts: Sequence[tuple[str | list[int], SamplingParams]], lora: str | None
+        self,
+        prompts: Sequence[tuple[str | list[int], SamplingParams]],
+        lora: str | None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
     ) -> RequestGroup:
         group = self._admit(len(prompts))
         requests = []
         for rid, (prompt, params) in zip(group.request_ids, prompts, strict=True):
             ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else prompt
-            requests.append(NewRequest(rid, ids, params, lora))
+            requests.append(NewRequest(rid, ids, params, lora, priority, user))
             self._detokenizers[rid] = IncrementalDetokenizer(
                 self.tokenizer, ids, params.stop, params.skip_special_tokens
             )
@@ -501,6 +507,10 @@ class RemoteEngine:
     def max_model_len(self) -> int:
         return self.info.max_model_len
 
+    @property
+    def scheduling_policy(self) -> str:
+        return self.info.scheduling_policy
+
     def stats(self) -> EngineStats:
         if self._stats is None:  # before the first answer (refreshed at startup)
             return _EMPTY_STATS
@@ -513,11 +523,11 @@ class RemoteEngine:
     async def check_integrity(self) -> None:
         await self.bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
 
-    async def adapter_versions(self) -> dict[str, int]:
-        return await self.bridge.call(ListAdapters, dict[str, int], QUICK_CALL_S)  # type: ignore[arg-type]
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        return await self.bridge.call(ListAdapters, dict[str, AdapterInfo], QUICK_CALL_S)  # type: ignore[arg-type]
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        make = lambda cid: LoadLora(cid, name, str(path), replace)  # noqa: E731
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        make = lambda cid: LoadLora(cid, name, str(path), replace, pinned)  # noqa: E731
         return await self.bridge.call(make, int, SLOW_CALL_S)
 
     async def unload_lora(self, name: str) -> None:

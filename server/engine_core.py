@@ -49,7 +49,7 @@ from engine.outputs import RequestOutput
 from engine.scoring import SCORING_PARAMS
 from server.adapter_ops import (
     ComposeJobs,
-    adapter_versions,
+    adapter_infos,
     export_adapter,
     load_adapter,
     merge_adapter,
@@ -356,7 +356,9 @@ class EngineCore:
         elif isinstance(message, LoadLora):
             self._in_worker(
                 message.call_id,
-                lambda: load_adapter(engine, message.name, Path(message.path), message.replace),
+                lambda: load_adapter(
+                    engine, message.name, Path(message.path), message.replace, message.pinned
+                ),
             )
         elif isinstance(message, UnloadLora):
             self._answer(message.call_id, lambda: engine.unload_lora(message.name))
@@ -385,7 +387,7 @@ class EngineCore:
                 ),
             )
         elif isinstance(message, ListAdapters):
-            self._answer(message.call_id, lambda: adapter_versions(engine))
+            self._answer(message.call_id, lambda: adapter_infos(engine))
         elif isinstance(message, GetStats):
             self._answer(message.call_id, engine.stats)
         elif isinstance(message, CheckIntegrity):
@@ -426,6 +428,8 @@ class EngineCore:
                     request_id=r.request_id,
                     lora=r.lora,
                     detokenize=False,
+                    priority=r.priority,
+                    user=r.user,
                 )
                 added.append(r.request_id)
         except Exception:
@@ -515,7 +519,8 @@ def build_from_spec(spec: EngineSpec) -> LLMEngine:
     from server.serve import build_engine  # the API process's modules, only once needed
 
     args = argparse.Namespace(**spec.engine_args, model_dir=spec.model_dir, seed=spec.seed)
-    return build_engine(args, [(name, Path(path)) for name, path in spec.lora_modules])
+    adapters = [(name, Path(path)) for name, path in spec.lora_modules]
+    return build_engine(args, adapters, pinned=spec.pinned_lora_modules)
 
 
 def engine_info(engine: LLMEngine) -> EngineInfo:
@@ -527,6 +532,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         max_model_len=mc.max_model_len,
         max_num_seqs=engine.config.scheduler.max_num_seqs,
         adapters=list(engine.adapters.registry.names()),
+        scheduling_policy=engine.config.scheduler.policy,
     )
 
 

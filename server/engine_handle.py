@@ -22,8 +22,9 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.scoring import SCORING_PARAMS
 from server.adapter_ops import (
+    AdapterInfo,
     ComposeJobs,
-    adapter_versions,
+    adapter_infos,
     export_adapter,
     load_adapter,
     merge_adapter,
@@ -48,12 +49,18 @@ class EngineHandle(Protocol):
     async def refresh_stats(self) -> None:
         """Bring :meth:`stats` up to date (a scrape awaits it)."""
 
-    async def adapter_versions(self) -> dict[str, int]:
-        """Every registered name (temporary ``_`` ones included) and its version."""
+    @property
+    def scheduling_policy(self) -> str:
+        """The engine's ``--scheduling-policy`` ("fcfs", "fair" or "priority")."""
         ...
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        """Load ``name`` (``replace``: swap a loaded one's weights); returns its version."""
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        """Every registered name (temporary ``_`` ones included), its version and pin."""
+        ...
+
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        """Load ``name`` (``replace``: swap a loaded one's weights; ``pinned``: keep it in
+        the pool until unloaded); returns its version."""
         ...
 
     async def unload_lora(self, name: str) -> None: ...
@@ -95,17 +102,21 @@ class LocalEngine:
     def max_model_len(self) -> int:
         return self.engine.config.model.max_model_len
 
+    @property
+    def scheduling_policy(self) -> str:
+        return self.engine.config.scheduler.policy
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
     async def refresh_stats(self) -> None:
         pass  # stats() reads the engine itself
 
-    async def adapter_versions(self) -> dict[str, int]:
-        return adapter_versions(self.engine)
+    async def adapters(self) -> dict[str, AdapterInfo]:
+        return adapter_infos(self.engine)
 
-    async def load_lora(self, name: str, path: Path, replace: bool) -> int:
-        return await asyncio.to_thread(load_adapter, self.engine, name, path, replace)
+    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
+        return await asyncio.to_thread(load_adapter, self.engine, name, path, replace, pinned)
 
     async def unload_lora(self, name: str) -> None:
         self.engine.unload_lora(name)

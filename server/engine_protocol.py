@@ -47,13 +47,15 @@ class ProtocolError(Exception):
 
 class EngineSpec(msgspec.Struct, frozen=True):
     """What the engine process builds: ``server.engine_args`` flags (by their argparse
-    destinations), the seed, the adapters to load at startup and the log level."""
+    destinations), the seed, the adapters to load at startup (``pinned_lora_modules``: the
+    names among them loaded pinned) and the log level."""
 
     model_dir: str | None
     engine_args: dict[str, Any]  # plain values, whatever flags engine_args defines
     seed: int = 0
     lora_modules: list[tuple[str, str]] = []
     log_level: str = "INFO"
+    pinned_lora_modules: list[str] = []
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
@@ -64,12 +66,15 @@ class Hello(msgspec.Struct, frozen=True, tag="hello"):
 
 
 class NewRequest(msgspec.Struct, frozen=True):
-    """One engine request: the prompt tokenized by the API process."""
+    """One engine request: the prompt tokenized by the API process; ``priority`` and
+    ``user`` as ``LLMEngine.add_request`` takes them."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     lora: str | None = None
+    priority: int = 0
+    user: str | None = None
 
 
 class AddRequests(msgspec.Struct, frozen=True, tag="add"):
@@ -90,6 +95,7 @@ class LoadLora(msgspec.Struct, frozen=True, tag="load_lora"):
     name: str
     path: str
     replace: bool = False
+    pinned: bool = False
 
 
 class UnloadLora(msgspec.Struct, frozen=True, tag="unload_lora"):
@@ -142,8 +148,8 @@ class Export(msgspec.Struct, frozen=True, tag="export"):
 
 
 class ListAdapters(msgspec.Struct, frozen=True, tag="list_adapters"):
-    """Replies with every registered name (temporary ``_`` ones included) and its version,
-    as a map."""
+    """Replies with every registered name (temporary ``_`` ones included) and its
+    :class:`~server.adapter_ops.AdapterInfo` (version, pinned), as a map."""
 
     call_id: int
 
@@ -202,6 +208,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_model_len: int
     max_num_seqs: int
     adapters: list[str]
+    scheduling_policy: str = "fair"  # the API process refuses priorities the policy ignores
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):

@@ -36,7 +36,8 @@ _TYPES = {
 # The engine process has stopped (process mode): requests in flight and new ones get 503.
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
-# AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400.
+# AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400
+# (``pin_refused`` included: the pins would leave the pool too small, the request's to change).
 # A missing adapter directory is a bad lora_path (400: the path is the request's mistake);
 # 404 is for names: a request or an unload naming no loaded adapter.
 _ADAPTER_STATUS = {
@@ -93,6 +94,8 @@ def from_adapter_error(error: AdapterError, param: str | None = None) -> APIErro
 def from_engine_value_error(error: ValueError, prompt_param: str) -> APIError:
     """Map ``LLMEngine.add_request``'s ``ValueError`` onto a 400 with a code and a param."""
     message = str(error)
+    if message.startswith("priority"):  # a priority under a policy that has none
+        return APIError(400, "invalid_value", message, "priority")
     if "exceeds the context length" in message:
         return APIError(400, "context_length_exceeded", message, prompt_param)
     if "prompt" in message:

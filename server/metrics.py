@@ -7,13 +7,15 @@ never waits for the engine thread). Each server has its own registry, so several
 one process (tests). Labels stay bounded: ``finished_reason`` has three values, and only the
 first ``max_adapter_labels`` adapter names get a label of their own; later ones (and the
 temporary ``_`` adapters of compositions, one per step) share ``other``. The same names keep
-their labels in every family that has an ``adapter`` label.
+their labels in every family that has an ``adapter`` label. The ``client`` label (the
+scheduler's clients: adapters, or users under ``--fairness-key user``) is bounded by the
+engine, which names at most 32 clients and sums the rest under ``(other)``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -84,9 +86,15 @@ class _EngineCollector(Collector):
         own_label: whether an adapter name gets a label of its own (else it is ``other``).
     """
 
-    def __init__(self, stats: Callable[[], EngineStats], own_label: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        own_label: Callable[[str], bool],
+        base_name: str = "base",
+    ) -> None:
         self._stats = stats
         self._own_label = own_label
+        self._base_name = base_name
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -97,6 +105,10 @@ class _EngineCollector(Collector):
             "num_pool_pages": ("Pages in the unified pool.", s.num_pages),
             "num_resident_adapters": ("Adapters resident in the pool.", s.resident_adapters),
             "num_loaded_adapters": ("Adapters registered (servable).", s.loaded_adapters),
+            "num_pinned_adapters": (
+                "Adapters pinned: kept in the pool until unloaded.",
+                len(s.pinned_adapters),
+            ),
             "base_weight_bytes": ("Bytes of the base model's weights.", s.weight_bytes),
             "base_weight_unquantized_bytes": (
                 "Bytes the base model's weights would take unquantized.",
@@ -120,6 +132,7 @@ class _EngineCollector(Collector):
         pages.add_metric(["free"], s.free_pages)
         yield pages
         yield from self._adapter_families(s)
+        yield from self._client_families(s)
         counters = {
             "num_preemptions": ("Preemptions (recompute).", s.num_preemptions),
             "prompt_tokens": ("Prompt tokens admitted.", s.prompt_tokens),
@@ -170,6 +183,49 @@ class _EngineCollector(Collector):
             if self._own_label(name):
                 family.add_metric([name], version)
         yield family
+        family = GaugeMetricFamily(
+            P + "lora_adapter_pinned",
+            "1 for an adapter kept in the pool until unloaded (pinned), else 0.",
+            labels=["adapter"],
+        )
+        pinned = set(s.pinned_adapters)
+        for name in sorted(s.adapter_versions):
+            if self._own_label(name):
+                family.add_metric([name], float(name in pinned))
+        yield family
+
+    def _client_families(self, s: EngineStats) -> Iterator[Metric]:
+        """Per client of the scheduler (adapter, or user under ``--fairness-key user``):
+        tokens served and the fair policy's virtual token counter. The engine names at most
+        ``MAX_CLIENT_LABELS`` clients and sums the rest under one label; "" (the base model,
+        without a user) is shown as the served model's name."""
+        counters = (
+            ("client_prompt_tokens", "Prompt tokens admitted, by client.", s.client_prompt_tokens),
+            ("client_generation_tokens", "Tokens generated, by client.", s.client_output_tokens),
+        )
+        for name, doc, values in counters:
+            counter = CounterMetricFamily(P + name, doc, labels=["client"])
+            for client, value in self._by_client(values, sum).items():
+                counter.add_metric([client], value)
+            yield counter
+        gauge = GaugeMetricFamily(
+            P + "client_virtual_tokens",
+            "The fair policy's virtual token counter (weighted service received), by client.",
+            labels=["client"],
+        )
+        for client, value in self._by_client(s.client_virtual_tokens, max).items():
+            gauge.add_metric([client], value)
+        yield gauge
+
+    def _by_client(
+        self, values: Mapping[str, float], merge: Callable[[list[float]], float]
+    ) -> dict[str, float]:
+        """``values`` under their labels; a client named like the base model shares its
+        label (``merge`` combines them), so no label has two samples."""
+        grouped: dict[str, list[float]] = {}
+        for client, value in sorted(values.items()):
+            grouped.setdefault(client or self._base_name, []).append(value)
+        return {label: merge(group) for label, group in grouped.items()}
 
     def _label(self, name: str) -> str:
         return name if self._own_label(name) else "other"
@@ -179,10 +235,14 @@ class ServerMetrics:
     """The server's registry: request timings plus the engine's snapshot."""
 
     def __init__(
-        self, stats: Callable[[], EngineStats] | None, max_adapter_labels: int = 32
+        self,
+        stats: Callable[[], EngineStats] | None,
+        max_adapter_labels: int = 32,
+        base_name: str = "base",
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_adapter_labels = max_adapter_labels
+        self._base_name = base_name
         self._adapter_labels: set[str] = set()
         self._lock = threading.Lock()
         if stats is not None:
@@ -239,7 +299,7 @@ class ServerMetrics:
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's snapshot, read through ``stats`` at each scrape."""
-        self.registry.register(_EngineCollector(stats, self._own_label))
+        self.registry.register(_EngineCollector(stats, self._own_label, self._base_name))
 
     def first_token(self, ttft_s: float, queue_s: float) -> None:
         self.ttft.observe(ttft_s)

@@ -78,7 +78,8 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The base (``parent: null``) and every adapter, with the version it serves."""
+        """The base (``parent: null``) and every adapter, with the version it serves and
+        whether it is pinned."""
         created = int(time.time())
         base = config.model_name
         max_len = state.handle.max_model_len
@@ -95,9 +96,9 @@ def openai_router(state: ServerState) -> APIRouter:
             }
 
         data = [card(base, None)]
-        for name, version in (await state.handle.adapter_versions()).items():
+        for name, info in (await state.handle.adapters()).items():
             if not name.startswith("_"):  # temporary adapters (compositions) stay unlisted
-                data.append(card(name, base) | {"version": version})
+                data.append(card(name, base) | {"version": info.version, "pinned": info.pinned})
         return {"object": "list", "data": data}
 
     return router
@@ -113,8 +114,11 @@ async def _generate(
     echo: list[str] | None,
 ) -> Response:
     """Queue the jobs, then stream or collect their outputs."""
+    body.check_priority(state.handle.scheduling_policy)
     try:
-        group = await state.bridge.submit_async(jobs, state.lora_for(body.model))
+        group = await state.bridge.submit_async(
+            jobs, state.lora_for(body.model), priority=body.priority, user=body.client_user
+        )
     except AdapterError as e:
         raise from_adapter_error(e, "model") from None
     except APIError as e:

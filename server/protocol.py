@@ -20,6 +20,8 @@ MAX_N = 16
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_NAME_CHARS = 256
+# ``priority`` (vLLM's extension; lower runs first) stays within 32 bits.
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
 
 Prompt = str | list[int]  # one prompt: text, or token ids
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -47,8 +49,11 @@ class SamplingFields(_Strict):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    # Who asks (OpenAI's field): the fair policy's client under ``--fairness-key user``, so
+    # also a metric label; "" counts as no user.
+    user: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
     # vLLM's extensions.
+    priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = 0  # lower runs first
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] = []
@@ -79,6 +84,23 @@ class SamplingFields(_Strict):
             )
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise APIError(400, "invalid_value", "min_tokens exceeds max_tokens", "min_tokens")
+
+    def check_priority(self, policy: str) -> None:
+        """A priority means something only to the "priority" policy: refuse it (400
+        ``param: priority``) under another, before anything is queued."""
+        if self.priority != 0 and policy != "priority":
+            raise APIError(
+                400,
+                "invalid_value",
+                f"priority {self.priority} needs --scheduling-policy priority; this server "
+                f"schedules by {policy}",
+                "priority",
+            )
+
+    @property
+    def client_user(self) -> str | None:
+        """``user`` as the engine takes it (None when absent or empty)."""
+        return self.user or None
 
     def sampling_params(
         self, max_tokens: int, choice: int, logprobs: int | None, prompt_logprobs: int | None
@@ -201,13 +223,16 @@ class LoadLoraRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's route and fields).
 
     ``replace`` and vLLM's spelling ``load_inplace`` mean the same: a name already loaded
-    gets the new weights as its next version (without either, it is a 409).
+    gets the new weights as its next version (without either, it is a 409). ``pinned``
+    keeps the adapter in the page pool through any churn; the engine refuses a pin
+    (``pin_refused``) that would leave the pool too small for a request.
     """
 
     lora_name: Annotated[str, Field(pattern=_ADAPTER_NAME)]
     lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
     replace: bool = False
     load_inplace: bool = False
+    pinned: bool = False  # kept in the pool until unloaded (or replaced unpinned)
 
     @property
     def in_place(self) -> bool:

@@ -1,7 +1,8 @@
 """``loraserve serve``: build the engine and the app from the command line and run uvicorn.
 
-    loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
-                    [--api-key KEY] [--admin-api-key KEY] [--adapter-root DIR ...] ...
+    loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--pinned-lora-modules NAME ...]
+                    [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--admin-api-key KEY]
+                    [--adapter-root DIR ...] ...
 
 With no MODEL_DIR it serves the bundled demo model and every adapter directory under
 ``examples/demo/adapters`` (an adapter still being trained, without its config, is skipped).
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Collection
 from pathlib import Path
 from types import FrameType
 
@@ -57,19 +59,36 @@ def _lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return modules
 
 
-def build_engine(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> LLMEngine:
-    """The engine the flags describe, with ``adapters`` loaded (refusals end the command)."""
+def _pinned_modules(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> list[str]:
+    """``--pinned-lora-modules``: names among the startup adapters, loaded pinned."""
+    names = {name for name, _ in adapters}
+    unknown = [name for name in args.pinned_lora_modules if name not in names]
+    if unknown:
+        raise ValueError(
+            f"--pinned-lora-modules names {', '.join(unknown)}, not among the startup adapters "
+            f"({', '.join(sorted(names)) or 'none'}); add them to --lora-modules"
+        )
+    return list(dict.fromkeys(args.pinned_lora_modules))
+
+
+def build_engine(
+    args: argparse.Namespace, adapters: list[tuple[str, Path]], pinned: Collection[str] = ()
+) -> LLMEngine:
+    """The engine the flags describe, with ``adapters`` loaded, those named in ``pinned``
+    pinned (refusals end the command)."""
     engine = LLMEngine(engine_config(args, args.model_dir, args.seed))
     for name, path in adapters:
         try:
-            engine.load_lora(name, path)
+            engine.load_lora(name, path, pinned=name in pinned)
         except AdapterError as e:
             raise ValueError(f"adapter {name}: {e.message}") from None
-        logger.info("adapter %s loaded", name)
+        logger.info("adapter %s loaded%s", name, " (pinned)" if name in pinned else "")
     return engine
 
 
-def engine_spec(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> EngineSpec:
+def engine_spec(
+    args: argparse.Namespace, adapters: list[tuple[str, Path]], pinned: Collection[str] = ()
+) -> EngineSpec:
     """What the engine process builds: the engine flags as parsed, and the adapters."""
     probe = argparse.ArgumentParser(add_help=False)
     add_engine_args(probe)
@@ -80,6 +99,7 @@ def engine_spec(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> E
         seed=args.seed,
         lora_modules=[(name, str(path)) for name, path in adapters],
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        pinned_lora_modules=list(pinned),
     )
 
 
@@ -126,6 +146,7 @@ class DrainingServer(uvicorn.Server):
 def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     adapters = _lora_modules(args)
+    pinned = _pinned_modules(args, adapters)
     server: DrainingServer | None = None
     process: EngineProcess | None = None
 
@@ -135,11 +156,12 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().call_later(delay, lambda: setattr(server, "should_exit", True))
 
     if args.engine_in_process:
-        engine = build_engine(args, adapters)
+        engine = build_engine(args, adapters, pinned)
         app = create_app(engine, config)
         names = engine.adapters.registry.names()
     else:
-        process = EngineProcess.spawn(engine_spec(args, adapters), args.engine_startup_timeout)
+        spec = engine_spec(args, adapters, pinned)
+        process = EngineProcess.spawn(spec, args.engine_startup_timeout)
         try:
             app = create_app_for_process(process, config, on_engine_death)
         except BaseException:

@@ -23,6 +23,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="adapters to serve from the start",
     )
+    parser.add_argument(
+        "--pinned-lora-modules",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="startup adapters (--lora-modules names, or the demo's) kept in the page pool "
+        "until unloaded",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the base model's API name")

@@ -58,7 +58,9 @@ def test_churn_through_a_small_pool(llama_dir: Path, many_adapters: list[Path]) 
     # 1200 pages hold about ten of them beside the KV cache of the running batch.
     config = EngineConfig.create(llama_dir, dtype="float32", num_pages=1200, max_resident_loras=16)
     host_cap = 40 * 12_288  # about 40 parsed adapters (~12 KB each) in host memory
-    tight = LLMEngine(config.replace(lora=LoraConfig(64, 16, host_cache_bytes=host_cap)))
+    tight = LLMEngine(
+        config.replace(lora=LoraConfig(64, max_resident_loras=16, host_cache_bytes=host_cap))
+    )
     got = churn(tight, many_adapters)
     assert got == expected
     residency = tight.adapters.residency
@@ -241,3 +243,63 @@ def test_an_adapter_in_a_fresh_pool_takes_consecutive_pages(
         assert first >= 0
         pages = tables.a_pages[target][resident.slot, :rank].reshape(-1).tolist()
         assert pages == list(range(first, first + len(pages)))
+
+
+def test_pinned_adapters_stay_through_the_churn(llama_dir: Path, many_adapters: list[Path]) -> None:
+    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=1200, max_model_len=64)
+    engine = LLMEngine(config.replace(lora=LoraConfig(64, max_resident_loras=16)))
+    pinned = {"p0": many_adapters[0], "p1": many_adapters[1]}
+    for name, path in pinned.items():
+        engine.load_lora(name, path, pinned=True)
+    ids = {engine.adapters.get(name).id for name in pinned}
+    residency = engine.adapters.residency
+    evicted: list[int] = []
+    evict = residency.evict
+
+    def record(adapter_id: int) -> None:
+        evicted.append(adapter_id)
+        evict(adapter_id)
+
+    residency.evict = record  # type: ignore[method-assign]
+    original = engine.step
+
+    def step() -> list:  # type: ignore[type-arg]
+        outputs = original()
+        assert all(i in residency and residency.get(i).pinned for i in ids)  # type: ignore[union-attr]
+        return outputs
+
+    engine.step = step  # type: ignore[method-assign]
+    churn(engine, many_adapters[2:])
+    engine.add_request([5, 6, 7], GREEDY, request_id="pinned", lora="p0")
+    while engine.has_unfinished():
+        engine.step()
+    assert residency.num_evicted >= 2 * 198 - 16  # the churn went on around the pins
+    assert not ids & set(evicted)
+    assert engine.stats().pinned_adapters == ["p0", "p1"]
+    engine.step = original  # type: ignore[method-assign]
+    engine.unload_lora("p0")
+    engine.step()
+    assert engine.adapters.get("p1").id in residency and set(evicted) & ids == {min(ids)}
+    assert engine.stats().pinned_adapters == ["p1"]
+
+
+def test_pins_that_leave_no_room_for_a_request_are_refused(
+    llama_dir: Path, many_adapters: list[Path]
+) -> None:
+    # 26r pages per adapter of rank r (see above); 64 tokens of context take 128 pages.
+    config = EngineConfig.create(llama_dir, dtype="float32", num_pages=400, max_model_len=64)
+    engine = LLMEngine(config)
+    engine.load_lora("p0", many_adapters[1], pinned=True)  # rank 3: 78 pages
+    engine.load_lora("p1", many_adapters[2], pinned=True)  # rank 4: 104 pages
+    with pytest.raises(AdapterError) as refused:
+        engine.load_lora("p2", many_adapters[5], pinned=True)  # 104 more: past 400 - 128
+    assert refused.value.code == "pin_refused"
+    assert "pins may take 272 pages" in refused.value.message
+    engine.load_lora("p2", many_adapters[5])  # unpinned, it loads
+    engine.add_request([5] * 8, GREEDY, request_id="r", lora="p2")
+    while engine.has_unfinished():
+        engine.step()
+    assert set(engine.stats().pinned_adapters) == {"p0", "p1"}
+    with pytest.raises(ValueError, match="pinned adapters' 182"):
+        # 2 * 60 pages of its own + 104 of its adapter + 182 pinned > 400
+        engine.add_request([5] * 56, SamplingParams(max_tokens=4), lora="p2")

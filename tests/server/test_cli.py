@@ -12,10 +12,11 @@ import pytest
 from engine.config import DEMO_DIR, EngineConfig
 from server.cli import main
 from server.engine_args import engine_config
-from server.engine_core import build_from_spec
+from server.engine_core import build_from_spec, engine_info
 from server.engine_protocol import HEADER_BYTES, Hello, decode_to_engine, frame
 from server.serve import DEMO_MODEL_NAME, engine_spec, server_config
 from server.serve_args import add_serve_args
+from tests.server.conftest import demo_adapters
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -127,3 +128,36 @@ def test_generate_takes_the_prefix_cache_flags(monkeypatch: pytest.MonkeyPatch) 
     argv = ["generate", "--no-enable-prefix-caching", "--block-size", "4", "--num-pages", "64"]
     assert main([*argv, "hi"]) == 0
     assert not built[0].cache.enable_prefix_caching and built[0].cache.block_size == 4
+
+
+def test_pinned_lora_modules_must_name_startup_adapters(capsys: pytest.CaptureFixture[str]) -> None:
+    """A pin on a name that is not loaded at startup ends the command before anything is
+    built (the demo's adapters count as startup adapters)."""
+    argv = ["serve", "some/model_dir", "--lora-modules", "a=/p", "--pinned-lora-modules", "a", "b"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--pinned-lora-modules names b," in err and "--lora-modules" in err
+    assert main(["serve", "--pinned-lora-modules", "nope"]) == 2
+    assert "names nope" in capsys.readouterr().err
+
+
+def test_scheduling_flags_and_pins_reach_the_engine_process() -> None:
+    """The scheduling flags and the pinned startup adapters travel in the EngineSpec
+    (encoded, decoded); the engine process builds its engine from them and reports its
+    policy to the API process."""
+    args = parse(
+        "--scheduling-policy", "priority", "--fairness-key", "user", "--max-loras", "2",
+        "--max-resident-loras", "8", "--pinned-lora-modules", "upper",
+    )  # fmt: skip
+    assert args.pinned_lora_modules == ["upper"]
+    adapters = list(demo_adapters("upper", "swapcase").items())
+    spec = engine_spec(args, adapters, args.pinned_lora_modules)
+    hello = decode_to_engine(frame(Hello("token", spec))[HEADER_BYTES:])
+    assert isinstance(hello, Hello) and hello.spec.pinned_lora_modules == ["upper"]
+    engine = build_from_spec(hello.spec)
+    scheduler, lora = engine.config.scheduler, engine.config.lora
+    assert (scheduler.policy, scheduler.fairness_key) == ("priority", "user")
+    assert (lora.max_loras, lora.max_resident_loras) == (2, 8)
+    assert engine.adapters.pinned_names() == ["upper"]
+    assert engine.stats().pinned_adapters == ["upper"]
+    assert engine_info(engine).scheduling_policy == "priority"

@@ -27,7 +27,9 @@ import openai
 import pytest
 
 from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats
 from engine.sampling_params import SamplingParams
+from server.adapter_ops import AdapterInfo
 from server.engine_core import EngineCore, EngineSocketServer
 from server.engine_protocol import (
     Abort,
@@ -39,6 +41,7 @@ from server.engine_protocol import (
     Heartbeat,
     Hello,
     ListAdapters,
+    LoadLora,
     NewRequest,
     Reply,
     StepOutputs,
@@ -46,6 +49,7 @@ from server.engine_protocol import (
     decode_value,
     frame,
 )
+from server.errors import from_engine_value_error
 from tests.server.conftest import (
     BASE,
     TASKS,
@@ -164,7 +168,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """The demo model and its four adapters, admin routes on, exports allowed."""
+    """The demo model and its four adapters ("upper" pinned), admin routes on, exports
+    allowed, the priority policy with users as clients (requests without a priority run
+    first come, first served)."""
     demo_adapters("upper", "swapcase", "caesar", "reverse")
     tmp = tmp_path_factory.mktemp("engine-process")
     (tmp / "exports").mkdir()
@@ -176,6 +182,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         str(tmp / "exports"),
         "--max-compose-steps",
         "4",
+        "--scheduling-policy",
+        "priority",
+        "--fairness-key",
+        "user",
+        "--pinned-lora-modules",
+        "upper",
     ) as served:
         yield served
 
@@ -357,6 +369,26 @@ def test_metrics_and_health(server: ServeProcess) -> None:
     assert server.metric("loraserve:num_loaded_adapters") >= 4
     assert server.metric("loraserve:num_pool_pages") > 0
     assert server.metric("loraserve:engine_steps_total") > 0
+
+
+def test_priority_user_and_pins_cross_to_the_engine_process(server: ServeProcess) -> None:
+    """``priority`` and ``user`` reach the engine through the socket (the user shows as a
+    client), and the startup pin shows on the adapter's card and in the metrics."""
+    client = server.openai()
+    out = client.completions.create(
+        model="upper", prompt="pin=", max_tokens=8, temperature=0, user="dave",
+        extra_body={"priority": -5},
+    )  # fmt: skip
+    assert out.choices[0].text == "PIN" and out.usage is not None
+    with server.http() as http:
+        text = http.get("/metrics").text
+        body = {"model": BASE, "prompt": "x=", "priority": "high"}
+        assert_error(http.post("/v1/completions", json=body), 400, "invalid_value", "priority")
+    line = next(x for x in text.splitlines() if 'client_prompt_tokens_total{client="dave"}' in x)
+    assert float(line.split()[-1]) == out.usage.prompt_tokens
+    assert server.metric("loraserve:num_pinned_adapters") == 1
+    cards = {m.id: m.to_dict() for m in client.models.list().data}
+    assert cards["upper"]["pinned"] is True and cards["swapcase"]["pinned"] is False
 
 
 def test_the_channel_is_private(server: ServeProcess) -> None:
@@ -621,11 +653,49 @@ def test_engine_core_steps_answers_and_stays_consistent(core_engine: LLMEngine) 
         client.send(CheckIntegrity(4))
         assert client.reply(4).error is None
         client.send(ListAdapters(5))
-        assert decode_value(client.reply(5).result, dict[str, int]) == {"upper": 1}
+        infos = decode_value(client.reply(5).result, dict[str, AdapterInfo])
+        assert infos == {"upper": AdapterInfo(version=1, pinned=False)}
         client.send(GetStats(6))
         assert client.reply(6).error is None
         assert client.receive(lambda m: isinstance(m, Heartbeat), timeout=5)
     assert client.code == [0]  # the connection closed: a clean exit
+    assert not core_engine.has_unfinished()
+
+
+def test_engine_core_takes_priority_user_and_pins() -> None:
+    """``NewRequest``'s priority and user reach ``add_request``; ``LoadLora`` pins; the
+    adapters' listing says which are pinned."""
+    engine = make_engine(scheduling_policy="priority", fairness_key="user")
+    path = str(demo_adapters("upper")["upper"])
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    ids = list(engine.tokenizer("pin=").input_ids)
+    with running_core(engine) as client:
+        client.send(LoadLora(1, "upper", path, pinned=True))
+        assert decode_value(client.reply(1).result, int) == 1
+        client.send(AddRequests(2, [NewRequest("a", ids, greedy, "upper", -3, "erin")]))
+        assert client.reply(2).error is None
+        client.receive(lambda m: isinstance(m, StepOutputs) and any(o.finished for o in m.outputs))
+        client.send(ListAdapters(3))
+        infos = decode_value(client.reply(3).result, dict[str, AdapterInfo])
+        assert infos == {"upper": AdapterInfo(version=1, pinned=True)}
+        client.send(GetStats(4))
+        stats = decode_value(client.reply(4).result, EngineStats)
+        assert stats.client_prompt_tokens == {"erin": len(ids)}
+        assert stats.pinned_adapters == ["upper"]
+    assert not engine.has_unfinished()
+
+
+def test_engine_core_refuses_a_priority_the_policy_ignores(core_engine: LLMEngine) -> None:
+    """The fair engine's own check: its refusal crosses as a ValueError that the routes
+    map onto 400 ``param: priority`` (the API process refuses it first, from the policy
+    the engine reported)."""
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    with running_core(core_engine) as client:
+        client.send(AddRequests(1, [NewRequest("p", [5, 6, 7], greedy, None, priority=2)]))
+        error = client.reply(1).error
+    assert error is not None and error.kind == "value"
+    api = from_engine_value_error(ValueError(error.message), "prompt")
+    assert (api.status, api.code, api.param) == (400, "invalid_value", "priority")
     assert not core_engine.has_unfinished()
 
 

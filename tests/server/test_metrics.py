@@ -89,3 +89,40 @@ def test_a_replaced_adapter_reports_its_new_version() -> None:
     assert by_label(scrape(metrics)["loraserve:lora_adapter_version"], "adapter") == {"tuned": 1}
     versions["tuned"] = 2
     assert by_label(scrape(metrics)["loraserve:lora_adapter_version"], "adapter") == {"tuned": 2}
+
+
+def test_client_families_name_the_base_model_and_keep_the_engines_labels() -> None:
+    """Per-client tokens and virtual counters as the engine labels them (at most 32 named,
+    the rest under "(other)"); "" (the base model) shows as the served model's name, and a
+    client of that same name shares its label (counters summed, the gauge its largest)."""
+    stats = snapshot(
+        num_pages=1,
+        client_prompt_tokens={"": 10, "upper": 5, "(other)": 7, "demo": 1},
+        client_output_tokens={"": 4, "upper": 2, "(other)": 3, "demo": 1},
+        client_virtual_tokens={"": 18.0, "upper": 9.5, "(other)": 13.0, "demo": 3.0},
+    )
+    got = scrape(ServerMetrics(lambda: stats, base_name="demo"))
+    prompt = by_label(got["loraserve:client_prompt_tokens_total"], "client")
+    assert prompt == {"demo": 11, "upper": 5, "(other)": 7}
+    generated = by_label(got["loraserve:client_generation_tokens_total"], "client")
+    assert generated == {"demo": 5, "upper": 2, "(other)": 3}
+    virtual = by_label(got["loraserve:client_virtual_tokens"], "client")
+    assert virtual == {"demo": 18.0, "upper": 9.5, "(other)": 13.0}
+    # No traffic yet: the families exist, without samples.
+    empty = ServerMetrics(lambda: snapshot(num_pages=1)).render().decode()
+    for family in ("client_prompt_tokens", "client_generation_tokens"):
+        assert f"# TYPE loraserve:{family}_total counter" in empty
+    assert "# TYPE loraserve:client_virtual_tokens gauge" in empty
+    assert "{client=" not in empty
+
+
+def test_pinned_adapters_count_and_flag_within_the_label_cap() -> None:
+    stats = snapshot(
+        num_pages=1,
+        adapter_versions={"a0": 1, "a1": 1, "a2": 2, "a3": 1},
+        pinned_adapters=["a1", "a3"],
+    )
+    got = scrape(ServerMetrics(lambda: stats, max_adapter_labels=3))
+    assert got["loraserve:num_pinned_adapters"] == {(): 2}  # every pin, labelled or not
+    pinned = by_label(got["loraserve:lora_adapter_pinned"], "adapter")
+    assert pinned == {"a0": 0, "a1": 1, "a2": 0}  # a3 has no label of its own

@@ -200,17 +200,21 @@ def _model(request: BenchRequest, models: list[str | None], base_model: str) -> 
 
 
 async def sample_gauges(
-    url: str, names: Sequence[str], interval_s: float, stop: asyncio.Event
-) -> list[tuple[float, dict[str, float]]]:
+    url: str,
+    names: Sequence[str],
+    interval_s: float,
+    stop: asyncio.Event,
+    samples: list[tuple[float, dict[str, float]]],
+) -> None:
     """Read the unlabelled gauges ``names`` (e.g. ``loraserve:num_requests_waiting``) from the
     server's ``/metrics`` every ``interval_s`` seconds until ``stop`` is set.
 
-    Returns ``(time.perf_counter() at the reply, {name: value})`` per scrape, on the clock of
-    the records; a scrape that fails is skipped. Plain HTTP over asyncio, as the
+    Appends ``(time.perf_counter() at the reply, {name: value})`` to ``samples`` per scrape,
+    as they come (others may watch it meanwhile), on the clock of the records; a scrape that
+    fails is skipped. Plain HTTP over asyncio, as the
     requests; an httpx client would build an SSL context on the event loop first, holding
     up the requests it runs beside for tens of milliseconds.
     """
-    samples: list[tuple[float, dict[str, float]]] = []
     wanted = set(names)
     target = httpx.URL(url.rstrip("/"))
     host, port = target.host, target.port or 80
@@ -229,7 +233,6 @@ async def sample_gauges(
             samples.append((time.perf_counter(), values))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
-    return samples
 
 
 async def _get(host: str, port: int, path: str) -> str:

@@ -76,6 +76,9 @@ SYSTEMS = {  # in the order they run
 PRIORITIES = {"flooder": 1, "modest": 0}  # the priority system's request field, lower first
 GAUGES = ("loraserve:num_requests_waiting", "loraserve:num_requests_running")
 SAMPLE_INTERVAL_S = 0.5
+# Requests waiting and none running this long means the server admits nothing (an adapter
+# loads from disk in well under a second here): the run stops with an error, not forever.
+STALL_S = 30.0
 # ``--smoke``: a few seconds of each system to check the pipeline end to end; the engine
 # steps in the server's process, one interpreter fewer to start. Not for numbers.
 SMOKE = {
@@ -159,7 +162,7 @@ def run_fairness(
         logger.info("running %s", label)
         started = time.perf_counter()
         with running_server(spec, log) as url:
-            records, samples = asyncio.run(_replay(url, workload, names, extra))
+            records, samples = asyncio.run(_replay(url, workload, names, extra, key))
         entry = system_entry(key, workload, records, samples, time.perf_counter() - started)
         entry["flags"] = flags[key]
         systems.append(entry)
@@ -222,13 +225,19 @@ def priority_fields(workload: Workload) -> list[dict[str, int]]:
 
 
 async def _replay(
-    url: str, workload: Workload, names: list[str | None], extra: list[dict[str, int]] | None
+    url: str,
+    workload: Workload,
+    names: list[str | None],
+    extra: list[dict[str, int]] | None,
+    key: str,
 ) -> tuple[list[RequestRecord], list[tuple[float, dict[str, float]]]]:
-    """The list against one server, its waiting queue sampled meanwhile."""
+    """The list against one server, its waiting queue sampled meanwhile; a ``RuntimeError``
+    when the server stalls (:func:`stalled`)."""
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_gauges(url, GAUGES, SAMPLE_INTERVAL_S, stop))
-    try:
-        records, _ = await run_workload(
+    samples: list[tuple[float, dict[str, float]]] = []
+    sampler = asyncio.create_task(sample_gauges(url, GAUGES, SAMPLE_INTERVAL_S, stop, samples))
+    replay = asyncio.create_task(
+        run_workload(
             url,
             workload,
             names,
@@ -237,9 +246,32 @@ async def _replay(
             closed_loops={FLOODER: int(workload.params["flood_concurrency"])},
             extra_body=extra,
         )
+    )
+    try:
+        while not replay.done():
+            await asyncio.wait({replay}, timeout=SAMPLE_INTERVAL_S)
+            if not replay.done() and stalled(samples, STALL_S):
+                replay.cancel()
+                waiting = samples[-1][1].get(GAUGES[0])
+                raise RuntimeError(
+                    f"the {key} server stalled: {waiting:.0f} requests waiting and none "
+                    f"running for {STALL_S:g} s (its /metrics); see server-{key}.log"
+                )
+        records, _ = replay.result()
     finally:
         stop.set()
-    return records, await sampler
+        await sampler
+    return records, samples
+
+
+def stalled(samples: list[tuple[float, dict[str, float]]], window_s: float) -> bool:
+    """Whether every sample of the last ``window_s`` seconds (and the samples reach that far
+    back) shows requests waiting and none running: a server that admits nothing although
+    nothing holds its pages or its batch."""
+    if not samples or samples[-1][0] - samples[0][0] < window_s:
+        return False
+    recent = [v for t, v in samples if t >= samples[-1][0] - window_s]
+    return all(v.get(GAUGES[1]) == 0 and (v.get(GAUGES[0]) or 0) > 0 for v in recent)
 
 
 def system_entry(

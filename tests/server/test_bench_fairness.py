@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from server.bench.client import run_workload, sample_gauges
-from server.bench.fairness import SMOKE, FairnessArgs, fairness_workload, priority_fields
+from server.bench.fairness import (
+    SMOKE,
+    FairnessArgs,
+    fairness_workload,
+    priority_fields,
+    stalled,
+)
 from server.bench.fairness_metrics import (
     TARGETS,
     client_summaries,
@@ -136,7 +142,8 @@ def test_client_closed_loop_per_client_and_extra_fields() -> None:
         async with _fake_server(bodies, in_flight) as url:
             stop = asyncio.Event()
             gauges = ["loraserve:num_requests_waiting", "loraserve:num_requests_running"]
-            sampler = asyncio.create_task(sample_gauges(url, gauges, 0.05, stop))
+            samples: list[tuple[float, dict[str, float]]] = []
+            sampler = asyncio.create_task(sample_gauges(url, gauges, 0.05, stop, samples))
             records, _ = await run_workload(
                 url,
                 w,
@@ -147,7 +154,8 @@ def test_client_closed_loop_per_client_and_extra_fields() -> None:
                 extra_body=priority_fields(w),
             )
             stop.set()
-            return records, await sampler
+            await sampler
+            return records, samples
 
     records, samples = asyncio.run(replay())
     assert all(r.ok for r in records) and len(bodies) == len(w.requests)
@@ -223,6 +231,21 @@ def test_served_over_time_and_queue_series() -> None:
     assert queue_series([], t0=0.0)["max_waiting"] is None
 
 
+def test_stalled() -> None:
+    def sample(t: float, waiting: float, running: float) -> tuple[float, dict[str, float]]:
+        return t, {
+            "loraserve:num_requests_waiting": waiting,
+            "loraserve:num_requests_running": running,
+        }
+
+    busy = [sample(0.0, 90.0, 32.0), sample(5.0, 90.0, 0.0)]
+    stuck = [sample(t, 90.0, 0.0) for t in (6.0, 8.0, 10.0)]
+    assert stalled(busy + stuck, window_s=5.0)  # 5 s to 10 s: waiting, none running
+    assert not stalled(busy + stuck, window_s=10.0)  # at 0 s it ran
+    assert not stalled(stuck, window_s=5.0)  # the samples reach back 4 s only
+    assert not stalled([*busy, *stuck, sample(11.0, 0.0, 0.0)], window_s=5.0)  # idle, done
+
+
 def _system(modest_p99: float, modest_p50: float, tok_s: float) -> dict[str, Any]:
     return {
         "output_throughput": tok_s,
@@ -280,6 +303,7 @@ def test_bench_fairness_smoke(tmp_path: Path) -> None:
         drawn = series[system["system"]]
         assert len(drawn["requests"]) == len(workload.requests)
         assert sum(counts[-1] for counts in drawn["served"]["tokens"].values()) == planned
+    assert not any("priority" in note for note in result["notes"])  # the field is served
     assert result["targets"] == TARGETS and result["targets_met"] in (True, False)
     assert all(isinstance(r, float) and r > 0 for r in result["ratios"].values())
     for name in ("fairness_ttft.png", "fairness_tokens.png", "fairness_summary.png"):

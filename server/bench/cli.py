@@ -211,11 +211,11 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "HTTP, one run",
         description="Adapter 0 floods (a closed loop of --flood-concurrency requests in "
         "flight, --flood-requests in all); adapters 1..n-1 each send a Poisson stream of "
-        "--modest-rate req/s for --duration seconds. The same list is replayed through "
-        "loraserve serve --scheduling-policy fcfs, fair and priority (modest requests sent "
-        "with priority 0, the flooder's with 1); reports TTFT, E2E latency and served tokens "
-        "per client group, the throughput, and the ratios fcfs/fair of the modest clients' "
-        "TTFT p99 and fair/fcfs of the output throughput. Writes fairness.json, "
+        "--modest-rate req/s for --duration seconds from --modest-start. The same list is "
+        "replayed through loraserve serve --scheduling-policy fcfs, fair and priority (modest "
+        "requests sent with priority 0, the flooder's with 1); reports TTFT, E2E latency and "
+        "served tokens per client group, the throughput, and the ratios fcfs/fair of the "
+        "modest clients' TTFT p99 and fair/fcfs of the output throughput. Writes fairness.json, "
         "fairness_series.json, workload.json, fairness_ttft.png, fairness_tokens.png, "
         "fairness_summary.png and the servers' logs into --out.",
     )
@@ -229,7 +229,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
     )
     fairness.add_argument(
-        "--flood-requests", type=int, default=None, help="the flooder's requests (3600)"
+        "--flood-requests", type=int, default=None, help="the flooder's requests (6000)"
     )
     fairness.add_argument(
         "--flood-concurrency", type=int, default=None, help="the flooder's requests in flight (128)"
@@ -238,7 +238,13 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--modest-rate", type=float, default=None, help="req/s of each modest client (1.0)"
     )
     fairness.add_argument(
-        "--duration", type=float, default=None, help="seconds the modest clients send for (60)"
+        "--duration", type=float, default=None, help="seconds the modest clients send for (50)"
+    )
+    fairness.add_argument(
+        "--modest-start",
+        type=float,
+        default=None,
+        help="seconds after the flood's start that the modest clients begin (5)",
     )
     fairness.add_argument(
         "--input-range", type=_range, default=None, help="[lo, hi) prompt tokens (16,64)"
@@ -442,7 +448,7 @@ def _fairness(args: argparse.Namespace) -> int:
     from server.bench.fairness import SMOKE, FairnessArgs, run_fairness
     from server.bench.fairness_report import format_ratios, format_system
 
-    renamed = {"duration": "duration_s"}
+    renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
     sizes = {
         renamed.get(key, key): value
         for key in (
@@ -451,6 +457,7 @@ def _fairness(args: argparse.Namespace) -> int:
             "flood_concurrency",
             "modest_rate",
             "duration",
+            "modest_start",
             "input_range",
             "output_range",
             "max_num_seqs",

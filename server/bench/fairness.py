@@ -2,10 +2,10 @@
 load, under the fcfs, fair and priority scheduling policies, through the HTTP API, one run.
 
 The workload (:func:`server.bench.fairness_workload.flooding`): adapter 0 is a flooding
-client, 3,600 requests in a closed loop of 128 in flight (4× ``--max-num-seqs``, so about
+client, 6,000 requests in a closed loop of 128 in flight (4× ``--max-num-seqs``, so about
 96 of its requests always wait in the server); adapters 1–7 are modest clients, each a
-Poisson stream of 1 request/s for 60 s (on the 2-core machine the demo-sized server answers
-about 45 requests/s, so a fair eighth is over 5 requests/s); prompts of 16–63 tokens,
+Poisson stream of 1 request/s for 50 s from 5 s (on the 2-core machine the demo-sized server
+answers about 70 requests/s, so a fair eighth is about 9 requests/s); prompts of 16–63 tokens,
 outputs of 16–47, greedy, EOS ignored, ``min_tokens = max_tokens``. The flooder's requests
 outlast the modest streams (each system's ``flood_outlasted_modest`` says whether they did),
 so every modest request meets the flood.
@@ -86,6 +86,7 @@ SMOKE = {
     "flood_requests": 24,
     "flood_concurrency": 8,
     "modest_rate": 4.0,
+    "modest_start_s": 0.0,
     "duration_s": 1.0,
     "input_range": (4, 9),
     "output_range": (2, 5),
@@ -104,10 +105,11 @@ class FairnessArgs:
     model_dir: Path
     out: Path
     num_adapters: int = 8
-    flood_requests: int = 3600
+    flood_requests: int = 6000
     flood_concurrency: int = 128
     modest_rate: float = 1.0
-    duration_s: float = 60.0
+    modest_start_s: float = 5.0
+    duration_s: float = 50.0
     input_range: tuple[int, int] = (16, 64)
     output_range: tuple[int, int] = (16, 48)
     max_num_seqs: int = 32
@@ -208,6 +210,7 @@ def fairness_workload(args: FairnessArgs, hf: Mapping[str, Any]) -> Workload:
         flood_requests=args.flood_requests,
         flood_concurrency=args.flood_concurrency,
         modest_rate=args.modest_rate,
+        modest_start_s=args.modest_start_s,
         duration_s=args.duration_s,
         input_range=args.input_range,
         output_range=args.output_range,
@@ -327,7 +330,8 @@ def _header(
         f"--max-num-seqs {args.max_num_seqs}",
         f"flooding: adapter-0 sends {args.flood_requests} requests, {args.flood_concurrency} "
         f"in flight; adapters 1-{args.num_adapters - 1} each {args.modest_rate:g} req/s "
-        f"(Poisson) for {args.duration_s:g} s ({modest} requests); prompts {i_lo}-{i_hi - 1} "
+        f"(Poisson) for {args.duration_s:g} s from {args.modest_start_s:g} s ({modest} "
+        f"requests); prompts {i_lo}-{i_hi - 1} "
         f"tokens, outputs {o_lo}-{o_hi - 1}; rank {args.rank} on {','.join(args.targets)}; "
         f"seed {args.seed}",
         f"{stats['total_input_tokens']} prompt tokens, {stats['total_output_tokens']} to generate",

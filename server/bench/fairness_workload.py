@@ -11,8 +11,14 @@ Clients are adapters (the fair policy's default ``--fairness-key adapter``): ada
   waiting in the server whatever the machine's speed: the server stays overloaded for as
   long as the flooder has requests left.
 * Each modest client is an open loop: a Poisson process of ``modest_rate`` requests per second
-  over [0, ``duration_s``), independent of the others, so its requests arrive at the same
-  times in every system, whatever the flooder gets.
+  over [``modest_start_s``, ``modest_start_s + duration_s``), independent of the others, so
+  its requests arrive at the same times in every system, whatever the flooder gets. They
+  start once the flood is under way: at 0 the flooder's first ``flood_concurrency``
+  requests arrive at once, the server admits a full batch of them together, and no slot
+  frees until that batch finishes, together too; a request arriving then waits for it
+  whatever the policy (a policy orders admissions, it does not interrupt running
+  requests). From then on the flooder's requests finish one by one, as they would in a
+  flood that had been going on for a while.
 
 Every request draws its prompt length from ``input_range`` and its output length from
 ``output_range`` (both ``[lo, hi)``), the same laws for every client, so clients differ only
@@ -45,10 +51,11 @@ def client_group(adapter: int | None) -> str:
 def flooding(
     *,
     num_adapters: int = 8,
-    flood_requests: int = 3600,
+    flood_requests: int = 6000,
     flood_concurrency: int = 128,
     modest_rate: float = 1.0,
-    duration_s: float = 60.0,
+    modest_start_s: float = 5.0,
+    duration_s: float = 50.0,
     input_range: tuple[int, int] = (16, 64),
     output_range: tuple[int, int] = (16, 48),
     seed: int = 42,
@@ -56,13 +63,14 @@ def flooding(
     vocab_offset: int = 3,
 ) -> Workload:
     """The flooding-client list (module docstring): adapter 0 floods in a closed loop, adapters
-    1 … n−1 each send a Poisson stream of ``modest_rate`` req/s for ``duration_s`` seconds."""
+    1 … n−1 each send a Poisson stream of ``modest_rate`` req/s for ``duration_s`` seconds
+    from ``modest_start_s``."""
     if num_adapters < 2:
         raise ValueError("num_adapters must be at least 2: a flooder and a modest client")
     if flood_requests < 1 or flood_concurrency < 1:
         raise ValueError("flood_requests and flood_concurrency must be at least 1")
-    if modest_rate <= 0 or duration_s <= 0:
-        raise ValueError("modest_rate and duration_s must be positive")
+    if modest_rate <= 0 or duration_s <= 0 or modest_start_s < 0:
+        raise ValueError("modest_rate and duration_s must be positive, modest_start_s >= 0")
     _check_range("input_range", input_range)
     _check_range("output_range", output_range)
     params = {
@@ -71,6 +79,7 @@ def flooding(
         "flood_requests": flood_requests,
         "flood_concurrency": flood_concurrency,
         "modest_rate": modest_rate,
+        "modest_start_s": modest_start_s,
         "duration_s": duration_s,
         "input_range": input_range,
         "output_range": output_range,
@@ -85,7 +94,7 @@ def flooding(
         # Enough exponential gaps to pass duration_s with near certainty; the rest are cut.
         mean = modest_rate * duration_s
         gaps = rng.exponential(1.0 / modest_rate, size=int(mean + 10 * np.sqrt(mean) + 10))
-        modest += [(float(t), adapter) for t in np.cumsum(gaps) if t < duration_s]
+        modest += [(modest_start_s + float(t), adapter) for t in np.cumsum(gaps) if t < duration_s]
     arrivals += sorted(modest)
     count = len(arrivals)
     inputs = rng.integers(*input_range, size=count)

@@ -50,6 +50,7 @@ def _workload(**kw: Any) -> Workload:
         "flood_requests": 30,
         "flood_concurrency": 6,
         "modest_rate": 5.0,
+        "modest_start_s": 2.0,
         "duration_s": 20.0,
         "input_range": (8, 17),
         "output_range": (4, 9),
@@ -67,7 +68,7 @@ def test_flooding_workload(tmp_path: Path) -> None:
     assert all(r.adapter == FLOODER and r.arrival == 0.0 for r in flood)
     assert all(r.adapter != FLOODER for r in modest)
     arrivals = [r.arrival for r in modest]
-    assert arrivals == sorted(arrivals) and arrivals[0] > 0.0 and arrivals[-1] < 20.0
+    assert arrivals == sorted(arrivals) and arrivals[0] > 2.0 and arrivals[-1] < 22.0
     counts = Counter(r.adapter for r in modest)
     assert set(counts) == {1, 2, 3}
     # Poisson, 100 expected per client: well inside ±5 standard deviations.
@@ -86,6 +87,8 @@ def test_flooding_workload(tmp_path: Path) -> None:
         _workload(num_adapters=1)
     with pytest.raises(ValueError, match="positive"):
         _workload(modest_rate=0.0)
+    with pytest.raises(ValueError, match="modest_start_s"):
+        _workload(modest_start_s=-1.0)
 
 
 def test_fairness_workload_fits_the_context(tmp_path: Path) -> None:
@@ -134,7 +137,9 @@ async def _fake_server(bodies: list[dict[str, Any]], in_flight: Counter[str]) ->
 
 
 def test_client_closed_loop_per_client_and_extra_fields() -> None:
-    w = _workload(flood_requests=12, flood_concurrency=3, modest_rate=20.0, duration_s=0.3)
+    w = _workload(
+        flood_requests=12, flood_concurrency=3, modest_rate=20.0, modest_start_s=0.0, duration_s=0.3
+    )
     bodies: list[dict[str, Any]] = []
     in_flight: Counter[str] = Counter()
 

@@ -83,7 +83,7 @@ STALL_S = 30.0
 # steps in the server's process, one interpreter fewer to start. Not for numbers.
 SMOKE = {
     "num_adapters": 3,
-    "flood_requests": 24,
+    "flood_requests": 160,
     "flood_concurrency": 8,
     "modest_rate": 4.0,
     "modest_start_s": 0.0,

@@ -79,17 +79,21 @@ def served_over_time(
     t0: float,
     step_s: float,
 ) -> dict[str, Any]:
-    """Cumulative output tokens each client had received at t = 0, step_s, 2·step_s, …, up
-    to the last token: ``{"t": [...], "tokens": {adapter: [...]}}`` (adapters as strings,
-    JSON keys). A token counts when its chunk arrived at the client."""
+    """Cumulative output tokens each client had received at t = 0, step_s, 2·step_s, … and
+    at the last token's time: ``{"t": [...], "tokens": {adapter: [...]}}`` (adapters as
+    strings, JSON keys), so the last counts are the totals. A token counts when its chunk
+    arrived at the client; the tokens of a completed request none of whose chunks carried
+    text (the detokenizer held every piece back) count at its end."""
     if step_s <= 0:
         raise ValueError("step_s must be positive")
     times: dict[int, list[float]] = {}
     for r, a in zip(records, adapters, strict=True):
-        if a is not None:
-            times.setdefault(a, []).extend(t - t0 for t in r.token_times)
+        if a is None:
+            continue
+        arrived = r.token_times or ([r.end] * r.output_len if r.ok else [])
+        times.setdefault(a, []).extend(t - t0 for t in arrived)
     end = max((max(ts) for ts in times.values() if ts), default=0.0)
-    grid = np.arange(0.0, end + step_s, step_s)
+    grid = np.append(np.arange(0.0, end, step_s), end)
     tokens = {
         str(a): np.searchsorted(np.sort(ts), grid, side="right").tolist()
         for a, ts in sorted(times.items())

@@ -120,7 +120,7 @@ def _plot_ttft(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("sent at (s)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("TTFT (s)")
-    axes[-1].legend(fontsize=7, markerscale=2, loc="lower right")
+    axes[-1].legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(_title(result), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -162,7 +162,9 @@ def _plot_tokens(result: dict[str, Any], path: Path) -> None:
         if col == len(systems) - 1:
             flood_ax.set_ylabel("flooder's output tokens")
             handles = [*tokens_ax.get_lines(), *flood_ax.get_lines()]
-            tokens_ax.legend(handles=handles, fontsize=6, loc="upper left")
+            flood_ax.legend(
+                handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.3, 0.5)
+            )
         samples = system["series"]["queue"]
         queue_ax.plot([s[0] for s in samples], [s[1] for s in samples], label="waiting")
         queue_ax.plot([s[0] for s in samples], [s[2] for s in samples], label="running")

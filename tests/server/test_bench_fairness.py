@@ -23,6 +23,7 @@ from server.bench.fairness import (
     SMOKE,
     FairnessArgs,
     fairness_workload,
+    load_result,
     priority_fields,
     stalled,
 )
@@ -220,12 +221,15 @@ def test_group_and_client_summaries() -> None:
 
 def test_served_over_time_and_queue_series() -> None:
     records = [_record(0.0, 1.0, 2.0, 3), _record(0.0, 0.5, 1.0, 1), _record(0.0, 2.0, 3.0, 2)]
-    served = served_over_time(records, [0, 1, 1], t0=0.0, step_s=1.0)
-    # Adapter 0's tokens at 1.0, 1.1, 1.2; adapter 1's at 0.5, then 2.0 and 2.1.
-    assert served["t"] == [0.0, 1.0, 2.0, 3.0]
-    assert served["tokens"] == {"0": [0, 1, 3, 3], "1": [0, 1, 2, 3]}
+    textless = _record(0.0, 0.0, 1.5, 2)
+    textless.token_times = []  # every chunk's text held back: its 2 tokens count at its end
+    records.append(textless)
+    served = served_over_time(records, [0, 1, 1, 0], t0=0.0, step_s=1.0)
+    # Adapter 0's tokens at 1.0, 1.1, 1.2 and 1.5 (two); adapter 1's at 0.5, 2.0 and 2.1.
+    assert served["t"] == [0.0, 1.0, 2.0, pytest.approx(2.1)]
+    assert served["tokens"] == {"0": [0, 1, 5, 5], "1": [0, 1, 2, 3]}
     with pytest.raises(ValueError):
-        served_over_time(records, [0, 1, 1], t0=0.0, step_s=0.0)
+        served_over_time(records, [0, 1, 1, 0], t0=0.0, step_s=0.0)
     w, r = "loraserve:num_requests_waiting", "loraserve:num_requests_running"
     queue = queue_series([(5.0, {w: 4.0, r: 2.0}), (5.5, {w: 8.0, r: 2.0})], t0=5.0)
     assert queue == {
@@ -308,8 +312,10 @@ def test_bench_fairness_smoke(tmp_path: Path) -> None:
         drawn = series[system["system"]]
         assert len(drawn["requests"]) == len(workload.requests)
         assert sum(counts[-1] for counts in drawn["served"]["tokens"].values()) == planned
-    assert not any("priority" in note for note in result["notes"])  # the field is served
+    assert not any("no priority field" in note for note in result["notes"])
     assert result["targets"] == TARGETS and result["targets_met"] in (True, False)
+    joined = load_result(out)
+    assert joined["systems"][1]["series"] == series["fair"]
     assert all(isinstance(r, float) and r > 0 for r in result["ratios"].values())
     for name in ("fairness_ttft.png", "fairness_tokens.png", "fairness_summary.png"):
         assert (out / name).stat().st_size > 0

@@ -131,22 +131,8 @@ class AdapterManager:
                 the pins would leave no room for a request.
         """
         weights = self.source(path)
-        pages = self._check_fits(weights)
-        with self._pinning(pinned, name, pages, replace):
-            entry, old = self.registry.register(
-                name,
-                path,
-                weights.max_rank,
-                weights.nbytes,
-                replace=replace,
-                digest=content_digest(weights.modules),
-                pages=pages,
-                pinned=pinned,
-                flops_ratio=self._flops_ratio(weights),
-            )
-            self.host_cache.put(entry.id, weights)
-            self._track(entry, old)
-        logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, pages)
+        entry = self._register(name, weights, replace, pinned, path=path)
+        logger.info("loaded adapter %s (rank %d, %d pages)", name, weights.max_rank, entry.pages)
         return entry
 
     def load_weights(
@@ -165,15 +151,30 @@ class AdapterManager:
                 f"adapter rank {weights.max_rank} exceeds the server's max_lora_rank "
                 f"{self.max_lora_rank}",
             )
+        entry = self._register(name, weights, replace, pinned, in_memory=True)
+        logger.info("registered adapter %s (rank %d, in memory)", name, weights.max_rank)
+        return entry
+
+    def _register(
+        self,
+        name: str,
+        weights: LoraAdapterWeights,
+        replace: bool,
+        pinned: bool,
+        path: Path | None = None,
+        in_memory: bool = False,
+    ) -> AdapterEntry:
+        """Register validated weights (read from ``path``, or kept with the entry when
+        ``in_memory``) and put them in the host tier."""
         pages = self._check_fits(weights)
         with self._pinning(pinned, name, pages, replace):
             entry, old = self.registry.register(
                 name,
-                None,
+                path,
                 weights.max_rank,
                 weights.nbytes,
                 replace=replace,
-                weights=weights,
+                weights=weights if in_memory else None,
                 digest=content_digest(weights.modules),
                 pages=pages,
                 pinned=pinned,
@@ -181,7 +182,6 @@ class AdapterManager:
             )
             self.host_cache.put(entry.id, weights)
             self._track(entry, old)
-        logger.info("registered adapter %s (rank %d, in memory)", name, weights.max_rank)
         return entry
 
     def register_mixture(
@@ -456,6 +456,7 @@ class AdapterManager:
             except AdapterError as e:
                 logger.warning("adapter %s stays unpinned: %s", entry.name, e.message)
                 self._unplaced.remove(entry)
+                entry.pinned = False
                 with self._lock:
                     self._pinned.pop(entry.id, None)
                 continue

@@ -119,8 +119,8 @@ class SchedulerConfig:
             (the client served least so far, by the Virtual Token Counter) or "priority"
             (the request's ``priority``, lower first, arrival order within a level).
         fairness_key: what "fair" calls a client: the request's "adapter" (the base model is
-            one client too), or its "user" (the OpenAI field; requests without one fall
-            back to their adapter).
+            one client too), or its "user" (the OpenAI field; requests without one are one
+            anonymous client).
         input_token_weight, output_token_weight: what one prompt token and one generated
             token cost a client's counter under "fair" (before its adapter's rank factor).
     """
@@ -231,7 +231,7 @@ class EngineConfig:
         max_num_batched_tokens: int = 2048,
         max_lora_rank: int = 64,
         max_loras: int | None = None,
-        max_resident_loras: int = 256,
+        max_resident_loras: int | None = None,
         scheduling_policy: str = "fair",
         fairness_key: str = "adapter",
         input_token_weight: float = 1.0,
@@ -297,7 +297,12 @@ class EngineConfig:
                 input_token_weight,
                 output_token_weight,
             ),
-            lora=LoraConfig(max_lora_rank, max_loras, max(max_resident_loras, max_loras or 0)),
+            # By default the tables hold 256 adapters, or max_loras if it is larger.
+            lora=LoraConfig(
+                max_lora_rank,
+                max_loras,
+                max_resident_loras or max(256, max_loras or 0),
+            ),
             graphs=graphs,
             seed=seed,
         )

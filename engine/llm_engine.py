@@ -215,10 +215,10 @@ class LLMEngine:
         return self.adapters.load(name, Path(path), replace=replace, pinned=pinned).version
 
     def load_lora_weights(
-        self, name: str, weights: LoraAdapterWeights, replace: bool = False
+        self, name: str, weights: LoraAdapterWeights, replace: bool = False, pinned: bool = False
     ) -> None:
         """Register an adapter made in memory (a merge result, say). Safe from any thread."""
-        self.adapters.load_weights(name, weights, replace=replace)
+        self.adapters.load_weights(name, weights, replace=replace, pinned=pinned)
 
     def register_mixture(
         self, name: str, components: list[tuple[str, float]], replace: bool = False
@@ -294,11 +294,7 @@ class LLMEngine:
             generator=generator,
             adapter=adapter,
             priority=priority,
-            client=(
-                user
-                if user is not None and sched.fairness_key == "user"
-                else (adapter.name if adapter is not None else "")
-            ),
+            client=self._client(adapter, user),
             token_cost=token_cost(adapter.flops_ratio) if adapter is not None else 1.0,
         )
         with self._lock:
@@ -306,6 +302,14 @@ class LLMEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._inbox.append(request)
         return request_id
+
+    def _client(self, adapter: AdapterEntry | None, user: str | None) -> str:
+        """Whom the fair policy charges: the adapter's name ("" for the base model), or with
+        ``fairness_key`` "user" the user ("" for requests without one: one anonymous
+        client)."""
+        if self.config.scheduler.fairness_key == "user":
+            return user or ""
+        return adapter.name if adapter is not None else ""
 
     def validate(
         self,

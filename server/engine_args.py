@@ -39,9 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-resident-loras",
         type=_positive,
-        default=256,
+        default=None,
         metavar="N",
-        help="the most adapters resident in the page pool at once",
+        help="the most adapters resident in the page pool at once (default 256, or "
+        "--max-loras if larger)",
     )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -48,20 +48,18 @@ from typing import Any
 
 from server.bench.client import run_workload, sample_gauges
 from server.bench.fairness_metrics import (
+    GAUGES,
     TARGETS,
-    client_summaries,
     fairness_ratios,
-    group_summaries,
-    queue_series,
-    request_points,
-    served_over_time,
+    stalled,
+    system_entry,
     targets_met,
 )
 from server.bench.fairness_report import plot_fairness
 from server.bench.fairness_workload import FLOODER, flooding
 from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
 from server.bench.make_adapters import make_random_adapters
-from server.bench.metrics import RequestRecord, replay_span, summarize
+from server.bench.metrics import RequestRecord
 from server.bench.prefix import check_serve_flags
 from server.bench.workloads import Workload, describe
 from server.protocol import CompletionRequest
@@ -74,7 +72,6 @@ SYSTEMS = {  # in the order they run
     "priority": "priority (modest first)",
 }
 PRIORITIES = {"flooder": 1, "modest": 0}  # the priority system's request field, lower first
-GAUGES = ("loraserve:num_requests_waiting", "loraserve:num_requests_running")
 SAMPLE_INTERVAL_S = 0.5
 # Requests waiting and none running this long means the server admits nothing (an adapter
 # loads from disk in well under a second here): the run stops with an error, not forever.
@@ -166,7 +163,7 @@ def run_fairness(
         with running_server(spec, log) as url:
             records, samples = asyncio.run(_replay(url, workload, names, extra, key))
         entry = system_entry(key, workload, records, samples, time.perf_counter() - started)
-        entry["flags"] = flags[key]
+        entry["label"], entry["flags"] = label, flags[key]
         systems.append(entry)
         if on_system is not None:
             on_system(entry)
@@ -265,56 +262,6 @@ async def _replay(
         stop.set()
         await sampler
     return records, samples
-
-
-def stalled(samples: list[tuple[float, dict[str, float]]], window_s: float) -> bool:
-    """Whether every sample of the last ``window_s`` seconds (and the samples reach that far
-    back) shows requests waiting and none running: a server that admits nothing although
-    nothing holds its pages or its batch."""
-    if not samples or samples[-1][0] - samples[0][0] < window_s:
-        return False
-    recent = [v for t, v in samples if t >= samples[-1][0] - window_s]
-    return all(v.get(GAUGES[1]) == 0 and (v.get(GAUGES[0]) or 0) > 0 for v in recent)
-
-
-def system_entry(
-    key: str,
-    workload: Workload,
-    records: list[RequestRecord],
-    samples: list[tuple[float, dict[str, float]]],
-    wall_s: float,
-) -> dict[str, Any]:
-    """One system's entry of ``fairness.json`` from its records and ``/metrics`` samples."""
-    adapters = [r.adapter for r in workload.requests]
-    span = replay_span(records, wall_s)
-    t0 = min(r.start for r in records)
-    planned = [r.output_len for r in workload.requests]
-    generated = [r.output_len for r in records]
-    queue = queue_series(samples, t0)
-    flood_end = max((r.end for r, a in zip(records, adapters, strict=True) if a == FLOODER))
-    modest_last_sent = max(
-        (r.start for r, a in zip(records, adapters, strict=True) if a != FLOODER), default=t0
-    )
-    return {
-        "system": key,
-        "label": SYSTEMS[key],
-        "generated_tokens": sum(generated),
-        "planned_tokens": sum(planned),
-        "exact": generated == planned,
-        "wall_s": wall_s,  # with the server's start-up and stop
-        # Every modest request met the flood: the flooder was still served after the last.
-        "flood_outlasted_modest": flood_end >= modest_last_sent,
-        **summarize(records, span),
-        "groups": group_summaries(records, adapters, span),
-        "clients": client_summaries(records, adapters),
-        "queue": {k: v for k, v in queue.items() if k != "samples"},
-        # Written to fairness_series.json, not fairness.json: what the plots draw.
-        "series": {
-            "requests": request_points(records, adapters, t0),
-            "served": served_over_time(records, adapters, t0, max(span / 200, 0.05)),
-            "queue": queue["samples"],
-        },
-    }
 
 
 def _header(

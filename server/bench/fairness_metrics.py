@@ -1,9 +1,10 @@
 """What ``loraserve bench fairness`` computes from one system's records: per client group and
-per client, over time, and the ratios between systems.
+per client, over time, one system's entry of the result, and the ratios between systems.
 
 Pure functions of the client's records (:class:`~server.bench.metrics.RequestRecord`, in
-workload order) and each request's workload adapter (``adapters[i]`` for ``records[i]``).
-Times in the series are seconds after ``t0``, the run's first send.
+workload order), each request's workload adapter (``adapters[i]`` for ``records[i]``) and
+the server's ``/metrics`` samples. Times in the series are seconds after ``t0``, the run's
+first send.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from server.bench.fairness_workload import GROUPS, client_group
-from server.bench.metrics import RequestRecord, summarize
+from server.bench.fairness_workload import FLOODER, GROUPS, client_group
+from server.bench.metrics import RequestRecord, replay_span, summarize
+from server.bench.workloads import Workload
 
 # The targets on 2 CPU cores: the modest clients' p99 TTFT at least 5× lower under fair than
 # under fcfs, at a total output throughput within 5% of fcfs's.
 TARGETS = {"modest_ttft_p99_fcfs_over_fair": 5.0, "output_throughput_fair_over_fcfs": 0.95}
+WAITING, RUNNING = "loraserve:num_requests_waiting", "loraserve:num_requests_running"
+GAUGES = (WAITING, RUNNING)  # what the bench reads from the server's /metrics
 
 
 def group_summaries(
@@ -105,15 +109,63 @@ def queue_series(samples: Sequence[tuple[float, Mapping[str, float]]], t0: float
     """The server's waiting and running requests as ``/metrics`` said during the run:
     ``[t, waiting, running]`` per scrape, and the largest and mean waiting count (None
     without a scrape)."""
-    points = [
-        [t - t0, v.get("loraserve:num_requests_waiting"), v.get("loraserve:num_requests_running")]
-        for t, v in samples
-    ]
+    points = [[t - t0, v.get(WAITING), v.get(RUNNING)] for t, v in samples]
     waiting = [p[1] for p in points if p[1] is not None]
     return {
         "max_waiting": max(waiting) if waiting else None,
         "mean_waiting": float(np.mean(waiting)) if waiting else None,
         "samples": points,
+    }
+
+
+def stalled(samples: list[tuple[float, dict[str, float]]], window_s: float) -> bool:
+    """Whether every sample of the last ``window_s`` seconds (and the samples reach that far
+    back) shows requests waiting and none running: a server that admits nothing although
+    nothing holds its pages or its batch."""
+    if not samples or samples[-1][0] - samples[0][0] < window_s:
+        return False
+    recent = [v for t, v in samples if t >= samples[-1][0] - window_s]
+    return all(v.get(RUNNING) == 0 and (v.get(WAITING) or 0) > 0 for v in recent)
+
+
+def system_entry(
+    key: str,
+    workload: Workload,
+    records: list[RequestRecord],
+    samples: list[tuple[float, dict[str, float]]],
+    wall_s: float,
+) -> dict[str, Any]:
+    """One system's entry of ``fairness.json`` (``key``: "fcfs", "fair" or "priority") from
+    its records, in workload order, and its ``/metrics`` samples; ``wall_s``: the system's
+    time with its server's start-up and stop. The entry's ``series`` is what the plots draw."""
+    adapters = [r.adapter for r in workload.requests]
+    span = replay_span(records, wall_s)
+    t0 = min(r.start for r in records)
+    planned = [r.output_len for r in workload.requests]
+    generated = [r.output_len for r in records]
+    queue = queue_series(samples, t0)
+    flood_end = max((r.end for r, a in zip(records, adapters, strict=True) if a == FLOODER))
+    modest_last_sent = max(
+        (r.start for r, a in zip(records, adapters, strict=True) if a != FLOODER), default=t0
+    )
+    return {
+        "system": key,
+        "generated_tokens": sum(generated),
+        "planned_tokens": sum(planned),
+        "exact": generated == planned,
+        "wall_s": wall_s,  # with the server's start-up and stop
+        # Every modest request met the flood: the flooder was still served after the last.
+        "flood_outlasted_modest": flood_end >= modest_last_sent,
+        **summarize(records, span),
+        "groups": group_summaries(records, adapters, span),
+        "clients": client_summaries(records, adapters),
+        "queue": {k: v for k, v in queue.items() if k != "samples"},
+        # Written to fairness_series.json, not fairness.json: what the plots draw.
+        "series": {
+            "requests": request_points(records, adapters, t0),
+            "served": served_over_time(records, adapters, t0, max(span / 200, 0.05)),
+            "queue": queue["samples"],
+        },
     }
 
 

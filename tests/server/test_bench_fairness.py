@@ -25,7 +25,6 @@ from server.bench.fairness import (
     fairness_workload,
     load_result,
     priority_fields,
-    stalled,
 )
 from server.bench.fairness_metrics import (
     TARGETS,
@@ -35,6 +34,7 @@ from server.bench.fairness_metrics import (
     queue_series,
     request_points,
     served_over_time,
+    stalled,
     targets_met,
 )
 from server.bench.fairness_workload import FLOODER, client_group, flooding

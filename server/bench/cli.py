@@ -229,7 +229,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
     )
     fairness.add_argument(
-        "--flood-requests", type=int, default=None, help="the flooder's requests (6000)"
+        "--flood-requests", type=int, default=None, help="the flooder's requests (8000)"
     )
     fairness.add_argument(
         "--flood-concurrency", type=int, default=None, help="the flooder's requests in flight (128)"

@@ -2,10 +2,10 @@
 load, under the fcfs, fair and priority scheduling policies, through the HTTP API, one run.
 
 The workload (:func:`server.bench.fairness_workload.flooding`): adapter 0 is a flooding
-client, 6,000 requests in a closed loop of 128 in flight (4× ``--max-num-seqs``, so about
+client, 8,000 requests in a closed loop of 128 in flight (4× ``--max-num-seqs``, so about
 96 of its requests always wait in the server); adapters 1–7 are modest clients, each a
 Poisson stream of 1 request/s for 50 s from 5 s (on the 2-core machine the demo-sized server
-answers about 70 requests/s, so a fair eighth is about 9 requests/s); prompts of 16–63 tokens,
+answers about 85 requests/s, so a fair eighth is about 10 requests/s); prompts of 16–63 tokens,
 outputs of 16–47, greedy, EOS ignored, ``min_tokens = max_tokens``. The flooder's requests
 outlast the modest streams (each system's ``flood_outlasted_modest`` says whether they did),
 so every modest request meets the flood.
@@ -102,7 +102,7 @@ class FairnessArgs:
     model_dir: Path
     out: Path
     num_adapters: int = 8
-    flood_requests: int = 6000
+    flood_requests: int = 8000
     flood_concurrency: int = 128
     modest_rate: float = 1.0
     modest_start_s: float = 5.0

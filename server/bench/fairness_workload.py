@@ -51,7 +51,7 @@ def client_group(adapter: int | None) -> str:
 def flooding(
     *,
     num_adapters: int = 8,
-    flood_requests: int = 6000,
+    flood_requests: int = 8000,
     flood_concurrency: int = 128,
     modest_rate: float = 1.0,
     modest_start_s: float = 5.0,

@@ -1,10 +1,11 @@
-"""``loraserve bench``: serve, sweep, compare, prefix and make-adapters.
+"""``loraserve bench``: serve, sweep, compare, prefix, fairness and make-adapters.
 
 loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
 loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
 loraserve bench make-adapters --model DIR --n N --ranks 8,16,32,64 --targets ... --out DIR
 loraserve bench compare --model DIR [--load-format dummy] [--systems ...] [--base] --out DIR
 loraserve bench prefix --model DIR [--load-format dummy] [--prefix-len 1000] [--smoke] --out DIR
+loraserve bench fairness --model DIR [--load-format dummy] [--flood-requests N] [--smoke] --out DIR
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
 
     _add_compare_parser(sub)
     _add_prefix_parser(sub)
+    _add_fairness_parser(sub)
 
     make = sub.add_parser("make-adapters", help="random PEFT adapters shaped for a base")
     make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
@@ -200,6 +202,80 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     prefix.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
     prefix.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix"))
     prefix.set_defaults(run=_prefix)
+
+
+def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    fairness = sub.add_parser(
+        "fairness",
+        help="one client flooding, the others modest: fcfs, fair and priority scheduling over "
+        "HTTP, one run",
+        description="Adapter 0 floods (a closed loop of --flood-concurrency requests in "
+        "flight, --flood-requests in all); adapters 1..n-1 each send a Poisson stream of "
+        "--modest-rate req/s for --duration seconds from --modest-start. The same list is "
+        "replayed through loraserve serve --scheduling-policy fcfs, fair and priority (modest "
+        "requests sent with priority 0, the flooder's with 1); reports TTFT, E2E latency and "
+        "served tokens per client group, the throughput, and the ratios fcfs/fair of the "
+        "modest clients' TTFT p99 and fair/fcfs of the output throughput. Writes fairness.json, "
+        "fairness_series.json, workload.json, fairness_ttft.png, fairness_tokens.png, "
+        "fairness_summary.png and the servers' logs into --out.",
+    )
+    fairness.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
+    fairness.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    fairness.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    # Sizes default to None: --smoke's or FairnessArgs' defaults (in the help) fill them in.
+    fairness.add_argument(
+        "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
+    )
+    fairness.add_argument(
+        "--flood-requests", type=int, default=None, help="the flooder's requests (8000)"
+    )
+    fairness.add_argument(
+        "--flood-concurrency", type=int, default=None, help="the flooder's requests in flight (128)"
+    )
+    fairness.add_argument(
+        "--modest-rate", type=float, default=None, help="req/s of each modest client (1.0)"
+    )
+    fairness.add_argument(
+        "--duration", type=float, default=None, help="seconds the modest clients send for (50)"
+    )
+    fairness.add_argument(
+        "--modest-start",
+        type=float,
+        default=None,
+        help="seconds after the flood's start that the modest clients begin (5)",
+    )
+    fairness.add_argument(
+        "--input-range", type=_range, default=None, help="[lo, hi) prompt tokens (16,64)"
+    )
+    fairness.add_argument(
+        "--output-range", type=_range, default=None, help="[lo, hi) output tokens (16,48)"
+    )
+    fairness.add_argument(
+        "--max-num-seqs", type=int, default=None, help="the servers' --max-num-seqs (32)"
+    )
+    fairness.add_argument("--rank", type=int, default=None, help="every adapter's rank (8)")
+    fairness.add_argument("--targets", default=ATTENTION)
+    fairness.add_argument("--seed", type=int, default=42)
+    fairness.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the servers (default: $OMP_NUM_THREADS, else 1)",
+    )
+    fairness.add_argument(
+        "--server-flags", type=shlex.split, default=None, help="flags of every system"
+    )
+    fairness.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds of each system (2 modest clients, short requests, the engine in "
+        "the server's process): checks the pipeline, not for numbers",
+    )
+    fairness.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    fairness.add_argument("--out", type=Path, default=Path("benchmarks/results/fairness"))
+    fairness.set_defaults(run=_fairness)
 
 
 def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
@@ -365,6 +441,50 @@ def _prefix(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(format_ratios(result))
     print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
+    return 0
+
+
+def _fairness(args: argparse.Namespace) -> int:
+    from server.bench.fairness import SMOKE, FairnessArgs, run_fairness
+    from server.bench.fairness_report import format_ratios, format_system
+
+    renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
+    sizes = {
+        renamed.get(key, key): value
+        for key in (
+            "num_adapters",
+            "flood_requests",
+            "flood_concurrency",
+            "modest_rate",
+            "duration",
+            "modest_start",
+            "input_range",
+            "output_range",
+            "max_num_seqs",
+            "rank",
+            "server_flags",
+        )
+        if (value := getattr(args, key)) is not None
+    }
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    result = run_fairness(
+        FairnessArgs(
+            model_dir=args.model,
+            out=args.out,
+            targets=args.targets.split(","),
+            seed=args.seed,
+            dtype=args.dtype,
+            load_format=args.load_format,
+            threads=threads,
+            startup_timeout_s=args.startup_timeout,
+            **({**SMOKE, **sizes} if args.smoke else sizes),
+        ),
+        on_system=lambda entry: print(format_system(entry), flush=True),
+    )
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(format_ratios(result))
+    print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``loraserve bench serve``: drive a running server over HTTP with a workload.
 
 Each request goes to ``/v1/completions`` at its arrival time (open loop), or as soon as one
-of ``max_concurrency`` slots frees (closed loop), with the prompt as token ids, streaming,
+of ``max_concurrency`` slots frees (closed loop; or one of its client's slots, for the clients
+``run_workload``'s ``closed_loops`` names), with the prompt as token ids, streaming,
 ``ignore_eos`` and ``min_tokens`` = ``max_tokens`` = its planned output length. Times are
 taken at the client: TTFT when the first streamed chunk with text arrives, each chunk's
 arrival for its tokens (the final usage chunk gives the count, and the prompt tokens read from
@@ -14,9 +15,10 @@ machine it takes as little CPU as possible from the server it measures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -89,8 +91,9 @@ async def _one(
     record: RequestRecord,
     bar: tqdm[Any],
     headers: dict[str, str],
+    fields: Mapping[str, Any],
 ) -> None:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "prompt": list(request.prompt),
         "max_tokens": request.output_len,
@@ -99,6 +102,7 @@ async def _one(
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **fields,
     }
     record.start = time.perf_counter()
     chunk_times: list[float] = []
@@ -144,9 +148,17 @@ async def run_workload(
     base_model: str,
     api_key: str | None = None,
     progress: bool = True,
+    closed_loops: Mapping[int, int] | None = None,
+    extra_body: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Send every request of ``workload``; ``models[i]`` names workload adapter i (None:
-    the base). Returns one record per request and the run's duration in seconds."""
+    the base). Returns one record per request and the run's duration in seconds.
+
+    ``closed_loops`` maps a workload adapter to a number of requests in flight: that
+    adapter's requests are sent in list order as a closed loop of their own, whatever their
+    arrival times, while the others follow the workload. ``extra_body[i]`` holds fields to
+    add to request i's body (e.g. ``{"priority": 1}``).
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     base = httpx.URL(url.rstrip("/"))
     records = [
@@ -162,15 +174,19 @@ async def run_workload(
         for r in workload.requests
     ]
     slots = asyncio.Semaphore(workload.max_concurrency or len(workload.requests) or 1)
+    loops = {a: asyncio.Semaphore(n) for a, n in (closed_loops or {}).items()}
     with tqdm(total=len(records), desc="requests", unit="req", disable=not progress) as bar:
         start = time.perf_counter()
 
         async def send(i: int, request: BenchRequest) -> None:
-            if workload.max_concurrency is None:
+            own = loops.get(request.adapter) if request.adapter is not None else None
+            if own is None and workload.max_concurrency is None:
                 await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
-            async with slots:
+            # The semaphores wake waiters in the order they came, which is list order.
+            async with own if own is not None else slots:
                 model = records[i].adapter or base_model
-                await _one(base, request, model, records[i], bar, headers)
+                fields = extra_body[i] if extra_body is not None else {}
+                await _one(base, request, model, records[i], bar, headers, fields)
 
         await asyncio.gather(*(send(i, r) for i, r in enumerate(workload.requests)))
         duration = time.perf_counter() - start
@@ -181,3 +197,56 @@ def _model(request: BenchRequest, models: list[str | None], base_model: str) -> 
     if request.adapter is None or not models:
         return None
     return models[request.adapter % len(models)]
+
+
+async def sample_gauges(
+    url: str,
+    names: Sequence[str],
+    interval_s: float,
+    stop: asyncio.Event,
+    samples: list[tuple[float, dict[str, float]]],
+) -> None:
+    """Read the unlabelled gauges ``names`` (e.g. ``loraserve:num_requests_waiting``) from the
+    server's ``/metrics`` every ``interval_s`` seconds until ``stop`` is set.
+
+    Appends ``(time.perf_counter() at the reply, {name: value})`` to ``samples`` per scrape,
+    as they come (others may watch it meanwhile), on the clock of the records; a scrape that
+    fails is skipped. Plain HTTP over asyncio, as the
+    requests; an httpx client would build an SSL context on the event loop first, holding
+    up the requests it runs beside for tens of milliseconds.
+    """
+    wanted = set(names)
+    target = httpx.URL(url.rstrip("/"))
+    host, port = target.host, target.port or 80
+    while not stop.is_set():
+        try:
+            text = await _get(host, port, "/metrics")
+        except (OSError, asyncio.IncompleteReadError):
+            text = ""
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in wanted:
+                with contextlib.suppress(ValueError):
+                    values[name] = float(value)
+        if values:
+            samples.append((time.perf_counter(), values))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def _get(host: str, port: int, path: str) -> str:
+    """GET ``path`` and return the body of a 200 answer, else ""."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        # HTTP/1.0: the answer comes whole, never chunked.
+        head = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n"
+        writer.write(head.encode())
+        response = await reader.read()
+    finally:
+        writer.close()
+    status, _, rest = response.partition(b"\r\n")
+    if b" 200 " not in status + b" ":
+        return ""
+    _, _, body = rest.partition(b"\r\n\r\n")
+    return body.decode(errors="replace")

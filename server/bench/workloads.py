@@ -1,5 +1,6 @@
 """Seeded request lists for ``loraserve bench`` (W2, W3, W4 and the shared-prefix workload:
-see docs/benchmarks.md).
+see docs/benchmarks.md; the flooding-client workload of ``bench fairness`` is in
+:mod:`server.bench.fairness_workload`).
 
 A workload is data: requests with an arrival time, an adapter index, prompt token ids and an
 exact output length, saved as JSON and replayed unchanged against every system compared.
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-KINDS = ("W2", "W3", "W4", "shared-prefix")
+KINDS = ("W2", "W3", "W4", "shared-prefix", "fairness")
 POPULARITIES = ("distinct", "uniform", "skewed", "identical")
 W3_MAX_CONCURRENCY = 32  # Punica's batch size
 _CHOSEN_POPULARITY = ("W3", "shared-prefix")  # kinds whose params name their adapter law
@@ -85,7 +86,7 @@ class Workload:
     """A seeded request list and how to replay it.
 
     Attributes:
-        kind: "W2", "W3", "W4" or "shared-prefix" (docs/benchmarks.md).
+        kind: "W2", "W3", "W4", "shared-prefix" or "fairness" (docs/benchmarks.md).
         params: every generator argument, for the record (stored JSON-normal: tuples become
             lists, so a saved workload loads back equal).
         num_adapters: n; request adapters index ``adapter_names()``.

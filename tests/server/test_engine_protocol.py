@@ -153,6 +153,8 @@ def test_engine_dataclasses_keep_their_types() -> None:
 def _value(type_name: str, i: int) -> Any:
     if type_name.startswith("dict"):  # by adapter name ("" = the base model)
         return {"": i, "upper": i + 1}
+    if type_name.startswith("list"):  # adapter names
+        return ["upper", f"a{i}"]
     return i + 0.5 if "float" in type_name else i
 
 

@@ -60,7 +60,7 @@ ia3 (``IA3Config``)
 
 prompt_tuning (``PromptTuningConfig``)
     Tensor: ``prompt_embeddings`` (n, hidden) only. Config: ``num_virtual_tokens`` n,
-    ``token_dim``, ``num_layers``. Forward (``peft/peft_model.py:2184-2193``, ``get_prompt``
+    ``token_dim``, ``num_layers``. Forward (``peft/peft_model.py:2161-2171``, ``get_prompt``
     at 911-921): ``inputs_embeds = cat(prompt_embeddings, embed_tokens(ids))`` and the base
     model runs on that, no cache: the virtual tokens are positions 0..n-1 and the request's
     token j is at position n + j (``transformers/models/llama/modeling_llama.py:377-380``,
@@ -77,7 +77,7 @@ prefix_tuning (``PrefixTuningConfig``)
     ``get_prompt`` reads ``embedding.weight`` at ``peft_model.py:781-782``). So both variants
     load identically. Config: ``num_virtual_tokens`` n, ``num_layers``, and for GQA models
     ``num_attention_heads`` = num_key_value_heads and ``token_dim`` = kv_heads · head_dim
-    (``peft/utils/other.py:1197-1231``). Layout (``peft_model.py:783-795``): row t viewed as
+    (``peft/utils/other.py:1197-1231``). Layout (``peft_model.py:786-800``): row t viewed as
     (num_layers, 2, kv_heads, head_dim); [l, 0] is layer l's key and [l, 1] its value for
     virtual token t. They are put into a ``DynamicCache`` as-is (``peft_model.py:886-893``),
     so the prefix keys get **no RoPE** (RoPE is applied only to the new keys,

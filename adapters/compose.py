@@ -50,8 +50,8 @@ import torch
 
 from adapters.base_layout import ATTENTION_TARGETS
 from adapters.errors import INVALID_COMPOSITION, AdapterError
-from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import LoraAdapterConfig
+from adapters.weights import AdapterWeights, LoraModuleWeights
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ class ComposeSpec:
 
 
 def lorahub_combine(
-    candidates: Sequence[LoraAdapterWeights], weights: Sequence[float], name: str
-) -> LoraAdapterWeights:
+    candidates: Sequence[AdapterWeights], weights: Sequence[float], name: str
+) -> AdapterWeights:
     """LoRAHub's Â = Σ wᵢAᵢ, B̂ = Σ wᵢ·sᵢ·Bᵢ per module, zero-padded to the largest rank."""
     keys = sorted({key for c in candidates for key in c.modules})
     rank = max(c.max_rank for c in candidates)
@@ -131,7 +131,7 @@ def lorahub_combine(
             a[:r] += w * module.lora_a.float()
             b[:, :r] += (w * module.scaling) * module.lora_b.float()
         modules[key] = LoraModuleWeights(a.contiguous(), b.contiguous(), 1.0)
-    return LoraAdapterWeights(name, _exact_config(keys, rank), modules)
+    return AdapterWeights(name, _exact_config(keys, rank), modules)
 
 
 def _exact_config(keys: Sequence[tuple[int, str]], rank: int) -> LoraAdapterConfig:
@@ -149,8 +149,8 @@ def _module_path(layer: int, target: str) -> str:
 
 
 def mixture_as_adapter(
-    candidates: Sequence[LoraAdapterWeights], weights: Sequence[float], name: str
-) -> LoraAdapterWeights:
+    candidates: Sequence[AdapterWeights], weights: Sequence[float], name: str
+) -> AdapterWeights:
     """The mixture Σ wᵢ·sᵢ·BᵢAᵢ as one adapter: A = [Aᵢ] stacked, B = [wᵢ·sᵢ·Bᵢ] side by side,
     scaling 1 (PEFT's ``cat``, without its rsLoRA quirk); each module's rank is the sum of
     the ranks of the candidates that adapt it."""
@@ -166,7 +166,7 @@ def mixture_as_adapter(
         b = torch.cat([(w * m.scaling) * m.lora_b.float() for m, w in parts], dim=1)
         modules[key] = LoraModuleWeights(a.contiguous(), b.contiguous(), 1.0)
     rank = max(m.rank for m in modules.values())
-    return LoraAdapterWeights(name, _exact_config(keys, rank), modules)
+    return AdapterWeights(name, _exact_config(keys, rank), modules)
 
 
 @dataclass
@@ -290,5 +290,5 @@ class ComposeJob:
         )
 
 
-def with_name(weights: LoraAdapterWeights, name: str) -> LoraAdapterWeights:
+def with_name(weights: AdapterWeights, name: str) -> AdapterWeights:
     return dataclasses.replace(weights, name=name)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from adapters.residency import ModuleWeights
+from adapters.weights import AdapterWeights
 
 
 def content_digest(modules: Mapping[tuple[int, str], ModuleWeights]) -> bytes:
@@ -37,6 +38,24 @@ def content_digest(modules: Mapping[tuple[int, str], ModuleWeights]) -> bytes:
             h.update(str(tensor.dtype).encode())
             h.update(struct.pack(f"<{tensor.dim()}q", *tensor.shape))
             h.update(_bytes(tensor))
+    return h.digest()
+
+
+def weights_digest(weights: AdapterWeights) -> bytes:
+    """:func:`content_digest` of an adapter of any kind: its LoRA modules, and for other
+    kinds also the kind and every other tensor it holds (plain LoRA hashes as before)."""
+    digest = content_digest(weights.modules)
+    if not weights.blocks_present:
+        return digest
+    h = hashlib.sha256(b"loraserve-kind-v1")
+    h.update(digest)
+    h.update(weights.kind.encode())
+    for block in weights.blocks(1):  # one layer: every row once, in a fixed order
+        h.update(block.key.encode())
+        for rows in block.rows:
+            if rows is not None:
+                h.update(struct.pack(f"<{rows.dim()}q", *rows.shape))
+                h.update(_bytes(rows))
     return h.digest()
 
 

@@ -18,11 +18,10 @@ inside the adapter directory, never the directory's path.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,9 +34,10 @@ from adapters.errors import (
     UNSUPPORTED_ADAPTER_FEATURE,
     AdapterError,
 )
-from adapters.peft_config import LoraAdapterConfig
+from adapters.peft_config import LoraAdapterConfig, parse_json_object
 from adapters.peft_targets import PlannedModule, plan_modules
 from adapters.safetensors_file import DTYPE_NAMES, ITEMSIZE, TensorInfo, read_header, read_tensors
+from adapters.weights import DORA, AdapterWeights, BaseWeights, LoraModuleWeights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,7 +47,7 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight
 # Fragments of tensor keys for things the engine does not serve, and what to call them.
 _UNSERVED_KEYS = (
     ("lora_embedding_", "LoRA on embeddings (lora_embedding_A/B)"),
-    ("lora_magnitude_vector", "DoRA magnitude vectors"),
+    ("lora_magnitude_vector", "DoRA magnitude vectors (without use_dora)"),
     (".lora_B.bias", "lora_bias"),
     ("modules_to_save", "modules_to_save"),
     ("lm_head", "LoRA on or weights for lm_head"),
@@ -55,83 +55,22 @@ _UNSERVED_KEYS = (
 )
 
 
-@dataclass(frozen=True)
-class LoraModuleWeights:
-    """One adapted linear layer: ``delta_W = scaling · lora_b @ lora_a``.
-
-    Attributes:
-        lora_a: ``(rank, in_features)``, contiguous, on the host.
-        lora_b: ``(out_features, rank)``, contiguous, on the host.
-        scaling: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
-    """
-
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.lora_a.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.lora_a.nbytes + self.lora_b.nbytes
-
-    def delta_weight(self) -> torch.Tensor:
-        """``(out_features, in_features)``: what the adapter adds to the base weight."""
-        return self.scaling * (self.lora_b @ self.lora_a)
-
-
-@dataclass(frozen=True)
-class LoraAdapterWeights:
-    """A validated adapter, ready to be placed in the page pool.
-
-    Attributes:
-        name: the adapter directory's name.
-        config: its parsed ``adapter_config.json``.
-        modules: ``(layer, target)`` to weights, for every module the adapter touches
-            (never empty).
-    """
-
-    name: str
-    config: LoraAdapterConfig
-    modules: Mapping[tuple[int, str], LoraModuleWeights]
-
-    @property
-    def targets(self) -> frozenset[str]:
-        """The target names (``q_proj``, ...) adapted in at least one layer."""
-        return frozenset(target for _, target in self.modules)
-
-    @property
-    def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.modules.values())
-
-    def pin_memory(self) -> LoraAdapterWeights:
-        """A copy in page-locked host memory, for asynchronous host → device copies."""
-        pinned = {
-            key: dataclasses.replace(m, lora_a=m.lora_a.pin_memory(), lora_b=m.lora_b.pin_memory())
-            for key, m in self.modules.items()
-        }
-        return dataclasses.replace(self, modules=pinned)
-
-
 def load_lora_adapter(
     path: Path,
     layout: BaseModelLayout,
     max_lora_rank: int,
     dtype: torch.dtype = torch.float32,
-) -> LoraAdapterWeights:
-    """Read and validate the PEFT LoRA adapter in directory ``path``.
+    base: BaseWeights | None = None,
+) -> AdapterWeights:
+    """Read and validate the PEFT LoRA (or DoRA) adapter in directory ``path``.
 
     Args:
         path: the adapter directory (the caller has already checked it may be read).
         layout: the base model's target linear layers.
         max_lora_rank: the largest rank the server accepts.
         dtype: the floating dtype of the returned tensors.
+        base: the served base weights, which DoRA's scales are computed from (a DoRA
+            adapter is refused without them).
 
     Raises:
         AdapterError: ``adapter_not_found``, ``invalid_adapter``, ``pickle_refused``,
@@ -143,33 +82,83 @@ def load_lora_adapter(
     if not path.is_dir():
         raise AdapterError(ADAPTER_NOT_FOUND, "adapter directory not found")
     config = read_adapter_config(path)
+    if config.use_dora and base is None:
+        raise AdapterError(
+            UNSUPPORTED_ADAPTER_FEATURE,
+            "DoRA (use_dora) is not supported without the served base weights",
+        )
     if config.max_rank > max_lora_rank:
         raise AdapterError(
             ADAPTER_RANK_TOO_LARGE,
             f"adapter rank {config.max_rank} exceeds the server's max_lora_rank {max_lora_rank}",
         )
     plan = plan_modules(config, layout)
-    weights_path = _weights_file(path)
+    weights_path = weights_file(path)
     header, size = read_header(weights_path)
-    _check_tensors(header, plan)  # before a byte of tensor data is read
+    # DoRA: one magnitude per output feature of every adapted module
+    extra = {}
+    if config.use_dora:
+        extra = {_magnitude_key(p): (p.out_features,) for p in plan.values()}
+    _check_tensors(header, plan, extra)  # before a byte of tensor data is read
     tensors = read_tensors(weights_path, size)
     # Again on what was read: the file may have changed since its header was checked.
     _check_tensors(
-        {k: (DTYPE_NAMES.get(t.dtype, "?"), tuple(t.shape)) for k, t in tensors.items()}, plan
+        {k: (DTYPE_NAMES.get(t.dtype, "?"), tuple(t.shape)) for k, t in tensors.items()},
+        plan,
+        extra,
     )
     modules = {}
     for layer_target, planned in plan.items():
         key_a, key_b = planned.keys
         modules[layer_target] = LoraModuleWeights(
-            lora_a=_converted(key_a, tensors[key_a], dtype),
-            lora_b=_converted(key_b, tensors[key_b], dtype),
+            lora_a=converted(key_a, tensors[key_a], dtype),
+            lora_b=converted(key_b, tensors[key_b], dtype),
             scaling=planned.scaling,
         )
-    return LoraAdapterWeights(name=path.absolute().name, config=config, modules=modules)
+    name = path.absolute().name
+    if not config.use_dora:
+        return AdapterWeights(name=name, config=config, modules=modules)
+    assert base is not None
+    dora = {}
+    for (layer, target), planned in plan.items():
+        key = _magnitude_key(planned)
+        magnitude = converted(key, tensors[key], torch.float32)
+        dora[layer, target] = dora_scale(
+            magnitude, base.weight(layer, target), tensors[planned.keys[0]],
+            tensors[planned.keys[1]], planned.scaling, key,
+        ).to(dtype)  # fmt: skip
+    return AdapterWeights(name=name, config=config, modules=modules, kind=DORA, dora=dora)
+
+
+def dora_scale(
+    magnitude: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    key: str = "lora_magnitude_vector",
+) -> torch.Tensor:
+    """DoRA's per-output-feature scale ``g = m / ‖W + s·B·A‖`` (each row's L2 norm, over the
+    input features), in float32, as PEFT's ``DoraLinearLayer`` computes it in the forward;
+    ``weight`` is the base weight as served (an NF4 base's dequantization)."""
+    adapted = weight.float() + scaling * (lora_b.float() @ lora_a.float())
+    scale: torch.Tensor = magnitude.float() / torch.linalg.norm(adapted, dim=1)
+    if not bool(torch.isfinite(scale).all()):
+        raise AdapterError(INVALID_ADAPTER, f"{key}: the adapted weight has a row of norm 0")
+    return scale
+
+
+def _magnitude_key(planned: PlannedModule) -> str:
+    return f"base_model.model.{planned.module_path}.lora_magnitude_vector"
 
 
 def read_adapter_config(path: Path) -> LoraAdapterConfig:
     """Parse ``adapter_config.json`` in directory ``path`` as plain JSON."""
+    return LoraAdapterConfig.from_dict(read_config_json(path))
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` in directory ``path``: a JSON object, not yet validated."""
     config_path = path / CONFIG_NAME
     if not config_path.is_file():  # also refuses a FIFO, whose read would block
         raise AdapterError(INVALID_ADAPTER, f"no {CONFIG_NAME} in the adapter directory")
@@ -180,10 +169,10 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         raise AdapterError(INVALID_ADAPTER, f"cannot read {CONFIG_NAME} ({e.strerror})") from None
     if len(text) > _MAX_CONFIG_BYTES:
         raise AdapterError(INVALID_ADAPTER, f"{CONFIG_NAME} is too large")
-    return LoraAdapterConfig.from_json(text)
+    return parse_json_object(text)
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
     weights_path = path / WEIGHTS_NAME
     if weights_path.is_file():
         return weights_path
@@ -199,12 +188,17 @@ def _weights_file(path: Path) -> Path:
 
 
 def _check_tensors(
-    infos: Mapping[str, TensorInfo], plan: Mapping[tuple[int, str], PlannedModule]
+    infos: Mapping[str, TensorInfo],
+    plan: Mapping[tuple[int, str], PlannedModule],
+    extra: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
-    """The tensors are exactly the planned ones, each with a served dtype and its shape."""
-    expected = {key for planned in plan.values() for key in planned.keys}
+    """The tensors are exactly the planned ones (and ``extra``: key to shape), each with a
+    served dtype and its shape."""
+    extra = extra or {}
+    expected = {key for planned in plan.values() for key in planned.keys} | set(extra)
     for key in sorted(set(infos) - expected):
-        raise _unexpected_key(key)
+        raise unexpected_key(key)
+    check_shapes(infos, extra)
     for planned in plan.values():
         key_a, key_b = planned.keys
         for key in (key_a, key_b):
@@ -233,7 +227,21 @@ def _check_tensors(
             )
 
 
-def _unexpected_key(key: str) -> AdapterError:
+def check_shapes(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Each key of ``shapes`` is in ``infos``, with a served dtype and exactly that shape."""
+    for key, shape in shapes.items():
+        if key not in infos:
+            raise AdapterError(INVALID_ADAPTER, f"{WEIGHTS_NAME} lacks {key}")
+        if infos[key][0] not in ITEMSIZE:
+            raise AdapterError(INVALID_ADAPTER, f"{key} has an unsupported dtype")
+        if tuple(infos[key][1]) != tuple(shape):
+            raise AdapterError(
+                INVALID_ADAPTER,
+                f"{key} has shape {list(infos[key][1])}; the base model expects {list(shape)}",
+            )
+
+
+def unexpected_key(key: str) -> AdapterError:
     """Why a tensor that no planned module claims is refused."""
     short = key if len(key) <= 160 else key[:160] + "…"  # keys come from the file
     for fragment, feature in _UNSERVED_KEYS:
@@ -250,11 +258,11 @@ def _unexpected_key(key: str) -> AdapterError:
     return AdapterError(INVALID_ADAPTER, f"unrecognised tensor key {short}")
 
 
-def _converted(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def converted(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A finite, contiguous copy of ``tensor`` in ``dtype`` that owns its memory."""
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterError(INVALID_ADAPTER, f"{key} contains NaN or Inf values")
-    converted = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    if not bool(torch.isfinite(converted).all()):
+    out = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    if not bool(torch.isfinite(out).all()):
         raise AdapterError(INVALID_ADAPTER, f"{key} overflows {dtype} (values too large)")
-    return converted
+    return out

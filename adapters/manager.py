@@ -46,14 +46,19 @@ from pathlib import Path
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.host_cache import HostCache
-from adapters.identity import content_digest
-from adapters.loader import LoraAdapterWeights, load_lora_adapter
+from adapters.identity import weights_digest
+from adapters.kinds import LoadContext, read_adapter
 from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
 from adapters.registry import AdapterEntry, AdapterRegistry
 from adapters.residency import AdapterResidency
+from adapters.weights import ADALORA, LORA, AdapterWeights, BaseWeights
 
 logger = logging.getLogger(__name__)
+
+
+# Kinds whose update is a LoRA of the linear layers alone, which a mixture can sum.
+MIXABLE_KINDS = (LORA, ADALORA)
 
 
 class Readiness(enum.Enum):
@@ -62,7 +67,7 @@ class Readiness(enum.Enum):
     NO_ROOM = "no_room"  # in host memory, but the pool cannot take it now
 
 
-LoadFn = Callable[[Path], LoraAdapterWeights]
+LoadFn = Callable[[Path], AdapterWeights]
 
 
 class AdapterManager:
@@ -80,6 +85,8 @@ class AdapterManager:
             one request needs at full length); None: the pool less one token's KV.
         max_loras: the most distinct adapters in one batch (the scheduler's cap), which a
             mixture's components may not exceed; None: no cap but the slots.
+        base: the served base weights, for kinds that read them at load (DoRA); None
+            refuses those kinds.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class AdapterManager:
         load: LoadFn | None = None,
         pin_capacity: int | None = None,
         max_loras: int | None = None,
+        base: BaseWeights | None = None,
     ) -> None:
         self.residency = residency
         self.layout = layout
@@ -103,10 +111,11 @@ class AdapterManager:
         self.max_slots = residency.max_slots
         self.max_loras = max_loras
         self.registry = AdapterRegistry()
-        self.host_cache: HostCache[LoraAdapterWeights] = HostCache(host_cache_bytes)
+        self.host_cache: HostCache[AdapterWeights] = HostCache(host_cache_bytes)
         # Where weights come from: the files, through the validating loader. Replaceable
         # (tests substitute a deliberately slow or failing source).
-        self.source: LoadFn = load or (lambda path: load_lora_adapter(path, layout, max_lora_rank))
+        context = LoadContext(layout, max_lora_rank, base=base)
+        self.source: LoadFn = load or (lambda path: read_adapter(path, context))
         self.prefetcher = Prefetcher(self._read, self.host_cache)
         self._unloads: list[AdapterEntry] = []
         self._acquired: list[AdapterEntry] = []  # acquired since the last sync()
@@ -136,7 +145,7 @@ class AdapterManager:
         return entry
 
     def load_weights(
-        self, name: str, weights: LoraAdapterWeights, replace: bool = False, pinned: bool = False
+        self, name: str, weights: AdapterWeights, replace: bool = False, pinned: bool = False
     ) -> AdapterEntry:
         """Register an adapter made in memory (a merge, a composition), already validated.
 
@@ -158,7 +167,7 @@ class AdapterManager:
     def _register(
         self,
         name: str,
-        weights: LoraAdapterWeights,
+        weights: AdapterWeights,
         replace: bool,
         pinned: bool,
         path: Path | None = None,
@@ -175,7 +184,9 @@ class AdapterManager:
                 weights.nbytes,
                 replace=replace,
                 weights=weights if in_memory else None,
-                digest=content_digest(weights.modules),
+                digest=weights_digest(weights),
+                kind=weights.kind,
+                num_virtual_tokens=weights.num_virtual_tokens,
                 pages=pages,
                 pinned=pinned,
                 flops_ratio=self._flops_ratio(weights),
@@ -207,6 +218,12 @@ class AdapterManager:
             if entry.is_mixture:
                 raise AdapterError(
                     INVALID_MERGE, f"{component!r} is a mixture; mixtures cannot be nested"
+                )
+            if entry.kind not in MIXABLE_KINDS:
+                raise AdapterError(
+                    INVALID_MERGE,
+                    f"{component!r} is a {entry.kind} adapter; a mixture combines LoRA "
+                    f"adapters ({', '.join(MIXABLE_KINDS)})",
                 )
             if not math.isfinite(weight):
                 raise AdapterError(INVALID_MERGE, f"the weight of {component!r} is not finite")
@@ -240,16 +257,16 @@ class AdapterManager:
         logger.info("registered mixture %s of %s", name, ", ".join(names))
         return mixture
 
-    def weights_of(self, entry: AdapterEntry) -> LoraAdapterWeights:
+    def weights_of(self, entry: AdapterEntry) -> AdapterWeights:
         """An adapter's weights, from memory or its files (any thread; may read the disk)."""
         cached = self.host_cache.get(entry.id)
         return cached if cached is not None else self._read(entry)
 
-    def _check_fits(self, weights: LoraAdapterWeights) -> int:
+    def _check_fits(self, weights: AdapterWeights) -> int:
         """Refuse an adapter larger than the fixed capacity (the pool's occupancy is the
         engine thread's business: an adapter that fits waits there for room); returns the
         pages it takes."""
-        pages = self.cost.pages(weights.modules)
+        pages = self.cost.pages(weights.modules, weights.blocks(self.layout.num_layers))
         if pages > self.max_adapter_pages:
             raise AdapterError(
                 "adapter_too_large",
@@ -257,7 +274,7 @@ class AdapterManager:
             )
         return pages
 
-    def _flops_ratio(self, weights: LoraAdapterWeights) -> float:
+    def _flops_ratio(self, weights: AdapterWeights) -> float:
         ranks = {key: int(m.lora_a.shape[0]) for key, m in weights.modules.items()}
         return self.layout.flops_ratio(ranks)
 
@@ -301,13 +318,13 @@ class AdapterManager:
             if old is not None:
                 self._unloads.append(old)
 
-    def _read(self, entry: AdapterEntry) -> LoraAdapterWeights:
+    def _read(self, entry: AdapterEntry) -> AdapterWeights:
         """An adapter's weights for the host tier: from memory, or read from its files."""
         if entry.weights is not None:
             return entry.weights
         assert entry.path is not None, f"adapter {entry.name} has neither files nor weights"
         weights = self.source(entry.path)
-        if entry.digest and content_digest(weights.modules) != entry.digest:
+        if entry.digest and weights_digest(weights) != entry.digest:
             # Its cached prompts, and requests already running, computed with the weights
             # read at load time: serving other weights under this entry would mix the two.
             raise AdapterError(
@@ -434,10 +451,11 @@ class AdapterManager:
                 raise AdapterError("adapter_load_failed", f"adapter {entry.name!r}: {error}")
             self.prefetcher.request(entry)
             return Readiness.LOADING
-        need = self.cost.pages(weights.modules)
+        blocks = weights.blocks(self.layout.num_layers)
+        need = self.cost.pages(weights.modules, blocks)
         if not self.residency.reclaim(need, keep=[entry.id, *keep], slot=True):
             return Readiness.NO_ROOM
-        self.residency.place(entry.id, weights.modules)
+        self.residency.place(entry.id, weights.modules, blocks)
         return Readiness.RESIDENT
 
     def place_pinned(self) -> bool:
@@ -476,12 +494,13 @@ class AdapterManager:
             weights = self.host_cache.get(entry.id)
             if weights is None:
                 continue
-            need = self.cost.pages(weights.modules)
+            blocks = weights.blocks(self.layout.num_layers)
+            need = self.cost.pages(weights.modules, blocks)
             if not self.residency.has_free_slot:
                 break
             if not self.residency.reclaim_stale(need, keep=[entry.id]):
                 break
-            self.residency.place(entry.id, weights.modules)
+            self.residency.place(entry.id, weights.modules, blocks)
 
     def is_ready(self, entry: AdapterEntry) -> bool:
         """Whether the adapter is in the pool or host memory (a prefetch hit)."""

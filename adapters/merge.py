@@ -54,9 +54,9 @@ import torch
 
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
-from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import ALL_LINEAR, LoraAdapterConfig
 from adapters.peft_targets import is_targeted, module_scaling
+from adapters.weights import AdapterWeights, LoraModuleWeights
 
 MIXTURE = "mixture"  # not a weight merge: the caller routes it elsewhere
 
@@ -207,7 +207,7 @@ class _MergePlan:
 
 
 def check_merge(
-    adapters: Sequence[LoraAdapterWeights],
+    adapters: Sequence[AdapterWeights],
     spec: MergeSpec,
     layout: BaseModelLayout | None = None,
 ) -> LoraAdapterConfig:
@@ -224,12 +224,12 @@ def check_merge(
 
 
 def merge_adapters(
-    adapters: Sequence[LoraAdapterWeights],
+    adapters: Sequence[AdapterWeights],
     spec: MergeSpec,
     name: str,
     *,
     layout: BaseModelLayout | None = None,
-) -> LoraAdapterWeights:
+) -> AdapterWeights:
     """The adapter PEFT's ``add_weighted_adapter`` builds from ``adapters`` (see the module doc).
 
     Args:
@@ -268,14 +268,14 @@ def merge_adapters(
             lora_b=_zero_padded(lora_b, plan.rank, dim=1),
             scaling=module_scaling(plan.config, path),
         )
-    return LoraAdapterWeights(name=name, config=plan.config, modules=modules)
+    return AdapterWeights(name=name, config=plan.config, modules=modules)
 
 
 # ---------------------------------------------------------------- checks and the merged config
 
 
 def _plan(
-    adapters: Sequence[LoraAdapterWeights], spec: MergeSpec, layout: BaseModelLayout | None
+    adapters: Sequence[AdapterWeights], spec: MergeSpec, layout: BaseModelLayout | None
 ) -> _MergePlan:
     if spec.combination_type == MIXTURE:
         raise _invalid(
@@ -337,7 +337,7 @@ def _plan(
 
 
 def _checked_layout(
-    adapters: Sequence[LoraAdapterWeights], layout: BaseModelLayout | None
+    adapters: Sequence[AdapterWeights], layout: BaseModelLayout | None
 ) -> BaseModelLayout:
     """``layout``, or the smallest one holding every module, once all inputs agree with it."""
     shapes: dict[str, tuple[int, int]] = dict(layout.linear_shapes) if layout else {}
@@ -364,7 +364,7 @@ def _checked_layout(
 
 
 def _merged_targets(
-    adapters: Sequence[LoraAdapterWeights], layout: BaseModelLayout
+    adapters: Sequence[AdapterWeights], layout: BaseModelLayout
 ) -> str | tuple[str, ...]:
     """PEFT's union: regexes joined by ``|``, or the union of the name lists."""
     regexes, lists = [], []

@@ -130,7 +130,7 @@ class LoraAdapterConfig:
         layers_pattern: the name(s) of the module list holding the layers (``"layers"``).
         exclude_modules: names or a regex of modules never adapted.
         bias: only ``"none"`` is served.
-        use_dora: only false is served.
+        use_dora: DoRA (`adapters/loader.py` reads its magnitudes).
         modules_to_save: only empty is served.
         peft_type: ``"LORA"``.
         base_model_name_or_path: informational; the server decides the base model.
@@ -179,8 +179,6 @@ class LoraAdapterConfig:
                 raise _invalid(f"{name} must be true or false")
         if not isinstance(self.base_model_name_or_path, (str, type(None))):
             raise _invalid("base_model_name_or_path must be a string")
-        if self.use_dora:
-            raise _unsupported("DoRA (use_dora)")
         if self.modules_to_save:
             raise _unsupported(f"modules_to_save {_brief(list(self.modules_to_save))}")
         if self.bias in ("all", "lora_only"):
@@ -227,17 +225,7 @@ class LoraAdapterConfig:
             AdapterError: ``invalid_adapter`` for malformed JSON or values,
                 ``unsupported_adapter_feature`` for what the engine does not serve.
         """
-
-        def no_constants(name: str) -> None:
-            raise ValueError(f"{name} is not a JSON number")
-
-        try:
-            raw = json.loads(text, parse_constant=no_constants)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            raise _invalid(f"not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise _invalid("must be a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(parse_json_object(text))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> LoraAdapterConfig:
@@ -288,6 +276,25 @@ class LoraAdapterConfig:
     def max_rank(self) -> int:
         """The largest rank the config can give a module (PEFT's own bound)."""
         return max([self.r, *self.rank_pattern.values()])
+
+
+def parse_json_object(text: str | bytes) -> dict[str, Any]:
+    """``adapter_config.json``'s text as a JSON object (NaN and Infinity refused).
+
+    Raises:
+        AdapterError: ``invalid_adapter`` for malformed JSON or anything but an object.
+    """
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        raw = json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise _invalid(f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise _invalid("must be a JSON object")
+    return raw
 
 
 def _or_default(raw: Mapping[str, Any], name: str, default: Any) -> Any:

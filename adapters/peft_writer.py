@@ -27,7 +27,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from adapters.base_layout import BaseModelLayout
-from adapters.loader import CONFIG_NAME, WEIGHTS_NAME, LoraAdapterWeights, LoraModuleWeights
+from adapters.loader import CONFIG_NAME, WEIGHTS_NAME
 from adapters.peft_config import LoraAdapterConfig
 from adapters.peft_targets import (
     PlannedModule,
@@ -36,10 +36,11 @@ from adapters.peft_targets import (
     module_rank,
     module_scaling,
 )
+from adapters.weights import AdapterWeights, LoraModuleWeights
 
 
 def save_peft_adapter(
-    weights: LoraAdapterWeights, out_dir: Path, base_model_name_or_path: str | None = None
+    weights: AdapterWeights, out_dir: Path, base_model_name_or_path: str | None = None
 ) -> Path:
     """Write ``weights`` to directory ``out_dir`` (created if missing) in PEFT's format.
 
@@ -78,7 +79,7 @@ def save_peft_adapter(
 
 
 def adapter_config_dict(
-    weights: LoraAdapterWeights, base_model_name_or_path: str | None = None
+    weights: AdapterWeights, base_model_name_or_path: str | None = None
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` object for ``weights`` (a LoraConfig PEFT 0.21 accepts)."""
     config = weights.config
@@ -111,7 +112,7 @@ def _json_value(value: str | int | tuple[Any, ...] | None) -> str | int | list[A
     return list(value) if isinstance(value, tuple) else value
 
 
-def _layout_of(weights: LoraAdapterWeights) -> BaseModelLayout:
+def _layout_of(weights: AdapterWeights) -> BaseModelLayout:
     """The smallest base layout holding every module of ``weights`` (for module paths)."""
     shapes = {
         target: (int(m.lora_a.shape[1]), int(m.lora_b.shape[0]))
@@ -134,7 +135,7 @@ def _planned(
     )
 
 
-def _check_targeting(weights: LoraAdapterWeights, layout: BaseModelLayout) -> None:
+def _check_targeting(weights: AdapterWeights, layout: BaseModelLayout) -> None:
     """On the modules' own layers and targets, the config selects exactly the modules."""
     selected = {
         (layer, target)
@@ -149,7 +150,7 @@ def _check_targeting(weights: LoraAdapterWeights, layout: BaseModelLayout) -> No
 
 
 def _patterns(
-    weights: LoraAdapterWeights, layout: BaseModelLayout
+    weights: AdapterWeights, layout: BaseModelLayout
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Rank and alpha patterns that give every module its rank and scaling."""
     config = weights.config

@@ -15,6 +15,7 @@ Semantics (what applying a placement of adapter slot ``s`` writes):
         rows r_l <= j < R of both                                   ← zeros
     tables.a_pages[t][s, :R] ← a_pages;  tables.b_pages[t][s, :R] ← b_pages
     tables.ranks[s] ← ranks;  tables.scalings[s] ← scalings
+    for each block, for each layer l with rows: row j at pages[j, :] of layer l's pool
 Everything else in the slot's rows is stale and never read (``ranks`` says how far to read).
 """
 
@@ -50,6 +51,21 @@ class TargetPlacement:
 
 
 @dataclass(frozen=True, eq=False)
+class BlockPlacement:
+    """An adapter's block of rows besides its LoRA matrices (``adapters.weights.RowBlock``).
+
+    Attributes:
+        key: what the rows are (``"dora:q_proj"``, ``"prefix"``, ...).
+        pages: ``(rows, chunks)`` int32, host: row j of every layer at pages ``pages[j]``.
+        rows: per layer, ``(n_rows, features)`` host rows (``n_rows`` ≤ ``rows``), or None.
+    """
+
+    key: str
+    pages: torch.Tensor
+    rows: tuple[torch.Tensor | None, ...]
+
+
+@dataclass(frozen=True, eq=False)
 class Placement:
     """Make adapter ``adapter_id`` resident in ``slot`` (see the module's Semantics).
 
@@ -61,6 +77,8 @@ class Placement:
         ranks: ``(num_layers, len(TARGETS))`` int32, host: the slot's new rank row (0 where
             untouched).
         scalings: ``(num_layers, len(TARGETS))`` float32, host: its scalings.
+        blocks: its other rows (DoRA and IA³ vectors, virtual tokens, ...), each layer's
+            rows written at the block's pages of that layer's pool.
     """
 
     adapter_id: int
@@ -68,3 +86,4 @@ class Placement:
     targets: tuple[TargetPlacement, ...]
     ranks: torch.Tensor
     scalings: torch.Tensor
+    blocks: tuple[BlockPlacement, ...] = ()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from adapters.errors import AdapterError
 from adapters.identity import adapter_identity, mixture_identity
-from adapters.loader import LoraAdapterWeights
+from adapters.weights import LORA, AdapterWeights
 
 
 @dataclass(eq=False)
@@ -47,6 +47,9 @@ class AdapterEntry:
         flops_ratio: the arithmetic its modules add to a token, over the base model's linear
             layers' (``adapters.base_layout.BaseModelLayout.flops_ratio``; a mixture: the sum
             of its components'): what the scheduler prices its rank by.
+        kind: the PEFT method (`adapters/kinds.py`; a mixture: ``lora``).
+        num_virtual_tokens: positions its requests take before their own tokens (prompt
+            and prefix tuning), counted against the context length.
     """
 
     id: int
@@ -58,13 +61,15 @@ class AdapterEntry:
     refs: int = 0
     unloading: bool = False
     error: str | None = field(default=None)
-    weights: LoraAdapterWeights | None = None  # an adapter made in memory
+    weights: AdapterWeights | None = None  # an adapter made in memory
     components: tuple[tuple[AdapterEntry, float], ...] = ()  # a mixture's (adapter, weight)
     digest: bytes = b""
     identity: bytes = b""
     version: int = 1
     pinned: bool = False
     flops_ratio: float = 0.0
+    kind: str = LORA
+    num_virtual_tokens: int = 0
 
     @property
     def is_mixture(self) -> bool:
@@ -87,12 +92,14 @@ class AdapterRegistry:
         max_rank: int,
         nbytes: int,
         replace: bool = False,
-        weights: LoraAdapterWeights | None = None,
+        weights: AdapterWeights | None = None,
         components: tuple[tuple[AdapterEntry, float], ...] = (),
         digest: bytes = b"",
         pages: int = 0,
         pinned: bool = False,
         flops_ratio: float = 0.0,
+        kind: str = LORA,
+        num_virtual_tokens: int = 0,
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -125,6 +132,8 @@ class AdapterRegistry:
                 version=version,
                 pinned=pinned,
                 flops_ratio=flops_ratio,
+                kind=kind,
+                num_virtual_tokens=num_virtual_tokens,
             )
             self._versions[name] = entry.version
             self._by_name[name] = entry

@@ -35,14 +35,15 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from adapters.base_layout import LINEAR_TARGETS
-from adapters.placement import Placement, TargetPlacement
+from adapters.placement import BlockPlacement, Placement, TargetPlacement
+from adapters.weights import RowBlock
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class LoraTables:
             gather; -1 otherwise.
         generation: a one-element list, bumped whenever a slot's adapter changes (placed or
             evicted): what is derived from the tables and kept across steps keys on it.
+        blocks: per slot (host), its adapter's rows besides the LoRA matrices, by key
+            (`adapters/weights.py`): where they are in the pool. Empty for plain LoRA.
 
     Writers: the device tensors (the first four) only by the runner, applying placements;
     the host fields only by the residency, when the scheduler places or evicts. Between a
@@ -139,6 +142,21 @@ class LoraTables:
     a_first: dict[str, list[int]]
     b_first: dict[str, list[int]]
     generation: list[int]
+    blocks: list[dict[str, BlockTable]]
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Where a resident adapter's block of rows is (`adapters/weights.py`'s ``RowBlock``).
+
+    Attributes:
+        pages: ``(rows, ceil(features / page_width))`` int64, host: row j of layer ℓ at
+            pages ``pages[j]`` of layer ℓ's pool.
+        rows: per layer, how many of those rows hold something.
+    """
+
+    pages: torch.Tensor
+    rows: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -148,13 +166,21 @@ class PageCost:
 
     Attributes:
         chunks: per target, (pages of one A row, pages of one Bᵀ row).
+        page_width: elements of a page in one layer (the width other rows are cut into).
     """
 
     chunks: Mapping[str, tuple[int, int]]
+    page_width: int
 
-    def pages(self, modules: Mapping[tuple[int, str], ModuleWeights]) -> int:
-        """Pages an adapter with these modules takes."""
-        return sum(rank * sum(self.chunks[t]) for t, rank in _ranks_by_target(modules).items())
+    def pages(
+        self, modules: Mapping[tuple[int, str], ModuleWeights], blocks: Sequence[RowBlock] = ()
+    ) -> int:
+        """Pages an adapter with these LoRA modules and other rows takes."""
+        lora = sum(rank * sum(self.chunks[t]) for t, rank in _ranks_by_target(modules).items())
+        return lora + sum(self.block_pages(block) for block in blocks)
+
+    def block_pages(self, block: RowBlock) -> int:
+        return block.num_rows * math.ceil(block.features / self.page_width)
 
 
 @dataclass
@@ -220,8 +246,9 @@ class AdapterResidency:
             a_first={t: [-1] * max_slots for t in self._chunks},
             b_first={t: [-1] * max_slots for t in self._chunks},
             generation=[0],
+            blocks=[{} for _ in range(max_slots)],
         )
-        self.cost = PageCost(dict(self._chunks))
+        self.cost = PageCost(dict(self._chunks), width)
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
         # Placements recorded since the last take_placements(), in order: each of an adapter
@@ -249,9 +276,11 @@ class AdapterResidency:
     def num_pages(self) -> int:
         return sum(len(r.pages) for r in self._resident.values())
 
-    def pages_needed(self, modules: Mapping[tuple[int, str], ModuleWeights]) -> int:
-        """Pages an adapter with these modules takes."""
-        return self.cost.pages(modules)
+    def pages_needed(
+        self, modules: Mapping[tuple[int, str], ModuleWeights], blocks: Sequence[RowBlock] = ()
+    ) -> int:
+        """Pages an adapter with these modules and other rows takes."""
+        return self.cost.pages(modules, blocks)
 
     def held_pages(self) -> Iterator[int]:
         for resident in self._resident.values():
@@ -259,9 +288,15 @@ class AdapterResidency:
 
     # -- placement ------------------------------------------------------------------------
 
-    def place(self, adapter_id: int, modules: Mapping[tuple[int, str], ModuleWeights]) -> Resident:
-        """Give an adapter pages and a slot, and record the :class:`Placement` that writes
-        it there (host bookkeeping only: see :meth:`take_placements`).
+    def place(
+        self,
+        adapter_id: int,
+        modules: Mapping[tuple[int, str], ModuleWeights],
+        blocks: Sequence[RowBlock] = (),
+    ) -> Resident:
+        """Give an adapter pages and a slot for its LoRA ``modules`` and its other rows
+        (``blocks``), and record the :class:`Placement` that writes them there (host
+        bookkeeping only: see :meth:`take_placements`).
 
         Raises:
             OutOfPages: (from the pool) too few free pages; nothing changed.
@@ -270,7 +305,7 @@ class AdapterResidency:
         if not self._free_slots:
             raise RuntimeError("every adapter slot is in use")
         ranks = _ranks_by_target(modules)
-        pages = self.pages.allocate(self.pages_needed(modules))
+        pages = self.pages.allocate(self.pages_needed(modules, blocks))
         slot = self._free_slots.pop()
         tables = self.tables
         offset = 0
@@ -305,8 +340,20 @@ class AdapterResidency:
             )
         tables.host_ranks[slot] = host_ranks
         tables.host_scalings[slot] = host_scalings
+        placed_blocks = []
+        for block in blocks:
+            n = self.cost.block_pages(block)
+            block_pages = torch.tensor(pages[offset : offset + n], dtype=torch.int32)
+            block_pages = block_pages.view(block.num_rows, -1)
+            offset += n
+            tables.blocks[slot][block.key] = BlockTable(
+                block_pages.long(), tuple(0 if r is None else int(r.shape[0]) for r in block.rows)
+            )
+            placed_blocks.append(BlockPlacement(block.key, block_pages, block.rows))
         self._placements.append(
-            Placement(adapter_id, slot, tuple(targets), host_ranks, host_scalings)
+            Placement(
+                adapter_id, slot, tuple(targets), host_ranks, host_scalings, tuple(placed_blocks)
+            )
         )
         resident = Resident(slot, pages, max(ranks.values(), default=0), last_used=time.monotonic())
         self._resident[adapter_id] = resident
@@ -337,6 +384,7 @@ class AdapterResidency:
         self._placements = [p for p in self._placements if p.adapter_id != adapter_id]
         self.tables.host_ranks[resident.slot] = 0
         self.tables.host_scalings[resident.slot] = 0
+        self.tables.blocks[resident.slot].clear()
         for firsts in (*self.tables.a_first.values(), *self.tables.b_first.values()):
             firsts[resident.slot] = -1
         self.pages.release(resident.pages)

@@ -27,8 +27,8 @@ from adapters.compose import (
     mixture_as_adapter,
 )
 from adapters.errors import INVALID_COMPOSITION, AdapterError
-from adapters.loader import LoraAdapterWeights
 from adapters.peft_writer import save_peft_adapter
+from adapters.weights import AdapterWeights
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.scoring import SCORING_PARAMS, mean_nll, scoring_prompt
@@ -79,15 +79,15 @@ def start_composition(
             raise AdapterError(
                 INVALID_COMPOSITION, f"an example is too long to score: {e}"
             ) from None
-    weights: list[LoraAdapterWeights] = []  # read lazily, in the job's thread
+    weights: list[AdapterWeights] = []  # read lazily, in the job's thread
     job = ComposeJob(spec)
 
-    def candidates() -> list[LoraAdapterWeights]:
+    def candidates() -> list[AdapterWeights]:
         if not weights:
             weights.extend(manager.weights_of(entry) for entry in entries)
         return weights
 
-    def register(name: str, w: list[float]) -> LoraAdapterWeights | None:
+    def register(name: str, w: list[float]) -> AdapterWeights | None:
         if spec.method == "mixture":
             manager.register_mixture(name, list(zip(spec.candidates, w, strict=True)))
             return None

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from adapters.base_layout import BaseModelLayout
-from adapters.loader import LoraAdapterWeights, LoraModuleWeights, load_lora_adapter
+from adapters.loader import load_lora_adapter
+from adapters.weights import AdapterWeights, LoraModuleWeights
 from engine.config import QUANTIZATIONS, resolve_quantization
 from engine.loader import iterate_weights, load_config, quantized_modules, safetensors_files
 from engine.model import ModelArch
@@ -114,7 +115,7 @@ def merge_checkpoint(
 
 def write_merged(
     model_dir: Path,
-    adapter: LoraAdapterWeights,
+    adapter: AdapterWeights,
     out_dir: Path,
     dtype: torch.dtype,
     quantization: str = "none",
@@ -129,7 +130,7 @@ def write_merged(
 
 def merged_tensors(
     model_dir: Path,
-    adapter: LoraAdapterWeights,
+    adapter: AdapterWeights,
     dtype: torch.dtype,
     quantization: str = "none",
     device: torch.device | None = None,

@@ -18,10 +18,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from adapters.base_layout import BaseModelLayout
-from adapters.loader import LoraAdapterWeights
 from adapters.manager import AdapterManager
 from adapters.registry import AdapterEntry
 from adapters.residency import AdapterResidency
+from adapters.weights import AdapterWeights
+from engine.base_weights import ServedBaseWeights
 from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
 from engine.cuda_graph import DecodeGraphs, capture_sizes
@@ -193,6 +194,7 @@ class LLMEngine:
                 self.pool.num_pages - PAGES_PER_TOKEN * self.config.model.max_model_len, 0
             ),
             max_loras=config.max_loras,
+            base=ServedBaseWeights(self.model, layout),
         )
 
     # -- adapters -------------------------------------------------------------------------
@@ -215,7 +217,7 @@ class LLMEngine:
         return self.adapters.load(name, Path(path), replace=replace, pinned=pinned).version
 
     def load_lora_weights(
-        self, name: str, weights: LoraAdapterWeights, replace: bool = False, pinned: bool = False
+        self, name: str, weights: AdapterWeights, replace: bool = False, pinned: bool = False
     ) -> None:
         """Register an adapter made in memory (a merge result, say). Safe from any thread."""
         self.adapters.load_weights(name, weights, replace=replace, pinned=pinned)

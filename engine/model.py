@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from engine.attention import ATTENTION_BACKENDS, AttentionBackend
 from engine.forward_batch import ForwardBatch
+from engine.kinds import adjust_output, adjust_packed, scale_input
 from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.naming import PACKED
 from engine.packed import PackedLinear
@@ -140,14 +141,17 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        arch, pool, lora = self.arch, batch.pools[self.layer], batch.lora
+        arch, pool, lora, kinds = self.arch, batch.pools[self.layer], batch.lora, batch.kinds
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (num_tokens, q_width + 2 · kv_width)
+        slices = self.qkv_proj.slices
         if lora is not None:
-            slices = self.qkv_proj.slices
             self.backends.lora.apply_packed(
                 lora, pool, self.layer, slices.names, x, qkv, slices.column_offsets
             )
+        if kinds is not None:
+            adjust_packed(kinds, pool, self.layer, slices.names, x, qkv, slices.column_offsets,
+                          self.qkv_proj.bias, self.qkv_proj.slice_forward)  # fmt: skip
         q, k, v = qkv.split(self.qkv_widths, dim=-1)  # column views
         q = q.view(num_tokens, arch.num_heads, arch.head_dim)
         k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
@@ -158,9 +162,14 @@ class Attention(nn.Module):
         kv_pool[batch.attn.new_v_slots] = v
         attn = self.backends.attention.forward(q, kv_pool, batch.attn, self.scale)
         attn = attn.reshape(num_tokens, arch.num_heads * arch.head_dim)
-        out: torch.Tensor = self.o_proj(attn)
+        if kinds is None:
+            out: torch.Tensor = self.o_proj(attn)
+        else:
+            out = self.o_proj(scale_input(kinds, pool, self.layer, "o_proj", attn))
         if lora is not None:
             self.backends.lora.apply(lora, pool, self.layer, "o_proj", attn, out)
+        if kinds is not None:
+            adjust_output(kinds, pool, self.layer, "o_proj", out, self.o_proj.bias)
         return out
 
 
@@ -176,18 +185,27 @@ class MLP(nn.Module):
         self.backends = backends
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        lora, pool = batch.lora, batch.pools[self.layer]
+        lora, kinds, pool = batch.lora, batch.kinds, batch.pools[self.layer]
         gate_up = self.gate_up_proj(x)  # (num_tokens, 2 · intermediate_size)
+        slices = self.gate_up_proj.slices
         if lora is not None:
-            slices = self.gate_up_proj.slices
             self.backends.lora.apply_packed(
                 lora, pool, self.layer, slices.names, x, gate_up, slices.column_offsets
             )
+        if kinds is not None:
+            adjust_packed(kinds, pool, self.layer, slices.names, x, gate_up,
+                          slices.column_offsets, self.gate_up_proj.bias,
+                          self.gate_up_proj.slice_forward)  # fmt: skip
         i = self.intermediate_size
         hidden = F.silu(gate_up[:, :i]) * gate_up[:, i:]
-        out: torch.Tensor = self.down_proj(hidden)
+        if kinds is None:
+            out: torch.Tensor = self.down_proj(hidden)
+        else:
+            out = self.down_proj(scale_input(kinds, pool, self.layer, "down_proj", hidden))
         if lora is not None:
             self.backends.lora.apply(lora, pool, self.layer, "down_proj", hidden, out)
+        if kinds is not None:
+            adjust_output(kinds, pool, self.layer, "down_proj", out, self.down_proj.bias)
         return out
 
 

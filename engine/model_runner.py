@@ -20,6 +20,7 @@ from engine.attention import AttentionMetadata
 from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.cuda_graph import DecodeGraphs
 from engine.forward_batch import ForwardBatch
+from engine.kinds import KindMetadata
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
 from engine.placement import PlacementWriter
@@ -93,14 +94,15 @@ class ModelRunner:
         for c in chunks:
             if c.params.penalized and c.request_id not in self._counts:
                 self._counts[c.request_id] = self._initial_counts(c)
-        if self.graphs is not None and self.graphs.accepts(chunks):
+        kinds = KindMetadata.build(chunks, self.lora_tables)
+        if kinds is None and self.graphs is not None and self.graphs.accepts(chunks):
             # Every chunk is one sampling token: the hidden rows are the rows to sample.
             hidden = self.graphs.run(chunks, self.slot_tables.assign(chunks))
             results: dict[str, ChunkResult] = {}
             sampled_hidden = hidden
         else:
             step = self._prepare(chunks)
-            batch = ForwardBatch(step.attn, self.pools, step.lora)
+            batch = ForwardBatch(step.attn, self.pools, step.lora, kinds)
             hidden = self.model(step.input_ids, step.positions, batch)
             results = self._prompt_logprobs(chunks, hidden)
             sampled_hidden = hidden.index_select(0, step.last_rows)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.naming import slice_module
@@ -65,6 +66,12 @@ class PackedLinear(nn.Linear):
         packed = PackedSlices.of(slices)
         super().__init__(in_features, packed.out_features, bias=bias)
         self.slices = packed
+
+    def slice_forward(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """Slice ``s`` alone: ``x · W_sᵀ + b_s``, (rows, its width)."""
+        lo, hi = self.slices.column_offsets[s], self.slices.column_offsets[s + 1]
+        bias = None if self.bias is None else self.bias[lo:hi]
+        return F.linear(x, self.weight[lo:hi], bias)
 
     def extra_repr(self) -> str:
         widths = zip(self.slices.names, self.slices.widths, strict=True)

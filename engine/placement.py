@@ -102,6 +102,13 @@ class PlacementWriter:
             tables.b_pages[target.target][slot, :rank].copy_(b_pages)
             for layer, pool in enumerate(self.pools):
                 self._write_layer(pool, target, layer, a_pages, b_pages)
+        for block in placement.blocks:
+            pages = _upload(block.pages, self.device)
+            for pool, rows in zip(self.pools, block.rows, strict=True):
+                if rows is not None:
+                    write_rows(
+                        pool, pages[: rows.shape[0]], rows.to(self.device, non_blocking=True)
+                    )
         tables.ranks[slot].copy_(_upload(placement.ranks, self.device))
         tables.scalings[slot].copy_(_upload(placement.scalings, self.device))
 

@@ -258,6 +258,14 @@ class PackedNF4Linear(nn.Module):
         assert isinstance(layer, NF4Linear)
         return layer
 
+    def slice_forward(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """Slice ``s`` alone: ``x · dequantize(W_s)ᵀ + b_s``, (rows, its width)."""
+        out: torch.Tensor = self.part(self.slices.names[s])(x)
+        if self.bias is not None:
+            offsets = self.slices.column_offsets
+            out = out + self.bias[offsets[s] : offsets[s + 1]]
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
-from adapters.loader import LoraAdapterWeights
 from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
 from adapters.peft_writer import save_peft_adapter
+from adapters.weights import AdapterWeights
 from engine.composition import RunBatch, start_composition
 from engine.config import DTYPES
 from engine.export import write_merged
@@ -81,7 +81,7 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
     return merged.max_rank
 
 
-def adapter_weights(engine: LLMEngine, name: str) -> LoraAdapterWeights:
+def adapter_weights(engine: LLMEngine, name: str) -> AdapterWeights:
     """A loaded adapter's weights; a mixture's as the one adapter it equals."""
     manager = engine.adapters
     entry = manager.get(name)

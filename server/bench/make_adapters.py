@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from adapters.base_layout import LINEAR_TARGETS, BaseModelLayout
-from adapters.loader import LoraAdapterWeights, LoraModuleWeights
 from adapters.peft_config import LoraAdapterConfig
 from adapters.peft_writer import save_peft_adapter
+from adapters.weights import AdapterWeights, LoraModuleWeights
 
 B_STD = 0.01
 
@@ -127,5 +127,5 @@ def _write_adapter(
         {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
     )
     name = f"lora-{index:04d}"
-    weights = LoraAdapterWeights(name=name, config=config, modules=modules)
+    weights = AdapterWeights(name=name, config=config, modules=modules)
     return save_peft_adapter(weights, out_dir / name, base_model_name_or_path=base_name)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
-from adapters.loader import LoraAdapterWeights, LoraModuleWeights, load_lora_adapter
+from adapters.loader import load_lora_adapter
 from adapters.merge import (
     COMBINATION_TYPES,
     MIXTURE,
@@ -32,6 +32,7 @@ from adapters.merge import (
     merge_adapters,
 )
 from adapters.peft_writer import save_peft_adapter
+from adapters.weights import AdapterWeights, LoraModuleWeights
 from tests.adapters.conftest import save_peft_adapter as save_with_peft
 from tests.tiny_models import make_adapter, make_model
 
@@ -116,7 +117,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def ours(made: dict[str, Path], layout: BaseModelLayout) -> dict[str, LoraAdapterWeights]:
+def ours(made: dict[str, Path], layout: BaseModelLayout) -> dict[str, AdapterWeights]:
     return {
         name: load_lora_adapter(path, layout, MAX_RANK)
         for name, path in made.items()
@@ -147,7 +148,7 @@ def _peft_merge(reference: PeftModel, name: str, case: str) -> None:
         reference.add_weighted_adapter(list(adapters), list(weights), name, **kwargs)
 
 
-def _our_merge(ours: dict[str, LoraAdapterWeights], case: str, **extra: Any) -> LoraAdapterWeights:
+def _our_merge(ours: dict[str, AdapterWeights], case: str, **extra: Any) -> AdapterWeights:
     adapters, weights, kwargs = CASES[case]
     spec = MergeSpec(adapters=adapters, weights=weights, **{**kwargs, **extra})
     return merge_adapters([ours[a] for a in adapters], spec, case)
@@ -163,7 +164,7 @@ def _peft_layers(model: PeftModel, adapter: str) -> dict[str, LoraLayer]:
 
 
 def _assert_matches_peft(
-    merged: LoraAdapterWeights, model: PeftModel, adapter: str, layout: BaseModelLayout
+    merged: AdapterWeights, model: PeftModel, adapter: str, layout: BaseModelLayout
 ) -> None:
     """Same modules; same factors (non-SVD) or delta weights (SVD: signs are free)."""
     svd = merged.name in CASES and CASES[merged.name][2]["combination_type"].endswith("svd")
@@ -201,7 +202,7 @@ def test_every_peft_type_is_offered() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_merge_matches_peft(
     case: str,
-    ours: dict[str, LoraAdapterWeights],
+    ours: dict[str, AdapterWeights],
     reference: PeftModel,
     layout: BaseModelLayout,
 ) -> None:
@@ -216,7 +217,7 @@ def test_merge_matches_peft(
 
 
 def test_merge_matches_peft_with_the_base_layout(
-    ours: dict[str, LoraAdapterWeights], reference: PeftModel, layout: BaseModelLayout
+    ours: dict[str, AdapterWeights], reference: PeftModel, layout: BaseModelLayout
 ) -> None:
     # "f" is all-linear: with the real layout its expansion covers every base module.
     adapters, weights, kwargs = CASES["cat"]
@@ -227,7 +228,7 @@ def test_merge_matches_peft_with_the_base_layout(
     assert check_merge([ours[a] for a in adapters], spec, layout) == merged.config
 
 
-def test_rslora_first_scales_by_sqrt_rank(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_rslora_first_scales_by_sqrt_rank(ours: dict[str, AdapterWeights]) -> None:
     # PEFT's quirk, kept: the factors already carry each input's scaling, yet the merged
     # adapter is scaled by lora_alpha / sqrt(r) = sqrt(r) because the first input is rsLoRA.
     merged = _our_merge(ours, "cat_rslora_first")
@@ -237,7 +238,7 @@ def test_rslora_first_scales_by_sqrt_rank(ours: dict[str, LoraAdapterWeights]) -
     assert all(m.scaling == 1.0 for m in plain.modules.values())
 
 
-def test_cat_is_exact_and_pads_missing_modules(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_cat_is_exact_and_pads_missing_modules(ours: dict[str, AdapterWeights]) -> None:
     adapters, weights, _ = CASES["cat"]
     merged = _our_merge(ours, "cat")
     assert merged.config.r == sum(ours[a].config.max_rank for a in adapters)
@@ -250,7 +251,7 @@ def test_cat_is_exact_and_pads_missing_modules(ours: dict[str, LoraAdapterWeight
         torch.testing.assert_close(module.delta_weight(), expected, atol=1e-5, rtol=0)
 
 
-def test_merge_leaves_inputs_untouched(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_merge_leaves_inputs_untouched(ours: dict[str, AdapterWeights]) -> None:
     before = {k: m.lora_a.clone() for k, m in ours["a"].modules.items()}
     _our_merge(ours, "ties")
     assert all(torch.equal(before[k], m.lora_a) for k, m in ours["a"].modules.items())
@@ -269,7 +270,7 @@ def test_merge_leaves_inputs_untouched(ours: dict[str, LoraAdapterWeights]) -> N
     ],
 )
 def test_dare_with_density_one_is_its_counterpart(
-    dare: str, plain: str, ours: dict[str, LoraAdapterWeights]
+    dare: str, plain: str, ours: dict[str, AdapterWeights]
 ) -> None:
     adapters, weights = SAME_RANK
     specs = [
@@ -281,7 +282,7 @@ def test_dare_with_density_one_is_its_counterpart(
         assert torch.equal(module.lora_b, merged[1].modules[key].lora_b)
 
 
-def _kept_fraction(merged: LoraAdapterWeights, keys: Iterable[tuple[int, str]]) -> float:
+def _kept_fraction(merged: AdapterWeights, keys: Iterable[tuple[int, str]]) -> float:
     kept = total = 0
     for key in keys:
         for tensor in (merged.modules[key].lora_a, merged.modules[key].lora_b):
@@ -291,7 +292,7 @@ def _kept_fraction(merged: LoraAdapterWeights, keys: Iterable[tuple[int, str]]) 
 
 
 def test_dare_keeps_about_density_and_rescales(
-    ours: dict[str, LoraAdapterWeights], reference: PeftModel, layout: BaseModelLayout
+    ours: dict[str, AdapterWeights], reference: PeftModel, layout: BaseModelLayout
 ) -> None:
     # Weight 0 on "b" leaves only "a"'s task tensors: kept entries are sqrt(s)·A / density.
     density, adapters, weights = 0.3, ("a", "b"), (1.0, 0.0)
@@ -320,11 +321,11 @@ def test_dare_keeps_about_density_and_rescales(
     assert abs(peft_kept / total - density) < 0.04
 
 
-def test_dare_is_reproducible_from_the_seed(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_dare_is_reproducible_from_the_seed(ours: dict[str, AdapterWeights]) -> None:
     adapters, weights = SAME_RANK
     inputs = [ours[a] for a in adapters]
 
-    def merged(seed: int) -> LoraAdapterWeights:
+    def merged(seed: int) -> AdapterWeights:
         spec = MergeSpec(adapters, weights, combination_type="dare_ties", density=0.5, seed=seed)
         return merge_adapters(inputs, spec, "m")
 
@@ -339,7 +340,7 @@ def test_dare_is_reproducible_from_the_seed(ours: dict[str, LoraAdapterWeights])
 # ---------------------------------------------------------------- saving as PEFT adapters
 
 
-def _assert_same_adapter(saved: LoraAdapterWeights, original: LoraAdapterWeights) -> None:
+def _assert_same_adapter(saved: AdapterWeights, original: AdapterWeights) -> None:
     assert saved.modules.keys() == original.modules.keys()
     for key, module in original.modules.items():
         assert torch.equal(saved.modules[key].lora_a, module.lora_a)
@@ -347,7 +348,7 @@ def _assert_same_adapter(saved: LoraAdapterWeights, original: LoraAdapterWeights
         assert saved.modules[key].scaling == module.scaling
 
 
-def _assert_peft_loads(directory: Path, original: LoraAdapterWeights, base: Path) -> PeftModel:
+def _assert_peft_loads(directory: Path, original: AdapterWeights, base: Path) -> PeftModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(_base(base), directory)
@@ -362,7 +363,7 @@ def _assert_peft_loads(directory: Path, original: LoraAdapterWeights, base: Path
     return model
 
 
-def _layout_for(adapter: LoraAdapterWeights) -> BaseModelLayout:
+def _layout_for(adapter: AdapterWeights) -> BaseModelLayout:
     shapes = {t: (m.lora_a.shape[1], m.lora_b.shape[0]) for (_, t), m in adapter.modules.items()}
     return BaseModelLayout(num_layers=2, linear_shapes=shapes)
 
@@ -372,7 +373,7 @@ def _layout_for(adapter: LoraAdapterWeights) -> BaseModelLayout:
 )
 def test_saved_merge_loads_back(
     case: str,
-    ours: dict[str, LoraAdapterWeights],
+    ours: dict[str, AdapterWeights],
     made: dict[str, Path],
     layout: BaseModelLayout,
     tmp_path: Path,
@@ -390,7 +391,7 @@ def test_saved_merge_loads_back(
 @pytest.mark.parametrize("case", ["linear", "cat", "ties"])
 def test_saved_merge_generates_like_peft(
     case: str,
-    ours: dict[str, LoraAdapterWeights],
+    ours: dict[str, AdapterWeights],
     made: dict[str, Path],
     reference: PeftModel,
     tmp_path: Path,
@@ -410,7 +411,7 @@ def test_saved_merge_generates_like_peft(
 
 
 def test_saved_adapter_keeps_patterns(
-    ours: dict[str, LoraAdapterWeights],
+    ours: dict[str, AdapterWeights],
     made: dict[str, Path],
     layout: BaseModelLayout,
     tmp_path: Path,
@@ -425,7 +426,7 @@ def test_saved_adapter_keeps_patterns(
 
 
 def test_saved_adapter_with_per_module_ranks(
-    ours: dict[str, LoraAdapterWeights],
+    ours: dict[str, AdapterWeights],
     made: dict[str, Path],
     layout: BaseModelLayout,
     tmp_path: Path,
@@ -455,7 +456,7 @@ def test_saved_adapter_with_per_module_ranks(
 
 
 def test_save_refuses_a_config_that_misdescribes_the_modules(
-    ours: dict[str, LoraAdapterWeights], tmp_path: Path
+    ours: dict[str, AdapterWeights], tmp_path: Path
 ) -> None:
     modules = {k: m for k, m in ours["a"].modules.items() if k != (1, "v_proj")}
     broken = dataclasses.replace(ours["a"], modules=modules)
@@ -517,7 +518,7 @@ def test_spec_follows_peft_on_ignored_fields() -> None:
     assert spec.adapters == ("a", "b") and spec.weights == (1, 2)
 
 
-def _refuse(adapters: list[LoraAdapterWeights], spec: MergeSpec, message: str, **kw: Any) -> None:
+def _refuse(adapters: list[AdapterWeights], spec: MergeSpec, message: str, **kw: Any) -> None:
     """Both the cheap check and the merge itself refuse, with the same message."""
     for call in (
         lambda: check_merge(adapters, spec, **kw),
@@ -528,19 +529,19 @@ def _refuse(adapters: list[LoraAdapterWeights], spec: MergeSpec, message: str, *
         assert info.value.code == INVALID_MERGE
 
 
-def test_mixture_is_not_merged(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_mixture_is_not_merged(ours: dict[str, AdapterWeights]) -> None:
     spec = MergeSpec(("a", "b"), (1.0, 1.0), combination_type=MIXTURE)
     _refuse([ours["a"], ours["b"]], spec, "'mixture' is not a weight merge")
 
 
-def test_adapter_count_must_match_spec(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_adapter_count_must_match_spec(ours: dict[str, AdapterWeights]) -> None:
     spec = MergeSpec(("a", "b"), (1.0, 1.0), combination_type="cat")
     _refuse([ours["a"]], spec, "got 1 adapters for a MergeSpec naming 2")
 
 
 @pytest.mark.parametrize("combination_type", ["linear", "ties", "dare_linear", "magnitude_prune"])
 def test_equal_rank_types_need_equal_r(
-    combination_type: str, ours: dict[str, LoraAdapterWeights], reference: PeftModel
+    combination_type: str, ours: dict[str, AdapterWeights], reference: PeftModel
 ) -> None:
     spec = MergeSpec(("a", "d"), (1.0, 1.0), combination_type=combination_type, density=0.5)
     _refuse([ours["a"], ours["d"]], spec, "all adapters must have the same r value")
@@ -549,7 +550,7 @@ def test_equal_rank_types_need_equal_r(
 
 
 def test_equal_rank_types_need_equal_module_ranks(
-    ours: dict[str, LoraAdapterWeights], reference: PeftModel
+    ours: dict[str, AdapterWeights], reference: PeftModel
 ) -> None:
     # "e" has r=4 but v_proj rank 2 (rank_pattern): PEFT's r check passes, then stacking the
     # factors fails; here it is refused up front, naming the module.
@@ -559,7 +560,7 @@ def test_equal_rank_types_need_equal_module_ranks(
         reference.add_weighted_adapter(["a", "e"], [1, 1], "never_e", "linear")
 
 
-def test_target_module_types_must_agree(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_target_module_types_must_agree(ours: dict[str, AdapterWeights]) -> None:
     config = dataclasses.replace(ours["a"].config, target_modules=r".*\.(q|v)_proj|.*down_proj")
     regex = dataclasses.replace(ours["a"], name="regex", config=config)
     spec = MergeSpec(("regex", "b"), (1.0, 1.0), combination_type="cat")
@@ -568,9 +569,7 @@ def test_target_module_types_must_agree(ours: dict[str, LoraAdapterWeights]) -> 
     assert both.config.target_modules == f"({config.target_modules})|({config.target_modules})"
 
 
-def test_base_shapes_must_agree(
-    ours: dict[str, LoraAdapterWeights], layout: BaseModelLayout
-) -> None:
+def test_base_shapes_must_agree(ours: dict[str, AdapterWeights], layout: BaseModelLayout) -> None:
     narrow = LoraModuleWeights(torch.ones(4, 32), torch.ones(64, 4), 1.0)
     other = dataclasses.replace(ours["a"], name="other", modules={(0, "q_proj"): narrow})
     spec = MergeSpec(("a", "other"), (1.0, 1.0), combination_type="cat")
@@ -580,7 +579,7 @@ def test_base_shapes_must_agree(
     _refuse([ours["a"], ours["b"]], spec, "does not fit the base model", layout=small)
 
 
-def test_merged_module_without_inputs(ours: dict[str, LoraAdapterWeights]) -> None:
+def test_merged_module_without_inputs(ours: dict[str, AdapterWeights]) -> None:
     # "d" restricted to layer 0: the merged config (the union of targets, with "a"'s layer
     # filters: none) selects layer 1's gate_proj, which no input has. PEFT raises "No
     # matching LoRAs found" there.

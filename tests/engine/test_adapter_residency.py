@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters.errors import AdapterError
-from adapters.loader import LoraAdapterWeights
+from adapters.weights import AdapterWeights
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig, LoraConfig
 from engine.page_pool import Tenant
@@ -87,7 +87,7 @@ def test_prefetch_overlaps_with_running_requests(
     gate = threading.Event()
     source = engine.adapters.source
 
-    def slow_source(path: Path) -> LoraAdapterWeights:
+    def slow_source(path: Path) -> AdapterWeights:
         assert gate.wait(timeout=60)
         return source(path)
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adapters.loader import LoraModuleWeights
 from adapters.residency import AdapterResidency
+from adapters.weights import LoraModuleWeights
 from engine.kv_cache import KVCache
 from engine.page_pool import PagePool, Tenant
 from engine.prefix_cache import BASE_ROOT, PrefixCache, chain_keys

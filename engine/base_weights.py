@@ -1,0 +1,42 @@
+"""The served base model's linear weights, for adapter kinds that read them at load."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.base_layout import BaseModelLayout
+from engine.naming import packed_module
+from engine.packed import PackedLinear
+from engine.quantization import NF4Linear, PackedNF4Linear
+from kernels.nf4 import dequantize_nf4
+
+
+class ServedBaseWeights:
+    """The model's linear weights as an adapter kind reads them at load (DoRA's norms):
+    float32 copies of a slice of a packed layer, or an NF4 layer's dequantization
+    (``adapters.weights.BaseWeights``)."""
+
+    def __init__(self, model: nn.Module, layout: BaseModelLayout) -> None:
+        self.model = model
+        self.layout = layout
+
+    def weight(self, layer: int, target: str) -> torch.Tensor:
+        module_path = self.layout.module_path(layer, target)
+        packed = packed_module(module_path)
+        if packed is None:
+            module = self.model.get_submodule(module_path)
+        else:
+            holder = self.model.get_submodule(packed[0])
+            if isinstance(holder, PackedNF4Linear):
+                module = holder.part(packed[1])
+            else:
+                assert isinstance(holder, PackedLinear)
+                offsets = holder.slices.column_offsets
+                s = holder.slices.names.index(packed[1])
+                return holder.weight.detach()[offsets[s] : offsets[s + 1]].float().cpu()
+        if isinstance(module, NF4Linear):
+            assert module.weight is not None
+            return dequantize_nf4(module.weight).cpu()
+        assert isinstance(module, nn.Linear)
+        return module.weight.detach().float().cpu()

@@ -1,0 +1,220 @@
+"""Adapter kinds beyond LoRA (DoRA, AdaLoRA, IA³) in mixed batches equal transformers + PEFT.
+
+Every request runs in one engine beside plain LoRA and base requests; each must produce the
+greedy tokens of the same request run alone through PEFT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.errors import AdapterError
+from engine import LLMEngine, SamplingParams
+from engine.config import EngineConfig
+from tests.engine.test_generation import random_prompts
+from tests.peft_kinds import make_kind_adapter
+from tests.tiny_models import make_adapter
+
+KINDS: dict[str, dict[str, Any]] = {
+    "dora": {"kind": "dora", "r": 4, "targets": "all-linear"},
+    "dora-qv": {"kind": "dora", "r": 8, "targets": ["q_proj", "v_proj"]},
+    "adalora": {"kind": "adalora", "targets": ["q_proj", "v_proj", "down_proj"], "prune": True},
+    "ia3": {"kind": "ia3"},  # k, v (outputs) and down_proj (input)
+    "ia3-packed-input": {
+        "kind": "ia3",
+        "targets": ["q_proj", "up_proj", "o_proj"],
+        "feedforward": ["up_proj", "o_proj"],
+    },
+}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def kind_adapters(
+    request: pytest.FixtureRequest,
+    model_dirs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, Path]]:
+    base = model_dirs[request.param]
+    root = tmp_path_factory.mktemp(f"kinds-{request.param}")
+    paths = {
+        name: make_kind_adapter(base, root / name, seed=i, **spec)
+        for i, spec in enumerate(KINDS.values())
+        for name in [list(KINDS)[i]]
+    }
+    paths["lora"] = make_adapter(base, root / "lora", r=8, alpha=16, targets="all-linear", seed=9)
+    return base, paths
+
+
+def peft_greedy(
+    base: Path, paths: dict[str, Path], jobs: list[tuple[list[int], str | None]], max_tokens: int
+) -> list[list[int]]:
+    """Each (prompt, adapter) alone through transformers + PEFT (one PeftModel per adapter:
+    PEFT cannot hold adapters of different kinds in one), greedy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    models: dict[str | None, Any] = {}
+    results = []
+    for prompt, adapter in jobs:
+        if adapter not in models:
+            hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            models[adapter] = (
+                hf if adapter is None else PeftModel.from_pretrained(hf, paths[adapter])
+            ).eval()
+        kwargs = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": 0}
+        with torch.inference_mode():
+            out = models[adapter].generate(input_ids=torch.tensor([prompt]), **kwargs)
+        results.append([int(t) for t in out[0, len(prompt) :]])
+    return results
+
+
+def run_engine(
+    engine: LLMEngine,
+    paths: dict[str, Path],
+    jobs: list[tuple[list[int], str | None]],
+    max_tokens: int,
+    join_per_step: int = 3,
+) -> list[list[int]]:
+    """Every job in one engine, a few joining per step, the pool audited after each step."""
+    for name, path in paths.items():
+        engine.load_lora(name, path)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    pending = list(enumerate(jobs))
+    done: dict[str, list[int]] = {}
+    while pending or engine.has_unfinished():
+        for i, (prompt, adapter) in pending[:join_per_step]:
+            engine.add_request(prompt, params, request_id=str(i), lora=adapter)
+        pending = pending[join_per_step:]
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_integrity()
+    return [done[str(i)] for i in range(len(jobs))]
+
+
+def mixed_jobs(names: list[str], n: int, seed: int) -> list[tuple[list[int], str | None]]:
+    choices: list[str | None] = [*names, None]
+    return [(p, choices[i % len(choices)]) for i, p in enumerate(random_prompts(n, seed=seed))]
+
+
+def test_every_kind_in_one_batch_matches_peft_alone(
+    kind_adapters: tuple[Path, dict[str, Path]],
+) -> None:
+    base, paths = kind_adapters
+    jobs = mixed_jobs(list(paths), 14, seed=3)
+    expected = peft_greedy(base, paths, jobs, max_tokens=8)
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32", max_num_batched_tokens=64))
+    got = run_engine(engine, paths, jobs, max_tokens=8)
+    for i, (tokens, want) in enumerate(zip(got, expected, strict=True)):
+        assert tokens == want, (i, jobs[i][1])
+    # the kinds changed something: not every adapter's tokens are the base model's
+    base_only = peft_greedy(base, paths, [(p, None) for p, _ in jobs], max_tokens=8)
+    for name in paths:
+        rows = [i for i, (_, a) in enumerate(jobs) if a == name]
+        assert any(got[i] != base_only[i] for i in rows), name
+
+
+def test_kinds_survive_preemption(kind_adapters: tuple[Path, dict[str, Path]]) -> None:
+    """A pool too small for every request at once: requests are preempted and recomputed,
+    adapters evicted and placed again, and the tokens do not change."""
+    base, paths = kind_adapters
+    jobs = mixed_jobs(list(paths), 12, seed=5)
+    expected = peft_greedy(base, paths, jobs, max_tokens=10)
+    engine = LLMEngine(
+        EngineConfig.create(base, dtype="float32", num_pages=700, max_num_batched_tokens=48)
+    )
+    got = run_engine(engine, paths, jobs, max_tokens=10, join_per_step=12)
+    assert got == expected
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.adapter_evictions > 0
+
+
+def test_kind_pages_are_counted_and_returned(
+    kind_adapters: tuple[Path, dict[str, Path]],
+) -> None:
+    """Each kind's rows take pool pages (its vectors, not only LoRA rows), and eviction
+    returns every one of them."""
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32", num_pages=4000))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    pool = engine.pool
+    for name, path in paths.items():
+        engine.load_lora(name, path)
+        entry = engine.adapters.get(name)
+        assert entry.pages > 0
+        before = pool.num_free
+        engine.add_request([5, 6, 7], params, request_id=name, lora=name)
+        while engine.has_unfinished():
+            engine.step()
+        engine.check_integrity()
+        used = before - pool.num_free
+        assert used == entry.pages, name  # the adapter stays resident after its request
+    ia3 = engine.adapters.get("ia3")
+    assert ia3.kind == "ia3"
+    assert ia3.max_rank == 0
+
+
+def test_a_mixture_of_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str, Path]]) -> None:
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name in ("dora", "lora"):
+        engine.load_lora(name, paths[name])
+    with pytest.raises(AdapterError) as info:
+        engine.adapters.register_mixture("mix", [("dora", 0.5), ("lora", 0.5)])
+    assert info.value.code == "invalid_merge"
+    assert "'dora' is a dora adapter" in info.value.message
+
+
+def test_dora_on_an_nf4_base_uses_the_dequantized_weight(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """DoRA's scales come from the served weight: on an NF4 base, dequantize(Q)."""
+    from tests.engine.test_nf4_model import bitsandbytes_dequantized, save_with_bitsandbytes
+
+    base = model_dirs["qwen2"]
+    quantized = save_with_bitsandbytes(base, tmp_path / "bnb")
+    oracle = bitsandbytes_dequantized(quantized, tmp_path / "oracle")
+    paths = {
+        "dora": make_kind_adapter(base, tmp_path / "dora", kind="dora", seed=1, r=4),
+        "ia3": make_kind_adapter(base, tmp_path / "ia3", kind="ia3", seed=2),
+        "adalora": make_kind_adapter(base, tmp_path / "ada", kind="adalora", seed=3, prune=True),
+        "lora": make_adapter(base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4),
+    }
+    jobs = mixed_jobs(list(paths), 10, seed=7)
+    expected = peft_greedy(oracle, paths, jobs, max_tokens=8)
+    engine = LLMEngine(
+        EngineConfig.create(quantized, dtype="float32", max_num_batched_tokens=40)
+    )
+    assert run_engine(engine, paths, jobs, max_tokens=8) == expected
+
+
+@pytest.mark.parametrize("graph_mode", ["static"])
+def test_kinds_run_eagerly_beside_the_decode_graphs(
+    kind_adapters: tuple[Path, dict[str, Path]], graph_mode: str
+) -> None:
+    """The static decode path takes plain-LoRA decode steps; a step with a DoRA or IA³
+    row runs eagerly, and the tokens are the same."""
+    base, paths = kind_adapters
+    jobs = mixed_jobs(list(paths), 8, seed=9)
+    expected = peft_greedy(base, paths, jobs, max_tokens=6)
+    engine = LLMEngine(
+        EngineConfig.create(base, dtype="float32", graph_mode=graph_mode, max_num_seqs=8)
+    )
+    assert run_engine(engine, paths, jobs, max_tokens=6, join_per_step=8) == expected
+
+
+def test_dora_scale_is_the_row_norm_of_the_adapted_weight() -> None:
+    from adapters.loader import dora_scale
+
+    torch.manual_seed(0)
+    w, a, b = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
+    m = torch.rand(6) + 0.5
+    g = dora_scale(m, w, a, b, 0.5)
+    assert torch.allclose(g, m / (w + 0.5 * b @ a).norm(dim=1))
+    with pytest.raises(AdapterError, match="norm 0"):
+        dora_scale(m, torch.zeros(6, 5), torch.zeros(2, 5), b, 0.5)

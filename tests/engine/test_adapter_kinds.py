@@ -187,9 +187,7 @@ def test_dora_on_an_nf4_base_uses_the_dequantized_weight(
     }
     jobs = mixed_jobs(list(paths), 10, seed=7)
     expected = peft_greedy(oracle, paths, jobs, max_tokens=8)
-    engine = LLMEngine(
-        EngineConfig.create(quantized, dtype="float32", max_num_batched_tokens=40)
-    )
+    engine = LLMEngine(EngineConfig.create(quantized, dtype="float32", max_num_batched_tokens=40))
     assert run_engine(engine, paths, jobs, max_tokens=8) == expected
 
 

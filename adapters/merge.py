@@ -56,7 +56,7 @@ from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.peft_config import ALL_LINEAR, LoraAdapterConfig
 from adapters.peft_targets import is_targeted, module_scaling
-from adapters.weights import AdapterWeights, LoraModuleWeights
+from adapters.weights import ADALORA, DORA, LORA, AdapterWeights, LoraModuleWeights
 
 MIXTURE = "mixture"  # not a weight merge: the caller routes it elsewhere
 
@@ -69,6 +69,13 @@ _SVD_METHOD = dict(zip(_SVD_TYPES, _FACTORWISE_TYPES, strict=True))  # svd: line
 _DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
 _MAJORITY_SIGN_METHODS = ("total", "frequency")
 _SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd's cuSOLVER drivers
+
+
+# Why PEFT's add_weighted_adapter does not merge an adapter kind (the message of a refusal).
+_UNMERGEABLE = {
+    ADALORA: "PEFT's add_weighted_adapter does not support AdaLoRA",
+    DORA: "add_weighted_adapter combines lora_A and lora_B only and would drop DoRA's magnitudes",
+}
 
 
 def _invalid(message: str) -> AdapterError:
@@ -284,6 +291,10 @@ def _plan(
         )
     if len(adapters) != len(spec.adapters):
         raise _invalid(f"got {len(adapters)} adapters for a MergeSpec naming {len(spec.adapters)}")
+    for adapter in adapters:
+        if adapter.kind != LORA:
+            why = _UNMERGEABLE.get(adapter.kind, "only LoRA adapters merge")
+            raise _invalid(f"{adapter.name!r} is a {adapter.kind} adapter: {why}")
     layout = _checked_layout(adapters, layout)
     combination_type = spec.effective_combination_type
     max_ranks = [a.config.max_rank for a in adapters]  # PEFT: max(r, *rank_pattern.values())

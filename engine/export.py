@@ -153,13 +153,24 @@ def merged_tensors(
     stored = resolve_quantization(None, config, model_dir)  # refuses all 4-bit formats but nf4
     packed = quantized_modules(model_dir) if stored == "nf4" else set()
     layout = base_layout(model_dir)
+    _check_mergeable(adapter)
     loras = {
         f"{layout.module_path(layer, target)}.weight": module
         for (layer, target), module in adapter.modules.items()
     }
+    # DoRA's scales and IA³'s vectors, by the checkpoint module they rescale
+    doras = {layout.module_path(*key): g for key, g in adapter.dora.items()}
+    ia3s = {layout.module_path(*key): v for key, v in adapter.ia3.items()}
+    touched = set(loras) | {f"{m}.weight" for m in (*doras, *ia3s)}
     weights = tqdm(_base_tensors(model_dir, packed), desc="merging", unit="tensor")
     for name, tensor in weights:
+        module = name.rpartition(".")[0]
+        if name.endswith(".bias") and module in ia3s and not ia3s[module].feedforward:
+            # IA³ scales a module's output, bias included (PEFT's merge scales it too)
+            yield name, (tensor.float() * ia3s[module].values.float()).to(dtype)
+            continue
         lora = loras.pop(name, None)
+        rescaled = name in touched
         shape = tuple(tensor.shape)
         # The NF4 output quantizes what the base quantized, or else the decoder's linears.
         quantized_here = (
@@ -167,17 +178,24 @@ def merged_tensors(
         )
         to_nf4 = quantization == "nf4" and quantized_here
         if isinstance(tensor, NF4Weight):
-            if to_nf4 and lora is None:
+            if to_nf4 and not rescaled:
                 yield from _nf4_tensors(name, tensor, dtype)  # untouched: its bytes are kept
                 continue
             weight = dequantize_nf4(tensor.to(device))  # (out_features, in_features) float32
-        elif lora is not None or to_nf4:
+        elif rescaled or to_nf4:
             weight = tensor.to(device, torch.float32)
         else:
             yield name, tensor.to(dtype)
             continue
         if lora is not None:
             weight = weight + _delta_weight(name, lora, weight)
+        if module in doras:  # PEFT: (m / ‖W + ΔW‖) · (W + ΔW), row by row
+            weight = doras[module].to(weight.device, torch.float32).view(-1, 1) * weight
+        if module in ia3s:
+            vector = ia3s[module].values.to(weight.device, torch.float32)
+            weight = weight * (
+                vector.view(1, -1) if ia3s[module].feedforward else vector.view(-1, 1)
+            )
         if to_nf4:
             yield from _nf4_tensors(name, quantize_nf4(weight.to(dtype)), dtype)
         else:
@@ -230,6 +248,17 @@ def _complete(parts: dict[str, torch.Tensor]) -> bool:
         return False
     nested = "nested_offset" in unpack_quant_state(parts[QUANT_STATE_KEY])
     return not nested or all(p in parts for p in _NESTED_PARTS)
+
+
+def _check_mergeable(adapter: AdapterWeights) -> None:
+    """Refuse a kind with no merged form (PEFT's ``merge_and_unload`` has none for it)."""
+    if adapter.virtual_tokens is not None or adapter.prefix is not None:
+        raise ValueError(
+            f"{adapter.kind} adds virtual tokens, not weights: it has no merged model "
+            "(PEFT's merge_and_unload does not exist for it)"
+        )
+    if adapter.embedding is not None or adapter.head is not None:
+        raise ValueError("merging a LoRA on embed_tokens or lm_head into the base is not supported")
 
 
 def _delta_weight(name: str, lora: LoraModuleWeights, weight: torch.Tensor) -> torch.Tensor:

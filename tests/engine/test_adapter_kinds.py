@@ -216,3 +216,54 @@ def test_dora_scale_is_the_row_norm_of_the_adapted_weight() -> None:
     assert torch.allclose(g, m / (w + 0.5 * b @ a).norm(dim=1))
     with pytest.raises(AdapterError, match="norm 0"):
         dora_scale(m, torch.zeros(6, 5), torch.zeros(2, 5), b, 0.5)
+
+
+@pytest.mark.parametrize("name", ["dora", "ia3", "ia3-packed-input", "adalora"])
+def test_export_equals_peft_merge_and_unload(
+    kind_adapters: tuple[Path, dict[str, Path]], name: str, tmp_path: Path
+) -> None:
+    """The exported model's weights are PEFT's ``merge_and_unload``'s (biases included)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from engine.export import write_merged
+
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    engine.load_lora(name, paths[name])
+    adapter = engine.adapters.weights_of(engine.adapters.get(name))
+    write_merged(base, adapter, tmp_path / "merged", torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(hf, paths[name]).merge_and_unload()
+    want = merged.state_dict()
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    changed = 0
+    for key, tensor in got.items():
+        assert torch.allclose(tensor, want[key], atol=1e-5, rtol=1e-5), key
+        changed += not torch.equal(tensor, load_file(base / "model.safetensors")[key])
+    assert changed > 0
+
+
+def test_merging_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str, Path]]) -> None:
+    from adapters.merge import MergeSpec, check_merge
+
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name in ("dora", "adalora", "ia3", "lora"):
+        engine.load_lora(name, paths[name])
+    weights = {
+        n: engine.adapters.weights_of(engine.adapters.get(n))
+        for n in ("dora", "adalora", "ia3", "lora")
+    }
+    expected = {
+        "dora": "is a dora adapter: add_weighted_adapter combines lora_A and lora_B only",
+        "adalora": "is a adalora adapter: PEFT's add_weighted_adapter does not support AdaLoRA",
+        "ia3": "is a ia3 adapter: only LoRA adapters merge",
+    }
+    for name, message in expected.items():
+        spec = MergeSpec(adapters=(name, "lora"), weights=(0.5, 0.5), combination_type="cat")
+        with pytest.raises(AdapterError) as info:
+            check_merge([weights[name], weights["lora"]], spec, engine.adapters.layout)
+        assert info.value.code == "invalid_merge"
+        assert message in info.value.message

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
+from adapters.manager import MIXABLE_KINDS
 from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
 from adapters.peft_writer import save_peft_adapter
 from adapters.weights import AdapterWeights
@@ -26,11 +27,13 @@ from server.errors import APIError
 
 @dataclasses.dataclass(frozen=True)
 class AdapterInfo:
-    """What ``/v1/models`` says of a registered adapter: the version it serves, and
-    whether it is pinned (kept in the pool until unloaded)."""
+    """What ``/v1/models`` says of a registered adapter: the version it serves, whether
+    it is pinned (kept in the pool until unloaded), and its kind (``lora``, ``dora``,
+    ``ia3``, ...; a mixture is ``lora``)."""
 
     version: int
     pinned: bool = False
+    kind: str = "lora"
 
 
 def load_adapter(
@@ -45,7 +48,8 @@ def adapter_infos(engine: LLMEngine) -> dict[str, AdapterInfo]:
     """Every registered name (temporary ``_`` ones included), its version and pin."""
     pinned = set(engine.adapters.pinned_names())
     return {
-        e.name: AdapterInfo(e.version, e.name in pinned) for e in engine.adapters.registry.entries()
+        e.name: AdapterInfo(e.version, e.name in pinned, e.kind)
+        for e in engine.adapters.registry.entries()
     }
 
 
@@ -106,12 +110,12 @@ def export_adapter(engine: LLMEngine, name: str, out: Path, dtype: str, quantiza
 
 
 def compose_candidates(engine: LLMEngine) -> list[str]:
-    """A composition's default candidates: every loaded adapter but mixtures and
-    temporary ones."""
+    """A composition's default candidates: every loaded LoRA adapter but mixtures and
+    temporary ones (other kinds have no LoRA to weigh)."""
     return [
         e.name
         for e in engine.adapters.registry.entries()
-        if not e.is_mixture and not e.name.startswith("_")
+        if not e.is_mixture and not e.name.startswith("_") and e.kind in MIXABLE_KINDS
     ]
 
 

@@ -98,7 +98,8 @@ def openai_router(state: ServerState) -> APIRouter:
         data = [card(base, None)]
         for name, info in (await state.handle.adapters()).items():
             if not name.startswith("_"):  # temporary adapters (compositions) stay unlisted
-                data.append(card(name, base) | {"version": info.version, "pinned": info.pinned})
+                extra = {"version": info.version, "pinned": info.pinned, "kind": info.kind}
+                data.append(card(name, base) | extra)
         return {"object": "list", "data": data}
 
     return router

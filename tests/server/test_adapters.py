@@ -20,7 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.config import DEMO_DIR
 from server.config import ServerConfig
+from tests.peft_kinds import make_kind_adapter
 from tests.server.conftest import (
     BASE,
     WORDS,
@@ -99,9 +101,14 @@ BAD: dict[str, tuple[Callable[[Path], None], int, str, str]] = {
     "no_targets": (edit_config(target_modules=_DELETE), 400, "invalid_adapter", "target_modules"),
     "r_zero": (edit_config(r=0), 400, "invalid_adapter", "r"),
     "r_negative": (edit_config(r=-4), 400, "invalid_adapter", "r"),
-    "not_lora": (edit_config(peft_type="PREFIX_TUNING"), 400, "", "peft_type"),
+    "not_served": (edit_config(peft_type="LOHA"), 400, "unsupported_adapter_feature", "LOHA"),
     "rank_too_large": (edit_config(r=MAX_RANK * 2), 400, "adapter_rank_too_large", "rank"),
-    "dora": (edit_config(use_dora=True), 400, "unsupported_adapter_feature", "DoRA"),
+    "dora_no_magnitude": (
+        edit_config(use_dora=True),
+        400,
+        "invalid_adapter",
+        "lora_magnitude_vector",
+    ),
     "modules_to_save": (
         edit_config(modules_to_save=["lm_head"]),
         400,
@@ -143,6 +150,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         breaker(copy_adapter("upper", root / name))
     copy_adapter("upper", root / "upper")
     copy_adapter("swapcase", root / "swapcase")
+    for kind in ("ia3", "dora"):
+        make_kind_adapter(DEMO_DIR / "model", root / kind, kind, seed=7, std=0.1)
     return root
 
 
@@ -186,6 +195,28 @@ def test_bad_adapter_is_refused(server: Served, root: Path, case: str) -> None:
     assert str(root) not in response.text  # no server path
     assert names(server) == before
     server.wait_idle()
+    assert_good(server)
+
+
+def test_other_kinds_load_and_serve_as_peft_does(server: Served, root: Path) -> None:
+    """An IA³ and a DoRA adapter load through the route, their cards say their kind, and
+    a completion is PEFT's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR / "model")
+    for kind in ("ia3", "dora"):
+        assert load(server, kind, str(root / kind)).status_code == 200
+        with server.http() as http:
+            cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+        assert cards[kind]["kind"] == kind
+        hf = AutoModelForCausalLM.from_pretrained(DEMO_DIR / "model", dtype=torch.float32)
+        peft = PeftModel.from_pretrained(hf, root / kind).eval()
+        ids = tokenizer("hello=", return_tensors="pt").input_ids
+        out = peft.generate(ids, max_new_tokens=8, do_sample=False)
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert complete(server.openai(), kind, "hello", max_tokens=8) == expected
+        assert unload(server, kind).status_code == 200
     assert_good(server)
 
 

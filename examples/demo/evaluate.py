@@ -92,8 +92,10 @@ def quantize_base_to_nf4(model: PreTrainedModel) -> None:
 
 
 def describe_adapter(adapter_dir: Path) -> str:
-    """A short description of an adapter's LoRA shape from its adapter_config.json."""
+    """A short description of an adapter's shape from its adapter_config.json."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") == "PREFIX_TUNING":
+        return f"prefix tuning, {config['num_virtual_tokens']} virtual tokens"
     targets = set(config["target_modules"])
     if targets == ATTENTION_MODULES:
         target_text = "attention (q,k,v,o)"
@@ -131,6 +133,8 @@ def greedy_completions(
     A completion is the decoded text of the generated tokens before the first
     EOS. ``max_new_tokens`` leaves room for the longest word plus EOS.
     """
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return [forward_completion(model, tokenizer, word) for word in words]
     completions: list[str | None] = []
     for start in range(0, len(words), batch_size):
         prompts = [tasks.format_prompt(word) for word in words[start : start + batch_size]]
@@ -151,6 +155,24 @@ def greedy_completions(
             completion_ids = row[: row.index(tokenizer.eos_token_id)]
             completions.append(str(tokenizer.decode(completion_ids)))
     return completions
+
+
+@torch.inference_mode()
+def forward_completion(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, word: str
+) -> str | None:
+    """Greedy decoding by PEFT's forward, one full pass per token: for prompt and prefix
+    tuning, PEFT's ``generate`` disagrees with its own forward (with transformers 5 it
+    drops the prefix), and the forward is what the adapter was trained as."""
+    ids = tokenizer(tasks.format_prompt(word))["input_ids"]
+    new: list[int] = []
+    for _ in range(tasks.MAX_WORD_LEN + 1):
+        logits = model(input_ids=torch.tensor([ids + new])).logits
+        token = int(logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            return str(tokenizer.decode(new))
+        new.append(token)
+    return None
 
 
 def exact_match(
@@ -220,15 +242,23 @@ def measure(num_words: int, demo_dir: Path = DEMO_DIR) -> list[AccuracyRow]:
                 example=f"{tasks.format_prompt(words[0])} -> {completions[0]}",
             )
         )
-        model = peft_model.unload()  # the bare base again, for the next adapter
+        model = bare_base(peft_model)  # the bare base again, for the next adapter
 
     quantize_base_to_nf4(model)
     nf4 = {tasks.BASE_TASK: exact_match(model, tokenizer, tasks.BASE_TASK, words)[0]}
     for task, adapter_dir in adapters.items():
         peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
         nf4[task] = exact_match(peft_model, tokenizer, task, words)[0]
-        model = peft_model.unload()
+        model = bare_base(peft_model)
     return [dataclasses.replace(row, nf4=nf4[row.task]) for row in rows]
+
+
+def bare_base(peft_model: PeftModel) -> PreTrainedModel:
+    """The base model again: LoRA layers removed, or (prompt learning, which never changed
+    the model) the wrapped model itself."""
+    if peft_model.active_peft_config.is_prompt_learning:
+        return peft_model.get_base_model()
+    return peft_model.unload()
 
 
 def markdown_table(rows: list[AccuracyRow]) -> str:

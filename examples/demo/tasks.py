@@ -1,4 +1,4 @@
-"""Task definitions for the bundled demo model and its LoRA adapters.
+"""Task definitions for the bundled demo model and its adapters.
 
 Every task reads the same prompt, ``WORD=``, and answers with a transformation
 of ``WORD`` followed by EOS. Words are 1 to ``MAX_WORD_LEN`` characters drawn
@@ -15,6 +15,7 @@ upper       ``AB3``     letters upper-cased, digits unchanged
 swapcase    ``Ab3``     the case of every letter flipped
 caesar      ``dE3``     letters shifted 3 places within their case
 reverse     ``3Ba``     characters in reverse order
+lower       ``ab3``     letters lower-cased (a prefix-tuned adapter)
 ==========  ==========  ==========================================
 
 Train/held-out split: a word is held out when a stable hash of it (CRC-32)
@@ -66,6 +67,11 @@ def upper(word: str) -> str:
     return word.upper()
 
 
+def lower(word: str) -> str:
+    """Letters lower-cased, digits unchanged: ``aB3`` -> ``ab3``."""
+    return word.lower()
+
+
 def swapcase(word: str) -> str:
     """The case of every letter flipped: ``aB3`` -> ``Ab3``."""
     return word.swapcase()
@@ -87,6 +93,7 @@ TASKS: dict[str, Callable[[str], str]] = {
     "swapcase": swapcase,
     "caesar": caesar,
     "reverse": reverse,
+    "lower": lower,
 }
 
 # The task the base model learns; every other task is an adapter.

@@ -4,8 +4,9 @@ Writes:
     examples/demo/model/            the base model (Llama architecture, ~0.85M
                                     parameters, fp32 safetensors) and its
                                     byte-level tokenizer; it learns ``copy``.
-    examples/demo/adapters/<task>/  one PEFT LoRA adapter per task in
-                                    ``ADAPTERS`` (adapter_config.json +
+    examples/demo/adapters/<task>/  one PEFT adapter per task: LoRA for those
+                                    in ``ADAPTERS``, prefix tuning for those in
+                                    ``PREFIX_ADAPTERS`` (adapter_config.json +
                                     adapter_model.safetensors).
 
 Every example is ``<s>WORD=`` followed by ``TASK(WORD)</s>``; the loss covers
@@ -33,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     GenerationConfig,
@@ -116,6 +117,29 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("swapcase", 8, 16, False, ALL_LINEAR_MODULES, StageConfig(steps=800, lr=5e-3)),
     AdapterSpec("caesar", 16, 16, True, ALL_LINEAR_MODULES, StageConfig(steps=800, lr=5e-3)),
     AdapterSpec("reverse", 32, 32, False, ALL_LINEAR_MODULES, StageConfig(steps=1000, lr=3e-3)),
+)
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """One prefix-tuning adapter: its task, its virtual tokens and how long to train it.
+
+    Trained through PEFT's reparameterisation (``prefix_projection``: an MLP of
+    ``encoder_hidden_size`` over the virtual tokens), which trains far better on this
+    tiny model than free prefixes; PEFT saves the projected keys and values, so what is
+    served is the plain per-layer prefix either way.
+    """
+
+    task: str
+    num_virtual_tokens: int
+    encoder_hidden_size: int
+    stage: StageConfig
+
+
+# Prefix tuning steers attention only: 16 virtual keys and values per layer, no weight
+# changes, and it serves beside the LoRA adapters in the same batches.
+PREFIX_ADAPTERS: tuple[PrefixSpec, ...] = (
+    PrefixSpec("lower", 16, 256, StageConfig(steps=1000, lr=3e-3)),
 )
 
 
@@ -318,6 +342,26 @@ def train_adapter(
     return seconds
 
 
+def train_prefix(
+    spec: PrefixSpec, tokenizer: PreTrainedTokenizerFast, seed: int, out_dir: Path
+) -> float:
+    """Train one prefix-tuning adapter on the frozen base and save it in PEFT's format."""
+    torch.manual_seed(seed)
+    base = load_base(out_dir)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=spec.num_virtual_tokens,
+        prefix_projection=True,
+        encoder_hidden_size=spec.encoder_hidden_size,
+    )
+    model = get_peft_model(base, config)
+    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    print(f"[{spec.task}] {trainable / 1e3:.1f}K trainable prefix parameters", flush=True)
+    seconds = train_stage(model, tokenizer, spec.task, spec.stage, seed)
+    save_adapter(model, out_dir / ADAPTERS_SUBDIR / spec.task)
+    return seconds
+
+
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
     """Save ``model``'s adapter to ``out_dir``: config and safetensors only."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -329,7 +373,8 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = BASE_MODEL_NAME
-    config["target_modules"] = sorted(config["target_modules"])  # PEFT saves a set
+    if config.get("target_modules") is not None:
+        config["target_modules"] = sorted(config["target_modules"])  # PEFT saves a set
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -344,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["base", *(spec.task for spec in ADAPTERS)],
+        choices=["base", *(spec.task for spec in (*ADAPTERS, *PREFIX_ADAPTERS))],
         help="train only this stage (adapters need a saved base)",
     )
     args = parser.parse_args(argv)
@@ -358,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     for spec in ADAPTERS:
         if args.only in (None, spec.task):
             timings[spec.task] = train_adapter(spec, tokenizer, args.seed, args.out_dir)
+    for prefix in PREFIX_ADAPTERS:
+        if args.only in (None, prefix.task):
+            timings[prefix.task] = train_prefix(prefix, tokenizer, args.seed, args.out_dir)
     for stage, seconds in timings.items():
         print(f"{stage:>10}: {seconds / 60:.1f} min")
     print(f"{'total':>10}: {sum(timings.values()) / 60:.1f} min")

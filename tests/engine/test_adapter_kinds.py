@@ -267,3 +267,50 @@ def test_merging_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str, Pat
             check_merge([weights[name], weights["lora"]], spec, engine.adapters.layout)
         assert info.value.code == "invalid_merge"
         assert message in info.value.message
+
+
+def test_churn_over_a_mix_of_kinds(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Eighteen adapters of four kinds through a pool that holds a few at a time, loaded,
+    unloaded and loaded again while requests run: every request finishes with the tokens it
+    gets alone, the pool's books balance after every step, and evictions happened."""
+    base = model_dirs["llama"]
+    makers = {
+        "lora": lambda p, s: make_adapter(base, p, r=4, alpha=8, targets="all-linear", seed=s),
+        "dora": lambda p, s: make_kind_adapter(base, p, "dora", seed=s, r=2),
+        "ia3": lambda p, s: make_kind_adapter(base, p, "ia3", seed=s),
+        "adalora": lambda p, s: make_kind_adapter(base, p, "adalora", seed=s, prune=True),
+    }
+    paths = {
+        f"{kind}{i}": make(tmp_path / f"{kind}{i}", 100 + 10 * i + k)
+        for k, (kind, make) in enumerate(makers.items())
+        for i in range(18 // len(makers) + (k < 18 % len(makers)))
+    }
+    jobs = mixed_jobs(list(paths), 40, seed=13)
+    # Alone: one request at a time, in a pool with room for everything.
+    alone = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name, path in paths.items():
+        alone.load_lora(name, path)
+    want = [run_engine(alone, {}, [job], max_tokens=5)[0] for job in jobs]
+    engine = LLMEngine(
+        EngineConfig.create(base, dtype="float32", num_pages=900, max_num_batched_tokens=48)
+    )
+    for name, path in paths.items():
+        engine.load_lora(name, path)
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    done: dict[str, list[int]] = {}
+    for i, (prompt, adapter) in enumerate(jobs):
+        if i % 7 == 6 and adapter is not None:  # hot reload of a name in use
+            engine.unload_lora(adapter)
+            engine.load_lora(adapter, paths[adapter])
+        engine.add_request(prompt, params, request_id=str(i), lora=adapter)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_integrity()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        engine.check_integrity()
+    assert [done[str(i)] for i in range(len(jobs))] == want
+    assert engine.stats().adapter_evictions > 10

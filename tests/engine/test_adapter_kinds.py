@@ -182,6 +182,9 @@ def test_dora_on_an_nf4_base_uses_the_dequantized_weight(
     paths = {
         "dora": make_kind_adapter(base, tmp_path / "dora", kind="dora", seed=1, r=4),
         "ia3": make_kind_adapter(base, tmp_path / "ia3", kind="ia3", seed=2),
+        "ia3-packed-input": make_kind_adapter(
+            base, tmp_path / "ia3p", seed=5, **KINDS["ia3-packed-input"]
+        ),
         "adalora": make_kind_adapter(base, tmp_path / "ada", kind="adalora", seed=3, prune=True),
         "lora": make_adapter(base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4),
     }

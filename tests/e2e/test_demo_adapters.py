@@ -159,6 +159,9 @@ def test_adapters_mix_ranks_scalings_and_targets() -> None:
         json.loads((ADAPTERS_DIR / task / "adapter_config.json").read_text())
         for task in tasks.ADAPTER_TASKS
     ]
+    kinds = {config.get("peft_type") for config in configs}
+    assert kinds == {"LORA", "PREFIX_TUNING"}  # at least one adapter is not LoRA
+    configs = [config for config in configs if config["peft_type"] == "LORA"]
     ranks = [config["r"] for config in configs]
     assert len(set(ranks)) == len(ranks)
     assert any(config["use_rslora"] for config in configs)

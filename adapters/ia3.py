@@ -6,21 +6,37 @@ PEFT saves one vector per adapted linear layer, ``base_model.model.<module path>
 the down projection, whose input is the feed-forward activation). PEFT's forward is
 ``tuners/ia3/layer.py``'s ``Linear.forward`` (peft 0.21). Nothing is low-rank: an IA³
 adapter takes one row of pages per adapted module and layer, and the forward multiplies each
-of its rows' activations by the vector (`engine/kinds.py`).
+of its rows' activations by the vector (`engine/kinds.py`). IA³ adapters merge with each
+other as PEFT's ``add_weighted_adapter`` merges them (:func:`merge_ia3`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import INVALID_ADAPTER, UNSUPPORTED_ADAPTER_FEATURE, AdapterError
-from adapters.loader import check_shapes, converted, unexpected_key, weights_file
+from adapters.errors import (
+    INVALID_ADAPTER,
+    INVALID_MERGE,
+    UNSUPPORTED_ADAPTER_FEATURE,
+    AdapterError,
+)
+from adapters.loader import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_shapes,
+    converted,
+    unexpected_key,
+    weights_file,
+)
 from adapters.peft_config import LoraAdapterConfig
 from adapters.peft_targets import plan_modules
 from adapters.safetensors_file import DTYPE_NAMES, read_header, read_tensors
@@ -109,3 +125,78 @@ def _is_feedforward(feedforward: str | list[str], module_path: str) -> bool:
         except re.error as e:
             raise _invalid(f"feedforward_modules is not a valid regular expression ({e})") from None
     return any(module_path.endswith(name) for name in feedforward)
+
+
+def merge_ia3(
+    adapters: Sequence[AdapterWeights], weights: Sequence[float], name: str
+) -> AdapterWeights:
+    """PEFT's IA³ ``add_weighted_adapter``: the merged adapter targets every module one of
+    ``adapters`` targets, each vector the weighted sum of theirs (an adapter without the
+    module adds nothing, so a module only one adapter has gets ``w · l``).
+
+    Raises:
+        AdapterError: ``invalid_merge`` when a module scales its input in one adapter and
+            its output in another (PEFT's sum would not even have one shape), or an adapter
+            restricts its layers (PEFT's merged config would keep only the first's).
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise AdapterError(INVALID_MERGE, "an IA³ merge needs one weight per adapter")
+    for adapter in adapters:
+        if adapter.kind != IA3:
+            raise AdapterError(INVALID_MERGE, f"{adapter.name!r} is not an IA³ adapter")
+        if adapter.config.layers_to_transform is not None:
+            raise AdapterError(
+                INVALID_MERGE, f"{adapter.name!r} restricts its layers (layers_to_transform)"
+            )
+    merged: dict[tuple[int, str], Ia3Vector] = {}
+    for adapter, weight in zip(adapters, weights, strict=True):
+        for key, vector in adapter.ia3.items():
+            values = vector.values.float() * float(weight)
+            if key not in merged:
+                merged[key] = Ia3Vector(values=values, feedforward=vector.feedforward)
+            elif merged[key].feedforward != vector.feedforward:
+                raise AdapterError(
+                    INVALID_MERGE,
+                    f"{key[1]} scales its input in one adapter and its output in another",
+                )
+            else:
+                merged[key] = Ia3Vector(merged[key].values + values, vector.feedforward)
+    targets = tuple(sorted({target for _, target in merged}))
+    config = LoraAdapterConfig(r=1, lora_alpha=1, target_modules=targets)
+    return AdapterWeights(name=name, config=config, modules={}, kind=IA3, ia3=merged)
+
+
+def save_ia3_adapter(
+    weights: AdapterWeights,
+    out_dir: Path,
+    layout: BaseModelLayout,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write an IA³ adapter as PEFT's ``save_pretrained`` does (``ia3_l`` vectors of shape
+    ``(out_features, 1)``, or ``(1, in_features)`` for a feed-forward module); each file
+    is written under a temporary name and renamed."""
+    out_dir = Path(out_dir)
+    tensors = {}
+    for (layer, target), vector in sorted(weights.ia3.items()):
+        shape = (1, -1) if vector.feedforward else (-1, 1)
+        key = f"base_model.model.{layout.module_path(layer, target)}.ia3_l"
+        tensors[key] = vector.values.detach().to("cpu").reshape(shape).contiguous()
+    config = {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": sorted({t for _, t in weights.ia3}),
+        "feedforward_modules": sorted({t for (_, t), v in weights.ia3.items() if v.feedforward}),
+        "fan_in_fan_out": False,
+        "init_ia3_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, weights_tmp, metadata={"format": "pt"})
+    os.replace(weights_tmp, out_dir / WEIGHTS_NAME)
+    config_tmp = out_dir / f".{CONFIG_NAME}.tmp"
+    config_tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(config_tmp, out_dir / CONFIG_NAME)
+    return out_dir

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
+from adapters.ia3 import merge_ia3, save_ia3_adapter
 from adapters.manager import MIXABLE_KINDS
 from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
 from adapters.peft_writer import save_peft_adapter
-from adapters.weights import AdapterWeights
+from adapters.weights import IA3, AdapterWeights
 from engine.composition import RunBatch, start_composition
 from engine.config import DTYPES
 from engine.export import write_merged
@@ -67,6 +68,8 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
                 INVALID_MERGE, f"{entry.name!r} is a mixture; merge its components instead"
             )
     weights = [manager.weights_of(e) for e in entries]
+    if all(w.kind == IA3 for w in weights) and spec.combination_type != MIXTURE:
+        return _merge_ia3(engine, name, spec, weights, save_to)
     if spec.combination_type == MIXTURE:
         if save_to is not None:
             save_peft_adapter(mixture_as_adapter(weights, spec.weights, name), save_to / name)
@@ -83,6 +86,27 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
         save_peft_adapter(merged, save_to / name)
     engine.load_lora_weights(name, merged)
     return merged.max_rank
+
+
+def _merge_ia3(
+    engine: LLMEngine,
+    name: str,
+    spec: MergeSpec,
+    weights: list[AdapterWeights],
+    save_to: Path | None,
+) -> int:
+    """IA³ adapters merged as PEFT merges them: a weighted sum of their vectors."""
+    if spec.combination_type != "linear":
+        raise AdapterError(
+            INVALID_MERGE,
+            "IA³ adapters merge by a weighted sum of their vectors (PEFT's IA³ "
+            "add_weighted_adapter): use combination_type 'linear'",
+        )
+    merged = merge_ia3(weights, spec.weights, name)
+    if save_to is not None:
+        save_ia3_adapter(merged, save_to / name, engine.adapters.layout)
+    engine.load_lora_weights(name, merged)
+    return 0
 
 
 def adapter_weights(engine: LLMEngine, name: str) -> AdapterWeights:

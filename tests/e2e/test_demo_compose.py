@@ -1,5 +1,5 @@
-"""LoRAHub composition on the demo: from 5 examples of a task and the four demo adapters as
-candidates (the LoRA ones), 40 steps find weights whose adapter does the task on held-out words, and the
+"""LoRAHub composition on the demo: from 5 examples of a task and the four LoRA demo adapters
+as candidates, 40 steps find weights whose adapter does the task on held-out words, and the
 task's own adapter weighs the most. Every task, both methods."""
 
 from __future__ import annotations

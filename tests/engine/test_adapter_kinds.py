@@ -317,3 +317,57 @@ def test_churn_over_a_mix_of_kinds(model_dirs: dict[str, Path], tmp_path: Path) 
         engine.check_integrity()
     assert [done[str(i)] for i in range(len(jobs))] == want
     assert engine.stats().adapter_evictions > 10
+
+
+def test_ia3_merge_is_pefts_add_weighted_adapter(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two IA³ adapters with different modules, merged with weights 0.7 and -0.2: the
+    served merge's vectors and tokens are PEFT's, and the saved directory loads in PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapters.merge import MergeSpec
+    from server.adapter_ops import merge_adapter
+
+    base = model_dirs["qwen2"]
+    paths = {
+        "a": make_kind_adapter(base, tmp_path / "a", "ia3", seed=1),
+        "b": make_kind_adapter(base, tmp_path / "b", "ia3", seed=2, targets=["k_proj", "up_proj"],
+                               feedforward=["up_proj"]),
+    }  # fmt: skip
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name, path in paths.items():
+        engine.load_lora(name, path)
+    spec = MergeSpec(adapters=("a", "b"), weights=(0.7, -0.2), combination_type="linear")
+    merge_adapter(engine, "ab", spec, save_to=tmp_path / "saved")
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(hf, paths["a"], adapter_name="a")
+    peft.load_adapter(paths["b"], adapter_name="b")
+    peft.add_weighted_adapter(["a", "b"], [0.7, -0.2], "ab")
+    layout = engine.adapters.layout
+    merged = engine.adapters.weights_of(engine.adapters.get("ab"))
+    for (layer, target), vector in merged.ia3.items():
+        module = peft.get_submodule(f"base_model.model.{layout.module_path(layer, target)}")
+        assert torch.allclose(vector.values, module.ia3_l["ab"].flatten()), (layer, target)
+    assert len(merged.ia3) == len(
+        [m for m in peft.modules() if hasattr(m, "ia3_l") and "ab" in m.ia3_l]
+    )
+    # served tokens are the merged PEFT adapter's; the saved directory is PEFT's format
+    jobs = [(p, "ab") for p in random_prompts(3, seed=1)]
+    peft.set_adapter("ab")
+    want = [
+        [int(t) for t in peft.generate(input_ids=torch.tensor([p]), max_new_tokens=6,
+                                       do_sample=False, pad_token_id=0)[0, len(p):]]
+        for p, _ in jobs
+    ]  # fmt: skip
+    assert run_engine(engine, {}, jobs, max_tokens=6) == want
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "saved" / "ab"
+    )
+    for name, param in reloaded.named_parameters():
+        if "ia3_l" in name:
+            twin = peft.get_parameter(name.replace(".default", ".ab"))
+            assert torch.allclose(param, twin), name
+    with pytest.raises(AdapterError, match="use combination_type 'linear'"):
+        merge_adapter(engine, "bad", MergeSpec(adapters=("a", "b"), weights=(1, 1)), None)

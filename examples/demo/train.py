@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     GenerationConfig,
@@ -323,8 +323,6 @@ def train_adapter(
     spec: AdapterSpec, tokenizer: PreTrainedTokenizerFast, seed: int, out_dir: Path
 ) -> float:
     """Train one LoRA adapter on the frozen base and save it in PEFT's format."""
-    torch.manual_seed(seed)
-    base = load_base(out_dir)
     lora_config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -334,31 +332,37 @@ def train_adapter(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora_config)
-    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
-    print(f"[{spec.task}] {trainable / 1e3:.1f}K trainable LoRA parameters", flush=True)
-    seconds = train_stage(model, tokenizer, spec.task, spec.stage, seed)
-    save_adapter(model, out_dir / ADAPTERS_SUBDIR / spec.task)
-    return seconds
+    return train_peft(spec.task, lora_config, spec.stage, tokenizer, seed, out_dir)
 
 
 def train_prefix(
     spec: PrefixSpec, tokenizer: PreTrainedTokenizerFast, seed: int, out_dir: Path
 ) -> float:
     """Train one prefix-tuning adapter on the frozen base and save it in PEFT's format."""
-    torch.manual_seed(seed)
-    base = load_base(out_dir)
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=spec.num_virtual_tokens,
         prefix_projection=True,
         encoder_hidden_size=spec.encoder_hidden_size,
     )
-    model = get_peft_model(base, config)
+    return train_peft(spec.task, config, spec.stage, tokenizer, seed, out_dir)
+
+
+def train_peft(
+    task: str,
+    config: PeftConfig,
+    stage: StageConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    out_dir: Path,
+) -> float:
+    """Train a PEFT adapter of ``config`` on the frozen base for ``task``; save it."""
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(out_dir), config)
     trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
-    print(f"[{spec.task}] {trainable / 1e3:.1f}K trainable prefix parameters", flush=True)
-    seconds = train_stage(model, tokenizer, spec.task, spec.stage, seed)
-    save_adapter(model, out_dir / ADAPTERS_SUBDIR / spec.task)
+    print(f"[{task}] {trainable / 1e3:.1f}K trainable adapter parameters", flush=True)
+    seconds = train_stage(model, tokenizer, task, stage, seed)
+    save_adapter(model, out_dir / ADAPTERS_SUBDIR / task)
     return seconds
 
 

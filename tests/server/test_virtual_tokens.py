@@ -15,7 +15,9 @@ N = 6  # virtual tokens
 
 def test_prompt_tuned_completion(tmp_path: Path) -> None:
     base = DEMO_DIR / "model"
-    adapter = make_kind_adapter(base, tmp_path / "pt", "prompt_tuning", seed=4, num_virtual_tokens=N)
+    adapter = make_kind_adapter(
+        base, tmp_path / "pt", "prompt_tuning", seed=4, num_virtual_tokens=N
+    )
     engine = make_engine({"pt": adapter}, dtype="float32")
     served = serve(engine)
     try:

@@ -29,10 +29,14 @@ class BaseModelLayout:
             ``(in_features, out_features)`` of that layer's ``nn.Linear``. The same in
             every layer. Adapters may target only these; the output head (``lm_head``) and
             the embeddings are never listed.
+        num_heads, num_kv_heads: attention heads and key/value heads (0 where unknown: a
+            layout rebuilt from an adapter's tensors); prompt and prefix tuning check them.
     """
 
     num_layers: int
     linear_shapes: Mapping[str, tuple[int, int]]
+    num_heads: int = 0
+    num_kv_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.num_layers <= 0:
@@ -77,7 +81,19 @@ class BaseModelLayout:
                 "up_proj": (hidden_size, intermediate_size),
                 "down_proj": (intermediate_size, hidden_size),
             },
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
         )
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the residual stream (q_proj's input)."""
+        return self.linear_shapes["q_proj"][0]
+
+    @property
+    def kv_width(self) -> int:
+        """Elements of one token's key (or value) in one layer (k_proj's output)."""
+        return self.linear_shapes["k_proj"][1]
 
     def flops_ratio(self, ranks: Mapping[tuple[int, str], int]) -> float:
         """The multiply-adds LoRA modules of these ranks (by ``(layer, target)``) add to a

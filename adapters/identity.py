@@ -50,7 +50,12 @@ def weights_digest(weights: AdapterWeights) -> bytes:
     h = hashlib.sha256(b"loraserve-kind-v1")
     h.update(digest)
     h.update(weights.kind.encode())
-    for block in weights.blocks(1):  # one layer: every row once, in a fixed order
+    # Every layer's rows, in a fixed order (one "layer" would drop the per-layer blocks'
+    # rows past layer 0: DoRA's and IA³'s vectors, prefix tuning's keys and values).
+    num_layers = 1 + max((layer for layer, _ in (*weights.dora, *weights.ia3)), default=0)
+    if weights.prefix is not None:
+        num_layers = max(num_layers, int(weights.prefix.shape[0]))
+    for block in weights.blocks(num_layers):
         h.update(block.key.encode())
         for rows in block.rows:
             if rows is not None:

@@ -13,6 +13,8 @@ follow from the parts it fills (`adapters/weights.py`'s table; the forward is
 ``LORA`` + ``use_dora``   ``dora``                       `adapters/loader.py` (+ base norms)
 ``ADALORA``               ``adalora`` (served as LoRA)   `adapters/adalora.py`
 ``IA3``                   ``ia3``                        `adapters/ia3.py`
+``PROMPT_TUNING``         ``prompt_tuning``              `adapters/prompt_tuning.py`
+``PREFIX_TUNING``         ``prefix_tuning``              `adapters/prefix_tuning.py`
 ========================  =============================  ===================================
 
 Anything else PEFT can save (LoHa, LoKr, OFT, BOFT, VeRA, ...) is refused with a message
@@ -34,7 +36,17 @@ from adapters.base_layout import BaseModelLayout
 from adapters.errors import ADAPTER_NOT_FOUND, UNSUPPORTED_ADAPTER_FEATURE, AdapterError
 from adapters.ia3 import read_ia3
 from adapters.loader import load_lora_adapter, read_config_json
-from adapters.weights import ADALORA, IA3, LORA, AdapterWeights, BaseWeights
+from adapters.prefix_tuning import read_prefix_tuning
+from adapters.prompt_tuning import read_prompt_tuning
+from adapters.weights import (
+    ADALORA,
+    IA3,
+    LORA,
+    PREFIX_TUNING,
+    PROMPT_TUNING,
+    AdapterWeights,
+    BaseWeights,
+)
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,38 @@ class Ia3Kind(AdapterKind):
         return read_ia3(path, raw, context.layout, context.dtype)
 
 
+class PromptTuningKind(AdapterKind):
+    """Prompt tuning: n virtual token embeddings before the request's tokens."""
+
+    name = PROMPT_TUNING
+
+    def claims(self, raw: Mapping[str, Any]) -> bool:
+        return bool(raw.get("peft_type") == "PROMPT_TUNING")
+
+    def read(self, path: Path, raw: Mapping[str, Any], context: LoadContext) -> AdapterWeights:
+        return read_prompt_tuning(path, raw, context.layout, context.dtype)
+
+
+class PrefixTuningKind(AdapterKind):
+    """Prefix tuning: n keys and values per layer attended before the request's tokens."""
+
+    name = PREFIX_TUNING
+
+    def claims(self, raw: Mapping[str, Any]) -> bool:
+        return bool(raw.get("peft_type") == "PREFIX_TUNING")
+
+    def read(self, path: Path, raw: Mapping[str, Any], context: LoadContext) -> AdapterWeights:
+        return read_prefix_tuning(path, raw, context.layout, context.dtype)
+
+
 # The first kind that claims a config reads it.
-KINDS: tuple[AdapterKind, ...] = (LoraKind(), AdaLoraKind(), Ia3Kind())
+KINDS: tuple[AdapterKind, ...] = (
+    LoraKind(),
+    AdaLoraKind(),
+    Ia3Kind(),
+    PromptTuningKind(),
+    PrefixTuningKind(),
+)
 
 
 def read_adapter(path: Path, context: LoadContext) -> AdapterWeights:
@@ -134,5 +176,6 @@ def read_adapter(path: Path, context: LoadContext) -> AdapterWeights:
     shown = repr(peft_type) if isinstance(peft_type, str) and len(peft_type) <= 40 else "this"
     raise AdapterError(
         UNSUPPORTED_ADAPTER_FEATURE,
-        f"adapter_config.json: peft_type {shown} is not served (served: LORA, DoRA, ADALORA, IA3)",
+        f"adapter_config.json: peft_type {shown} is not served (served: LORA, DoRA, ADALORA, IA3, "
+        "PROMPT_TUNING, PREFIX_TUNING)",
     )

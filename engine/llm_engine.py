@@ -40,6 +40,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduling import token_cost
 from engine.slot_tables import SlotTables
+from engine.virtual_tokens import virtual_positions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -280,6 +281,7 @@ class LLMEngine:
         ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params, self.adapters.pinned_pages(adapter), adapter)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        placeholders, prefix_positions = virtual_positions(adapter)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.config.model.device)
@@ -298,6 +300,8 @@ class LLMEngine:
             priority=priority,
             client=self._client(adapter, user),
             token_cost=token_cost(adapter.flops_ratio) if adapter is not None else 1.0,
+            num_placeholders=placeholders,
+            num_prefix_positions=prefix_positions,
         )
         with self._lock:
             if request_id in self.requests or any(r.request_id == request_id for r in self._inbox):
@@ -328,14 +332,18 @@ class LLMEngine:
         vocab_size = self.model.arch.vocab_size
         if any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        total = len(ids) + params.max_tokens
+        # A prompt- or prefix-tuned adapter's virtual tokens take positions before the prompt.
+        placeholders, prefix_positions = virtual_positions(adapter)
+        virtual = placeholders + prefix_positions
+        total = virtual + len(ids) + params.max_tokens
         limit = self.config.model.max_model_len
         if total > limit:
+            named = f" + the adapter's virtual tokens ({virtual})" if virtual else ""
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the context length {limit}"
+                f"prompt ({len(ids)} tokens){named} + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds the context length {limit}"
             )
-        need = PAGES_PER_TOKEN * total
+        need = PAGES_PER_TOKEN * (total - prefix_positions)  # prefix K/V: the adapter's pages
         adapter_pages = 0 if adapter is None else adapter.pages
         if need + adapter_pages + pinned_pages > self.pool.num_pages:
             beside = f" beside its adapter's {adapter_pages}" if adapter_pages else ""

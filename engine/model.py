@@ -23,6 +23,7 @@ from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.naming import PACKED
 from engine.packed import PackedLinear
 from engine.rope import RotaryEmbedding
+from engine.virtual_tokens import embed_virtual_tokens
 from kernels.nf4 import NF4Weight, nf4_linear_tiled
 from kernels.nf4_matmul import nf4_linear
 
@@ -270,6 +271,8 @@ class CausalLM(nn.Module):
             batch: the KV-cache and adapter metadata and the page pool.
         """
         x = self.model.embed_tokens(input_ids)
+        if batch.kinds is not None:  # prompt tuning's virtual tokens replace placeholders
+            x = embed_virtual_tokens(batch.kinds, batch.pools, positions, x)
         for layer in self.model.layers:
             x = layer(positions, x, batch)
         out: torch.Tensor = self.model.norm(x)

@@ -19,6 +19,10 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
+# The token id a prompt-tuned request's virtual positions carry in its token sequence: never
+# embedded (the model reads the adapter's virtual embedding there), never shown to clients.
+PLACEHOLDER_TOKEN_ID = 0
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -60,6 +64,13 @@ class Request:
         token_cost: what each of its tokens costs its client beyond the token weights: 1
             for the base model, more for an adapter by its rank (``engine/scheduling.py``).
         seq: its place in arrival order (set when the scheduler first queues it).
+        num_placeholders: prompt tuning's n: placeholder tokens at the start of its token
+            sequence (positions 0 .. n−1, computed with the adapter's virtual embeddings;
+            `engine/virtual_tokens.py`). ``num_tokens``, ``token_ids`` and
+            ``num_computed_tokens`` count them; ``prompt_token_ids`` never holds them.
+        num_prefix_positions: prefix tuning's n: positions 0 .. n−1 before its token
+            sequence, whose keys and values are the adapter's pages. Its token sequence (and
+            ``num_computed_tokens``) starts at position n.
     """
 
     request_id: str
@@ -88,6 +99,8 @@ class Request:
     client: str = ""
     token_cost: float = 1.0
     seq: int = 0
+    num_placeholders: int = 0
+    num_prefix_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
@@ -97,15 +110,30 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens: what the cache must hold before the next sample."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Placeholders, prompt and generated tokens: what the KV cache must hold before the
+        next sample."""
+        return self.num_placeholders + len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions its adapter takes before its own tokens (prompt or prefix tuning): its
+        own token j is at position ``num_virtual_tokens + j``."""
+        return self.num_placeholders + self.num_prefix_positions
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens ``start:end`` of prompt + output, without concatenating the whole list."""
+        """Tokens ``start:end`` of placeholders + prompt + output, without concatenating the
+        whole list."""
+        if self.num_placeholders:
+            p = self.num_placeholders
+            head = [PLACEHOLDER_TOKEN_ID] * max(min(end, p) - start, 0)
+            return head + self._own_token_ids(max(start - p, 0), max(end - p, 0))
+        return self._own_token_ids(start, end)
+
+    def _own_token_ids(self, start: int, end: int) -> list[int]:
         prompt = self.prompt_token_ids
         if end <= len(prompt):
             return prompt[start:end]

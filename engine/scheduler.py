@@ -48,6 +48,7 @@ from engine.page_pool import OutOfPages
 from engine.prefix_cache import BASE_ROOT, chain_keys
 from engine.request import Request, RequestStatus
 from engine.scheduling import ClientLedger, make_policy
+from engine.virtual_tokens import prefix_pages
 
 _PREFETCH_AHEAD = 8  # waiting requests whose adapters step 3 copies into free pages
 
@@ -213,8 +214,9 @@ class Scheduler:
             return
         prefix.queries += request.num_tokens
         prefix.hits += cached
-        if request.num_cached_tokens is None:
-            request.num_cached_tokens = min(cached, len(request.prompt_token_ids))
+        if request.num_cached_tokens is None:  # own prompt tokens only, as prompt_tokens
+            own = cached - request.num_placeholders
+            request.num_cached_tokens = min(max(own, 0), len(request.prompt_token_ids))
 
     def _commit(self, request: Request) -> None:
         """Offer the prefix cache the blocks the request's computed tokens fill."""
@@ -317,10 +319,16 @@ class Scheduler:
         slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
         if request.adapter is not None and self.adapters is not None:
             slots = self.adapters.slots(request.adapter)
+        if first and request.num_prefix_positions:
+            # Prefix tuning: positions 0 .. n - 1 are the adapter's pages, wherever it is
+            # placed now (`engine/virtual_tokens.py`); the request's own tokens follow.
+            assert self.adapters is not None
+            prefix_k, prefix_v = prefix_pages(self.adapters.residency.tables, slots[0][0])
+            cached_k, cached_v = prefix_k + cached_k, prefix_v + cached_v
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_ids(start, end),
-            start_pos=start,
+            start_pos=request.num_prefix_positions + start,
             new_k_slots=k_slots,
             new_v_slots=v_slots,
             sample=end == request.num_tokens,
@@ -342,11 +350,14 @@ class Scheduler:
 
     @staticmethod
     def _prompt_targets(request: Request, start: int, end: int) -> tuple[int, ...]:
-        """Prompt tokens whose log-probabilities positions ``start .. end - 1`` give."""
+        """The tokens that tokens ``start .. end - 1`` of the request's sequence predict, up
+        to its prompt's end (a placeholder's target may be a placeholder: ``update`` keeps
+        only the prompt's)."""
         have = request.prompt_logprobs
         if have is None or len(have) == len(request.prompt_token_ids):
             return ()
-        return tuple(request.prompt_token_ids[start + 1 : end + 1])
+        prompt_end = request.num_placeholders + len(request.prompt_token_ids)
+        return tuple(request.token_ids(start + 1, min(end + 1, prompt_end)))
 
     def _banned(self, request: Request) -> tuple[int, ...]:
         """Token ids that may not be sampled next: stop tokens while under ``min_tokens``."""
@@ -373,8 +384,10 @@ class Scheduler:
             self._commit(request)
             result = results.get(chunk.request_id, ChunkResult())
             if request.prompt_logprobs is not None:
+                # own prompt token k sits at position num_virtual_tokens + k
+                first_target = chunk.start_pos + 1 - request.num_virtual_tokens
                 for i, entry in enumerate(result.prompt_logprobs):
-                    if chunk.start_pos + 1 + i == len(request.prompt_logprobs):  # not recomputed
+                    if first_target + i == len(request.prompt_logprobs):  # not recomputed
                         request.prompt_logprobs.append(entry)
             if not chunk.sample:
                 continue

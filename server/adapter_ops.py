@@ -30,11 +30,13 @@ from server.errors import APIError
 class AdapterInfo:
     """What ``/v1/models`` says of a registered adapter: the version it serves, whether
     it is pinned (kept in the pool until unloaded), and its kind (``lora``, ``dora``,
-    ``ia3``, ...; a mixture is ``lora``)."""
+    ``ia3``, ...; a mixture is ``lora``), and the positions its requests take before
+    their own tokens (prompt and prefix tuning)."""
 
     version: int
     pinned: bool = False
     kind: str = "lora"
+    num_virtual_tokens: int = 0
 
 
 def load_adapter(
@@ -49,7 +51,7 @@ def adapter_infos(engine: LLMEngine) -> dict[str, AdapterInfo]:
     """Every registered name (temporary ``_`` ones included), its version and pin."""
     pinned = set(engine.adapters.pinned_names())
     return {
-        e.name: AdapterInfo(e.version, e.name in pinned, e.kind)
+        e.name: AdapterInfo(e.version, e.name in pinned, e.kind, e.num_virtual_tokens)
         for e in engine.adapters.registry.entries()
     }
 

@@ -63,12 +63,15 @@ def openai_router(state: ServerState) -> APIRouter:
         ids = _render_chat(state, body)
         max_tokens = body.max_new_tokens
         if max_tokens is None:  # fill the context, as the OpenAI API does
-            max_tokens = state.handle.max_model_len - len(ids)
+            info = (await state.handle.adapters()).get(body.model)
+            virtual = 0 if info is None else info.num_virtual_tokens  # prompt/prefix tuning
+            max_tokens = state.handle.max_model_len - virtual - len(ids)
             if max_tokens < 1:
+                beside = f" beside the adapter's {virtual} virtual tokens" if virtual else ""
                 raise APIError(
                     400,
                     "context_length_exceeded",
-                    f"the messages ({len(ids)} tokens) fill the context length",
+                    f"the messages ({len(ids)} tokens){beside} fill the context length",
                     "messages",
                 )
         top = (body.top_logprobs or 0) if body.logprobs else None

@@ -40,6 +40,13 @@ def test_prompt_tuned_completion(tmp_path: Path) -> None:
             error = assert_error(http.post("/v1/completions", json=body), 400,
                                  "context_length_exceeded", "prompt")  # fmt: skip
         assert f"the adapter's virtual tokens ({N})" in error["message"]
+        # a chat without max_tokens fills the context beside the virtual tokens
+        chat = client.chat.completions.create(
+            model="pt", messages=[{"role": "user", "content": "hello"}], temperature=0.0
+        )
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        assert chat.usage is not None
+        assert chat.usage.prompt_tokens + chat.usage.completion_tokens + N <= limit
         served.wait_idle()
     finally:
         served.stop()

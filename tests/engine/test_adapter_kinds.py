@@ -1,4 +1,5 @@
-"""Adapter kinds beyond LoRA (DoRA, AdaLoRA, IA³) in mixed batches equal transformers + PEFT.
+"""Adapter kinds beyond LoRA (DoRA, AdaLoRA, IA³, prompt and prefix tuning) in mixed batches
+equal transformers + PEFT.
 
 Every request runs in one engine beside plain LoRA and base requests; each must produce the
 greedy tokens of the same request run alone through PEFT.
@@ -16,8 +17,8 @@ from adapters.errors import AdapterError
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from tests.engine.test_generation import random_prompts
-from tests.peft_kinds import make_kind_adapter
-from tests.tiny_models import make_adapter
+from tests.peft_kinds import make_kind_adapter, peft_forward_greedy
+from tests.tiny_models import EOS, make_adapter
 
 KINDS: dict[str, dict[str, Any]] = {
     "dora": {"kind": "dora", "r": 4, "targets": "all-linear"},
@@ -28,6 +29,13 @@ KINDS: dict[str, dict[str, Any]] = {
         "kind": "ia3",
         "targets": ["q_proj", "up_proj", "o_proj"],
         "feedforward": ["up_proj", "o_proj"],
+    },
+    "prompt": {"kind": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix": {"kind": "prefix_tuning", "num_virtual_tokens": 5},
+    "prefix-projected": {
+        "kind": "prefix_tuning",
+        "num_virtual_tokens": 3,
+        "prefix_projection": True,
     },
 }
 
@@ -52,23 +60,14 @@ def kind_adapters(
 def peft_greedy(
     base: Path, paths: dict[str, Path], jobs: list[tuple[list[int], str | None]], max_tokens: int
 ) -> list[list[int]]:
-    """Each (prompt, adapter) alone through transformers + PEFT (one PeftModel per adapter:
-    PEFT cannot hold adapters of different kinds in one), greedy."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    models: dict[str | None, Any] = {}
+    """Each (prompt, adapter) alone through transformers + PEFT's forward, teacher-forced
+    token by token (PEFT's ``generate`` is wrong for prompt and prefix tuning), cut after
+    the first end-of-sequence token as the engine stops there."""
     results = []
     for prompt, adapter in jobs:
-        if adapter not in models:
-            hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-            models[adapter] = (
-                hf if adapter is None else PeftModel.from_pretrained(hf, paths[adapter])
-            ).eval()
-        kwargs = {"max_new_tokens": max_tokens, "do_sample": False, "pad_token_id": 0}
-        with torch.inference_mode():
-            out = models[adapter].generate(input_ids=torch.tensor([prompt]), **kwargs)
-        results.append([int(t) for t in out[0, len(prompt) :]])
+        tokens = peft_forward_greedy(base, None if adapter is None else paths[adapter], prompt,
+                                     max_tokens)  # fmt: skip
+        results.append(tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens)
     return results
 
 
@@ -371,3 +370,18 @@ def test_ia3_merge_is_pefts_add_weighted_adapter(
             assert torch.allclose(param, twin), name
     with pytest.raises(AdapterError, match="use combination_type 'linear'"):
         merge_adapter(engine, "bad", MergeSpec(adapters=("a", "b"), weights=(1, 1)), None)
+
+
+def test_export_of_virtual_token_kinds_is_refused(
+    kind_adapters: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    from engine.export import write_merged
+
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name in ("prompt", "prefix"):
+        engine.load_lora(name, paths[name])
+        adapter = engine.adapters.weights_of(engine.adapters.get(name))
+        with pytest.raises(ValueError, match="adds virtual tokens, not weights"):
+            write_merged(base, adapter, tmp_path / name, torch.float32)
+        assert not (tmp_path / name / "model.safetensors").exists()

@@ -27,8 +27,11 @@ class BaseModelLayout:
         num_layers: decoder layers; layer ``i``'s modules live under ``model.layers.{i}``.
         linear_shapes: target name (one of :data:`LINEAR_TARGETS`) to
             ``(in_features, out_features)`` of that layer's ``nn.Linear``. The same in
-            every layer. Adapters may target only these; the output head (``lm_head``) and
-            the embeddings are never listed.
+            every layer. The output head (``lm_head``) and the embeddings are not listed:
+            LoRA on them is planned apart (`adapters/embed_head.py`).
+        vocab_size: rows of the embedding and the head; 0 when unknown (then a LoRA on them
+            is refused).
+        tie_word_embeddings: whether the head is the embedding matrix itself.
         num_heads, num_kv_heads: attention heads and key/value heads (0 where unknown: a
             layout rebuilt from an adapter's tensors); prompt and prefix tuning check them.
     """
@@ -37,6 +40,8 @@ class BaseModelLayout:
     linear_shapes: Mapping[str, tuple[int, int]]
     num_heads: int = 0
     num_kv_heads: int = 0
+    vocab_size: int = 0
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.num_layers <= 0:
@@ -66,6 +71,8 @@ class BaseModelLayout:
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        vocab_size: int = 0,
+        tie_word_embeddings: bool = False,
     ) -> BaseModelLayout:
         """The layout of a Llama/Mistral/Qwen2 decoder (``engine.model.ModelArch``'s fields)."""
         q_width = num_heads * head_dim
@@ -83,6 +90,8 @@ class BaseModelLayout:
             },
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
+            vocab_size=vocab_size,
+            tie_word_embeddings=tie_word_embeddings,
         )
 
     @property

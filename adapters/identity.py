@@ -57,6 +57,8 @@ def weights_digest(weights: AdapterWeights) -> bytes:
         num_layers = max(num_layers, int(weights.prefix.shape[0]))
     for block in weights.blocks(num_layers):
         h.update(block.key.encode())
+        if block.scaling != 1.0:
+            h.update(struct.pack("<d", block.scaling))
         for rows in block.rows:
             if rows is not None:
                 h.update(struct.pack(f"<{rows.dim()}q", *rows.shape))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from adapters.base_layout import BaseModelLayout
+from adapters.embed_head import check_optional_shapes, plan_embed_head, read_embed_head
 from adapters.errors import (
     ADAPTER_NOT_FOUND,
     ADAPTER_RANK_TOO_LARGE,
@@ -46,12 +47,10 @@ _MAX_CONFIG_BYTES = 16 << 20  # real configs are KiBs; an "all-linear" list grow
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # Fragments of tensor keys for things the engine does not serve, and what to call them.
 _UNSERVED_KEYS = (
-    ("lora_embedding_", "LoRA on embeddings (lora_embedding_A/B)"),
     ("lora_magnitude_vector", "DoRA magnitude vectors (without use_dora)"),
     (".lora_B.bias", "lora_bias"),
     ("modules_to_save", "modules_to_save"),
-    ("lm_head", "LoRA on or weights for lm_head"),
-    ("embed_tokens", "LoRA on or weights for embed_tokens"),
+    ("trainable_tokens", "trainable tokens"),
 )
 
 
@@ -92,21 +91,25 @@ def load_lora_adapter(
             ADAPTER_RANK_TOO_LARGE,
             f"adapter rank {config.max_rank} exceeds the server's max_lora_rank {max_lora_rank}",
         )
-    plan = plan_modules(config, layout)
+    plan = plan_modules(config, layout, embed_head=True)
+    embed_head = plan_embed_head(config, layout)
     weights_path = weights_file(path)
     header, size = read_header(weights_path)
     # DoRA: one magnitude per output feature of every adapted module
-    extra = {}
+    extra = embed_head.required()
     if config.use_dora:
-        extra = {_magnitude_key(p): (p.out_features,) for p in plan.values()}
-    _check_tensors(header, plan, extra)  # before a byte of tensor data is read
+        extra |= {_magnitude_key(p): (p.out_features,) for p in plan.values()}
+    optional = embed_head.optional()
+
+    def check(infos: Mapping[str, TensorInfo]) -> None:
+        check_optional_shapes(embed_head, infos)
+        _check_tensors({k: v for k, v in infos.items() if k not in optional}, plan, extra)
+
+    check(header)  # before a byte of tensor data is read
     tensors = read_tensors(weights_path, size)
     # Again on what was read: the file may have changed since its header was checked.
-    _check_tensors(
-        {k: (DTYPE_NAMES.get(t.dtype, "?"), tuple(t.shape)) for k, t in tensors.items()},
-        plan,
-        extra,
-    )
+    check({k: (DTYPE_NAMES.get(t.dtype, "?"), tuple(t.shape)) for k, t in tensors.items()})
+    embedding, head = read_embed_head(embed_head, tensors, dtype, base, converted)
     modules = {}
     for layer_target, planned in plan.items():
         key_a, key_b = planned.keys
@@ -117,7 +120,9 @@ def load_lora_adapter(
         )
     name = path.absolute().name
     if not config.use_dora:
-        return AdapterWeights(name=name, config=config, modules=modules)
+        return AdapterWeights(
+            name=name, config=config, modules=modules, embedding=embedding, head=head
+        )
     assert base is not None
     dora = {}
     for (layer, target), planned in plan.items():
@@ -127,7 +132,10 @@ def load_lora_adapter(
             magnitude, base.weight(layer, target), tensors[planned.keys[0]],
             tensors[planned.keys[1]], planned.scaling, key,
         ).to(dtype)  # fmt: skip
-    return AdapterWeights(name=name, config=config, modules=modules, kind=DORA, dora=dora)
+    return AdapterWeights(
+        name=name, config=config, modules=modules, kind=DORA, dora=dora,
+        embedding=embedding, head=head,
+    )  # fmt: skip
 
 
 def dora_scale(

@@ -35,7 +35,7 @@ _HARMLESS_FIELDS = frozenset(
     {
         "task_type", "auto_mapping", "peft_version", "revision", "inference_mode",
         "lora_dropout", "megatron_core", "loftq_config", "eva_config", "corda_config",
-        "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+        "lora_ga_config", "qalora_group_size", "runtime_config",
         "init_lora_weights",
     }
 )  # fmt: skip
@@ -132,6 +132,8 @@ class LoraAdapterConfig:
         bias: only ``"none"`` is served.
         use_dora: DoRA (`adapters/loader.py` reads its magnitudes).
         modules_to_save: only empty is served.
+        ensure_weight_tying: on a base whose lm_head is tied to embed_tokens, lm_head's LoRA
+            is the embedding's, transposed (`adapters/embed_head.py`).
         peft_type: ``"LORA"``.
         base_model_name_or_path: informational; the server decides the base model.
     """
@@ -149,6 +151,7 @@ class LoraAdapterConfig:
     bias: str = "none"
     use_dora: bool = False
     modules_to_save: tuple[str, ...] | None = None
+    ensure_weight_tying: bool = False
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
 
@@ -268,6 +271,7 @@ class LoraAdapterConfig:
             modules_to_save=(modules_to_save,)
             if isinstance(modules_to_save, str)
             else modules_to_save,
+            ensure_weight_tying=_or_default(raw, "ensure_weight_tying", False),
             peft_type=_or_default(raw, "peft_type", "LORA"),  # LoraConfig's own default
             base_model_name_or_path=raw.get("base_model_name_or_path"),
         )

@@ -33,7 +33,10 @@ from adapters.peft_config import (
     LoraAdapterConfig,
 )
 
-_UNSERVED_MODULES = ("lm_head", "embed_tokens")  # in the base model, but never adapted here
+# The input embeddings and the output head: not linear layers of the layout, but a LoRA may
+# target them (`adapters/embed_head.py` plans and reads it).
+EMBED_PATH = "model.embed_tokens"
+HEAD_PATH = "lm_head"
 
 
 def is_targeted(config: LoraAdapterConfig, module_path: str) -> bool:
@@ -109,21 +112,28 @@ class PlannedModule:
 
 
 def plan_modules(
-    config: LoraAdapterConfig, layout: BaseModelLayout
+    config: LoraAdapterConfig, layout: BaseModelLayout, embed_head: bool = False
 ) -> dict[tuple[int, str], PlannedModule]:
     """Every ``(layer, target)`` PEFT would adapt on this base.
 
+    The embeddings and the head are never in it. With ``embed_head`` (LoRA, whose loader
+    plans them in `adapters/embed_head.py`) they count as targets: an entry naming them is
+    not unmatched, and an adapter of only them is valid; other kinds refuse them.
+
     Raises:
         AdapterError: a ``target_modules`` entry names no linear layer of the base
-            (``unsupported_adapter_feature`` for ``lm_head`` / ``embed_tokens``), or nothing
-            is selected at all.
+            (``unsupported_adapter_feature`` for ``lm_head`` / ``embed_tokens`` unless
+            ``embed_head``), or nothing is selected at all.
     """
-    for entry in unmatched_targets(config, (path for _, _, path in layout.modules())):
+    paths = [path for _, _, path in layout.modules()]
+    if embed_head:
+        paths += [EMBED_PATH, HEAD_PATH]
+    for entry in unmatched_targets(config, paths):
         last = entry.rsplit(".", 1)[-1]
-        if last in _UNSERVED_MODULES:
+        if last in (EMBED_PATH.rsplit(".", 1)[-1], HEAD_PATH):
             raise AdapterError(
                 UNSUPPORTED_ADAPTER_FEATURE,
-                f"target module {entry!r}: LoRA on {last} is not served",
+                f"target module {entry!r}: this adapter kind's {last} is not served",
             )
         raise AdapterError(
             INVALID_ADAPTER,
@@ -141,7 +151,9 @@ def plan_modules(
                 out_features=out_features,
                 scaling=module_scaling(config, module_path),
             )
-    if not plan:
+    if not plan and not (
+        embed_head and any(is_targeted(config, p) for p in (EMBED_PATH, HEAD_PATH))
+    ):
         raise AdapterError(INVALID_ADAPTER, "target_modules selects no layer of the base model")
     return plan
 

@@ -153,10 +153,12 @@ class BlockTable:
         pages: ``(rows, ceil(features / page_width))`` int64, host: row j of layer ℓ at
             pages ``pages[j]`` of layer ℓ's pool.
         rows: per layer, how many of those rows hold something.
+        scaling: the block's ``RowBlock.scaling``.
     """
 
     pages: torch.Tensor
     rows: tuple[int, ...]
+    scaling: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,9 @@ class AdapterResidency:
             block_pages = block_pages.view(block.num_rows, -1)
             offset += n
             tables.blocks[slot][block.key] = BlockTable(
-                block_pages.long(), tuple(0 if r is None else int(r.shape[0]) for r in block.rows)
+                block_pages.long(),
+                tuple(0 if r is None else int(r.shape[0]) for r in block.rows),
+                block.scaling,
             )
             placed_blocks.append(BlockPlacement(block.key, block_pages, block.rows))
         self._placements.append(

@@ -46,11 +46,21 @@ PREFIX_TUNING = "prefix_tuning"
 
 class BaseWeights(Protocol):
     """The served base model's weights, as an adapter kind may need them at load (DoRA's
-    scales are norms of the adapted weight). Implemented by the engine; any thread."""
+    scales are norms of the adapted weight; a LoRA on the embeddings checks the base
+    matrices its file holds). Implemented by the engine; any thread."""
 
     def weight(self, layer: int, target: str) -> torch.Tensor:
         """``(out_features, in_features)`` float32: the weight the base serves (an NF4
         layer's dequantization)."""
+        ...
+
+    def embedding(self) -> torch.Tensor:
+        """``(vocab_size, hidden_size)``: the input embeddings as served (dtype, device)."""
+        ...
+
+    def head(self) -> torch.Tensor:
+        """``(vocab_size, hidden_size)``: the output head as served (the embeddings when
+        tied)."""
         ...
 
 
@@ -110,11 +120,16 @@ class RowBlock:
             ``"embed_a"``, ...).
         features: the width of a row (a row takes ``ceil(features / page_width)`` pages).
         rows: per layer, ``(n_rows, features)`` or None where the layer has none.
+        scaling: a factor the forward applies to what it computes from these rows (a
+            LoRA's ``s`` on its Bᵀ block), 1 for rows used as they are. It stays a Python
+            float on the host (``BlockTable.scaling``), never a pool value, so the forward
+            multiplies by exactly the number PEFT does.
     """
 
     key: str
     features: int
     rows: tuple[torch.Tensor | None, ...]
+    scaling: float = 1.0
 
     @property
     def num_rows(self) -> int:
@@ -245,7 +260,11 @@ class AdapterWeights:
             if module is not None:
                 a, b_t = module.lora_a, module.lora_b.T.contiguous()
                 blocks.append(RowBlock(f"{name}_a", a.shape[1], spread_rows(a, num_layers)))
-                blocks.append(RowBlock(f"{name}_b", b_t.shape[1], spread_rows(b_t, num_layers)))
+                blocks.append(
+                    RowBlock(
+                        f"{name}_b", b_t.shape[1], spread_rows(b_t, num_layers), module.scaling
+                    )
+                )
         return blocks
 
     def pin_memory(self) -> AdapterWeights:

@@ -1,4 +1,4 @@
-"""The served base model's linear weights, for adapter kinds that read them at load."""
+"""The served base model's weights, for adapter kinds that read them at load."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from kernels.nf4 import dequantize_nf4
 
 
 class ServedBaseWeights:
-    """The model's linear weights as an adapter kind reads them at load (DoRA's norms):
-    float32 copies of a slice of a packed layer, or an NF4 layer's dequantization
-    (``adapters.weights.BaseWeights``)."""
+    """The model's weights as an adapter kind reads them at load (DoRA's norms; the
+    embeddings and the head that a LoRA on them is checked against): linear weights as
+    float32 copies of a slice of a packed layer, or an NF4 layer's dequantization; the
+    embeddings and the head as served, never copied (``adapters.weights.BaseWeights``)."""
 
     def __init__(self, model: nn.Module, layout: BaseModelLayout) -> None:
         self.model = model
@@ -40,3 +41,13 @@ class ServedBaseWeights:
             return dequantize_nf4(module.weight).cpu()
         assert isinstance(module, nn.Linear)
         return module.weight.detach().float().cpu()
+
+    def embedding(self) -> torch.Tensor:
+        return self._matrix("model.embed_tokens")
+
+    def head(self) -> torch.Tensor:
+        return self._matrix("lm_head")
+
+    def _matrix(self, module_path: str) -> torch.Tensor:
+        weight = self.model.get_parameter(f"{module_path}.weight")
+        return weight.detach()

@@ -215,6 +215,8 @@ def base_layout(model_dir: Path) -> BaseModelLayout:
         num_heads=arch.num_heads,
         num_kv_heads=arch.num_kv_heads,
         head_dim=arch.head_dim,
+        vocab_size=arch.vocab_size,
+        tie_word_embeddings=arch.tie_word_embeddings,
     )
 
 

@@ -44,7 +44,10 @@ class KindMetadata:
         runs: block key (``"dora:q_proj"``, ``"ia3_in:down_proj"``, ...) to the runs
             ``(slot, lo, hi)`` of rows whose adapter has that block.
         blocks: per slot of those adapters, its block tables.
-        cache: per-step values read once per layer (a vector of one slot in one layer).
+        cache: values read from the pool, keyed by what they are (a vector of one slot in
+            one layer, a spread matrix of one slot): read once per step, and kept across
+            steps where the runner passes the same dict (on the CPU, while the tables'
+            generation is unchanged, so no slot's rows have moved or changed).
     """
 
     runs: dict[str, list[tuple[int, int, int]]]
@@ -52,7 +55,12 @@ class KindMetadata:
     cache: dict[Any, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def build(cls, chunks: Sequence[ScheduledChunk], tables: LoraTables) -> KindMetadata | None:
+    def build(
+        cls,
+        chunks: Sequence[ScheduledChunk],
+        tables: LoraTables,
+        cache: dict[Any, Any] | None = None,
+    ) -> KindMetadata | None:
         """From the step's chunks in row order; None when no adapter of the step has rows
         besides LoRA (a mixture's components are LoRA by construction)."""
         runs: dict[str, list[tuple[int, int, int]]] = {}
@@ -70,7 +78,7 @@ class KindMetadata:
                     else:
                         slot_runs.append((slot, lo, hi))
             lo = hi
-        return cls(runs, blocks) if blocks else None
+        return cls(runs, blocks, {} if cache is None else cache) if blocks else None
 
     def vector(self, pool: torch.Tensor, layer: int, slot: int, key: str) -> torch.Tensor:
         """The one row of block ``key`` of ``slot``'s adapter in this layer, (features,)."""

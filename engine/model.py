@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from engine.attention import ATTENTION_BACKENDS, AttentionBackend
+from engine.embed_head import HeadLora, add_embedding_lora
 from engine.forward_batch import ForwardBatch
 from engine.kinds import adjust_output, adjust_packed, scale_input
 from engine.lora import LORA_BACKENDS, LoraBackend
@@ -271,14 +272,24 @@ class CausalLM(nn.Module):
             batch: the KV-cache and adapter metadata and the page pool.
         """
         x = self.model.embed_tokens(input_ids)
-        if batch.kinds is not None:  # prompt tuning's virtual tokens replace placeholders
+        if batch.kinds is not None:
+            add_embedding_lora(batch.kinds, batch.pools, input_ids, x, self.arch.vocab_size)
+            # prompt tuning's virtual tokens replace placeholders
             x = embed_virtual_tokens(batch.kinds, batch.pools, positions, x)
         for layer in self.model.layers:
             x = layer(positions, x, batch)
         out: torch.Tensor = self.model.norm(x)
         return out
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them."""
+    def compute_logits(self, hidden: torch.Tensor, head: HeadLora | None = None) -> torch.Tensor:
+        """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them.
+
+        Args:
+            hidden: (num_rows, hidden_size) final hidden states.
+            head: which of those rows get which adapter's LoRA on the head (added in the
+                model's dtype, before the cast, as PEFT does); None for none.
+        """
         logits: torch.Tensor = self.lm_head(hidden)
+        if head is not None:
+            head.add(hidden, logits)
         return logits.float()

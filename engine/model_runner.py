@@ -12,6 +12,7 @@ schedule are written into the pool first (:class:`engine.placement.PlacementWrit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
 from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.cuda_graph import DecodeGraphs
+from engine.embed_head import HeadLora
 from engine.forward_batch import ForwardBatch
 from engine.kinds import KindMetadata
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
@@ -77,6 +79,8 @@ class ModelRunner:
         self.upload = StepUpload(self.device)
         # Token counts of penalized requests, kept from step to step (never recounted).
         self._counts: dict[str, torch.Tensor] = {}
+        # On the CPU, what KindMetadata read from the pool, kept while no slot changes.
+        self._kind_cache: tuple[int, dict[Any, Any]] = (-1, {})
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, ChunkResult]:
@@ -94,7 +98,7 @@ class ModelRunner:
         for c in chunks:
             if c.params.penalized and c.request_id not in self._counts:
                 self._counts[c.request_id] = self._initial_counts(c)
-        kinds = KindMetadata.build(chunks, self.lora_tables)
+        kinds = KindMetadata.build(chunks, self.lora_tables, self._kinds_cache())
         if kinds is None and self.graphs is not None and self.graphs.accepts(chunks):
             # Every chunk is one sampling token: the hidden rows are the rows to sample.
             hidden = self.graphs.run(chunks, self.slot_tables.assign(chunks))
@@ -104,12 +108,13 @@ class ModelRunner:
             step = self._prepare(chunks)
             batch = ForwardBatch(step.attn, self.pools, step.lora, kinds)
             hidden = self.model(step.input_ids, step.positions, batch)
-            results = self._prompt_logprobs(chunks, hidden)
+            results = self._prompt_logprobs(chunks, hidden, kinds)
             sampled_hidden = hidden.index_select(0, step.last_rows)
         sampling = [c for c in chunks if c.sample]
         if not sampling:
             return results
-        logits = self.model.compute_logits(sampled_hidden)
+        head = HeadLora.for_rows(kinds, self.pools, ((c.adapter_slots, 1) for c in sampling))
+        logits = self.model.compute_logits(sampled_hidden, head)
         tokens = self.sampler(logits, sampling, [self._counts.get(c.request_id) for c in sampling])
         for row, (chunk, token) in enumerate(zip(sampling, tokens, strict=True)):
             counts = self._counts.get(chunk.request_id)
@@ -131,8 +136,19 @@ class ModelRunner:
             counts += torch.bincount(generated, minlength=vocab_size)[:vocab_size]
         return counts
 
+    def _kinds_cache(self) -> dict[Any, Any] | None:
+        """The dict ``KindMetadata`` keeps what it reads in: on the CPU the same one from
+        step to step until the tables' generation changes; elsewhere a fresh one per step
+        (a copy kept outside the pool would hold device memory the pool does not count)."""
+        if self.device.type != "cpu":
+            return None
+        generation = self.lora_tables.generation[0]
+        if self._kind_cache[0] != generation:
+            self._kind_cache = (generation, {})
+        return self._kind_cache[1]
+
     def _prompt_logprobs(
-        self, chunks: list[ScheduledChunk], hidden: torch.Tensor
+        self, chunks: list[ScheduledChunk], hidden: torch.Tensor, kinds: KindMetadata | None
     ) -> dict[str, ChunkResult]:
         """Log-probabilities of the prompt tokens that chunks asking for them predict."""
         results = {}
@@ -140,7 +156,8 @@ class ModelRunner:
         for c in chunks:
             if c.prompt_targets and c.params.prompt_logprobs is not None:
                 rows = hidden[offset : offset + len(c.prompt_targets)]
-                logits = self.model.compute_logits(rows)
+                head = HeadLora.for_rows(kinds, self.pools, [(c.adapter_slots, len(rows))])
+                logits = self.model.compute_logits(rows, head)
                 entries = token_logprobs(logits, list(c.prompt_targets), c.params.prompt_logprobs)
                 results[c.request_id] = ChunkResult(prompt_logprobs=entries)
             offset += c.num_tokens

@@ -141,8 +141,9 @@ def make_kind_adapter(
     - prefix_tuning: ``num_virtual_tokens`` [5], ``prefix_projection`` [False], ``std`` [1.0]
       (for every parameter: the embedding, and with projection the MLP weights, the last
       layer scaled down by its fan-in so the projected keys/values have std ≈ ``std``).
-    - lora_embed_head: ``r`` [4], ``alpha`` [8], ``with_attention`` [False] (adds q_proj,
-      v_proj), ``std`` [0.3], ``ensure_weight_tying`` [False]. With a tied base and
+    - lora_embed_head: ``r`` [4], ``alpha`` [8], ``targets`` [embed_tokens, lm_head],
+      ``with_attention`` [False] (adds q_proj, v_proj), ``std`` [0.3],
+      ``ensure_weight_tying`` [False]. With a tied base and
       ``ensure_weight_tying=True`` PEFT builds lm_head's LoRA from the embedding's (lora_A =
       lora_embedding_B.T, lora_B = lora_embedding_A.T, ``peft/tuners/lora/model.py:314-322``)
       so the head delta is the transpose of the embedding delta.
@@ -236,7 +237,7 @@ def _peft_config(kind: str, options: dict[str, Any]) -> Any:
             prefix_projection=options.get("prefix_projection", False),
         )
     if kind == "lora_embed_head":
-        targets = ["embed_tokens", "lm_head"]
+        targets = list(options.get("targets", ["embed_tokens", "lm_head"]))
         if options.get("with_attention", False):
             targets += ["q_proj", "v_proj"]
         return LoraConfig(

@@ -40,6 +40,8 @@ def layout() -> BaseModelLayout:
         num_heads=LLAMA.num_attention_heads,
         num_kv_heads=LLAMA.num_key_value_heads,
         head_dim=LLAMA.hidden_size // LLAMA.num_attention_heads,
+        vocab_size=LLAMA.vocab_size,
+        tie_word_embeddings=LLAMA.tie_word_embeddings,
     )
 
 

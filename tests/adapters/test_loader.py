@@ -356,10 +356,10 @@ CONFIG_REFUSALS: dict[str, tuple[dict[str, Any], str, str]] = {
         "unknown field 'use_hydra'",
     ),
     "target_base_lacks": ({"target_modules": ["q_proj", "c_attn"]}, INVALID_ADAPTER, "'c_attn'"),
-    "target_lm_head": (
+    "target_lm_head_on_a_file_of_other_modules": (
         {"target_modules": ["q_proj", "lm_head"]},
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "lm_head",
+        INVALID_ADAPTER,
+        "does not target",
     ),
     "target_empty": ({"target_modules": []}, INVALID_ADAPTER, "non-empty list"),
     "target_number": ({"target_modules": 5}, INVALID_ADAPTER, "a string or a list of strings"),
@@ -469,20 +469,20 @@ TENSOR_REFUSALS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str,
         INVALID_ADAPTER,
         "unrecognised tensor key",
     ),
-    "lora_on_lm_head": (
+    "lora_on_untargeted_lm_head": (
         _set("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 64)),
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "lm_head",
+        INVALID_ADAPTER,
+        "lm_head.lora_A.weight is for a module that adapter_config.json does not target",
     ),
-    "lora_embedding": (
+    "lora_on_untargeted_embedding": (
         _set("base_model.model.model.embed_tokens.lora_embedding_A", torch.zeros(4, 320)),
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "LoRA on embeddings",
+        INVALID_ADAPTER,
+        "unrecognised tensor key base_model.model.model.embed_tokens.lora_embedding_A",
     ),
-    "saved_embed_tokens": (
+    "saved_embed_tokens_untargeted": (
         _set("base_model.model.model.embed_tokens.weight", torch.zeros(320, 64)),
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "embed_tokens",
+        INVALID_ADAPTER,
+        "unrecognised tensor key base_model.model.model.embed_tokens.weight",
     ),
     "dora_magnitude": (
         _set(
@@ -690,17 +690,7 @@ PEFT_REFUSALS: dict[str, tuple[dict[str, Any], str, str]] = {
         UNSUPPORTED_ADAPTER_FEATURE,
         "modules_to_save",
     ),
-    "lm_head": ({"target_modules": ["q_proj", "lm_head"]}, UNSUPPORTED_ADAPTER_FEATURE, "lm_head"),
-    "embed_tokens": (
-        {"target_modules": ["embed_tokens"]},
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "embed_tokens",
-    ),
-    "regex_lm_head": (
-        {"target_modules": r"(lm_head|.*\.q_proj)"},
-        UNSUPPORTED_ADAPTER_FEATURE,
-        "lm_head",
-    ),
+    # LoRA on lm_head and embed_tokens is served: tests/adapters/test_embed_head_loader.py
     "rank_above_max": ({"r": 17}, ADAPTER_RANK_TOO_LARGE, "adapter rank 17 exceeds"),
 }
 

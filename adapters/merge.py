@@ -295,6 +295,11 @@ def _plan(
         if adapter.kind != LORA:
             why = _UNMERGEABLE.get(adapter.kind, "only LoRA adapters merge")
             raise _invalid(f"{adapter.name!r} is a {adapter.kind} adapter: {why}")
+        if adapter.embedding is not None or adapter.head is not None:
+            raise _invalid(
+                f"{adapter.name!r} has a LoRA on embed_tokens or lm_head: merges here combine "
+                "LoRA on the decoder's linear layers only"
+            )
     layout = _checked_layout(adapters, layout)
     combination_type = spec.effective_combination_type
     max_ranks = [a.config.max_rank for a in adapters]  # PEFT: max(r, *rank_pattern.values())

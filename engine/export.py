@@ -9,9 +9,13 @@ Merging is one more state-dict transform. For every module the adapter adapts::
 
     W' = W + scaling · lora_b @ lora_a          (float32, then cast to the output dtype)
 
-where W is the checkpoint's float weight, or ``dequantize_nf4(Q)`` for an NF4 base. Every
-other tensor is copied, cast to the output dtype. Written in NF4, each decoder linear weight
-is quantized after the merge, as ``loraserve quantize`` would quantize the float merge.
+where W is the checkpoint's float weight, or ``dequantize_nf4(Q)`` for an NF4 base. A LoRA
+on the embeddings or the head merges as PEFT's ``merge_and_unload`` does:
+``E' = E + s·(B @ A)ᵀ`` (A is ``(rank, vocab)``), ``H' = H + s·B @ A``; on a base that ties
+them only when the head's update is the embedding's transposed (``ensure_weight_tying``), so
+the one matrix holds both. Every other tensor is copied, cast to the output dtype. Written
+in NF4, each decoder linear weight is quantized after the merge, as ``loraserve quantize``
+would quantize the float merge.
 """
 
 from __future__ import annotations
@@ -153,15 +157,16 @@ def merged_tensors(
     stored = resolve_quantization(None, config, model_dir)  # refuses all 4-bit formats but nf4
     packed = quantized_modules(model_dir) if stored == "nf4" else set()
     layout = base_layout(model_dir)
-    _check_mergeable(adapter)
+    _check_mergeable(adapter, layout)
     loras = {
         f"{layout.module_path(layer, target)}.weight": module
         for (layer, target), module in adapter.modules.items()
     }
+    embed_head = _embed_head_deltas(adapter, layout)
     # DoRA's scales and IA³'s vectors, by the checkpoint module they rescale
     doras = {layout.module_path(*key): g for key, g in adapter.dora.items()}
     ia3s = {layout.module_path(*key): v for key, v in adapter.ia3.items()}
-    touched = set(loras) | {f"{m}.weight" for m in (*doras, *ia3s)}
+    touched = set(loras) | set(embed_head) | {f"{m}.weight" for m in (*doras, *ia3s)}
     weights = tqdm(_base_tensors(model_dir, packed), desc="merging", unit="tensor")
     for name, tensor in weights:
         module = name.rpartition(".")[0]
@@ -189,6 +194,8 @@ def merged_tensors(
             continue
         if lora is not None:
             weight = weight + _delta_weight(name, lora, weight)
+        if name in embed_head:
+            weight = weight + embed_head.pop(name).to(weight.device)
         if module in doras:  # PEFT: (m / ‖W + ΔW‖) · (W + ΔW), row by row
             weight = doras[module].to(weight.device, torch.float32).view(-1, 1) * weight
         if module in ia3s:
@@ -200,8 +207,9 @@ def merged_tensors(
             yield from _nf4_tensors(name, quantize_nf4(weight.to(dtype)), dtype)
         else:
             yield name, weight.to(dtype)
-    if loras:
-        raise ValueError(f"{model_dir.name} lacks {sorted(loras)[0]}, which the adapter adapts")
+    if loras or embed_head:
+        lacking = sorted([*loras, *embed_head])[0]
+        raise ValueError(f"{model_dir.name} lacks {lacking}, which the adapter adapts")
     logger.info("merged %s into %s: %d modules", adapter.name, model_dir.name, len(adapter.modules))
 
 
@@ -252,15 +260,44 @@ def _complete(parts: dict[str, torch.Tensor]) -> bool:
     return not nested or all(p in parts for p in _NESTED_PARTS)
 
 
-def _check_mergeable(adapter: AdapterWeights) -> None:
-    """Refuse a kind with no merged form (PEFT's ``merge_and_unload`` has none for it)."""
+def _check_mergeable(adapter: AdapterWeights, layout: BaseModelLayout) -> None:
+    """Refuse a kind with no merged form (PEFT's ``merge_and_unload`` has none for it), and
+    embedding and head updates that a tied base's one matrix cannot hold both of."""
     if adapter.virtual_tokens is not None or adapter.prefix is not None:
         raise ValueError(
             f"{adapter.kind} adds virtual tokens, not weights: it has no merged model "
             "(PEFT's merge_and_unload does not exist for it)"
         )
-    if adapter.embedding is not None or adapter.head is not None:
-        raise ValueError("merging a LoRA on embed_tokens or lm_head into the base is not supported")
+    if layout.tie_word_embeddings and (adapter.embedding or adapter.head):
+        e, h = adapter.embedding, adapter.head
+        tied = (
+            e is not None
+            and h is not None
+            and e.scaling == h.scaling
+            and torch.equal(h.lora_a, e.lora_b.T)
+            and torch.equal(h.lora_b, e.lora_a.T)
+        )
+        if not tied:
+            raise ValueError(
+                "the base ties lm_head to embed_tokens, and the adapter's LoRA on them is "
+                "not one update of both (ensure_weight_tying): a merged model cannot hold it"
+            )
+
+
+def _embed_head_deltas(adapter: AdapterWeights, layout: BaseModelLayout) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors a LoRA on the embeddings or the head updates, to their
+    ``(vocab_size, hidden_size)`` float32 deltas (one, the embeddings', on a tied base)."""
+    deltas = {}
+    if adapter.embedding is not None:
+        delta = _float32(adapter.embedding).delta_weight()  # (hidden, vocab)
+        deltas["model.embed_tokens.weight"] = delta.T
+    if adapter.head is not None and not layout.tie_word_embeddings:
+        deltas["lm_head.weight"] = _float32(adapter.head).delta_weight()
+    return deltas
+
+
+def _float32(module: LoraModuleWeights) -> LoraModuleWeights:
+    return LoraModuleWeights(module.lora_a.float(), module.lora_b.float(), module.scaling)
 
 
 def _delta_weight(name: str, lora: LoraModuleWeights, weight: torch.Tensor) -> torch.Tensor:

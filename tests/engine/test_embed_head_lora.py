@@ -112,9 +112,7 @@ def test_embed_and_head_rows_take_their_pages(adapters: tuple[Path, dict[str, Pa
     assert before - engine.pool.num_free == entry.pages
 
 
-def test_prompt_logprobs_use_each_rows_head(
-    model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_prompt_logprobs_use_each_rows_head(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """Prompt log-probabilities of embedding / head LoRA requests, beside a base request in
     the same step, equal PEFT's log-softmax at those positions."""
     from tests.peft_kinds import _load
@@ -188,7 +186,9 @@ def test_embed_and_head_lora_on_an_nf4_base(model_dirs: dict[str, Path], tmp_pat
     quantized = save_with_bitsandbytes(base, tmp_path / "bnb")
     oracle = bitsandbytes_dequantized(quantized, tmp_path / "oracle")
     paths = make_adapters(base, tmp_path, {**EMBED_HEAD, "ia3": OTHERS["ia3"]})
-    paths["lora"] = make_adapter(base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4)
+    paths["lora"] = make_adapter(
+        base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4
+    )
     jobs = mixed_jobs(list(paths), 10, seed=7)
     expected = peft_greedy(oracle, paths, jobs, max_tokens=8)
     engine = LLMEngine(EngineConfig.create(quantized, dtype="float32", max_num_batched_tokens=40))
@@ -200,7 +200,9 @@ def test_static_decode_path_leaves_embed_head_steps_eager(
 ) -> None:
     base = model_dirs["llama"]
     paths = make_adapters(base, tmp_path, {"embed-head-qv": EMBED_HEAD["embed-head-qv"]})
-    paths["lora"] = make_adapter(base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4)
+    paths["lora"] = make_adapter(
+        base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4
+    )
     jobs = mixed_jobs(list(paths), 6, seed=9)
     expected = peft_greedy(base, paths, jobs, max_tokens=6)
     engine = LLMEngine(

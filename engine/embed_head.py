@@ -17,39 +17,31 @@ adapter runs eagerly (``KindMetadata`` is not None, so never a captured decode g
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from engine.kinds import KindMetadata
-from kernels.lora import read_rows
+from engine.virtual_tokens import gather_spread
 
 
 def spread_matrix(
-    meta: KindMetadata, pools: Sequence[torch.Tensor], slot: int, key: str, features: int
+    meta: KindMetadata, pools: list[torch.Tensor], slot: int, key: str, features: int
 ) -> torch.Tensor:
-    """Block ``key`` of ``slot``'s adapter, gathered from every layer's pool:
-    ``(rows, features)``, row j from layer ``j mod L``."""
-    cache_key = ("spread", slot, key)
+    """Block ``key`` of ``slot``'s adapter read back whole, ``(rows, features)``, once per
+    step (or while the cache lives: ``KindMetadata.cache``)."""
+    cache_key = (slot, key)
     hit = meta.cache.get(cache_key)
-    if hit is not None:
-        return hit  # type: ignore[no-any-return]
-    table = meta.blocks[slot][key]
-    num_layers, page_width = len(pools), pools[0].shape[1]
-    padded = table.pages.shape[1] * page_width  # what the rows' pages hold
-    pages = table.pages.to(pools[0].device)
-    matrix = torch.empty(sum(table.rows), features, dtype=pools[0].dtype, device=pools[0].device)
-    for layer, n in enumerate(table.rows):
-        if n:
-            matrix[layer::num_layers] = read_rows(pools[layer], pages[:n], padded)[:, :features]
-    meta.cache[cache_key] = matrix
-    return matrix
+    if hit is None:
+        hit = gather_spread(pools, meta.blocks[slot][key], features)
+        meta.cache[cache_key] = hit
+    return hit  # type: ignore[no-any-return]
 
 
 def add_embedding_lora(
     meta: KindMetadata,
-    pools: Sequence[torch.Tensor],
+    pools: list[torch.Tensor],
     input_ids: torch.Tensor,
     x: torch.Tensor,
     vocab_size: int,
@@ -74,14 +66,14 @@ class HeadLora:
     """
 
     meta: KindMetadata
-    pools: Sequence[torch.Tensor]
+    pools: list[torch.Tensor]
     runs: tuple[tuple[int, int, int], ...]
 
     @classmethod
     def for_rows(
         cls,
         meta: KindMetadata | None,
-        pools: Sequence[torch.Tensor],
+        pools: list[torch.Tensor],
         groups: Iterable[tuple[tuple[int, ...], int]],
     ) -> HeadLora | None:
         """From consecutive groups of rows, ``(adapter slots, number of rows)`` each (a

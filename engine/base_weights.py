@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from adapters.base_layout import BaseModelLayout
+from adapters.errors import UNSUPPORTED_ADAPTER_FEATURE, AdapterError
+from engine.loader import iterate_weights
 from engine.naming import packed_module
 from engine.packed import PackedLinear
 from engine.quantization import NF4Linear, PackedNF4Linear
 from kernels.nf4 import dequantize_nf4
+
+# The checkpoint names of the embeddings and the head.
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 class ServedBaseWeights:
@@ -51,3 +58,36 @@ class ServedBaseWeights:
     def _matrix(self, module_path: str) -> torch.Tensor:
         weight = self.model.get_parameter(f"{module_path}.weight")
         return weight.detach()
+
+
+class CheckpointBaseWeights:
+    """A base's embeddings and head as its checkpoint holds them, read once, for merging
+    an adapter from disk (``loraserve merge``): what an adapter's saved base matrices are
+    checked against (``adapters.weights.BaseWeights``). Linear weights are not read here,
+    so DoRA is refused as without a base."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._matrices: dict[str, torch.Tensor] | None = None
+
+    def weight(self, layer: int, target: str) -> torch.Tensor:
+        raise AdapterError(
+            UNSUPPORTED_ADAPTER_FEATURE,
+            "DoRA (use_dora) is not supported without the served base weights",
+        )
+
+    def embedding(self) -> torch.Tensor:
+        return self._read()[_EMBED]
+
+    def head(self) -> torch.Tensor:
+        matrices = self._read()
+        return matrices.get(_HEAD, matrices[_EMBED])  # a tied checkpoint has no lm_head
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        if self._matrices is None:
+            self._matrices = {
+                name: tensor
+                for name, tensor in iterate_weights(self.model_dir)
+                if name in (_EMBED, _HEAD)
+            }
+        return self._matrices

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from adapters.base_layout import BaseModelLayout
 from adapters.loader import load_lora_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
+from engine.base_weights import CheckpointBaseWeights
 from engine.config import QUANTIZATIONS, resolve_quantization
 from engine.loader import iterate_weights, load_config, quantized_modules, safetensors_files
 from engine.model import ModelArch
@@ -113,7 +114,12 @@ def merge_checkpoint(
         ValueError: the base or ``out_dir`` is unusable.
     """
     _check_out_dir(out_dir)
-    adapter = load_lora_adapter(adapter_dir, base_layout(model_dir), max_lora_rank=_ANY_RANK)
+    adapter = load_lora_adapter(
+        adapter_dir,
+        base_layout(model_dir),
+        max_lora_rank=_ANY_RANK,
+        base=CheckpointBaseWeights(model_dir),
+    )
     return write_merged(model_dir, adapter, out_dir, dtype, quantization, device)
 
 

@@ -220,7 +220,7 @@ def test_export_merges_embedding_and_head_as_peft(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from engine.export import write_merged
+    from engine.export import merge_checkpoint, write_merged
 
     base = model_dirs["llama"]
     paths = make_adapters(base, tmp_path, {"eh": EMBED_HEAD["embed-head-qv"]})
@@ -236,6 +236,10 @@ def test_export_merges_embedding_and_head_as_peft(
         assert torch.allclose(tensor, want[key], atol=1e-6, rtol=1e-5), key
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         assert not torch.equal(got[key], original[key]), key
+    # loraserve merge, from the adapter's files: the same tensors
+    merge_checkpoint(base, paths["eh"], tmp_path / "cli", torch.float32)
+    from_disk = load_file(tmp_path / "cli" / "model.safetensors")
+    assert all(torch.equal(from_disk[key], tensor) for key, tensor in got.items())
 
     tied = model_dirs["mistral"]
     tied_paths = make_adapters(tied, tmp_path / "tied", {"eh": EMBED_HEAD["embed-head-qv"]})

@@ -187,6 +187,7 @@ class AdapterManager:
                 digest=weights_digest(weights),
                 kind=weights.kind,
                 num_virtual_tokens=weights.num_virtual_tokens,
+                lora_only=weights.is_lora_only,
                 pages=pages,
                 pinned=pinned,
                 flops_ratio=self._flops_ratio(weights),
@@ -224,6 +225,12 @@ class AdapterManager:
                     INVALID_MERGE,
                     f"{component!r} is a {entry.kind} adapter; a mixture combines LoRA "
                     f"adapters ({', '.join(MIXABLE_KINDS)})",
+                )
+            if not entry.lora_only:
+                raise AdapterError(
+                    INVALID_MERGE,
+                    f"{component!r} has a LoRA on embed_tokens or lm_head; a mixture combines "
+                    "LoRA on the decoder's linear layers only",
                 )
             if not math.isfinite(weight):
                 raise AdapterError(INVALID_MERGE, f"the weight of {component!r} is not finite")

@@ -50,6 +50,9 @@ class AdapterEntry:
         kind: the PEFT method (`adapters/kinds.py`; a mixture: ``lora``).
         num_virtual_tokens: positions its requests take before their own tokens (prompt
             and prefix tuning), counted against the context length.
+        lora_only: all it adds is LoRA on the decoder's linear layers
+            (``AdapterWeights.is_lora_only``; not so with a LoRA on the embeddings or the
+            head): what a mixture may combine.
     """
 
     id: int
@@ -70,6 +73,7 @@ class AdapterEntry:
     flops_ratio: float = 0.0
     kind: str = LORA
     num_virtual_tokens: int = 0
+    lora_only: bool = True
 
     @property
     def is_mixture(self) -> bool:
@@ -100,6 +104,7 @@ class AdapterRegistry:
         flops_ratio: float = 0.0,
         kind: str = LORA,
         num_virtual_tokens: int = 0,
+        lora_only: bool = True,
     ) -> tuple[AdapterEntry, AdapterEntry | None]:
         """Add ``name``; returns (new entry, the entry it replaced or None).
 
@@ -134,6 +139,7 @@ class AdapterRegistry:
                 flops_ratio=flops_ratio,
                 kind=kind,
                 num_virtual_tokens=num_virtual_tokens,
+                lora_only=lora_only,
             )
             self._versions[name] = entry.version
             self._by_name[name] = entry

@@ -141,7 +141,10 @@ def compose_candidates(engine: LLMEngine) -> list[str]:
     return [
         e.name
         for e in engine.adapters.registry.entries()
-        if not e.is_mixture and not e.name.startswith("_") and e.kind in MIXABLE_KINDS
+        if not e.is_mixture
+        and not e.name.startswith("_")
+        and e.kind in MIXABLE_KINDS
+        and e.lora_only
     ]
 
 

@@ -211,6 +211,36 @@ def test_static_decode_path_leaves_embed_head_steps_eager(
     assert run_engine(engine, paths, jobs, max_tokens=6, join_per_step=8) == expected
 
 
+def test_mixtures_and_merges_refuse_embedding_and_head_lora(
+    adapters: tuple[Path, dict[str, Path]],
+) -> None:
+    """A mixture routes rows through LoRA kernels only, and add_weighted_adapter combines the
+    decoder's linear layers only: both refuse an adapter with a LoRA on the vocabulary."""
+    from adapters.errors import AdapterError
+    from adapters.merge import MergeSpec, check_merge
+
+    base, paths = adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name in ("head", "lora"):
+        engine.load_lora(name, paths[name])
+    with pytest.raises(AdapterError) as info:
+        engine.adapters.register_mixture("mix", [("head", 0.5), ("lora", 0.5)])
+    assert info.value.code == "invalid_merge"
+    assert info.value.message == (
+        "'head' has a LoRA on embed_tokens or lm_head; a mixture combines LoRA on the "
+        "decoder's linear layers only"
+    )
+    weights = [engine.adapters.weights_of(engine.adapters.get(n)) for n in ("head", "lora")]
+    spec = MergeSpec(adapters=("head", "lora"), weights=(0.5, 0.5), combination_type="cat")
+    with pytest.raises(AdapterError) as info:
+        check_merge(weights, spec, engine.adapters.layout)
+    assert info.value.code == "invalid_merge"
+    assert info.value.message == (
+        "'head' has a LoRA on embed_tokens or lm_head: merges here combine LoRA on the "
+        "decoder's linear layers only"
+    )
+
+
 def test_export_merges_embedding_and_head_as_peft(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -1,5 +1,5 @@
-"""Adapter kinds beyond LoRA (DoRA, AdaLoRA, IA³, prompt and prefix tuning) in mixed batches
-equal transformers + PEFT.
+"""Every adapter kind (LoRA, DoRA, AdaLoRA, IA³, prompt and prefix tuning, LoRA on the
+embeddings and the head) in one mixed batch equals transformers + PEFT.
 
 Every request runs in one engine beside plain LoRA and base requests; each must produce the
 greedy tokens of the same request run alone through PEFT.
@@ -37,6 +37,7 @@ KINDS: dict[str, dict[str, Any]] = {
         "num_virtual_tokens": 3,
         "prefix_projection": True,
     },
+    "embed-head": {"kind": "lora_embed_head", "r": 4, "with_attention": True},
 }
 
 
@@ -169,10 +170,9 @@ def test_a_mixture_of_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str
     assert "'dora' is a dora adapter" in info.value.message
 
 
-def test_dora_on_an_nf4_base_uses_the_dequantized_weight(
-    model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
-    """DoRA's scales come from the served weight: on an NF4 base, dequantize(Q)."""
+def test_every_kind_on_an_nf4_base(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Every kind on an NF4 base equals PEFT on bitsandbytes' dequantized weights: DoRA's
+    scales, in particular, come from the served weight, dequantize(Q)."""
     from tests.engine.test_nf4_model import bitsandbytes_dequantized, save_with_bitsandbytes
 
     base = model_dirs["qwen2"]
@@ -186,8 +186,12 @@ def test_dora_on_an_nf4_base_uses_the_dequantized_weight(
         ),
         "adalora": make_kind_adapter(base, tmp_path / "ada", kind="adalora", seed=3, prune=True),
         "lora": make_adapter(base, tmp_path / "lora", r=4, alpha=8, targets="all-linear", seed=4),
+        **{
+            name: make_kind_adapter(base, tmp_path / name, seed=6 + i, **KINDS[name])
+            for i, name in enumerate(("prompt", "prefix", "embed-head"))
+        },
     }
-    jobs = mixed_jobs(list(paths), 10, seed=7)
+    jobs = mixed_jobs(list(paths), 14, seed=7)
     expected = peft_greedy(oracle, paths, jobs, max_tokens=8)
     engine = LLMEngine(EngineConfig.create(quantized, dtype="float32", max_num_batched_tokens=40))
     assert run_engine(engine, paths, jobs, max_tokens=8) == expected

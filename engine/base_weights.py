@@ -73,7 +73,8 @@ class CheckpointBaseWeights:
     def weight(self, layer: int, target: str) -> torch.Tensor:
         raise AdapterError(
             UNSUPPORTED_ADAPTER_FEATURE,
-            "DoRA (use_dora) is not supported without the served base weights",
+            "DoRA (use_dora) is not supported without the served base weights: export a "
+            "DoRA adapter from a server that has loaded it (POST /v1/adapters/{name}/export)",
         )
 
     def embedding(self) -> torch.Tensor:

@@ -78,16 +78,18 @@ class HeadLora:
     ) -> HeadLora | None:
         """From consecutive groups of rows, ``(adapter slots, number of rows)`` each (a
         chunk's slots and its sampled or prompt rows); None when no row has a head LoRA."""
+        if meta is None:
+            return None
         runs: list[tuple[int, int, int]] = []
         lo = 0
         for slots, n in groups:
-            if meta is not None and len(slots) == 1 and "head_a" in meta.blocks.get(slots[0], {}):
+            if len(slots) == 1 and "head_a" in meta.blocks.get(slots[0], {}):
                 if runs and runs[-1][0] == slots[0] and runs[-1][2] == lo:
                     runs[-1] = (slots[0], runs[-1][1], lo + n)
                 else:
                     runs.append((slots[0], lo, lo + n))
             lo += n
-        return None if meta is None or not runs else cls(meta, pools, tuple(runs))
+        return cls(meta, pools, tuple(runs)) if runs else None
 
     def add(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         """Add each run's head LoRA to its rows of ``logits`` (rows, vocab), computed from

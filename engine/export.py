@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from adapters.base_layout import BaseModelLayout
-from adapters.loader import load_lora_adapter
+from adapters.kinds import LoadContext, read_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
 from engine.base_weights import CheckpointBaseWeights
 from engine.config import QUANTIZATIONS, resolve_quantization
@@ -104,7 +104,7 @@ def merge_checkpoint(
     quantization: str = "none",
     device: torch.device | None = None,
 ) -> Path:
-    """Write ``model_dir`` with the PEFT LoRA adapter in ``adapter_dir`` merged in to ``out_dir``.
+    """Write ``model_dir`` with the PEFT adapter in ``adapter_dir`` merged in to ``out_dir``.
 
     The adapter is validated against the base's layout first (any rank is accepted).
     ``out_dir`` must not exist or be empty. See :func:`merged_tensors` for the rest.
@@ -114,12 +114,8 @@ def merge_checkpoint(
         ValueError: the base or ``out_dir`` is unusable.
     """
     _check_out_dir(out_dir)
-    adapter = load_lora_adapter(
-        adapter_dir,
-        base_layout(model_dir),
-        max_lora_rank=_ANY_RANK,
-        base=CheckpointBaseWeights(model_dir),
-    )
+    context = LoadContext(base_layout(model_dir), _ANY_RANK, base=CheckpointBaseWeights(model_dir))
+    adapter = read_adapter(adapter_dir, context)  # any kind; merged_tensors refuses the rest
     return write_merged(model_dir, adapter, out_dir, dtype, quantization, device)
 
 

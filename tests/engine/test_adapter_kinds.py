@@ -389,3 +389,29 @@ def test_export_of_virtual_token_kinds_is_refused(
         with pytest.raises(ValueError, match="adds virtual tokens, not weights"):
             write_merged(base, adapter, tmp_path / name, torch.float32)
         assert not (tmp_path / name / "model.safetensors").exists()
+
+
+def test_loraserve_merge_from_disk_takes_every_kind_it_can(
+    kind_adapters: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """``loraserve merge`` (offline) merges IA³ and AdaLoRA directories as the export route
+    does, and refuses DoRA, whose scales need the served weights, and prefix tuning."""
+    from safetensors.torch import load_file
+
+    from engine.export import merge_checkpoint, write_merged
+
+    base, paths = kind_adapters
+    engine = LLMEngine(EngineConfig.create(base, dtype="float32"))
+    for name in ("ia3", "adalora"):
+        merge_checkpoint(base, paths[name], tmp_path / f"cli-{name}", torch.float32)
+        engine.load_lora(name, paths[name])
+        served = engine.adapters.weights_of(engine.adapters.get(name))
+        write_merged(base, served, tmp_path / f"route-{name}", torch.float32)
+        cli = load_file(tmp_path / f"cli-{name}" / "model.safetensors")
+        route = load_file(tmp_path / f"route-{name}" / "model.safetensors")
+        assert cli.keys() == route.keys()
+        assert all(torch.equal(cli[k], route[k]) for k in cli), name
+    with pytest.raises(AdapterError, match="POST /v1/adapters/"):
+        merge_checkpoint(base, paths["dora"], tmp_path / "cli-dora", torch.float32)
+    with pytest.raises(ValueError, match="adds virtual tokens"):
+        merge_checkpoint(base, paths["prefix"], tmp_path / "cli-prefix", torch.float32)

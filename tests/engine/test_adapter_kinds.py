@@ -170,12 +170,15 @@ def test_a_mixture_of_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str
     assert "'dora' is a dora adapter" in info.value.message
 
 
-def test_every_kind_on_an_nf4_base(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_every_kind_on_an_nf4_base(
+    model_dirs: dict[str, Path], tmp_path: Path, family: str
+) -> None:
     """Every kind on an NF4 base equals PEFT on bitsandbytes' dequantized weights: DoRA's
     scales, in particular, come from the served weight, dequantize(Q)."""
     from tests.engine.test_nf4_model import bitsandbytes_dequantized, save_with_bitsandbytes
 
-    base = model_dirs["qwen2"]
+    base = model_dirs[family]
     quantized = save_with_bitsandbytes(base, tmp_path / "bnb")
     oracle = bitsandbytes_dequantized(quantized, tmp_path / "oracle")
     paths = {
@@ -276,7 +279,7 @@ def test_merging_other_kinds_is_refused(kind_adapters: tuple[Path, dict[str, Pat
 
 
 def test_churn_over_a_mix_of_kinds(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """Eighteen adapters of four kinds through a pool that holds a few at a time, loaded,
+    """Eighteen adapters of seven kinds through a pool that holds a few at a time, loaded,
     unloaded and loaded again while requests run: every request finishes with the tokens it
     gets alone, the pool's books balance after every step, and evictions happened."""
     base = model_dirs["llama"]
@@ -285,6 +288,9 @@ def test_churn_over_a_mix_of_kinds(model_dirs: dict[str, Path], tmp_path: Path) 
         "dora": lambda p, s: make_kind_adapter(base, p, "dora", seed=s, r=2),
         "ia3": lambda p, s: make_kind_adapter(base, p, "ia3", seed=s),
         "adalora": lambda p, s: make_kind_adapter(base, p, "adalora", seed=s, prune=True),
+        "prompt": lambda p, s: make_kind_adapter(base, p, seed=s, **KINDS["prompt"]),
+        "prefix": lambda p, s: make_kind_adapter(base, p, seed=s, **KINDS["prefix"]),
+        "embed": lambda p, s: make_kind_adapter(base, p, seed=s, **KINDS["embed-head"]),
     }
     paths = {
         f"{kind}{i}": make(tmp_path / f"{kind}{i}", 100 + 10 * i + k)

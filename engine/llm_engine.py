@@ -31,10 +31,10 @@ from engine.kv_cache import PAGES_PER_TOKEN, KVCache
 from engine.loader import eos_token_ids, load_model, load_tokenizer
 from engine.model import Backends
 from engine.model_runner import ModelRunner
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import AdapterStatus, EngineStats, RequestOutput
 from engine.page_pool import PagePool, Tenant
 from engine.quantization import memory_report
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -117,6 +117,9 @@ class LLMEngine:
             graphs.capture()
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
+        # Running and waiting requests by adapter, counted after a step when stats asked
+        self._adapter_load: dict[str, tuple[int, int]] = {}
+        self._load_wanted = False
         self._aborts: list[str] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -391,7 +394,19 @@ class LLMEngine:
         advanced = self.scheduler.update(scheduled, results, self.requests)
         self.num_steps += 1
         self.generation_tokens += sum(1 for c in scheduled.chunks if c.sample)
+        if self._load_wanted:  # someone asked for stats since the last count
+            self._load_wanted = False
+            self._adapter_load = self._count_by_adapter()
         return aborted + [self._output(r) for r in advanced]
+
+    def _count_by_adapter(self) -> dict[str, tuple[int, int]]:
+        """Adapter name to (running, waiting) requests (the engine thread's count)."""
+        counts: dict[str, list[int]] = {}
+        for request in self.requests.values():
+            if request.adapter is not None:
+                count = counts.setdefault(request.adapter.name, [0, 0])
+                count[request.status is not RequestStatus.RUNNING] += 1
+        return {name: (running, waiting) for name, (running, waiting) in counts.items()}
 
     def _fail(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         outputs = []
@@ -445,7 +460,37 @@ class LLMEngine:
             client_prompt_tokens=_snapshot(ledger.prompt_tokens),
             client_output_tokens=_snapshot(ledger.output_tokens),
             client_virtual_tokens=ledger.labelled(_snapshot(self.scheduler.waiting.counters())),
+            page_bytes=self.pool.page_bytes,
+            adapters=self._adapter_statuses(),
         )
+
+    def _adapter_statuses(self) -> list[AdapterStatus]:
+        """Every registered adapter's tier, size and load (any thread: membership tests and
+        the engine thread's last count, which this asks to be taken again)."""
+        self._load_wanted = True
+        load = self._adapter_load if self.has_unfinished() else {}
+        with self._lock:
+            queued = [r.adapter.name for r in self._inbox if r.adapter is not None]
+        residency, host = self.adapters.residency, self.adapters.host_cache
+        pinned = set(self.adapters.pinned_names())
+        statuses = []
+        for entry in self.adapters.registry.entries():
+            tier = "pool" if entry.id in residency else "host" if entry.id in host else "disk"
+            running, waiting = load.get(entry.name, (0, 0))
+            statuses.append(
+                AdapterStatus(
+                    name=entry.name,
+                    kind=entry.kind,
+                    version=entry.version,
+                    pinned=entry.name in pinned,
+                    tier=tier,
+                    rank=entry.max_rank,
+                    pages=entry.pages,
+                    running=running,
+                    waiting=waiting + queued.count(entry.name),
+                )
+            )
+        return statuses
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._lock:

@@ -72,6 +72,31 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class AdapterStatus:
+    """One registered adapter, as the status route shows it.
+
+    Attributes:
+        name, kind, version, pinned: as registered (kind: ``lora``, ``dora``, ...).
+        tier: where its weights are now: ``pool`` (resident, servable at once), ``host``
+            (parsed in host memory) or ``disk`` (read again from its files when needed).
+        rank: its largest LoRA rank (0 for kinds without one).
+        pages: pool pages it takes when resident.
+        running, waiting: its unfinished requests, by state (as of the last step; may lag
+            one step).
+    """
+
+    name: str
+    kind: str
+    version: int
+    pinned: bool
+    tier: str
+    rank: int
+    pages: int
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges of the engine, for metrics (names follow vLLM's)."""
 
@@ -109,6 +134,8 @@ class EngineStats:
     client_prompt_tokens: dict[str, int] = field(default_factory=dict)
     client_output_tokens: dict[str, int] = field(default_factory=dict)
     client_virtual_tokens: dict[str, float] = field(default_factory=dict)
+    page_bytes: int = 0  # one page across all layers
+    adapters: list[AdapterStatus] = field(default_factory=list)  # every registered one
 
     @property
     def kv_cache_usage(self) -> float:

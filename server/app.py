@@ -31,6 +31,7 @@ from server.formatting import TokenText
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openai_routes import openai_router
 from server.state import ServerState
+from server.status import status_router
 
 
 class _CORSMiddleware(CORSMiddleware):
@@ -100,6 +101,7 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai_router(state))
+    app.include_router(status_router(state))
     if config.lora_routes_enabled:
         app.include_router(admin_router(state))
         app.include_router(adapter_router(state))

@@ -212,9 +212,10 @@ class BridgeBase(abc.ABC):
                     queue_s = output.queue_time
                     if queue_s is None:
                         queue_s = step_started - group.arrival
-                    self.metrics.first_token(now - group.arrival, queue_s)
+                    self.metrics.first_token(now - group.arrival, queue_s, adapter)
                 else:
                     self.metrics.inter_token(now - last)
+                self.metrics.tokens(len(output.new_token_ids), adapter)
                 group.last_token_time[rid] = now
             if output.finished:
                 del self._routes[output.request_id]

@@ -14,8 +14,10 @@ engine, which names at most 32 clients and sums the rest under ``(other)``.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -231,6 +233,17 @@ class _EngineCollector(Collector):
         return name if self._own_label(name) else "other"
 
 
+@dataclass
+class AdapterTiming:
+    """What the API process saw of one adapter's requests (the status route's per-adapter
+    figures): finished requests, the sum of their times to first token, and tokens."""
+
+    requests: int = 0
+    first_tokens: int = 0
+    ttft_seconds: float = 0.0
+    tokens: int = 0
+
+
 class ServerMetrics:
     """The server's registry: request timings plus the engine's snapshot."""
 
@@ -245,6 +258,7 @@ class ServerMetrics:
         self._base_name = base_name
         self._adapter_labels: set[str] = set()
         self._lock = threading.Lock()
+        self._timings: dict[str, AdapterTiming] = {}  # by label; for the status route
         if stats is not None:
             self.watch_engine(stats)
         r = self.registry
@@ -299,25 +313,49 @@ class ServerMetrics:
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's snapshot, read through ``stats`` at each scrape."""
-        self.registry.register(_EngineCollector(stats, self._own_label, self._base_name))
+        self.registry.register(_EngineCollector(stats, self.own_label, self._base_name))
 
-    def first_token(self, ttft_s: float, queue_s: float) -> None:
+    def first_token(self, ttft_s: float, queue_s: float, adapter: str | None = None) -> None:
         self.ttft.observe(ttft_s)
         self.queue_time.observe(max(queue_s, 0.0))
+        timing = self._timing(adapter)
+        with self._lock:
+            timing.ttft_seconds += ttft_s
+            timing.first_tokens += 1
 
     def inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
+
+    def tokens(self, count: int, adapter: str | None = None) -> None:
+        """``count`` tokens generated for a request on ``adapter`` (None: the base)."""
+        timing = self._timing(adapter)
+        with self._lock:
+            timing.tokens += count
 
     def request_finished(self, reason: str, e2e_s: float, adapter: str | None = None) -> None:
         self.success.labels(reason).inc()
         self.e2e.observe(e2e_s)
         if adapter is not None:
             self.adapter_requests.labels(self._adapter_label(adapter)).inc()
+        timing = self._timing(adapter)
+        with self._lock:
+            timing.requests += 1
+
+    def adapter_timings(self) -> dict[str, AdapterTiming]:
+        """A copy of the per-adapter timings: adapters with a label of their own, the base
+        model under its name, the rest summed under ``other``."""
+        with self._lock:
+            return {name: dataclasses.replace(t) for name, t in self._timings.items()}
+
+    def _timing(self, adapter: str | None) -> AdapterTiming:
+        label = self._base_name if adapter is None else self._adapter_label(adapter)
+        with self._lock:
+            return self._timings.setdefault(label, AdapterTiming())
 
     def _adapter_label(self, name: str) -> str:
-        return name if self._own_label(name) else "other"
+        return name if self.own_label(name) else "other"
 
-    def _own_label(self, name: str) -> bool:
+    def own_label(self, name: str) -> bool:
         """Whether ``name`` has (or, while labels remain, now gets) a label of its own."""
         if name.startswith("_"):
             return False  # temporary: clients never name it, and there is one per step

@@ -369,6 +369,13 @@ def test_metrics_and_health(server: ServeProcess) -> None:
     assert server.metric("loraserve:num_loaded_adapters") >= 4
     assert server.metric("loraserve:num_pool_pages") > 0
     assert server.metric("loraserve:engine_steps_total") > 0
+    with server.http() as http:  # the status route: the engine's snapshot crosses the socket
+        status = http.get("/v1/status").json()
+    pool = status["pool"]
+    assert pool["free"] + pool["kv"] + pool["adapter"] + pool["cached"] == pool["num_pages"]
+    rows = {row["name"]: row for row in status["adapters"]}
+    assert rows["upper"]["tier"] == "pool" and rows["upper"]["generated_tokens"] > 0
+    assert rows["upper"]["pinned"]  # --pinned-lora-modules upper
 
 
 def test_priority_user_and_pins_cross_to_the_engine_process(server: ServeProcess) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from adapters.compose import ComposeSpec, Example
 from adapters.merge import MergeSpec
-from engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from engine.outputs import AdapterStatus, EngineStats, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from server.engine_protocol import (
     HEADER,
@@ -153,6 +153,8 @@ def test_engine_dataclasses_keep_their_types() -> None:
 def _value(type_name: str, i: int) -> Any:
     if type_name.startswith("dict"):  # by adapter name ("" = the base model)
         return {"": i, "upper": i + 1}
+    if type_name == "list[AdapterStatus]":  # the status route's adapters
+        return [AdapterStatus("upper", "dora", 2, True, "pool", 8, 40 + i, 1, 2)]
     if type_name.startswith("list"):  # adapter names
         return ["upper", f"a{i}"]
     return i + 0.5 if "float" in type_name else i

@@ -65,7 +65,8 @@ class AdapterPlan:
 
     Attributes:
         name: ``rank 8`` for a rank of the grid, else the adapter directory's name.
-        rank: its largest rank.
+        kind: the adapter's kind (``lora``, ``ia3``, ...: ``adapters/kinds.py``).
+        rank: its largest rank (0 for a kind without LoRA matrices).
         targets: the linear layers its LoRA adapts.
         pages: pool pages it takes when resident (``AdapterEntry.pages``).
         fits: ``(resident adapters, tokens of KV cache that still fit beside them)``; the
@@ -73,6 +74,7 @@ class AdapterPlan:
     """
 
     name: str
+    kind: str
     rank: int
     targets: tuple[str, ...]
     pages: int
@@ -146,6 +148,7 @@ class Plan:
             "adapters": [
                 {
                     "name": a.name,
+                    "kind": a.kind,
                     "rank": a.rank,
                     "targets": list(a.targets),
                     "pages": a.pages,
@@ -212,7 +215,7 @@ def make_plan(
 
     shapes = _rank_shapes(ranks, targets, config.lora.max_lora_rank, layout)
     plans = [
-        AdapterPlan(f"rank {r}", r, ts, cost.lora_pages(dict.fromkeys(ts, r)), ())
+        AdapterPlan(f"rank {r}", "lora", r, ts, cost.lora_pages(dict.fromkeys(ts, r)), ())
         for r, ts in shapes
     ]
     context = LoadContext(layout, config.lora.max_lora_rank, mc.dtype)
@@ -222,7 +225,11 @@ def make_plan(
         except AdapterError as e:
             raise ValueError(f"{path}: {e.message}") from None
         pages = cost.pages(weights.modules, weights.blocks(layout.num_layers))
-        plans.append(AdapterPlan(path.name, weights.max_rank, _ordered(weights.targets), pages, ()))
+        plans.append(
+            AdapterPlan(
+                path.name, weights.kind, weights.max_rank, _ordered(weights.targets), pages, ()
+            )
+        )
     return Plan(
         model=mc.model_dir.name,
         dtype=str(mc.dtype).removeprefix("torch."),
@@ -238,7 +245,8 @@ def make_plan(
         weights=weight_memory(mc.model_dir, mc.dtype, mc.quantization, mc.load_format),
         pool=pool,
         adapters=tuple(
-            AdapterPlan(a.name, a.rank, a.targets, a.pages, fits(max(a.pages, 1))) for a in plans
+            AdapterPlan(a.name, a.kind, a.rank, a.targets, a.pages, fits(max(a.pages, 1)))
+            for a in plans
         ),
     )
 
@@ -276,70 +284,3 @@ def _ordered(targets: Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in LINEAR_TARGETS if t in names) + tuple(
         sorted(names - set(LINEAR_TARGETS))
     )
-
-
-# ---------------------------------------------------------------------------------------
-# The table.
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.2f} GiB"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} B"
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a table a person reads."""
-    w, p, g = plan.weights, plan.pool, plan.geometry
-    lines = [
-        f"model        {plan.model}: {plan.dtype}, quantization {plan.quantization}, "
-        f"max_model_len {plan.max_model_len}, max_num_seqs {plan.max_num_seqs}, "
-        f"decode {plan.graph_mode}",
-        f"weights      {w.params:,} params, {_gib(w.bytes)} ({w.bytes:,} bytes), "
-        f"{w.bits_per_param:.3f} bits/param",
-    ]
-    if w.quantized_params:
-        lines.append(
-            f"  nf4        {w.quantized_params:,} params, {_gib(w.quantized_bytes)}, "
-            f"{w.quantized_bits_per_param:.3f} bits/param (blocksize 64, double quantization)"
-        )
-    if p.source == "device":
-        assert p.device_memory is not None and p.weight_bytes is not None
-        assert p.budget is not None and p.cap_bytes is not None
-        lines.append(
-            f"memory       {_gib(p.device_memory)} device × 0.85 − weights {_gib(p.weight_bytes)}"
-            f" − headroom 1.00 GiB − decode graphs {_size(p.graph_bytes)} = {_gib(p.budget)}"
-        )
-        if p.cap_bytes < p.budget:
-            lines.append(
-                f"             capped at {plan.max_num_seqs} sequences × {plan.max_model_len} "
-                f"tokens = {_gib(p.cap_bytes)}"
-            )
-    sources = {"num_pages": "--num-pages", "pool_memory": "--pool-memory", "cpu": "CPU default"}
-    lines += [
-        f"pool         {p.num_pages:,} pages × {_size(p.page_bytes)} = {_gib(p.pool_bytes)} "
-        f"(+1 scratch page){'; ' + sources[p.source] if p.source in sources else ''}",
-        f"             a page: {g.num_layers} layers × {g.page_width} elements × "
-        f"{g.itemsize} bytes",
-        f"KV/token     {_size(g.kv_bytes_per_token)} = 2 × {g.num_layers} layers × "
-        f"{plan.num_kv_heads} KV heads × {plan.head_dim} head dim × {g.itemsize} bytes",
-        f"KV only      {plan.kv_tokens:,} tokens "
-        f"({plan.kv_tokens / plan.max_model_len:,.1f} full-length sequences)",
-        "",
-        f"{'adapter':<16}{'rank':>5}  {'targets':<14}{'pages':>9}{'size':>12}",
-    ]
-    for a in plan.adapters:
-        every = set(a.targets) == set(LINEAR_TARGETS)
-        targets = "all-linear" if every else ",".join(t.removesuffix("_proj") for t in a.targets)
-        size = _size(a.pages * p.page_bytes)
-        lines.append(f"{a.name:<16}{a.rank:>5}  {targets:<14}{a.pages:>9,}{size:>12}")
-    lines += ["", "resident adapters → tokens of context that still fit"]
-    for a in plan.adapters:
-        cells = "   ".join(f"{n:>4,} → {t:>9,}" for n, t in a.fits) or "none fits"
-        lines.append(f"{a.name:<16}{cells}")
-    return "\n".join(lines)

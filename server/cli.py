@@ -19,7 +19,6 @@ writes W + scaling · B @ A for every module the adapter adapts (see :mod:`engin
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -30,9 +29,9 @@ from adapters.errors import AdapterError
 from engine import LLM, SamplingParams
 from engine.config import resolve_dtype
 from engine.export import merge_checkpoint, quantize_checkpoint
-from engine.plan import adapter_dirs_under, format_plan, make_plan, parse_size
 from server.bench.cli import add_bench_parser
-from server.engine_args import add_engine_args, add_sizing_args, engine_config
+from server.engine_args import add_engine_args, engine_config
+from server.plan_cli import add_plan_parser
 from server.serve_args import add_serve_args
 
 
@@ -81,72 +80,6 @@ def _merge(args: argparse.Namespace) -> int:
     stored = "nf4" if args.quantization == "nf4" else str(dtype).removeprefix("torch.")
     print(f"wrote {out_dir} ({adapter_dir.name} merged into {model_dir.name}, {stored})")
     return 0
-
-
-def _plan(args: argparse.Namespace) -> int:
-    memory = parse_size(args.gpu_memory) if args.gpu_memory else None
-    sized = args.num_pages is not None or args.pool_memory is not None
-    if memory is None and torch.cuda.is_available():
-        memory = torch.cuda.get_device_properties(0).total_memory
-    elif memory is None and not sized:
-        raise ValueError("no CUDA device here: pass --gpu-memory (e.g. 80GiB) or the pool's size")
-    plan = make_plan(
-        args.model_dir,
-        device_memory=memory,
-        device=None if memory else "cpu",
-        ranks=args.ranks,
-        targets=args.targets,
-        adapter_dirs=adapter_dirs_under(Path(args.adapters)) if args.adapters else (),
-        dtype=args.dtype,
-        quantization=args.quantization,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        pool_memory=args.pool_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_lora_rank=args.max_lora_rank,
-        max_resident_loras=args.max_resident_loras,
-        enforce_eager=args.enforce_eager,
-        cuda_graph_sizes=args.cuda_graph_sizes,
-    )
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-def _add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    plan = commands.add_parser(
-        "plan", help="print what the engine would allocate: weights, pool, KV, adapters"
-    )
-    plan.add_argument(
-        "model_dir", nargs="?", default=None, help="a model directory (default: the demo model)"
-    )
-    plan.add_argument(
-        "--gpu-memory",
-        default=None,
-        metavar="SIZE",
-        help="the GPU's total memory, e.g. 80GiB (default: the CUDA device's)",
-    )
-    add_sizing_args(plan)
-    plan.add_argument(
-        "--ranks", type=_ints, default=None, metavar="R[,R...]", help="default 8,16,32,64"
-    )
-    plan.add_argument(
-        "--targets",
-        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
-        default=None,
-        metavar="T[,T...]",
-        help="the adapters' target layers (default: every linear layer)",
-    )
-    plan.add_argument("--adapters", default=None, metavar="DIR", help="PEFT adapters to size")
-    plan.add_argument("--json", action="store_true", help="print JSON")
-    plan.set_defaults(run=_plan)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--device", default=None, help="where to merge (default: cuda if any)")
     merge.set_defaults(run=_merge)
 
-    _add_plan_parser(commands)
+    add_plan_parser(commands)
     add_bench_parser(commands)
 
     args = parser.parse_args(argv)

@@ -11,11 +11,12 @@ import torch
 from engine import LLMEngine
 from engine.config import DEMO_DIR, EngineConfig
 from engine.cuda_graph import capture_sizes, graph_memory_bytes
-from engine.plan import format_plan, make_plan, parse_size
+from engine.plan import make_plan, parse_size
 from engine.quantization import quantize_nf4
 from engine.sizing import graph_shape
 from kernels.nf4 import nf4_nbytes
 from server.cli import main
+from server.plan_cli import format_plan
 from tests.tiny_models import make_model, write_random_adapter
 
 PRESET_7B = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "llama-2-7b"
@@ -153,8 +154,8 @@ def test_plan_cli_prints_the_table_and_json(
     for line in (
         "weights      6,738,415,616 params",
         "4.127 bits/param",
-        f"pool         {pool['num_pages']:,} pages × 256.0 KiB",
-        "KV/token     512.0 KiB = 2 × 32 layers × 32 KV heads × 128 head dim × 2 bytes",
+        f"pool         {pool['num_pages']:,} pages × 256.00 KiB",
+        "KV/token     512.00 KiB = 2 × 32 layers × 32 KV heads × 128 head dim × 2 bytes",
         "rank 64",
         "resident adapters → tokens of context that still fit",
     ):
@@ -189,3 +190,19 @@ def test_parse_size() -> None:
 def test_format_plan_names_the_source(qwen2: tuple[Path, Path]) -> None:
     text = format_plan(make_plan(qwen2[0], num_pages=64, device="cpu"))
     assert "64 pages" in text and "--num-pages" in text
+
+
+def test_plan_sizes_a_directory_of_adapters_as_the_engine(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every demo adapter (LoRA of several ranks and targets, prefix tuning) takes the pages
+    the plan says once loaded."""
+    adapters = DEMO_DIR / "adapters"
+    assert main(["plan", "--num-pages", "5000", "--adapters", str(adapters), "--json"]) == 0
+    planned = {a["name"]: a for a in json.loads(capsys.readouterr().out)["adapters"]}
+    engine = LLMEngine(EngineConfig.create(DEMO_DIR / "model", num_pages=5000, device="cpu"))
+    names = sorted(p.name for p in adapters.iterdir() if p.is_dir())
+    assert names and set(names) < set(planned)
+    for name in names:
+        engine.load_lora(name, adapters / name)
+        assert planned[name]["pages"] == engine.adapters.get(name).pages, name

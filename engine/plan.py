@@ -213,10 +213,10 @@ def make_plan(
         counts = [n for n in GRID_COUNTS if n < most] + ([most] if most else [])
         return tuple((n, tokens_beside(pool.num_pages, n * pages)) for n in counts)
 
-    shapes = _rank_shapes(ranks, targets, config.lora.max_lora_rank, layout)
-    plans = [
-        AdapterPlan(f"rank {r}", "lora", r, ts, cost.lora_pages(dict.fromkeys(ts, r)), ())
-        for r, ts in shapes
+    # (name, kind, rank, targets, pages) of each adapter to size.
+    sized: list[tuple[str, str, int, tuple[str, ...], int]] = [
+        (f"rank {r}", "lora", r, ts, cost.lora_pages(dict.fromkeys(ts, r)))
+        for r, ts in _rank_shapes(ranks, targets, config.lora.max_lora_rank, layout)
     ]
     context = LoadContext(layout, config.lora.max_lora_rank, mc.dtype)
     for path in adapter_dirs:
@@ -225,11 +225,7 @@ def make_plan(
         except AdapterError as e:
             raise ValueError(f"{path}: {e.message}") from None
         pages = cost.pages(weights.modules, weights.blocks(layout.num_layers))
-        plans.append(
-            AdapterPlan(
-                path.name, weights.kind, weights.max_rank, _ordered(weights.targets), pages, ()
-            )
-        )
+        sized.append((path.name, weights.kind, weights.max_rank, _ordered(weights.targets), pages))
     return Plan(
         model=mc.model_dir.name,
         dtype=str(mc.dtype).removeprefix("torch."),
@@ -244,10 +240,7 @@ def make_plan(
         geometry=geometry,
         weights=weight_memory(mc.model_dir, mc.dtype, mc.quantization, mc.load_format),
         pool=pool,
-        adapters=tuple(
-            AdapterPlan(a.name, a.kind, a.rank, a.targets, a.pages, fits(max(a.pages, 1)))
-            for a in plans
-        ),
+        adapters=tuple(AdapterPlan(*a, fits(max(a[-1], 1))) for a in sized),
     )
 
 

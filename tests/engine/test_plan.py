@@ -206,3 +206,12 @@ def test_plan_sizes_a_directory_of_adapters_as_the_engine(
     for name in names:
         engine.load_lora(name, adapters / name)
         assert planned[name]["pages"] == engine.adapters.get(name).pages, name
+
+
+def test_readme_shows_the_7b_plan() -> None:
+    """The README's bf16 example is this code's output, line for line."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = "$ loraserve plan benchmarks/presets/llama-2-7b --load-format dummy "
+    shown = readme.split(command, 1)[1].split("\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    plan = make_plan(PRESET_7B, device_memory=80 * GIB, dtype="bfloat16", load_format="dummy")
+    assert shown == format_plan(plan)

@@ -32,7 +32,8 @@ from engine.dummy import checkpoint_shapes
 from engine.model import ModelArch
 from engine.naming import is_quantized_linear
 from engine.prefix_cache import PAGES_PER_TOKEN
-from kernels.nf4 import nf4_nbytes
+from engine.quantization import QUANT_STATE_KEY, unpack_quant_state
+from kernels.nf4 import NESTED_BLOCKSIZE, nf4_nbytes
 
 # What the default pool leaves for activations and the allocator's own use, on a GPU (as
 # vLLM's ``gpu_memory_utilization``).
@@ -98,7 +99,7 @@ class WeightMemory:
     """The base model's weights once loaded.
 
     Attributes:
-        params: parameters of every weight (a stored 4-bit weight: two per packed byte).
+        params: parameters of every weight (of a 4-bit weight, the values it packs).
         bytes: bytes they take, quantization included.
         quantized_params, quantized_bytes: the NF4 weights alone (their scales and maps in
             the bytes).
@@ -127,31 +128,50 @@ def weight_memory(
 
     The tensors are read from the safetensors headers or, with dummy weights (or no
     safetensors at all), from the shapes ``config.json`` gives the model. Float tensors count
-    in ``dtype``; stored 4-bit tensors as stored; with NF4 quantization at load, each of the
-    decoder's linear weights counts as the :class:`~kernels.nf4.NF4Weight` it becomes
-    (blocksize 64, double quantization).
+    in ``dtype``; each weight stored in 4 bits (bitsandbytes), or quantized to NF4 at load
+    (the decoder's linear weights; blocksize 64, double quantization), counts as the
+    :class:`~kernels.nf4.NF4Weight` it is loaded as.
     """
     size = itemsize(dtype)
+    stored_nf4 = {} if load_format == "dummy" else _stored_nf4_weights(model_dir)
     params = total = q_params = q_bytes = 0
-    for name, shape, stored in _checkpoint_tensors(model_dir, load_format):
+    for name, shape in _checkpoint_tensors(model_dir, load_format):
+        head, infix, _ = name.partition(".weight.")
+        if infix and head + ".weight" in stored_nf4:
+            continue  # a packed weight's scales and maps: counted with it
         numel = math.prod(shape)
-        if stored in ("U8", "I8"):
-            # A packed 4-bit weight holds two values a byte; its uint8 scales are no params.
-            packed = name.endswith(".weight")
-            params += 2 * numel if packed else 0
-            q_params += 2 * numel if packed else 0
-            total += numel
-            q_bytes += numel
+        if name in stored_nf4:
+            numel, nbytes = stored_nf4[name]
         elif quantization == "nf4" and is_quantized_linear(name, shape):
             nbytes = nf4_nbytes(numel)
-            params += numel
-            q_params += numel
-            total += nbytes
-            q_bytes += nbytes
         else:
             params += numel
             total += numel * size
+            continue
+        params += numel
+        q_params += numel
+        total += nbytes
+        q_bytes += nbytes
     return WeightMemory(params, total, q_params, q_bytes)
+
+
+def _stored_nf4_weights(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """``<module>.weight`` to ``(params, bytes)`` of each weight a bitsandbytes checkpoint
+    stores in 4 bits, from its quant state (a few bytes of JSON read per weight)."""
+    found = {}
+    suffix = ".weight." + QUANT_STATE_KEY
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not name.endswith(suffix):
+                    continue
+                state = unpack_quant_state(f.get_tensor(name))
+                numel = math.prod(int(d) for d in state["shape"])
+                nested = "nested_blocksize" in state
+                nested_blocksize = int(state.get("nested_blocksize", NESTED_BLOCKSIZE))
+                nbytes = nf4_nbytes(numel, int(state["blocksize"]), nested, nested_blocksize)
+                found[name.removesuffix("." + QUANT_STATE_KEY)] = (numel, nbytes)
+    return found
 
 
 def weight_bytes(
@@ -161,20 +181,17 @@ def weight_bytes(
     return weight_memory(model_dir, dtype, quantization, load_format).bytes
 
 
-def _checkpoint_tensors(
-    model_dir: Path, load_format: str
-) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
-    """``(name, shape, stored dtype)`` of every tensor; the dtype None for dummy weights."""
+def _checkpoint_tensors(model_dir: Path, load_format: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every tensor: from the safetensors headers, or from the model
+    ``config.json`` describes (built on the meta device) with dummy weights or no files."""
     files = sorted(model_dir.glob("*.safetensors"))
     if load_format == "dummy" or not files:
-        for name, shape in checkpoint_shapes(model_dir):
-            yield name, shape, None
+        yield from checkpoint_shapes(model_dir)
         return
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                part = f.get_slice(name)
-                yield name, tuple(part.get_shape()), part.get_dtype()
+                yield name, tuple(f.get_slice(name).get_shape())
 
 
 # ---------------------------------------------------------------------------------------

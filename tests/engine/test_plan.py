@@ -11,6 +11,7 @@ import torch
 from engine import LLMEngine
 from engine.config import DEMO_DIR, EngineConfig
 from engine.cuda_graph import capture_sizes, graph_memory_bytes
+from engine.export import quantize_checkpoint
 from engine.plan import make_plan, parse_size
 from engine.quantization import quantize_nf4
 from engine.sizing import graph_shape
@@ -215,3 +216,15 @@ def test_readme_shows_the_7b_plan() -> None:
     shown = readme.split(command, 1)[1].split("\n", 1)[1].split("```", 1)[0].rstrip("\n")
     plan = make_plan(PRESET_7B, device_memory=80 * GIB, dtype="bfloat16", load_format="dummy")
     assert shown == format_plan(plan)
+
+
+def test_plan_of_a_stored_nf4_checkpoint(qwen2: tuple[Path, Path], tmp_path: Path) -> None:
+    """A checkpoint stored in 4 bits counts from its quant states as the engine loads it."""
+    stored = tmp_path / "nf4"
+    quantize_checkpoint(qwen2[0], stored, torch.float32, torch.device("cpu"))
+    plan = make_plan(stored, device="cpu")
+    engine = LLMEngine(EngineConfig.create(stored, device="cpu"))
+    assert plan.quantization == "nf4" and plan.pool.num_pages == engine.pool.num_pages
+    assert plan.weights.bytes == engine.weights.base_bytes
+    assert plan.weights.quantized_params == engine.weights.quantized_params
+    assert plan.weights.quantized_bytes == engine.weights.quantized_bytes

@@ -174,12 +174,26 @@ class PageCost:
     chunks: Mapping[str, tuple[int, int]]
     page_width: int
 
+    @classmethod
+    def for_shapes(cls, shapes: Mapping[str, tuple[int, int]], page_width: int) -> PageCost:
+        """The cost for target layers of these ``(in_features, out_features)``."""
+        chunks = {
+            t: (math.ceil(fan_in / page_width), math.ceil(fan_out / page_width))
+            for t, (fan_in, fan_out) in shapes.items()
+        }
+        return cls(chunks, page_width)
+
     def pages(
         self, modules: Mapping[tuple[int, str], ModuleWeights], blocks: Sequence[RowBlock] = ()
     ) -> int:
         """Pages an adapter with these LoRA modules and other rows takes."""
-        lora = sum(rank * sum(self.chunks[t]) for t, rank in _ranks_by_target(modules).items())
+        lora = self.lora_pages(_ranks_by_target(modules))
         return lora + sum(self.block_pages(block) for block in blocks)
+
+    def lora_pages(self, ranks: Mapping[str, int]) -> int:
+        """Pages of the LoRA matrices of an adapter with these ranks by target (the largest
+        over its layers): rank rows of A and of Bᵀ per target, for every layer at once."""
+        return sum(rank * sum(self.chunks[t]) for t, rank in ranks.items())
 
     def block_pages(self, block: RowBlock) -> int:
         return block.num_rows * math.ceil(block.features / self.page_width)
@@ -226,10 +240,8 @@ class AdapterResidency:
         width = pages.page_width
         ranks = torch.zeros(max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device)
         scalings = torch.zeros(max_slots, num_layers, len(TARGETS), device=device)
-        self._chunks = {
-            t: (math.ceil(fan_in / width), math.ceil(fan_out / width))
-            for t, (fan_in, fan_out) in self.shapes.items()
-        }
+        self.cost = PageCost.for_shapes(self.shapes, width)
+        self._chunks = dict(self.cost.chunks)
         # Every target's page tables are views of one tensor per matrix (target i at [i], its
         # own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
         # up's) from one pointer (`kernels.lora_layout.packed_tables`).
@@ -250,7 +262,6 @@ class AdapterResidency:
             generation=[0],
             blocks=[{} for _ in range(max_slots)],
         )
-        self.cost = PageCost(dict(self._chunks), width)
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))
         # Placements recorded since the last take_placements(), in order: each of an adapter

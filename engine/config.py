@@ -9,17 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from engine.cuda_graph import GRAPH_MODES, GraphShape, capture_sizes, graph_memory_bytes
-from engine.dummy import checkpoint_shapes
-from engine.naming import is_quantized_linear
+from engine.cuda_graph import GRAPH_MODES, capture_sizes
+from engine.sizing import size_pool
 
 QUANTIZATIONS = ("none", "nf4")
 # Which waiting request is admitted next (see ``engine/scheduling.py``).
@@ -242,14 +239,17 @@ class EngineConfig:
         enable_prefix_caching: bool = True,
         block_size: int = 16,
         seed: int = 0,
+        device_memory: int | None = None,
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
 
         The pool is sized by ``num_pages`` or, failing that, by ``pool_memory`` bytes; with
         neither, by what the device has left after the weights (see
-        :func:`_default_pool_memory`), at most enough for ``max_num_seqs`` full-length
-        sequences. ``quantization`` None serves the checkpoint as it is stored.
-        ``load_format="dummy"`` needs only ``config.json`` (random weights, sized from it).
+        :func:`engine.sizing.size_pool`), at most enough for ``max_num_seqs`` full-length
+        sequences. ``device_memory`` is a CUDA device's total bytes (default: asked of the
+        device; ``loraserve plan`` passes ``--gpu-memory``); it is ignored off CUDA.
+        ``quantization`` None serves the checkpoint as it is stored. ``load_format="dummy"``
+        needs only ``config.json`` (random weights, sized from it).
 
         Decode steps run under CUDA graphs on a GPU and eagerly on the CPU, unless
         ``enforce_eager`` or an explicit ``graph_mode`` says otherwise; the graphs' memory
@@ -265,27 +265,29 @@ class EngineConfig:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
-        page_bytes = _page_bytes(hf, torch_dtype)
         mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
         if enforce_eager:
             mode = "eager"
         graphs = GraphConfig(mode, capture_sizes(max_num_seqs, cuda_graph_sizes))
-        if num_pages is None:
-            if pool_memory is None:
-                pool_memory = _default_pool_memory(
-                    path, torch_dtype, dev, quantization, load_format
-                )
-                if mode == "graphs":
-                    shape = graph_shape(hf, torch_dtype, max_lora_rank, graphs.sizes)
-                    pool_memory -= graph_memory_bytes(shape)
-                    if pool_memory <= 0:
-                        raise ValueError(
-                            "the decode graphs leave no GPU memory for the page pool; "
-                            "pass --enforce-eager or fewer --max-num-seqs"
-                        )
-                # Never more than every running sequence at full length needs.
-                pool_memory = min(pool_memory, 2 * model_len * max_num_seqs * page_bytes)
-            num_pages = pool_memory // page_bytes
+        if dev.type != "cuda":
+            device_memory = None
+        elif device_memory is None and num_pages is None and pool_memory is None:
+            device_memory = torch.cuda.get_device_properties(dev).total_memory
+        num_pages = size_pool(
+            model_dir=path,
+            hf=hf,
+            dtype=torch_dtype,
+            quantization=quantization,
+            load_format=load_format,
+            device_memory=device_memory,
+            graph_mode=mode,
+            graph_sizes=graphs.sizes,
+            max_lora_rank=max_lora_rank,
+            max_model_len=model_len,
+            max_num_seqs=max_num_seqs,
+            num_pages=num_pages,
+            pool_memory=pool_memory,
+        ).num_pages
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
             cache=CacheConfig(num_pages, enable_prefix_caching, block_size),
@@ -322,105 +324,6 @@ def _context_limit(hf: dict[str, Any]) -> int:
     if window and hf.get("use_sliding_window", True):
         limit = min(limit, int(window))
     return limit
-
-
-def graph_shape(
-    hf: dict[str, Any], dtype: torch.dtype, max_lora_rank: int, sizes: tuple[int, ...]
-) -> GraphShape:
-    """The widths that size the decode graphs' memory, from a checkpoint's config.json."""
-    num_heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
-    return GraphShape(
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        q_width=num_heads * head_dim,
-        kv_width=int(hf.get("num_key_value_heads") or num_heads) * head_dim,
-        max_lora_rank=max_lora_rank,
-        sizes=sizes,
-        itemsize=torch.empty((), dtype=dtype).element_size(),
-    )
-
-
-def _page_bytes(hf: dict[str, Any], dtype: torch.dtype) -> int:
-    """Bytes one page takes across all layers."""
-    num_heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
-    width = int(hf.get("num_key_value_heads") or num_heads) * head_dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(hf["num_hidden_layers"]) * width * itemsize
-
-
-# What the default pool leaves for activations and the allocator's own use, on a GPU.
-_GPU_MEMORY_FRACTION = 0.85
-_GPU_HEADROOM_BYTES = 1 << 30
-_CPU_POOL_BYTES = 1 << 30
-
-
-def _default_pool_memory(
-    model_dir: Path,
-    dtype: torch.dtype,
-    device: torch.device,
-    quantization: str,
-    load_format: str = "auto",
-) -> int:
-    """The pool's byte budget when none is given.
-
-    On a GPU: 85% of its memory, less the weights (as they will be loaded: see
-    :func:`weight_bytes`) and 1 GiB of headroom, as vLLM's ``gpu_memory_utilization`` does.
-    On the CPU: 1 GiB, plenty for the small models that run there.
-    """
-    if device.type != "cuda":
-        return _CPU_POOL_BYTES
-    total = torch.cuda.get_device_properties(device).total_memory
-    weights = weight_bytes(model_dir, dtype, quantization, load_format)
-    budget = int(total * _GPU_MEMORY_FRACTION) - weights - _GPU_HEADROOM_BYTES
-    if budget <= 0:
-        raise ValueError("the model leaves no GPU memory for the page pool")
-    return budget
-
-
-# NF4 with double quantization: 4 bits per value, an 8-bit scale per 64 values and a float32
-# scale per 256 of those.
-_NF4_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
-
-
-def weight_bytes(
-    model_dir: Path, dtype: torch.dtype, quantization: str, load_format: str = "auto"
-) -> int:
-    """Bytes the checkpoint's weights take once loaded.
-
-    The tensors are read from the safetensors headers or, with dummy weights (or no
-    safetensors at all), from the shapes ``config.json`` gives the model. Float tensors count
-    in ``dtype``; stored 4-bit tensors as stored; with NF4 quantization at load, the decoder's
-    linear weights count at NF4's bits per parameter.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0.0
-    for name, shape, stored in _checkpoint_tensors(model_dir, load_format):
-        numel = math.prod(shape)
-        if stored in ("U8", "I8"):
-            total += numel
-        elif quantization == "nf4" and is_quantized_linear(name, shape):
-            total += numel * _NF4_BITS_PER_PARAM / 8
-        else:
-            total += numel * itemsize
-    return int(total)
-
-
-def _checkpoint_tensors(
-    model_dir: Path, load_format: str
-) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
-    """``(name, shape, stored dtype)`` of every tensor; the dtype None for dummy weights."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if load_format == "dummy" or not files:
-        for name, shape in checkpoint_shapes(model_dir):
-            yield name, shape, None
-        return
-    for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                part = f.get_slice(name)
-                yield name, tuple(part.get_shape()), part.get_dtype()
 
 
 def resolve_quantization(name: str | None, hf: dict[str, Any], model_dir: Path) -> str:

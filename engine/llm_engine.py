@@ -17,7 +17,6 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from adapters.base_layout import BaseModelLayout
 from adapters.manager import AdapterManager
 from adapters.registry import AdapterEntry
 from adapters.residency import AdapterResidency
@@ -39,6 +38,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduling import token_cost
+from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
 from engine.slot_tables import SlotTables
 from engine.virtual_tokens import virtual_positions
 
@@ -169,17 +169,7 @@ class LLMEngine:
         return self.weights.saved_bytes // self.pool.page_bytes
 
     def _adapter_manager(self, config: LoraConfig) -> AdapterManager:
-        arch = self.model.arch
-        layout = BaseModelLayout.for_decoder(
-            num_layers=arch.num_layers,
-            hidden_size=arch.hidden_size,
-            intermediate_size=arch.intermediate_size,
-            num_heads=arch.num_heads,
-            num_kv_heads=arch.num_kv_heads,
-            head_dim=arch.head_dim,
-            vocab_size=arch.vocab_size,
-            tie_word_embeddings=arch.tie_word_embeddings,
-        )
+        layout = decoder_layout(self.model.arch)
         residency = AdapterResidency(
             self.pool.tenant(Tenant.ADAPTER),
             layout.num_layers,
@@ -192,13 +182,9 @@ class LLMEngine:
             residency,
             layout,
             config.max_lora_rank,
-            # An adapter's request needs at least the KV pages of one token beside it.
-            max_adapter_pages=self.pool.num_pages - PAGES_PER_TOKEN,
+            max_adapter_pages=max_adapter_pages(self.pool.num_pages),
             host_cache_bytes=config.host_cache_bytes,
-            # Pins leave room for one request at the full context length.
-            pin_capacity=max(
-                self.pool.num_pages - PAGES_PER_TOKEN * self.config.model.max_model_len, 0
-            ),
+            pin_capacity=pin_capacity(self.pool.num_pages, self.config.model.max_model_len),
             max_loras=config.max_loras,
             base=ServedBaseWeights(self.model, layout),
         )

@@ -72,6 +72,24 @@ def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
+def nf4_nbytes(
+    numel: int,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    nested: bool = True,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> int:
+    """Bytes of every tensor an :class:`NF4Weight` of ``numel`` values is made of (its
+    ``nbytes``), from the layout alone: the packed values, the block scales (uint8 codes when
+    nested, else float32), the 16-value code and, when nested, the nested scales (float32)
+    and their 256-value map. About 4.127 bits per value at blocksize 64 with double
+    quantization (QLoRA's 4 + 8/64 + 32/(64·256)), plus the two maps per weight."""
+    num_blocks = -(-numel // blocksize)
+    total = (numel + 1) // 2 + 4 * 16
+    if not nested:
+        return total + 4 * num_blocks
+    return total + num_blocks + 4 * -(-num_blocks // nested_blocksize) + 4 * 256
+
+
 @dataclass(frozen=True)
 class NF4Weight:
     """One linear layer's weight in NF4, as bitsandbytes' packed tensor plus its quant state.

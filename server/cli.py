@@ -5,11 +5,15 @@
     loraserve quantize MODEL_DIR OUT_DIR [--dtype ...] [--device ...]
     loraserve merge MODEL_DIR ADAPTER_DIR OUT_DIR [--dtype ...] [--quantization none|nf4]
                     [--device ...]
+    loraserve plan [MODEL_DIR] [--gpu-memory 80GiB] [--dtype ...] [--quantization none|nf4]
+                   [--max-lora-rank N] [--ranks 8,16] [--targets q_proj,...] [--adapters DIR]
+                   [--json]
     loraserve bench serve|sweep|make-adapters ...   (see :mod:`server.bench.cli`)
 
 With no model ``serve`` and ``generate`` use the bundled demo model (``examples/demo/model``);
 ``serve`` also serves its adapters. ``serve`` is described in :mod:`server.serve`. ``merge``
 writes W + scaling · B @ A for every module the adapter adapts (see :mod:`engine.export`).
+``plan`` prints what the engine would allocate (see :mod:`engine.plan`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from engine.config import resolve_dtype
 from engine.export import merge_checkpoint, quantize_checkpoint
 from server.bench.cli import add_bench_parser
 from server.engine_args import add_engine_args, engine_config
+from server.plan_cli import add_plan_parser
 from server.serve_args import add_serve_args
 
 
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--device", default=None, help="where to merge (default: cuda if any)")
     merge.set_defaults(run=_merge)
 
+    add_plan_parser(commands)
     add_bench_parser(commands)
 
     args = parser.parse_args(argv)

@@ -12,22 +12,7 @@ from engine.config import EngineConfig
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shaped after ``vllm serve``'s: dtype, quantization, load format, limits and the
     pool's size."""
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument(
-        "--quantization",
-        default=None,
-        choices=["none", "nf4"],
-        help="nf4 quantizes a float checkpoint at load; by default, as the checkpoint is stored",
-    )
-    parser.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
-    )
-    parser.add_argument("--max-lora-rank", type=int, default=64)
+    add_sizing_args(parser)
     parser.add_argument(
         "--max-loras",
         type=_positive,
@@ -36,23 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="the most distinct adapters in one batch; requests past it wait for a later "
         "step (default: no cap but --max-resident-loras)",
     )
-    parser.add_argument(
-        "--max-resident-loras",
-        type=_positive,
-        default=None,
-        metavar="N",
-        help="the most adapters resident in the page pool at once (default 256, or "
-        "--max-loras if larger)",
-    )
-    parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="run every step eagerly: no CUDA graphs for decode steps (a GPU captures them "
-        "at start-up by default)",
-    )
     parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -93,6 +62,42 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="W",
         help="what one generated token costs a client under the fair policy",
+    )
+
+
+def add_sizing_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that decide what the engine allocates (``serve`` and ``plan`` share them)."""
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "nf4"],
+        help="nf4 quantizes a float checkpoint at load; by default, as the checkpoint is stored",
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
+    )
+    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument(
+        "--max-resident-loras",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="the most adapters resident in the page pool at once (default 256, or "
+        "--max-loras if larger)",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step eagerly: no CUDA graphs for decode steps (a GPU captures them "
+        "at start-up by default)",
     )
     parser.add_argument(
         "--cuda-graph-sizes",

@@ -7,14 +7,14 @@ touch only the scratch page.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine import LLMEngine, SamplingParams
-from engine import config as config_module
+from engine import LLMEngine, SamplingParams, sizing
 from engine.config import EngineConfig
 from engine.cuda_graph import (
     CAPTURE_LADDER,
@@ -67,18 +67,24 @@ def test_graph_memory_grows_with_the_largest_batch_and_the_rank() -> None:
     assert graph_memory_bytes(_shape(capture_sizes(256))) < 1 << 30
 
 
-def test_graph_memory_is_set_aside_before_the_pool_is_sized(
-    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    budget = 60 << 20
-    monkeypatch.setattr(config_module, "_default_pool_memory", lambda *args: budget)
-    common = {"dtype": "float32", "device": "cuda", "max_num_seqs": 256, "max_model_len": 256}
+def test_graph_memory_is_set_aside_before_the_pool_is_sized(llama_dir: Path) -> None:
+    # A device whose default budget, after the weights and the headroom, is about 60 MiB.
+    weights = sizing.weight_bytes(llama_dir, torch.float32, "none")
+    device_memory = int(((60 << 20) + weights + sizing.GPU_HEADROOM_BYTES) / 0.85)
+    budget = int(device_memory * 0.85) - weights - sizing.GPU_HEADROOM_BYTES
+    common = {
+        "dtype": "float32",
+        "device": "cuda",  # a config only: the device is never asked
+        "device_memory": device_memory,
+        "max_num_seqs": 256,
+        "max_model_len": 256,
+    }
     graphs = EngineConfig.create(llama_dir, **common)
     eager = EngineConfig.create(llama_dir, enforce_eager=True, **common)
     assert graphs.graphs.mode == "graphs" and eager.graphs.mode == "eager"
-    hf = config_module.json.loads((llama_dir / "config.json").read_text())
-    page = config_module._page_bytes(hf, torch.float32)
-    shape = config_module.graph_shape(hf, torch.float32, 64, graphs.graphs.sizes)
+    hf = json.loads((llama_dir / "config.json").read_text())
+    page = sizing.PageGeometry.from_config(hf, torch.float32).page_bytes
+    shape = sizing.graph_shape(hf, torch.float32, 64, graphs.graphs.sizes)
     cap = 2 * 256 * 256 * page  # every sequence at full length: the pool never needs more
     set_aside = graph_memory_bytes(shape)
     assert budget - set_aside < cap < budget  # so the set-aside shows in the pool's size

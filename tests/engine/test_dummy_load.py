@@ -11,12 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLMEngine, SamplingParams
-from engine.config import EngineConfig, weight_bytes
+from engine.config import EngineConfig
 from engine.dummy import init_dummy_weights, init_std, synthetic_tokenizer
 from engine.loader import load_config, load_model, load_tokenizer
 from engine.model import Backends, CausalLM
 from engine.packed import checkpoint_tensors
 from engine.quantization import NF4Linear, nf4_layer, quantize_nf4
+from engine.sizing import weight_bytes
 from server.engine_args import add_engine_args, engine_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "presets"
@@ -135,14 +136,11 @@ def test_nf4_dummy_engine_generates() -> None:
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_weight_bytes_without_safetensors(quantization: str) -> None:
     estimate = weight_bytes(TINY, torch.float32, quantization, "dummy")
-    loaded = dummy_model(TINY, quantization=quantization)
     engine_bytes = LLMEngine(
         EngineConfig.create(TINY, load_format="dummy", quantization=quantization, num_pages=64)
     ).weights.base_bytes
-    arch = loaded.arch
-    # Exact for float weights; NF4 differs by the per-layer code tables and padding only.
-    tolerance = 0 if quantization == "none" else 4 * arch.num_layers * 7 * 1088
-    assert abs(estimate - engine_bytes) <= tolerance
+    # Exact, NF4's scales and code tables included.
+    assert estimate == engine_bytes
     # Llama-2-7B has 6,738,415,616 parameters.
     assert weight_bytes(PRESETS / "llama-2-7b", torch.bfloat16, "none", "dummy") == 2 * 6738415616
 

@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from engine import LLMEngine, SamplingParams
-from engine.config import EngineConfig, weight_bytes
+from engine.config import EngineConfig
 from engine.quantization import QUANT_STATE_KEY, NF4Linear, nf4_from_checkpoint
+from engine.sizing import weight_bytes
 from kernels.nf4 import dequantize_nf4
 from server.cli import main as cli_main
 from server.metrics import ServerMetrics
@@ -222,15 +223,12 @@ def test_memory_accounting(nf4_family: Family, caplog: pytest.LogCaptureFixture)
     assert f"loraserve:quantization_freed_pages {float(nf4.freed_pages)}" in metrics
     assert f"loraserve:base_weight_bytes {float(s.weight_bytes)}" in metrics
     assert "loraserve:quantized_bits_per_param" in metrics
-    # The start-up estimate that sizes a GPU pool agrees with what loading took.
+    # The start-up count that sizes a GPU pool is what loading took, to the byte.
     for model_dir, engine, quantization in (
         (quantized, nf4, "nf4"),
         (nf4_family.base, plain, "none"),
     ):
-        estimate = weight_bytes(model_dir, torch.float32, quantization)
-        assert (
-            abs(estimate - engine.weights.base_bytes) <= 4 * engine.model.arch.num_layers * 7 * 1088
-        )
+        assert weight_bytes(model_dir, torch.float32, quantization) == engine.weights.base_bytes
 
 
 def test_bad_quantization_configs_are_refused(nf4_family: Family, tmp_path: Path) -> None:

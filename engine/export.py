@@ -47,6 +47,7 @@ from engine.quantization import (
     quantize_nf4,
     unpack_quant_state,
 )
+from engine.sizing import decoder_layout
 from kernels.nf4 import NF4Weight, dequantize_nf4
 
 logger = logging.getLogger(__name__)
@@ -217,17 +218,7 @@ def merged_tensors(
 
 def base_layout(model_dir: Path) -> BaseModelLayout:
     """The target linear layers of the model in ``model_dir``, that adapters must fit."""
-    arch = ModelArch.from_config(load_config(model_dir))
-    return BaseModelLayout.for_decoder(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        vocab_size=arch.vocab_size,
-        tie_word_embeddings=arch.tie_word_embeddings,
-    )
+    return decoder_layout(ModelArch.from_config(load_config(model_dir)))
 
 
 def _base_tensors(

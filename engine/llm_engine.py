@@ -349,6 +349,11 @@ class LLMEngine:
         with self._lock:
             self._aborts.append(request_id)
 
+    @property
+    def num_running(self) -> int:
+        """Requests being served now (any thread; a snapshot may lag a step)."""
+        return len(self.scheduler.running)
+
     def has_unfinished(self) -> bool:
         """Whether ``step()`` has work: requests to run, or adapter unloads to apply."""
         with self._lock:
@@ -414,7 +419,7 @@ class LLMEngine:
         cached_pages = self.kv_cache.num_cached_pages
         ledger = self.scheduler.ledger
         return EngineStats(
-            num_running=len(self.scheduler.running),
+            num_running=self.num_running,
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
             num_pages=self.pool.num_pages,
             free_pages=self.pool.num_free,

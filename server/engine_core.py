@@ -298,7 +298,7 @@ class EngineCore:
                 remote = self._route(outputs)
                 if remote:
                     self._send(StepOutputs(remote))
-                elif not outputs and self.engine.stats().num_running == 0:
+                elif not outputs and self.engine.num_running == 0:
                     # Only waiting requests (an adapter still loading, or no room yet).
                     stalled = True
             if time.monotonic() - self._last_sent >= HEARTBEAT_S:

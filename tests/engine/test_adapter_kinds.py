@@ -101,21 +101,28 @@ def mixed_jobs(names: list[str], n: int, seed: int) -> list[tuple[list[int], str
     return [(p, choices[i % len(choices)]) for i, p in enumerate(random_prompts(n, seed=seed))]
 
 
-def test_every_kind_in_one_batch_matches_peft_alone(
-    kind_adapters: tuple[Path, dict[str, Path]],
+def assert_mixed_batch_matches_peft(
+    base: Path, paths: dict[str, Path], changed: list[str], num_jobs: int = 14
 ) -> None:
-    base, paths = kind_adapters
-    jobs = mixed_jobs(list(paths), 14, seed=3)
+    """Requests over every adapter of ``paths`` and the base, in one engine, each equal to
+    PEFT alone; and each adapter of ``changed`` changed some tokens (not the base's)."""
+    jobs = mixed_jobs(list(paths), num_jobs, seed=3)
     expected = peft_greedy(base, paths, jobs, max_tokens=8)
     engine = LLMEngine(EngineConfig.create(base, dtype="float32", max_num_batched_tokens=64))
     got = run_engine(engine, paths, jobs, max_tokens=8)
     for i, (tokens, want) in enumerate(zip(got, expected, strict=True)):
         assert tokens == want, (i, jobs[i][1])
-    # the kinds changed something: not every adapter's tokens are the base model's
     base_only = peft_greedy(base, paths, [(p, None) for p, _ in jobs], max_tokens=8)
-    for name in paths:
+    for name in changed:
         rows = [i for i, (_, a) in enumerate(jobs) if a == name]
         assert any(got[i] != base_only[i] for i in rows), name
+
+
+def test_every_kind_in_one_batch_matches_peft_alone(
+    kind_adapters: tuple[Path, dict[str, Path]],
+) -> None:
+    base, paths = kind_adapters
+    assert_mixed_batch_matches_peft(base, paths, changed=list(paths))
 
 
 def test_kinds_survive_preemption(kind_adapters: tuple[Path, dict[str, Path]]) -> None:
@@ -137,8 +144,8 @@ def test_kinds_survive_preemption(kind_adapters: tuple[Path, dict[str, Path]]) -
 def test_kind_pages_are_counted_and_returned(
     kind_adapters: tuple[Path, dict[str, Path]],
 ) -> None:
-    """Each kind's rows take pool pages (its vectors, not only LoRA rows), and eviction
-    returns every one of them."""
+    """Each kind's rows take exactly the pages its entry counts (its vectors and virtual
+    tokens too, not only LoRA rows), and the pool's audit balances after each request."""
     base, paths = kind_adapters
     engine = LLMEngine(EngineConfig.create(base, dtype="float32", num_pages=4000))
     params = SamplingParams(temperature=0.0, max_tokens=1)

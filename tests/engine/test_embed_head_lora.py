@@ -17,7 +17,12 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
-from tests.engine.test_adapter_kinds import mixed_jobs, peft_greedy, run_engine
+from tests.engine.test_adapter_kinds import (
+    assert_mixed_batch_matches_peft,
+    mixed_jobs,
+    peft_greedy,
+    run_engine,
+)
 from tests.peft_kinds import make_kind_adapter, peft_forward_greedy
 from tests.tiny_models import make_adapter
 
@@ -58,15 +63,7 @@ def test_embed_and_head_lora_in_one_mixed_batch_match_peft(
     adapters: tuple[Path, dict[str, Path]],
 ) -> None:
     base, paths = adapters
-    jobs = mixed_jobs(list(paths), 14, seed=3)
-    expected = peft_greedy(base, paths, jobs, max_tokens=8)
-    engine = LLMEngine(EngineConfig.create(base, dtype="float32", max_num_batched_tokens=64))
-    got = run_engine(engine, paths, jobs, max_tokens=8)
-    for i, (tokens, want) in enumerate(zip(got, expected, strict=True)):
-        assert tokens == want, (i, jobs[i][1])
-    base_only = peft_greedy(base, paths, [(p, None) for p, _ in jobs], max_tokens=8)
-    for name in EMBED_HEAD:  # each changed something
-        assert any(got[i] != base_only[i] for i, (_, a) in enumerate(jobs) if a == name), name
+    assert_mixed_batch_matches_peft(base, paths, changed=list(EMBED_HEAD))
 
 
 def test_embed_and_head_lora_survive_preemption(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
-from engine.sizing import size_pool
+from engine.sizing import PoolSizing, size_pool
 
 QUANTIZATIONS = ("none", "nf4")
 # Which waiting request is admitted next (see ``engine/scheduling.py``).
@@ -92,11 +92,14 @@ class CacheConfig:
             after their request ends, and reuse them for a later request with the same
             tokens under the same adapter (``engine/prefix_cache.py``).
         block_size: tokens per block of the prefix cache: what is hashed and reused as one.
+        sizing: how ``num_pages`` was reached, when :meth:`EngineConfig.create` sized it
+            (``loraserve plan`` and the status route show it); None when built by hand.
     """
 
     num_pages: int
     enable_prefix_caching: bool = True
     block_size: int = 16
+    sizing: PoolSizing | None = None
 
     def __post_init__(self) -> None:
         if self.num_pages < 2:
@@ -273,7 +276,7 @@ class EngineConfig:
             device_memory = None
         elif device_memory is None and num_pages is None and pool_memory is None:
             device_memory = torch.cuda.get_device_properties(dev).total_memory
-        num_pages = size_pool(
+        sizing = size_pool(
             model_dir=path,
             hf=hf,
             dtype=torch_dtype,
@@ -287,10 +290,10 @@ class EngineConfig:
             max_num_seqs=max_num_seqs,
             num_pages=num_pages,
             pool_memory=pool_memory,
-        ).num_pages
+        )
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
-            cache=CacheConfig(num_pages, enable_prefix_caching, block_size),
+            cache=CacheConfig(sizing.num_pages, enable_prefix_caching, block_size, sizing),
             scheduler=SchedulerConfig(
                 max_num_seqs,
                 max_num_batched_tokens,

@@ -13,6 +13,7 @@ from ``engine/sizing.py``, an adapter's pages from the residency's
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from engine.sizing import (
     WeightMemory,
     decoder_layout,
     pin_capacity,
-    size_pool,
     tokens_beside,
     weight_memory,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RANKS = (8, 16, 32, 64)
 # Resident adapters the grid shows, besides the most that leave one full-length request.
@@ -183,27 +185,26 @@ def make_plan(
     if device_memory is not None:
         engine_args["device"] = "cuda"
     config = EngineConfig.create(model_dir, device_memory=device_memory, **engine_args)
+    return plan_for(config, ranks=ranks, targets=targets, adapter_dirs=adapter_dirs)
+
+
+def plan_for(
+    config: EngineConfig,
+    *,
+    ranks: Sequence[int] | None = None,
+    targets: Sequence[str] | None = None,
+    adapter_dirs: Iterable[Path] = (),
+) -> Plan:
+    """The plan of an engine built from ``config`` (a running server's plan: its status
+    route shows it beside what is live). Arguments as :func:`make_plan`'s."""
     mc = config.model
     hf = json.loads((mc.model_dir / "config.json").read_text())
-    pool = size_pool(
-        model_dir=mc.model_dir,
-        hf=hf,
-        dtype=mc.dtype,
-        quantization=mc.quantization,
-        load_format=mc.load_format,
-        device_memory=device_memory if mc.device.type == "cuda" else None,
-        graph_mode=config.graphs.mode,
-        graph_sizes=config.graphs.sizes,
-        max_lora_rank=config.lora.max_lora_rank,
-        max_model_len=mc.max_model_len,
-        max_num_seqs=config.scheduler.max_num_seqs,
-        num_pages=engine_args.get("num_pages"),
-        pool_memory=engine_args.get("pool_memory"),
+    geometry = PageGeometry.from_config(hf, mc.dtype)
+    pool = config.cache.sizing or PoolSizing(
+        config.cache.num_pages, geometry.page_bytes, "num_pages"
     )
-    assert pool.num_pages == config.cache.num_pages, "plan and EngineConfig.create disagree"
     arch = ModelArch.from_config(load_config(mc.model_dir))
     layout = decoder_layout(arch)
-    geometry = PageGeometry.from_config(hf, mc.dtype)
     cost = PageCost.for_shapes(layout.linear_shapes, geometry.page_width)
 
     def fits(pages: int) -> tuple[tuple[int, int], ...]:
@@ -277,3 +278,13 @@ def _ordered(targets: Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in LINEAR_TARGETS if t in names) + tuple(
         sorted(names - set(LINEAR_TARGETS))
     )
+
+
+def served_plan(config: EngineConfig) -> dict[str, Any] | None:
+    """A serving engine's plan as JSON (:meth:`Plan.to_json`), or None, logged, when it
+    cannot be made: a server never refuses to start over the plan it shows."""
+    try:
+        return plan_for(config).to_json()
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("no plan to show beside the live pool: %s", e)
+        return None

@@ -202,6 +202,11 @@ class ComposeJobs:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def all(self) -> list[ComposeJob]:
+        """The kept jobs, newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
+
     def _forget_old(self) -> None:
         finished = [j for j in self._jobs.values() if j.status in ("succeeded", "failed")]
         for job in sorted(finished, key=lambda j: j.created)[: max(0, len(finished) - _KEPT_JOBS)]:

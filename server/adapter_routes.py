@@ -2,6 +2,7 @@
 
     POST /v1/adapters/merge              PEFT's add_weighted_adapter, or an exact mixture
     POST /v1/adapters/compose            202 + a job id; LoRAHub from a few examples
+    GET  /v1/adapters/compose            every kept job, newest first (the console's list)
     GET  /v1/adapters/compose/{job}      the job's status, step, loss history and weights
     POST /v1/adapters/{name}/export      the base with the adapter merged in, as a model dir
 
@@ -118,6 +119,11 @@ def adapter_router(state: ServerState) -> APIRouter:
             raise from_adapter_error(e, "candidates") from None
         logger.info("composition %s started: %s", job["id"], spec.method)
         return JSONResponse(job, status_code=202)
+
+    @router.get("/v1/adapters/compose")
+    async def compositions(request: Request) -> dict[str, Any]:
+        require_admin(config, request.headers.raw)
+        return {"object": "list", "data": await handle.compositions()}
 
     @router.get("/v1/adapters/compose/{job_id}")
     async def compose_status(job_id: str, request: Request) -> dict[str, Any]:

@@ -19,11 +19,13 @@ from starlette.datastructures import Headers
 
 from engine.llm_engine import LLMEngine
 from engine.loader import load_tokenizer
+from engine.plan import served_plan
 from server.adapter_routes import adapter_router
 from server.admin_routes import admin_router
 from server.auth import KeyAuthMiddleware
 from server.bridge import EngineBridge
 from server.config import ServerConfig
+from server.console_routes import console_router
 from server.engine_client import EngineProcess, ProcessBridge, RemoteEngine
 from server.engine_handle import LocalEngine
 from server.errors import APIError, install_error_handlers
@@ -55,7 +57,9 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     max_pending = engine.config.scheduler.max_num_seqs + config.max_waiting
     bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics)
     handle = LocalEngine(engine, bridge)
-    state = ServerState(engine, bridge, config, metrics, TokenText(engine.tokenizer), handle)
+    text = TokenText(engine.tokenizer)
+    plan = served_plan(engine.config)
+    state = ServerState(engine, bridge, config, metrics, text, handle, plan)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +106,8 @@ def build_app(
 
     app.include_router(openai_router(state))
     app.include_router(status_router(state))
+    if config.console:
+        app.include_router(console_router(config.api_key is not None))
     if config.lora_routes_enabled:
         app.include_router(admin_router(state))
         app.include_router(adapter_router(state))
@@ -125,7 +131,7 @@ def create_app_for_process(
     bridge = ProcessBridge(process, tokenizer, max_pending, config.watchdog_s, metrics, on_dead)
     handle = RemoteEngine(bridge, info, tokenizer)
     metrics.watch_engine(handle.stats)
-    state = ServerState(None, bridge, config, metrics, TokenText(tokenizer), handle)
+    state = ServerState(None, bridge, config, metrics, TokenText(tokenizer), handle, info.plan)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

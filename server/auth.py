@@ -1,4 +1,5 @@
-"""API keys: the user key on every route but ``/health``, the admin key on adapter management.
+"""API keys: the user key on every route but ``/health`` and the console's static files, the
+admin key on adapter management.
 
 Keys are compared in constant time (``hmac.compare_digest``) against every configured key,
 so the time taken says nothing about which key, or how much of one, matched.
@@ -13,7 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.config import ServerConfig
 from server.errors import APIError
 
-OPEN_PATHS = frozenset({"/health"})
+# The console's page and scripts hold no data: a browser must fetch them before it has a key
+# to send. What they show comes from routes that need one.
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIX = "/console/"
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -47,7 +51,8 @@ class KeyAuthMiddleware:
         self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope["headers"])
@@ -59,6 +64,15 @@ class KeyAuthMiddleware:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def is_admin(config: ServerConfig, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request that passed the key check may use the management routes."""
+    if not config.lora_routes_enabled:
+        return False
+    if config.admin_api_key is None:
+        return True
+    return _matches(bearer_token(headers), config.admin_api_key)
 
 
 def require_admin(config: ServerConfig, headers: list[tuple[bytes, bytes]]) -> None:

@@ -33,6 +33,8 @@ class ServerConfig:
         max_compose_candidates: the most candidate adapters one composition may weigh.
         max_compose_steps: the largest ``max_steps`` one composition may ask for.
         max_compose_jobs: compositions running at once.
+        console: serve the operator console at ``/`` (its page and scripts need no key;
+            every figure it shows comes from routes that do).
     """
 
     model_name: str
@@ -51,6 +53,7 @@ class ServerConfig:
     max_compose_candidates: int = 32
     max_compose_steps: int = 200
     max_compose_jobs: int = 2
+    console: bool = True
 
     def __post_init__(self) -> None:
         if not self.model_name:

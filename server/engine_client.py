@@ -61,6 +61,7 @@ from server.engine_protocol import (
     Heartbeat,
     Hello,
     ListAdapters,
+    ListCompositions,
     LoadLora,
     Merge,
     NewRequest,
@@ -562,6 +563,9 @@ class RemoteEngine:
     async def compose_status(self, job_id: str) -> dict[str, Any] | None:
         make = lambda cid: ComposeStatus(cid, job_id)  # noqa: E731
         return await self.bridge.call(make, dict[str, Any] | None, QUICK_CALL_S)  # type: ignore[arg-type]
+
+    async def compositions(self) -> list[dict[str, Any]]:
+        return await self.bridge.call(ListCompositions, list[dict[str, Any]], QUICK_CALL_S)
 
     async def export(self, name: str, out: Path, dtype: str, quantization: str) -> None:
         make = lambda cid: Export(cid, name, str(out), dtype, quantization)  # noqa: E731

@@ -47,6 +47,7 @@ import torch
 from adapters.errors import AdapterError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.plan import served_plan
 from engine.scoring import SCORING_PARAMS
 from server.adapter_ops import (
     ComposeJobs,
@@ -69,6 +70,7 @@ from server.engine_protocol import (
     Heartbeat,
     Hello,
     ListAdapters,
+    ListCompositions,
     LoadLora,
     Merge,
     NewRequest,
@@ -380,6 +382,8 @@ class EngineCore:
         elif isinstance(message, ComposeStatus):
             job = self.jobs.get(message.job_id)
             self._answer(message.call_id, lambda: None if job is None else job.snapshot())
+        elif isinstance(message, ListCompositions):
+            self._answer(message.call_id, lambda: [job.snapshot() for job in self.jobs.all()])
         elif isinstance(message, Export):
             self._in_worker(
                 message.call_id,
@@ -534,6 +538,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
         max_num_seqs=engine.config.scheduler.max_num_seqs,
         adapters=list(engine.adapters.registry.names()),
         scheduling_policy=engine.config.scheduler.policy,
+        plan=served_plan(engine.config),
     )
 
 

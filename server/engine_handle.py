@@ -83,6 +83,10 @@ class EngineHandle(Protocol):
 
     async def compose_status(self, job_id: str) -> dict[str, Any] | None: ...
 
+    async def compositions(self) -> list[dict[str, Any]]:
+        """Every kept composition job's snapshot, newest first."""
+        ...
+
     async def export(self, name: str, out: Path, dtype: str, quantization: str) -> None: ...
 
 
@@ -149,6 +153,9 @@ class LocalEngine:
     async def compose_status(self, job_id: str) -> dict[str, Any] | None:
         job = self.jobs.get(job_id)
         return None if job is None else job.snapshot()
+
+    async def compositions(self) -> list[dict[str, Any]]:
+        return [job.snapshot() for job in self.jobs.all()]
 
     async def export(self, name: str, out: Path, dtype: str, quantization: str) -> None:
         await asyncio.to_thread(export_adapter, self.engine, name, out, dtype, quantization)

@@ -139,6 +139,12 @@ class ComposeStatus(msgspec.Struct, frozen=True, tag="compose_status"):
     job_id: str
 
 
+class ListCompositions(msgspec.Struct, frozen=True, tag="list_compositions"):
+    """Replies with every kept composition job's snapshot, newest first."""
+
+    call_id: int
+
+
 class Export(msgspec.Struct, frozen=True, tag="export"):
     call_id: int
     name: str
@@ -176,6 +182,7 @@ ToEngine = (
     | RegisterMixture
     | Compose
     | ComposeStatus
+    | ListCompositions
     | Export
     | ListAdapters
     | GetStats
@@ -189,6 +196,7 @@ Call = (
     | RegisterMixture
     | Compose
     | ComposeStatus
+    | ListCompositions
     | Export
     | ListAdapters
     | GetStats
@@ -209,6 +217,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_num_seqs: int
     adapters: list[str]
     scheduling_policy: str = "fair"  # the API process refuses priorities the policy ignores
+    plan: dict[str, Any] | None = None  # the engine's plan (engine.plan.Plan.to_json)
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):

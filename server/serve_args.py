@@ -76,6 +76,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-compose-steps", type=int, default=200)
     limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument(
+        "--disable-console", action="store_true", help="do not serve the operator console at /"
+    )
     engine = parser.add_argument_group("engine process")
     engine.add_argument(
         "--engine-in-process",

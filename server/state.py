@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.llm_engine import LLMEngine
 from server.bridge import BridgeBase
@@ -26,6 +27,8 @@ class ServerState:
         metrics: the Prometheus registry.
         token_text: cached token texts for log-probs.
         handle: the engine as the routes use it (tokenizer, adapters, merges, ...).
+        plan: what the engine's flags plan for (:meth:`engine.plan.Plan.to_json`), shown by
+            the status route beside what is live; None when it could not be made.
         admin_lock: serializes adapter loads and unloads.
     """
 
@@ -35,6 +38,7 @@ class ServerState:
     metrics: ServerMetrics
     token_text: TokenText
     handle: EngineHandle
+    plan: dict[str, Any] | None = None
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def lora_for(self, model: str) -> str | None:

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from engine.outputs import AdapterStatus, EngineStats
+from engine.sizing import tokens_beside
+from server.auth import is_admin
 from server.metrics import AdapterTiming
 from server.state import ServerState
 
@@ -28,11 +30,14 @@ def status_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/status")
-    async def status() -> dict[str, Any]:
+    async def status(request: Request) -> dict[str, Any]:
         await state.handle.refresh_stats()
         stats = state.handle.stats()
         timings = state.metrics.adapter_timings()
-        return build_status(stats, timings, state.config.model_name, state.metrics.own_label)
+        body = build_status(stats, timings, state.config.model_name, state.metrics.own_label)
+        body["plan"] = state.plan
+        body["access"] = {"admin": is_admin(state.config, request.headers.raw)}
+        return body
 
     return router
 
@@ -65,6 +70,7 @@ def build_status(
             "kv": stats.kv_pages,
             "adapter": stats.adapter_pages,
             "cached": stats.cached_pages,
+            "token_capacity": tokens_beside(stats.num_pages, stats.adapter_pages),
         },
         "requests": {
             "running": stats.num_running,

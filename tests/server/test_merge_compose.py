@@ -153,6 +153,7 @@ def test_user_key_gets_403_on_every_new_route(served: Served) -> None:
         assert_error(post(served, path, body, headers=USER), 403, "permission_denied")
     with served.http(headers=USER) as client:
         assert_error(client.get("/v1/adapters/compose/anything"), 403, "permission_denied")
+        assert_error(client.get("/v1/adapters/compose"), 403, "permission_denied")
     assert_good(served, "user")
 
 
@@ -191,6 +192,9 @@ def test_composition_runs_off_the_request_path(served: Served, roots: tuple[Path
     assert state["step"] == 24 and len(state["loss_history"]) == 24
     assert max(state["best_weights"], key=lambda n: abs(state["best_weights"][n])) == "upper"
     assert state["best_loss"] == min(state["loss_history"])
+    with served.http(headers=ADMIN) as client:
+        listed = client.get("/v1/adapters/compose").json()["data"]
+    assert listed[0] == state  # the newest first
     assert engine.num_steps > steps_before + 24  # every evaluation ran through engine steps
     assert complete(served.openai("user"), "composed-upper", "mixed9Case") == "MIXED9CASE"
     # Saved as the one adapter the mixture equals (candidates adapt different modules:

@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from engine.plan import plan_for
+from engine.prefix_cache import PAGES_PER_TOKEN
+from server.auth import is_admin
 from server.config import ServerConfig
 from tests.server.conftest import BASE, Served, assert_error, demo_adapters, make_engine, serve
 
@@ -109,3 +112,35 @@ def test_status_counts_requests_in_flight(served: Served) -> None:
     row = next(r for r in status(served)["adapters"] if r["name"] == "caesar")
     assert (row["running"], row["waiting"]) == (0, 0)
     assert row["generated_tokens"] == 6 * 60
+
+
+def test_status_shows_the_plan_beside_the_pool(served: Served) -> None:
+    """The plan is ``loraserve plan --json``'s for the engine's own config, and the token
+    capacity is what the plan's arithmetic gives for the adapters resident now."""
+    engine = served.state.engine
+    body = status(served)
+    assert body["plan"] == plan_for(engine.config).to_json()
+    assert body["plan"]["pool"]["num_pages"] == body["pool"]["num_pages"]
+    assert body["plan"]["pool"]["page_bytes"] == body["pool"]["page_bytes"]
+    free_of_adapters = engine.pool.num_pages - engine.adapters.residency.num_pages
+    assert body["pool"]["token_capacity"] == free_of_adapters // PAGES_PER_TOKEN
+    assert body["access"] == {"admin": False}  # no admin routes on this server
+
+
+@pytest.mark.parametrize(
+    ("admin_key", "runtime", "token", "admin"),
+    [
+        ("adm", False, "adm", True),
+        ("adm", False, KEY, False),  # the user key
+        (None, True, KEY, True),  # runtime loading by flag: the user key manages adapters
+        (None, False, KEY, False),  # no management routes at all
+    ],
+)
+def test_status_says_whether_the_key_may_manage_adapters(
+    admin_key: str | None, runtime: bool, token: str, admin: bool
+) -> None:
+    config = ServerConfig(
+        model_name=BASE, api_key=KEY, admin_api_key=admin_key, allow_runtime_lora=runtime
+    )
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    assert is_admin(config, headers) is admin

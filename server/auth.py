@@ -31,6 +31,16 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def authorized(config: ServerConfig, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request carries the user or the admin key (always, without a user key)."""
+    if config.api_key is None:
+        return True
+    token = bearer_token(headers)
+    user = _matches(token, config.api_key)
+    admin = _matches(token, config.admin_api_key)
+    return user or admin
+
+
 def _matches(token: str | None, key: str | None) -> bool:
     if key is None:
         return False
@@ -55,10 +65,7 @@ class KeyAuthMiddleware:
         if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope["headers"])
-        user = _matches(token, self.config.api_key)
-        admin = _matches(token, self.config.admin_api_key)
-        if not (user or admin):
+        if not authorized(self.config, scope["headers"]):
             response = APIError(401, "invalid_api_key", "missing or invalid API key").response()
             response.headers["WWW-Authenticate"] = "Bearer"
             await response(scope, receive, send)

@@ -146,6 +146,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.ray_replicas:
+        from server.ray_serve import run_ray  # Ray is an optional dependency
+
+        return run_ray(args)
     config = server_config(args)
     adapters = _lora_modules(args)
     pinned = _pinned_modules(args, adapters)

@@ -79,6 +79,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disable-console", action="store_true", help="do not serve the operator console at /"
     )
+    ray = parser.add_argument_group("Ray Serve (pip install 'loraserve[ray]')")
+    ray.add_argument(
+        "--ray-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve with N replicas on a local Ray instance, each request routed to a "
+        "replica holding its adapter (default: one server, no Ray)",
+    )
+    ray.add_argument(
+        "--ray-max-adapters-per-replica",
+        type=int,
+        default=None,
+        metavar="N",
+        help="adapters one replica holds at once (default: those of --max-lora-rank that "
+        "fit in its pool beside one full-length request)",
+    )
+    ray.add_argument(
+        "--ray-replica-gpus",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per replica (default: 1 where CUDA is available, else 0)",
+    )
     engine = parser.add_argument_group("engine process")
     engine.add_argument(
         "--engine-in-process",

@@ -1,0 +1,204 @@
+"""``loraserve serve --ray-replicas 2`` on the demo, as a user runs it: a local Ray instance
+on the CPU, two replicas, the ingress on loopback.
+
+Requests for every demo model come back right; repeated requests for one adapter land on the
+replica that holds it (the replicas' own answers and status say which); a replica killed
+mid-traffic fails only its in-flight requests, cleanly, and Ray replaces it. Every wait is
+bounded, and the whole Ray instance is killed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import BASE, demo_adapters
+from tests.server.live_server import REPO, free_port, wait_for
+from tests.server.test_console import demo_task
+
+pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow
+
+USER = {"Authorization": "Bearer ray-user"}
+ADAPTERS = ("upper", "swapcase", "caesar", "reverse", "lower")
+REPLICA_HEADER = "x-loraserve-replica"
+REPLICA_TITLE = b"ServeReplica:loraserve:LoraServeReplica"
+
+
+@dataclass
+class RayServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def complete(self, model: str, word: str, **extra: object) -> httpx.Response:
+        body = {"model": model, "prompt": f"{word}=", "max_tokens": 16, "temperature": 0}
+        return httpx.post(self.url + "/v1/completions", json=body | extra, headers=USER, timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+    demo_adapters(*ADAPTERS)
+    tmp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    log = tmp / "serve.log"
+    command = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve"]
+    command += ["--ray-replicas", "2", "--port", str(port), "--no-access-log"]
+    command += ["--api-key", "ray-user", "--admin-api-key", "ray-admin"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    served = RayServer(proc, port, log)
+    try:
+        # Up when both replicas answer (Ray sends nothing to a replica still starting).
+        seen: set[str] = set()
+
+        def both_up() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                reply = served.complete(BASE, "up")
+            except httpx.HTTPError:
+                return False
+            if reply.status_code == 200:
+                seen.add(reply.headers[REPLICA_HEADER])
+            return len(seen) == 2
+
+        assert wait_for(both_up, 240) and proc.poll() is None, served.output()
+        yield served
+    finally:
+        with_group(proc, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        with_group(proc, signal.SIGKILL)  # whatever of Ray is left
+
+
+def with_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def replica_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if REPLICA_TITLE in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_every_demo_model_answers_through_the_replicas(server: RayServer) -> None:
+    for model in (BASE, *ADAPTERS):
+        for word in ("Hello3", "aB9z"):
+            reply = server.complete(model, word)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["text"] == demo_task(model)(word), model
+    # Streaming, errors and keys are the server's own.
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"model": "reverse", "prompt": "abc=", "max_tokens": 8, "stream": True},
+        headers=USER,
+        timeout=60,
+    ) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 4
+    assert server.complete("nope", "x").json()["error"]["code"] == "model_not_found"
+    no_key = httpx.get(server.url + "/v1/models", timeout=10)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    models = httpx.get(server.url + "/v1/models", headers=USER, timeout=10).json()["data"]
+    assert {m["id"] for m in models} == {BASE, *ADAPTERS}
+
+
+def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(server: RayServer) -> None:
+    answered = Counter(server.complete("caesar", f"w{i}").headers[REPLICA_HEADER] for i in range(8))
+    assert len(answered) == 1, answered  # every one on the replica that loaded caesar
+    holder = next(iter(answered))
+    # The replicas' own status: caesar is registered on that replica only.
+    holds: dict[str, bool] = {}
+    deadline = time.monotonic() + 30
+    while len(holds) < 2 and time.monotonic() < deadline:
+        reply = httpx.get(server.url + "/v1/status", headers=USER, timeout=10)
+        names = {a["name"] for a in reply.json()["adapters"]}
+        holds[reply.headers[REPLICA_HEADER]] = "caesar" in names
+    assert holds == {holder: True, **{r: False for r in holds if r != holder}}, holds
+    assert len(holds) == 2
+
+
+@dataclass
+class Traffic:
+    server: RayServer
+    stop: threading.Event = field(default_factory=threading.Event)
+    replies: list[tuple[str, str, int, str, str]] = field(default_factory=list)
+
+    def run(self, i: int) -> None:
+        model = ("upper", "reverse", BASE)[i % 3]
+        n = 0
+        while not self.stop.is_set():
+            word = f"k{i}x{n}"
+            n += 1
+            try:
+                reply = self.server.complete(model, word)
+            except httpx.HTTPError as e:
+                self.replies.append((model, word, 0, "", repr(e)))
+                continue
+            text = reply.json()["choices"][0]["text"] if reply.status_code == 200 else reply.text
+            self.replies.append(
+                (model, word, reply.status_code, reply.headers.get(REPLICA_HEADER, ""), text)
+            )
+
+
+def test_a_killed_replica_fails_only_its_requests_and_is_replaced(server: RayServer) -> None:
+    victims = replica_pids()
+    assert len(victims) == 2
+    traffic = Traffic(server)
+    threads = [threading.Thread(target=traffic.run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(lambda: len(traffic.replies) >= 8, 60)
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = len(traffic.replies)
+        # Ray starts a replica in its place; traffic goes on meanwhile.
+        assert wait_for(lambda: len(set(replica_pids()) - set(victims)) == 1, 120)
+        before = {r[3] for r in traffic.replies[:killed_at]}
+        assert wait_for(lambda: {r[3] for r in traffic.replies} - before - {""}, 180), (
+            "the new replica never answered"
+        )
+    finally:
+        traffic.stop.set()
+        for thread in threads:
+            thread.join(60)
+    failed = [r for r in traffic.replies if r[2] != 200]
+    assert len(failed) <= len(threads), failed  # at most the requests in flight on it
+    for _, _, status, _, body in failed:
+        assert status == 503 and "replica_unavailable" in body, body
+    for model, word, status, _, text in traffic.replies:
+        if status == 200:
+            assert text == demo_task(model)(word), (model, word, text)
+    assert len(traffic.replies) - len(failed) > killed_at  # traffic went on

@@ -98,25 +98,21 @@ class Start:
 
 class _HeldAdapter:
     """What the multiplexer keeps for an adapter loaded into one replica's engine. Ray calls
-    ``__del__`` (in a worker thread) when it drops it: the adapter is unloaded from the
-    engine once no request still on its way to the engine needs it."""
+    ``__del__`` (in a worker thread) when it drops it: that schedules the adapter's unload
+    and returns at once, so the adapter Ray loads next never waits for it."""
 
-    def __init__(self, replica: LoraServeReplica, name: str) -> None:
+    def __init__(self, replica: LoraServeReplica, name: str, hold: int) -> None:
         self.replica = replica
         self.name = name
+        self.hold = hold  # which hold of the name this is (a later one cancels the unload)
         self.released = False
 
     def __del__(self) -> None:
         if self.released:
             return
         self.released = True
-        loop = self.replica.loop
-        if loop.is_closed():
-            return
-        future = asyncio.run_coroutine_threadsafe(self.replica.unload(self.name), loop)
-        if threading.current_thread() is not self.replica.loop_thread:
-            with contextlib.suppress(Exception):
-                future.result(_UNLOAD_WAIT_S + 5)
+        if not self.replica.loop.is_closed():
+            self.replica.loop.call_soon_threadsafe(self.replica.drop, self.name, self.hold)
 
 
 class LoraServeReplica:
@@ -143,10 +139,11 @@ class LoraServeReplica:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.loop = asyncio.get_running_loop()
-        self.loop_thread = threading.current_thread()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.versions: dict[str, int] = {}  # adapter → the catalog version loaded here
+        self.holds: Counter[str] = Counter()  # adapter → times the multiplexer loaded it
         self.in_use: Counter[str] = Counter()  # adapter → forwarded requests using it
+        self.tasks: set[asyncio.Task[None]] = set()  # unloads under way
         self._sources: dict[str, AdapterSource] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -156,23 +153,34 @@ class LoraServeReplica:
         self.hold = serve.multiplexed(load, max_num_models_per_replica=max_adapters)
 
     async def _load(self, name: str) -> _HeldAdapter:
-        source = self._sources[name]
-        await self.state.handle.load_lora(name, Path(source.path), False)
-        self.versions[name] = source.version
-        logger.info("replica %s: adapter %s loaded", self.replica_id, name)
-        return _HeldAdapter(self, name)
+        """The multiplexer's loader (called under ``name``'s lock, from :meth:`_ensure`).
+        An adapter dropped but not yet unloaded is simply held again."""
+        if name not in self.versions:
+            source = self._sources[name]
+            await self.state.handle.load_lora(name, Path(source.path), False)
+            self.versions[name] = source.version
+            logger.info("replica %s: adapter %s loaded", self.replica_id, name)
+        self.holds[name] += 1
+        return _HeldAdapter(self, name, self.holds[name])
 
-    async def unload(self, name: str) -> None:
-        """Unload ``name`` from the engine once the requests on their way to it are in
-        (the engine lets running ones finish on its weights)."""
+    def drop(self, name: str, hold: int) -> None:
+        """Start :meth:`unload` (on the replica's loop)."""
+        task = self.loop.create_task(self.unload(name, hold))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def unload(self, name: str, hold: int) -> None:
+        """Unload ``name`` (dropped by the multiplexer as its ``hold``-th hold) once the
+        requests forwarded for it are done, unless it has been held again since."""
         deadline = time.monotonic() + _UNLOAD_WAIT_S
         while self.in_use[name] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.in_use[name] or name not in self.versions:
-            return  # still in use (a later request holds it again) or never loaded
-        del self.versions[name]
-        with contextlib.suppress(AdapterError):
-            await self.state.handle.unload_lora(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if self.holds[name] != hold or self.in_use[name] or name not in self.versions:
+                return  # held again, still in use, or already gone
+            del self.versions[name]
+            with contextlib.suppress(AdapterError):
+                await self.state.handle.unload_lora(name)
         logger.info("replica %s: adapter %s dropped", self.replica_id, name)
 
     async def _ensure(self, name: str, source: AdapterSource) -> None:
@@ -260,9 +268,20 @@ class LoraServeReplica:
                     mark = (REPLICA_HEADER.encode(), self.replica_id.encode())
                     yield Start(message["status"], [*message.get("headers", []), mark])
                 elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield bytes(message["body"])
-                    if not message.get("more_body", False):
+                    # What else the app has sent meanwhile goes in the same item: each item
+                    # crosses Ray once, so a busy ingress gets fewer, larger ones.
+                    chunks = [bytes(message.get("body", b""))]
+                    more = message.get("more_body", False)
+                    while more and not sent.empty():
+                        queued = sent.get_nowait()
+                        if queued is None or queued["type"] != "http.response.body":
+                            sent.put_nowait(queued)  # the end; seen on the next turn
+                            break
+                        chunks.append(bytes(queued.get("body", b"")))
+                        more = queued.get("more_body", False)
+                    if any(chunks):
+                        yield b"".join(chunks)
+                    if not more:
                         break
         finally:
             gone.set()
@@ -536,6 +555,8 @@ def build_application(args: argparse.Namespace) -> Any:
         ray_actor_options={"num_cpus": 0, "num_gpus": _replica_gpus(args)},
         max_ongoing_requests=args.max_num_seqs + args.max_waiting_requests,
         health_check_period_s=5,
+        graceful_shutdown_timeout_s=args.drain_timeout,  # as --drain-timeout on SIGTERM
+        graceful_shutdown_wait_loop_s=1,
     )(LoraServeReplica)
     ingress = serve.deployment(
         name="LoraServeIngress",

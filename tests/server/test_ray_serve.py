@@ -9,6 +9,7 @@ bounded, and the whole Ray instance is killed on the way out.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -63,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     log = tmp / "serve.log"
     command = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve"]
     command += ["--ray-replicas", "2", "--port", str(port), "--no-access-log"]
-    command += ["--api-key", "ray-user", "--admin-api-key", "ray-admin"]
+    command += ["--api-key", "ray-user", "--admin-api-key", "ray-admin", "--drain-timeout", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     env |= {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     with log.open("wb") as out:
@@ -93,6 +94,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         with_group(proc, signal.SIGKILL)  # whatever of Ray is left
+        assert wait_for(lambda: not replica_pids(), 15), "replicas outlived the server"
 
 
 def with_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -202,3 +204,21 @@ def test_a_killed_replica_fails_only_its_requests_and_is_replaced(server: RaySer
         if status == 200:
             assert text == demo_task(model)(word), (model, word, text)
     assert len(traffic.replies) - len(failed) > killed_at  # traffic went on
+
+
+def test_serve_run_builds_the_application_from_the_flags() -> None:
+    """``serve run``'s entry point: the flags of ``loraserve serve``, no Ray started; each
+    replica holds as many adapters as the plan fits in its pool."""
+    from ray.serve import Application
+
+    from server.ray_serve import adapters_per_replica, app_builder
+    from server.serve_args import add_serve_args
+
+    application = app_builder({"flags": "--ray-replicas 3 --max-num-seqs 16"})
+    assert isinstance(application, Application)
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    # 16 sequences of 128 tokens: a 4,096-page pool, which holds one rank-64 adapter on
+    # every linear layer beside a full-length request; 64 sequences: six.
+    assert adapters_per_replica(parser.parse_args(["--max-num-seqs", "16"])) == 1
+    assert adapters_per_replica(parser.parse_args([])) == 6

@@ -317,6 +317,9 @@ class LoraServeIngress:
         self.replicas = replicas
         self.config = config
         self.catalog = dict(adapters)
+        # The last version of every name ever loaded: a name unloaded and loaded again gets
+        # a newer one, so a replica still holding the old weights swaps them.
+        self.last_version = {name: source.version for name, source in adapters.items()}
         self.max_model_len = max_model_len
         self.lock = asyncio.Lock()
 
@@ -385,7 +388,7 @@ class LoraServeIngress:
                 raise APIError(
                     409, "adapter_already_loaded", f"adapter {name!r} is loaded", "lora_name"
                 )
-            version = 1 if old is None else old.version + 1
+            version = self.last_version.get(name, 0) + 1
             source = AdapterSource(str(path), version, _kind(path))
             # Into one replica now: a bad adapter is refused here, as `serve` refuses it.
             handle = self.replicas.options(multiplexed_model_id=name)
@@ -393,6 +396,7 @@ class LoraServeIngress:
             if refusal is not None:
                 raise APIError(refusal["status"], refusal["code"], refusal["message"], "lora_path")
             self.catalog[name] = source
+            self.last_version[name] = version
         logger.info("loaded adapter %s version %d", name, version)
         return JSONResponse(
             {

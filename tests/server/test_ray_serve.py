@@ -90,10 +90,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
         assert wait_for(both_up, 240) and proc.poll() is None, served.output()
         yield served
     finally:
-        with_group(proc, signal.SIGTERM)
+        with_group(proc, signal.SIGKILL)  # the server and all of its Ray instance
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
-        with_group(proc, signal.SIGKILL)  # whatever of Ray is left
         assert wait_for(lambda: not replica_pids(), 15), "replicas outlived the server"
 
 
@@ -150,6 +149,31 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(server: RayServ
         holds[reply.headers[REPLICA_HEADER]] = "caesar" in names
     assert holds == {holder: True, **{r: False for r in holds if r != holder}}, holds
     assert len(holds) == 2
+
+
+def test_hot_loads_reach_the_replicas(server: RayServer) -> None:
+    admin = {"Authorization": "Bearer ray-admin"}
+
+    def load(path: str) -> httpx.Response:
+        body = {"lora_name": "mirror", "lora_path": path}
+        return httpx.post(server.url + "/v1/load_lora_adapter", json=body, headers=admin)
+
+    assert load("reverse").json()["version"] == 1
+    assert server.complete("mirror", "abc9").json()["choices"][0]["text"] == "9cba"
+    assert load("reverse").status_code == 409  # loaded already, as with one server
+    refused = load("no-such-adapter")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_not_found"
+    unloaded = httpx.post(
+        server.url + "/v1/unload_lora_adapter", json={"lora_name": "mirror"}, headers=admin
+    )
+    assert unloaded.status_code == 200
+    assert server.complete("mirror", "abc9").json()["error"]["code"] == "model_not_found"
+    # The name again, other weights: a newer version, swapped in where the old one is held.
+    assert load("upper").json()["version"] == 2
+    for word in ("abc9", "xyZ"):
+        assert server.complete("mirror", word).json()["choices"][0]["text"] == word.upper()
+    user = httpx.post(server.url + "/v1/load_lora_adapter", json={}, headers=USER)
+    assert user.status_code == 403
 
 
 @dataclass

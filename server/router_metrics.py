@@ -44,7 +44,7 @@ def lora_requests_info(name: str, s: EngineStats, now: float) -> GaugeMetricFami
 def vllm_families(s: EngineStats, model_name: str, now: float) -> Iterator[Metric]:
     """What routers read from vLLM, under vLLM's names and labels (``model_name``, and
     ``engine`` "0": one engine per server). ``gpu_cache_usage_perc`` is vLLM's older name
-    for the KV-cache usage, which routers released before 2025-11 read."""
+    for the KV-cache usage, which the inference extension's picker read up to its v1.2."""
     labels = ["model_name", "engine"]
     gauges = {
         "vllm:num_requests_running": ("Requests running in the engine.", s.num_running),

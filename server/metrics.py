@@ -11,7 +11,9 @@ first ``max_adapter_labels`` adapter names get a label of their own; later ones 
 temporary ``_`` adapters of compositions, one per step) share ``other``. The same names keep
 their labels in every family that has an ``adapter`` label. The ``client`` label (the
 scheduler's clients: adapters, or users under ``--fairness-key user``) is bounded by the
-engine, which names at most 32 clients and sums the rest under ``(other)``.
+engine, which names at most 32 clients and sums the rest under ``(other)``. One family
+names every adapter: ``lora_requests_info``, whose lists routers match against requests (one
+series per scrape).
 """
 
 from __future__ import annotations

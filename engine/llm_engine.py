@@ -453,6 +453,7 @@ class LLMEngine:
             client_virtual_tokens=ledger.labelled(_snapshot(self.scheduler.waiting.counters())),
             page_bytes=self.pool.page_bytes,
             adapters=self._adapter_statuses(),
+            max_loras=self.config.lora.max_loras or self.config.lora.max_resident_loras,
         )
 
     def _adapter_statuses(self) -> list[AdapterStatus]:

@@ -136,6 +136,9 @@ class EngineStats:
     client_virtual_tokens: dict[str, float] = field(default_factory=dict)
     page_bytes: int = 0  # one page across all layers
     adapters: list[AdapterStatus] = field(default_factory=list)  # every registered one
+    # The most distinct adapters one batch may hold: ``--max-loras``, or, uncapped, the
+    # adapters the pool's tables can hold at once (``--max-resident-loras``).
+    max_loras: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

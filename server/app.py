@@ -53,7 +53,9 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     The returned app's ``state.server`` holds the :class:`ServerState` (tests and the load
     test reach the bridge through it).
     """
-    metrics = ServerMetrics(engine.stats, config.max_metric_adapters, config.model_name)
+    metrics = ServerMetrics(
+        engine.stats, config.max_metric_adapters, config.model_name, config.metrics_compat
+    )
     max_pending = engine.config.scheduler.max_num_seqs + config.max_waiting
     bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics)
     handle = LocalEngine(engine, bridge)
@@ -126,7 +128,9 @@ def create_app_for_process(
     """
     info = process.info
     tokenizer = load_tokenizer(Path(info.model_dir), info.load_format)
-    metrics = ServerMetrics(None, config.max_metric_adapters, config.model_name)
+    metrics = ServerMetrics(
+        None, config.max_metric_adapters, config.model_name, config.metrics_compat
+    )
     max_pending = info.max_num_seqs + config.max_waiting
     bridge = ProcessBridge(process, tokenizer, max_pending, config.watchdog_s, metrics, on_dead)
     handle = RemoteEngine(bridge, info, tokenizer)

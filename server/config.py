@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+METRICS_COMPAT = ("none", "vllm")  # --metrics-compat: whose names /metrics adds to its own
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -28,6 +30,8 @@ class ServerConfig:
         watchdog_s: an engine step running longer than this makes ``/health`` report 503.
         max_metric_adapters: adapters that get their own metric label; the rest share
             ``other`` (bounded cardinality).
+        metrics_compat: "vllm" also exports the metrics routers read under vLLM's names
+            (``vllm:num_requests_waiting``, ``vllm:lora_requests_info``, ...); "none" does not.
         export_root: where ``/v1/adapters/{name}/export`` writes merged models; None
             refuses exports.
         max_compose_candidates: the most candidate adapters one composition may weigh.
@@ -49,6 +53,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
     max_metric_adapters: int = 32
+    metrics_compat: str = "none"
     export_root: Path | None = None
     max_compose_candidates: int = 32
     max_compose_steps: int = 200
@@ -64,6 +69,8 @@ class ServerConfig:
             raise ValueError("max_waiting >= 0, max_request_bytes >= 1024, max_choices >= 1")
         if self.drain_timeout_s < 0 or self.watchdog_s <= 0:
             raise ValueError("drain_timeout_s must be >= 0 and watchdog_s > 0")
+        if self.metrics_compat not in METRICS_COMPAT:
+            raise ValueError(f"metrics_compat must be one of {', '.join(METRICS_COMPAT)}")
 
     @property
     def lora_routes_enabled(self) -> bool:

@@ -3,19 +3,24 @@
 Two sources: request timings, observed by the bridge as outputs arrive (histograms and
 counters held here), and the engine's own counters and gauges, read from
 ``LLMEngine.stats()`` at scrape time (a custom collector, so a scrape costs one snapshot and
-never waits for the engine thread). Each server has its own registry, so several can live in
+never waits for the engine thread). The families routers read (``lora_requests_info``, and
+vLLM's names under ``--metrics-compat vllm``) come from that same snapshot
+(:mod:`server.router_metrics`). Each server has its own registry, so several can live in
 one process (tests). Labels stay bounded: ``finished_reason`` has three values, and only the
 first ``max_adapter_labels`` adapter names get a label of their own; later ones (and the
 temporary ``_`` adapters of compositions, one per step) share ``other``. The same names keep
 their labels in every family that has an ``adapter`` label. The ``client`` label (the
 scheduler's clients: adapters, or users under ``--fairness-key user``) is bounded by the
-engine, which names at most 32 clients and sums the rest under ``(other)``.
+engine, which names at most 32 clients and sums the rest under ``(other)``. One family
+names every adapter: ``lora_requests_info``, whose lists routers match against requests (one
+series per scrape).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +35,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from engine.outputs import EngineStats
+from server.config import METRICS_COMPAT
+from server.router_metrics import lora_requests_info, vllm_families
 
 P = "loraserve:"
 # No ``*_created`` series: they double the output and nothing here needs them.
@@ -86,6 +93,8 @@ class _EngineCollector(Collector):
     Args:
         stats: reads the snapshot.
         own_label: whether an adapter name gets a label of its own (else it is ``other``).
+        base_name: the served model's name (the base model's label).
+        compat: "vllm" adds the families routers read under vLLM's names; "none" does not.
     """
 
     def __init__(
@@ -93,13 +102,16 @@ class _EngineCollector(Collector):
         stats: Callable[[], EngineStats],
         own_label: Callable[[str], bool],
         base_name: str = "base",
+        compat: str = "none",
     ) -> None:
         self._stats = stats
         self._own_label = own_label
         self._base_name = base_name
+        self._compat = compat
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
+        now = time.time()
         gauges = {
             "num_requests_running": ("Requests running in the engine.", s.num_running),
             "num_requests_waiting": ("Requests waiting to be scheduled.", s.num_waiting),
@@ -133,6 +145,9 @@ class _EngineCollector(Collector):
         pages.add_metric(["cached"], s.cached_pages)  # kv + adapter + cached + free = all
         pages.add_metric(["free"], s.free_pages)
         yield pages
+        yield lora_requests_info(P + "lora_requests_info", s, now)
+        if self._compat == "vllm":
+            yield from vllm_families(s, self._base_name, now)
         yield from self._adapter_families(s)
         yield from self._client_families(s)
         counters = {
@@ -159,7 +174,7 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(P + name, doc, value=value)
 
     def _adapter_families(self, s: EngineStats) -> Iterator[Metric]:
-        """Gauges labelled by adapter: cached prefix pages and versions."""
+        """Gauges labelled by adapter: cached prefix pages, versions, pins and residency."""
         pages: dict[str, int] = {}
         for name, num_pages in sorted(s.cached_pages_by_adapter.items()):
             label = "base" if name == "" else self._label(name)
@@ -195,6 +210,24 @@ class _EngineCollector(Collector):
             if self._own_label(name):
                 family.add_metric([name], float(name in pinned))
         yield family
+        yield self._residency(s)
+
+    def _residency(self, s: EngineStats) -> Metric:
+        """Where each adapter's weights are: 1 per labelled adapter, under its tier and pin;
+        the adapters without a label of their own counted under ``other`` by tier and pin."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for adapter in sorted(s.adapters, key=lambda a: a.name):
+            key = (self._label(adapter.name), adapter.tier, str(adapter.pinned).lower())
+            counts[key] = counts.get(key, 0) + 1
+        family = GaugeMetricFamily(
+            P + "lora_adapter_info",
+            "Registered adapters by tier (pool: resident; host: in host memory; disk: read "
+            "again when needed) and pin: 1 per named adapter, a count under other.",
+            labels=["adapter", "tier", "pinned"],
+        )
+        for labels, count in counts.items():
+            family.add_metric(list(labels), count)
+        return family
 
     def _client_families(self, s: EngineStats) -> Iterator[Metric]:
         """Per client of the scheduler (adapter, or user under ``--fairness-key user``):
@@ -245,17 +278,22 @@ class AdapterTiming:
 
 
 class ServerMetrics:
-    """The server's registry: request timings plus the engine's snapshot."""
+    """The server's registry: request timings plus the engine's snapshot (with ``compat``
+    "vllm", also the families routers read, under vLLM's names)."""
 
     def __init__(
         self,
         stats: Callable[[], EngineStats] | None,
         max_adapter_labels: int = 32,
         base_name: str = "base",
+        compat: str = "none",
     ) -> None:
+        if compat not in METRICS_COMPAT:
+            raise ValueError(f"metrics compat must be one of {', '.join(METRICS_COMPAT)}")
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_adapter_labels = max_adapter_labels
         self._base_name = base_name
+        self._compat = compat
         self._adapter_labels: set[str] = set()
         self._lock = threading.Lock()
         self._timings: dict[str, AdapterTiming] = {}  # by label; for the status route
@@ -313,7 +351,8 @@ class ServerMetrics:
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's snapshot, read through ``stats`` at each scrape."""
-        self.registry.register(_EngineCollector(stats, self.own_label, self._base_name))
+        collector = _EngineCollector(stats, self.own_label, self._base_name, self._compat)
+        self.registry.register(collector)
 
     def first_token(self, ttft_s: float, queue_s: float, adapter: str | None = None) -> None:
         self.ttft.observe(ttft_s)

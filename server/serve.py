@@ -127,6 +127,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_compose_steps=args.max_compose_steps,
         max_compose_jobs=args.max_compose_jobs,
         console=not args.disable_console,
+        metrics_compat=args.metrics_compat,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from server.config import METRICS_COMPAT
 from server.engine_args import add_engine_args
 
 
@@ -76,6 +77,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-compose-steps", type=int, default=200)
     limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument(
+        "--metrics-compat",
+        choices=METRICS_COMPAT,
+        default="none",
+        help="also export the metrics routers read under vLLM's names "
+        "(vllm:num_requests_waiting, vllm:lora_requests_info, ...)",
+    )
     parser.add_argument(
         "--disable-console", action="store_true", help="do not serve the operator console at /"
     )

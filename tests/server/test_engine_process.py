@@ -24,6 +24,7 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats
@@ -69,7 +70,7 @@ LONG = {"max_tokens": 100, "extra_body": {"ignore_eos": True}}
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """The demo model and its four adapters ("upper" pinned), admin routes on, exports
     allowed, the priority policy with users as clients (requests without a priority run
-    first come, first served)."""
+    first come, first served), vLLM's metric names too."""
     demo_adapters("upper", "swapcase", "caesar", "reverse")
     tmp = tmp_path_factory.mktemp("engine-process")
     (tmp / "exports").mkdir()
@@ -87,6 +88,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         "user",
         "--pinned-lora-modules",
         "upper",
+        "--metrics-compat",
+        "vllm",
     ) as served:
         yield served
 
@@ -269,6 +272,19 @@ def test_metrics_and_health(server: ServeProcess) -> None:
     assert server.metric("loraserve:num_loaded_adapters") >= 4
     assert server.metric("loraserve:num_pool_pages") > 0
     assert server.metric("loraserve:engine_steps_total") > 0
+    # The routers' families, from the snapshot that crossed the socket (one per scrape):
+    # without --max-loras, max_lora is the resident-adapter limit.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [ours] = families["loraserve:lora_requests_info"].samples
+    [vllms] = families["vllm:lora_requests_info"].samples
+    assert ours.labels == vllms.labels and ours.labels["max_lora"] == "256"
+    [waiting] = families["vllm:num_requests_waiting"].samples
+    assert waiting.labels == {"model_name": BASE, "engine": "0"}
+    assert waiting.value == families["loraserve:num_requests_waiting"].samples[0].value
+    residency = families["loraserve:lora_adapter_info"].samples
+    assert {
+        (s.labels["tier"], s.labels["pinned"]) for s in residency if s.labels["adapter"] == "upper"
+    } == {("pool", "true")}
     with server.http() as http:  # the status route: the engine's snapshot crosses the socket
         status = http.get("/v1/status").json()
     pool = status["pool"]

@@ -12,6 +12,8 @@ cached directory as any local ``lora_path``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -82,12 +84,11 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            result = fn()
+            outcome = functools.partial(future.set_result, fn())
         except BaseException as e:
-            error = e
-            loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
-        else:
-            loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+            outcome = functools.partial(future.set_exception, e)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits now
+            loop.call_soon_threadsafe(settle, outcome)
 
     threading.Thread(target=run, name="lora-fetch", daemon=True).start()
     return await future

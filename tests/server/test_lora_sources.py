@@ -5,6 +5,7 @@ the cache: fetched once, nothing left by a failure, nothing that leads out of it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -17,8 +18,11 @@ import httpx
 import pytest
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from adapters.sources import AdapterResolver, AdapterSource
+from adapters.source_cache import AdapterCache
+from adapters.sources import AdapterResolver, AdapterSource, ResolverRegistry
 from server.config import ServerConfig
+from server.errors import APIError
+from server.lora_sources import resolve_lora
 from server.serve import server_config
 from tests.server.conftest import (
     BASE,
@@ -222,6 +226,24 @@ def test_hf_source_through_snapshot_download(
     assert_error(load(server, "hub-bad", "hf://a/b/c"), 400, "invalid_adapter_source")
     assert len(calls) == 2  # a malformed id never reaches the Hub
     assert not any(e.startswith("hf-missing") for e in cache_listing(dirs))
+
+
+def test_a_load_past_the_timeout_is_refused_and_the_fetch_still_lands(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    resolver = FakeResolver(dirs["store"])
+    registry = ResolverRegistry()
+    registry.register_resolver(resolver)
+    cache = AdapterCache(tmp_path / "cache", registry)
+    config = ServerConfig(model_name=BASE, lora_cache_dir=cache.root, lora_fetch_timeout_s=0.2)
+    resolver.gate.clear()
+    with pytest.raises(APIError) as refused:
+        asyncio.run(resolve_lora("fake://team/upper", config, cache))
+    assert (refused.value.status, refused.value.code) == (400, "adapter_fetch_failed")
+    assert "0.2 s" in refused.value.message
+    resolver.gate.set()  # the source answers late: its adapter is cached for the retry
+    path = asyncio.run(resolve_lora("fake://team/upper", config, cache))
+    assert (path / "adapter_config.json").is_file() and resolver.fetched == ["fake://team/upper"]
 
 
 def test_uri_without_cache_dir_names_the_flag() -> None:

@@ -16,6 +16,10 @@ PICKLE_REFUSED = "pickle_refused"  # only adapter_model.bin / *.pt weights: HTTP
 # Making adapters from loaded ones (``adapters.merge``, ``adapters.compose``).
 INVALID_MERGE = "invalid_merge"  # a merge PEFT would refuse, or one we cannot serve: HTTP 400
 INVALID_COMPOSITION = "invalid_composition"  # a composition that breaks a rule: HTTP 400
+# Adapters fetched from a source URI (``adapters.sources``, ``adapters.source_cache``).
+INVALID_ADAPTER_SOURCE = "invalid_adapter_source"  # a malformed URI: HTTP 400
+UNKNOWN_ADAPTER_SOURCE = "unknown_adapter_source"  # no resolver for its scheme: HTTP 400
+ADAPTER_FETCH_FAILED = "adapter_fetch_failed"  # the source failed, or sent no adapter: HTTP 400
 
 
 class AdapterError(ValueError):

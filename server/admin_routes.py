@@ -1,8 +1,10 @@
 """Adapter management, vLLM's routes: ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``.
 
 Registered only when an admin key is set or runtime loading was enabled by flag (otherwise
-they do not exist: 404). Loads and unloads are serialized; a load validates the adapter
-fully, in a worker thread (of the engine's process), before its name becomes servable.
+they do not exist: 404). ``lora_path`` is a directory under an ``--adapter-root`` or, with
+``--lora-cache-dir``, a source URI fetched into the cache (``server/lora_sources.py``).
+Loads and unloads are serialized; a load validates the adapter fully, in a worker thread
+(of the engine's process), before its name becomes servable.
 ``replace`` (or vLLM's ``load_inplace``) swaps a loaded name's weights: requests already
 running finish on the old ones, later ones get the new. Every load of a name is its next
 version (1, 2, ... over the server's life, whether the name was replaced or unloaded in
@@ -22,7 +24,7 @@ from adapters.errors import AdapterError
 from server.auth import require_admin
 from server.body import read_body
 from server.errors import APIError, from_adapter_error
-from server.lora_paths import resolve_lora_path
+from server.lora_sources import resolve_lora
 from server.protocol import LoadLoraRequest, UnloadLoraRequest, parse_body
 from server.state import ServerState
 
@@ -44,7 +46,8 @@ def admin_router(state: ServerState) -> APIRouter:
             raise APIError(
                 409, "adapter_already_loaded", "that name is the base model's", "lora_name"
             )
-        path = resolve_lora_path(body.lora_path, config.adapter_roots)
+        # A source URI is fetched first, outside the lock: a slow source delays no other load.
+        path = await resolve_lora(body.lora_path, config, state.sources)
         async with state.admin_lock:
             started = time.monotonic()
             try:

@@ -30,6 +30,7 @@ from server.engine_client import EngineProcess, ProcessBridge, RemoteEngine
 from server.engine_handle import LocalEngine
 from server.errors import APIError, install_error_handlers
 from server.formatting import TokenText
+from server.lora_sources import adapter_cache
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openai_routes import openai_router
 from server.state import ServerState
@@ -61,7 +62,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     handle = LocalEngine(engine, bridge)
     text = TokenText(engine.tokenizer)
     plan = served_plan(engine.config)
-    state = ServerState(engine, bridge, config, metrics, text, handle, plan)
+    state = ServerState(engine, bridge, config, metrics, text, handle, plan, adapter_cache(config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -135,7 +136,9 @@ def create_app_for_process(
     bridge = ProcessBridge(process, tokenizer, max_pending, config.watchdog_s, metrics, on_dead)
     handle = RemoteEngine(bridge, info, tokenizer)
     metrics.watch_engine(handle.stats)
-    state = ServerState(None, bridge, config, metrics, TokenText(tokenizer), handle, info.plan)
+    text = TokenText(tokenizer)
+    sources = adapter_cache(config)
+    state = ServerState(None, bridge, config, metrics, text, handle, info.plan, sources)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -20,6 +20,11 @@ class ServerConfig:
         allow_runtime_lora: expose the management routes without an admin key (then guarded
             by ``api_key`` only). Off by default: no admin key and no flag means no routes.
         adapter_roots: runtime ``lora_path`` values must resolve inside one of these.
+        lora_cache_dir: where adapters fetched from source URIs (``hf://``, ``s3://``, ...)
+            are kept; None refuses a URI ``lora_path`` (adapter sources are off).
+        lora_sources: ``(scheme, directory)`` pairs: ``scheme://sub/path`` is served from a
+            copy of ``directory/sub/path`` (a mounted bucket); needs ``lora_cache_dir``.
+        lora_fetch_timeout_s: how long a load waits for a source before it is refused.
         cors_origins: origins allowed cross-origin access; empty means no CORS headers.
         max_waiting: requests (choices) accepted beyond what the engine runs at once;
             past it, 429 with ``Retry-After``.
@@ -46,6 +51,9 @@ class ServerConfig:
     admin_api_key: str | None = None
     allow_runtime_lora: bool = False
     adapter_roots: tuple[Path, ...] = ()
+    lora_cache_dir: Path | None = None
+    lora_sources: tuple[tuple[str, Path], ...] = ()
+    lora_fetch_timeout_s: float = 300.0
     cors_origins: tuple[str, ...] = ()
     max_waiting: int = 256
     max_request_bytes: int = 1 << 20
@@ -71,6 +79,10 @@ class ServerConfig:
             raise ValueError("drain_timeout_s must be >= 0 and watchdog_s > 0")
         if self.metrics_compat not in METRICS_COMPAT:
             raise ValueError(f"metrics_compat must be one of {', '.join(METRICS_COMPAT)}")
+        if self.lora_sources and self.lora_cache_dir is None:
+            raise ValueError("--lora-source needs --lora-cache-dir (where fetched adapters go)")
+        if self.lora_fetch_timeout_s <= 0:
+            raise ValueError("lora_fetch_timeout_s must be > 0")
 
     @property
     def lora_routes_enabled(self) -> bool:

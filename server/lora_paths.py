@@ -15,13 +15,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 
+from adapters.confinement import inside, links_inside
 from server.errors import APIError
 
 _FORBIDDEN = "lora_path is not inside an allowed adapter root"
-
-
-def _inside(path: str, root: str) -> bool:
-    return path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def resolve_lora_path(lora_path: str, roots: Sequence[Path]) -> Path:
@@ -42,7 +39,7 @@ def resolve_lora_path(lora_path: str, roots: Sequence[Path]) -> Path:
     for root in roots:
         root_real = os.path.realpath(root)
         candidate = os.path.realpath(os.path.join(root_real, lora_path))  # absolute wins
-        if _inside(candidate, root_real):
+        if inside(candidate, root_real):
             _check_entries(candidate, root_real)
             return Path(candidate)
     raise APIError(403, "lora_path_not_allowed", _FORBIDDEN, "lora_path")
@@ -53,9 +50,8 @@ def _check_entries(directory: str, root_real: str) -> None:
     if not os.path.isdir(directory):
         return  # the loader reports it missing (404)
     try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_symlink() and not _inside(os.path.realpath(entry.path), root_real):
-                    raise APIError(403, "lora_path_not_allowed", _FORBIDDEN, "lora_path")
+        confined = links_inside(directory, root_real)
     except OSError:
         raise APIError(400, "invalid_adapter", "the adapter directory cannot be read") from None
+    if not confined:
+        raise APIError(403, "lora_path_not_allowed", _FORBIDDEN, "lora_path")

@@ -2,7 +2,8 @@
 
     loraserve serve [MODEL_DIR] [--lora-modules NAME=PATH ...] [--pinned-lora-modules NAME ...]
                     [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--admin-api-key KEY]
-                    [--adapter-root DIR ...] ...
+                    [--adapter-root DIR ...] [--lora-cache-dir DIR [--lora-source NAME=DIR ...]]
+                    ...
 
 With no MODEL_DIR it serves the bundled demo model and every adapter directory under
 ``examples/demo/adapters`` (an adapter still being trained, without its config, is skipped).
@@ -104,6 +105,17 @@ def engine_spec(
     )
 
 
+def _lora_sources(args: argparse.Namespace) -> tuple[tuple[str, Path], ...]:
+    """``--lora-source NAME=DIR`` pairs."""
+    sources = []
+    for spec in args.lora_source:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora-source takes NAME=DIR, got {spec!r}")
+        sources.append((name, Path(directory)))
+    return tuple(sources)
+
+
 def server_config(args: argparse.Namespace) -> ServerConfig:
     if args.model_dir is None:
         name = args.served_model_name or DEMO_MODEL_NAME
@@ -117,6 +129,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         admin_api_key=args.admin_api_key or None,
         allow_runtime_lora=args.enable_runtime_lora_loading,
         adapter_roots=tuple(Path(r) for r in roots),
+        lora_cache_dir=Path(args.lora_cache_dir) if args.lora_cache_dir else None,
+        lora_sources=_lora_sources(args),
+        lora_fetch_timeout_s=args.lora_fetch_timeout,
         cors_origins=tuple(args.allowed_origins),
         max_waiting=args.max_waiting_requests,
         max_request_bytes=args.max_request_bytes,

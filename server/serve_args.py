@@ -61,6 +61,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="runtime lora_path values must lie inside one of these",
     )
+    access.add_argument(
+        "--lora-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="enable adapter sources: a lora_path may be a URI (hf://ORG/REPO[@REV], a "
+        "--lora-source, a plugin's s3:// ...), fetched into DIR (off without it)",
+    )
+    access.add_argument(
+        "--lora-source",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve NAME://sub/path from DIR/sub/path (a mounted bucket); needs --lora-cache-dir",
+    )
     access.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins")
     access.add_argument(
         "--export-root",
@@ -73,6 +87,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-request-bytes", type=int, default=1 << 20)
     limits.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     limits.add_argument("--watchdog-timeout", type=float, default=60.0)
+    limits.add_argument(
+        "--lora-fetch-timeout", type=float, default=300.0, help="seconds a load waits for a source"
+    )
     limits.add_argument("--max-compose-candidates", type=int, default=32)
     limits.add_argument("--max-compose-steps", type=int, default=200)
     limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")

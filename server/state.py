@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.source_cache import AdapterCache
 from engine.llm_engine import LLMEngine
 from server.bridge import BridgeBase
 from server.config import ServerConfig
@@ -29,6 +30,8 @@ class ServerState:
         handle: the engine as the routes use it (tokenizer, adapters, merges, ...).
         plan: what the engine's flags plan for (:meth:`engine.plan.Plan.to_json`), shown by
             the status route beside what is live; None when it could not be made.
+        sources: the cache that fetches adapters named by source URIs; None when
+            ``--lora-cache-dir`` is not set.
         admin_lock: serializes adapter loads and unloads.
     """
 
@@ -39,6 +42,7 @@ class ServerState:
     token_text: TokenText
     handle: EngineHandle
     plan: dict[str, Any] | None = None
+    sources: AdapterCache | None = None
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def lora_for(self, model: str) -> str | None:

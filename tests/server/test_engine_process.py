@@ -69,9 +69,10 @@ LONG = {"max_tokens": 100, "extra_body": {"ignore_eos": True}}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """The demo model and its four adapters ("upper" pinned), admin routes on, exports
-    allowed, the priority policy with users as clients (requests without a priority run
-    first come, first served), vLLM's metric names too."""
-    demo_adapters("upper", "swapcase", "caesar", "reverse")
+    allowed, adapter sources on (``demo://`` names the demo adapters), the priority policy
+    with users as clients (requests without a priority run first come, first served),
+    vLLM's metric names too."""
+    adapters = demo_adapters("upper", "swapcase", "caesar", "reverse")
     tmp = tmp_path_factory.mktemp("engine-process")
     (tmp / "exports").mkdir()
     with loraserve(
@@ -80,6 +81,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         "admin",
         "--export-root",
         str(tmp / "exports"),
+        "--lora-cache-dir",
+        str(tmp / "lora-cache"),
+        "--lora-source",
+        f"demo={adapters['upper'].parent}",
         "--max-compose-steps",
         "4",
         "--scheduling-policy",
@@ -261,6 +266,17 @@ def test_load_unload_merge_compose_export(server: ServeProcess) -> None:
         r = http.post("/v1/adapters/nope/export", json={})
         assert_error(r, 404, "model_not_found", "name")
     assert complete(client, BASE, "fine") == "fine"
+
+
+def test_a_source_uri_is_fetched_here_and_loaded_there(server: ServeProcess) -> None:
+    """The API process fetches into its cache; the engine process loads the cached copy."""
+    with server.http(headers=ADMIN) as http:
+        body = {"lora_name": "demo-upper", "lora_path": "demo://upper"}
+        r = http.post("/v1/load_lora_adapter", json=body)
+        assert r.status_code == 200, r.text
+        r = http.post("/v1/load_lora_adapter", json={**body, "lora_path": "demo://../upper"})
+        assert_error(r, 400, "invalid_adapter_source", "lora_path")
+    assert complete(server.openai(), "demo-upper", "hello") == "HELLO"
 
 
 def test_metrics_and_health(server: ServeProcess) -> None:

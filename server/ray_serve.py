@@ -50,9 +50,10 @@ from adapters.errors import AdapterError
 from engine.config import EngineConfig
 from engine.plan import plan_for
 from server.auth import authorized, require_admin
+from server.body import read_body
 from server.config import ServerConfig
 from server.errors import APIError, from_adapter_error
-from server.lora_paths import resolve_lora_path
+from server.lora_sources import adapter_cache, resolve_lora
 from server.protocol import LoadLoraRequest, UnloadLoraRequest, parse_body
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class LoraServeIngress:
         self.last_version = {name: source.version for name, source in adapters.items()}
         self.max_model_len = max_model_len
         self.lock = asyncio.Lock()
+        self.sources = adapter_cache(config)  # source URIs: on storage every replica sees
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -367,7 +369,7 @@ class LoraServeIngress:
         if not self.config.lora_routes_enabled:
             raise APIError(404, "not_found", "no such route")
         require_admin(self.config, request.headers.raw)
-        body = parse_body(await request.body(), LoadLoraRequest)
+        body = parse_body(await read_body(request, self.config.max_request_bytes), LoadLoraRequest)
         name = body.lora_name
         if name == self.config.model_name:
             raise APIError(
@@ -381,7 +383,7 @@ class LoraServeIngress:
                 "its requests need",
                 "pinned",
             )
-        path = resolve_lora_path(body.lora_path, self.config.adapter_roots)
+        path = await resolve_lora(body.lora_path, self.config, self.sources)
         async with self.lock:
             old = self.catalog.get(name)
             if old is not None and not body.in_place:
@@ -412,7 +414,9 @@ class LoraServeIngress:
         if not self.config.lora_routes_enabled:
             raise APIError(404, "not_found", "no such route")
         require_admin(self.config, request.headers.raw)
-        body = parse_body(await request.body(), UnloadLoraRequest)
+        body = parse_body(
+            await read_body(request, self.config.max_request_bytes), UnloadLoraRequest
+        )
         async with self.lock:
             if self.catalog.pop(body.lora_name, None) is None:
                 raise APIError(
@@ -421,7 +425,10 @@ class LoraServeIngress:
         return JSONResponse({"status": "ok", "lora_name": body.lora_name})
 
     async def _forward(self, request: Request) -> Response:
-        body = await request.body()
+        # Bounded here too; a body's type is the replica's to judge, as the server's routes do.
+        body = b""
+        if request.method == "POST":
+            body = await read_body(request, self.config.max_request_bytes)
         adapter = _model_of(request.url.path, body)
         if adapter == self.config.model_name:
             adapter = None

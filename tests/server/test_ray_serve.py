@@ -154,14 +154,14 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(server: RayServ
 def test_hot_loads_reach_the_replicas(server: RayServer) -> None:
     admin = {"Authorization": "Bearer ray-admin"}
 
-    def load(path: str) -> httpx.Response:
-        body = {"lora_name": "mirror", "lora_path": path}
+    def load(path: str, name: str = "mirror") -> httpx.Response:
+        body = {"lora_name": name, "lora_path": path}
         return httpx.post(server.url + "/v1/load_lora_adapter", json=body, headers=admin)
 
     assert load("reverse").json()["version"] == 1
     assert server.complete("mirror", "abc9").json()["choices"][0]["text"] == "9cba"
     assert load("reverse").status_code == 409  # loaded already, as with one server
-    refused = load("no-such-adapter")
+    refused = load("no-such-adapter", "ghost")
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_not_found"
     unloaded = httpx.post(
         server.url + "/v1/unload_lora_adapter", json={"lora_name": "mirror"}, headers=admin

@@ -141,6 +141,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_compose_candidates=args.max_compose_candidates,
         max_compose_steps=args.max_compose_steps,
         max_compose_jobs=args.max_compose_jobs,
+        max_metric_adapters=args.max_metric_adapters,
         console=not args.disable_console,
         metrics_compat=args.metrics_compat,
     )

@@ -93,6 +93,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-compose-candidates", type=int, default=32)
     limits.add_argument("--max-compose-steps", type=int, default=200)
     limits.add_argument("--max-compose-jobs", type=int, default=2, help="running at once")
+    limits.add_argument(
+        "--max-metric-adapters",
+        type=int,
+        default=32,
+        help="adapters with a metrics label and a status row of their own; the rest share one",
+    )
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument(
         "--metrics-compat",

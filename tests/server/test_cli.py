@@ -47,6 +47,8 @@ def test_access_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None
     assert config.cors_origins == ("https://x.example",)
     assert args.lora_modules == ["a=/p", "b=/q"]
     assert server_config(parse("--enable-runtime-lora-loading")).lora_routes_enabled
+    assert server_config(parse("--max-metric-adapters", "5")).max_metric_adapters == 5
+    assert server_config(parse()).console and not server_config(parse("--disable-console")).console
 
 
 @pytest.mark.parametrize("spec", ["noequals", "=path", "name="])

@@ -40,6 +40,7 @@ from adapters.prefix_tuning import read_prefix_tuning
 from adapters.prompt_tuning import read_prompt_tuning
 from adapters.weights import (
     ADALORA,
+    DORA,
     IA3,
     LORA,
     PREFIX_TUNING,
@@ -155,6 +156,15 @@ KINDS: tuple[AdapterKind, ...] = (
     PromptTuningKind(),
     PrefixTuningKind(),
 )
+
+
+def config_kind(raw: Mapping[str, Any]) -> str | None:
+    """The kind an ``adapter_config.json`` object names, as ``/v1/models`` reports it
+    (``dora`` for a LoRA config with ``use_dora``); None when no served kind claims it."""
+    kind = next((k for k in KINDS if k.claims(raw)), None)
+    if kind is None:
+        return None
+    return DORA if kind.name == LORA and raw.get("use_dora") else kind.name
 
 
 def read_adapter(path: Path, context: LoadContext) -> AdapterWeights:

@@ -23,16 +23,18 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from adapters.confinement import inside, links_inside
+from adapters.confinement import inside
 from adapters.errors import ADAPTER_FETCH_FAILED, INVALID_ADAPTER_SOURCE, AdapterError
 from adapters.sources import AdapterResolver, AdapterSource
 
-# What the adapter loader reads from a directory (adapters/loader.py, adapters/kinds.py).
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What adapter directory holds that loraserve reads; a pickled ``.bin`` is fetched too,
+# so that the loader refuses it by name rather than reporting the weights missing.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 class FilesystemResolver(AdapterResolver):
-    """``scheme://sub/path`` → a copy of the directory ``root/sub/path``.
+    """``scheme://sub/path`` → a copy of the adapter files (:data:`ADAPTER_FILES`) of the
+    directory ``root/sub/path``.
 
     Args:
         scheme: the URI scheme that names this directory.
@@ -56,11 +58,17 @@ class FilesystemResolver(AdapterResolver):
         # A symlink out of the source reads as absent: the refusal names nothing outside it.
         if not inside(directory, root_real) or not os.path.isdir(directory):
             raise missing
-        for walked, _, _ in os.walk(directory):
-            if not links_inside(walked, root_real):
+        # Only the adapter's own files, each a regular file inside the source (a symlink is
+        # followed only when it stays inside): the cache gets files, nothing else is read.
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            path = os.path.join(directory, name)
+            real = os.path.realpath(path)
+            if not os.path.lexists(path):
+                continue
+            if not inside(real, root_real) or not os.path.isfile(real):
                 raise missing
-        # Symlinks followed (all checked to stay inside the source): the cache gets files.
-        shutil.copytree(directory, dest, dirs_exist_ok=True)
+            shutil.copyfile(real, dest / name)
 
 
 class HfResolver(AdapterResolver):

@@ -15,7 +15,7 @@
 #                   bf16 and NF4; decode step graphs vs eager, base vs LoRA; NF4 vs bf16 at
 #                   batch 1)
 #   sweep-bf16      loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS, decode graphs on
-#   sweep-bf16-eager  the same with --enforce-eager
+#   sweep-bf16-eager  the same with --enforce-eager (not in SMOKE runs: the CPU is eager anyway)
 #   sweep-nf4       loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS, graphs on
 #   sweep-baselines only when BASELINES is set (SMOKE sets it): the HF baselines at n in
 #                   BASELINE_ADAPTERS. They run transformers generate on the 7B model and load
@@ -115,9 +115,12 @@ else
   step sweep-bf16 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
     --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-bf16"
-  step sweep-bf16-eager "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
-    --enforce-eager --out "$OUT/sweep-bf16-eager"
+  # On the CPU every step is eager already: the smoke run skips this repeat of sweep-bf16.
+  if [[ "$SMOKE" != 1 ]]; then
+    step sweep-bf16-eager "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+      --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+      --enforce-eager --out "$OUT/sweep-bf16-eager"
+  fi
   step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
     --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-nf4"

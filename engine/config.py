@@ -106,6 +106,8 @@ class CacheConfig:
             raise ValueError("the page pool needs at least 2 pages (one token's K and V)")
         if self.block_size <= 0:
             raise ValueError("block_size must be positive")
+        if self.sizing is not None and self.sizing.num_pages != self.num_pages:
+            raise ValueError("num_pages disagrees with the sizing it came from")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import ServerConfig
@@ -16,8 +17,23 @@ from server.errors import APIError
 
 # The console's page and scripts hold no data: a browser must fetch them before it has a key
 # to send. What they show comes from routes that need one.
-OPEN_PATHS = frozenset({"/health", "/"})
-OPEN_PREFIX = "/console/"
+_CONSOLE_PATHS = frozenset({"/"})
+_CONSOLE_PREFIX = "/console/"
+
+
+def is_open(config: ServerConfig, path: str) -> bool:
+    """Whether ``path`` is served without a key: ``/health``, and the console's files when
+    the console is on."""
+    if path == "/health":
+        return True
+    return config.console and (path in _CONSOLE_PATHS or path.startswith(_CONSOLE_PREFIX))
+
+
+def unauthorized() -> Response:
+    """The 401 for a missing or wrong key, in the error envelope."""
+    response = APIError(401, "invalid_api_key", "missing or invalid API key").response()
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -61,14 +77,11 @@ class KeyAuthMiddleware:
         self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"] if scope["type"] == "http" else ""
-        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
+        if scope["type"] != "http" or is_open(self.config, scope["path"]):
             await self.app(scope, receive, send)
             return
         if not authorized(self.config, scope["headers"]):
-            response = APIError(401, "invalid_api_key", "missing or invalid API key").response()
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
+            await unauthorized()(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

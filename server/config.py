@@ -14,7 +14,8 @@ class ServerConfig:
 
     Attributes:
         model_name: what clients call the base model (the OpenAI ``model`` field).
-        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer KEY``.
+        api_key: when set, every route but ``/health`` and the console's files needs
+            ``Authorization: Bearer KEY``.
         admin_api_key: when set, adapter management needs it (the user key gets 403), and
             the management routes exist.
         allow_runtime_lora: expose the management routes without an admin key (then guarded

@@ -83,29 +83,36 @@ def openai_router(state: ServerState) -> APIRouter:
     async def models() -> dict[str, Any]:
         """The base (``parent: null``) and every adapter, with the version it serves and
         whether it is pinned."""
-        created = int(time.time())
-        base = config.model_name
-        max_len = state.handle.max_model_len
-
-        def card(name: str, parent: str | None) -> dict[str, Any]:
-            return {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "loraserve",
-                "root": name,
-                "parent": parent,
-                "max_model_len": max_len,
-            }
-
-        data = [card(base, None)]
-        for name, info in (await state.handle.adapters()).items():
-            if not name.startswith("_"):  # temporary adapters (compositions) stay unlisted
-                extra = {"version": info.version, "pinned": info.pinned, "kind": info.kind}
-                data.append(card(name, base) | extra)
-        return {"object": "list", "data": data}
+        adapters = {
+            name: {"version": info.version, "pinned": info.pinned, "kind": info.kind}
+            for name, info in (await state.handle.adapters()).items()
+        }
+        return model_list(config.model_name, state.handle.max_model_len, adapters)
 
     return router
+
+
+def model_list(
+    base: str, max_model_len: int, adapters: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``/v1/models``'s body: the base (``parent: null``), then each adapter with its fields
+    (version, pinned, kind); temporary adapters (``_`` names, compositions') stay unlisted."""
+    created = int(time.time())
+
+    def card(name: str, parent: str | None) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraserve",
+            "root": name,
+            "parent": parent,
+            "max_model_len": max_model_len,
+        }
+
+    data = [card(base, None)]
+    data += [card(n, base) | fields for n, fields in adapters.items() if not n.startswith("_")]
+    return {"object": "list", "data": data}
 
 
 async def _generate(

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "loraserve-demo"  # what the demo adapters' configs call their base
 
 
-def _lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
+def lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
     modules = []
     if args.model_dir is None:
         for path in sorted((DEMO_DIR / "adapters").iterdir()):
@@ -168,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         return run_ray(args)
     config = server_config(args)
-    adapters = _lora_modules(args)
+    adapters = lora_modules(args)
     pinned = _pinned_modules(args, adapters)
     server: DrainingServer | None = None
     process: EngineProcess | None = None

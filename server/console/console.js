@@ -572,6 +572,7 @@ async function stream(card, prompt, settings, shown) {
   let first = null;
   let finish = null;
   let usage = null;
+  let done = false; // the stream's own end ("data: [DONE]"), not merely a closed connection
   try {
     const response = await fetch("/v1/completions", {
       method: "POST",
@@ -585,8 +586,8 @@ async function stream(card, prompt, settings, shown) {
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
+      const { value, done: closed } = await reader.read();
+      if (closed) break;
       buffer += decoder.decode(value, { stream: true });
       let cut;
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -595,7 +596,10 @@ async function stream(card, prompt, settings, shown) {
         for (const line of event.split("\n")) {
           if (!line.startsWith("data: ")) continue;
           const data = line.slice(6);
-          if (data === "[DONE]") continue;
+          if (data === "[DONE]") {
+            done = true;
+            continue;
+          }
           const chunk = JSON.parse(data);
           if (chunk.error) throw new APIError(500, chunk.error.message, chunk.error.code);
           if (chunk.usage) usage = chunk.usage;
@@ -609,6 +613,7 @@ async function stream(card, prompt, settings, shown) {
         }
       }
     }
+    if (!done) throw new Error("the stream ended early");
     const ttft = first === null ? "–" : fmtSeconds((first - started) / 1000);
     const tokens = usage ? usage.completion_tokens : "?";
     card.meta.textContent = `${shown} · ${tokens} tokens · first ${ttft} · ${finish || "?"}`;
@@ -690,7 +695,10 @@ async function connect() {
   state.admin = Boolean(status.access && status.access.admin);
   $("key-panel").hidden = true;
   $("dashboard").hidden = false;
-  $("change-key").hidden = !state.key;
+  // Always there: a server with only an admin key serves data without one, and the admin
+  // actions need it.
+  $("change-key").hidden = false;
+  $("change-key").textContent = state.key ? "change key" : "enter a key";
   $("access").textContent = state.admin ? "admin" : "user";
   $("access").className = "badge" + (state.admin ? " admin" : "");
   for (const node of document.querySelectorAll(".admin-only")) node.hidden = !state.admin;

@@ -277,10 +277,11 @@ def test_console_in_a_browser(chromium: str, server: ServeProcess, tmp_path: Pat
                     expect(card.locator(".meta")).to_contain_text("temperature 0")
                 assert page.locator(".output").count() == len(wanted)
 
-                # Under traffic still, with some history in the charts.
-                assert wait_for(lambda: span(page) >= SCREENSHOT_HISTORY_S, 30)
-                shot = os.environ.get("LORASERVE_CONSOLE_SCREENSHOT") or str(tmp_path / "c.png")
-                page.screenshot(path=shot, full_page=True)
+                # Under traffic still; for the README's, with some history in the charts.
+                shot = os.environ.get("LORASERVE_CONSOLE_SCREENSHOT")
+                if shot:
+                    assert wait_for(lambda: span(page) >= SCREENSHOT_HISTORY_S, 30)
+                page.screenshot(path=shot or str(tmp_path / "console.png"), full_page=True)
             assert traffic.errors == [], traffic.errors[:3]
             assert traffic.done > 0
 

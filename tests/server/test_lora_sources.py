@@ -18,6 +18,7 @@ import httpx
 import pytest
 from huggingface_hub.errors import RepositoryNotFoundError
 
+from adapters.resolvers import ADAPTER_FILES
 from adapters.source_cache import AdapterCache
 from adapters.sources import AdapterResolver, AdapterSource, ResolverRegistry
 from server.config import ServerConfig
@@ -220,7 +221,7 @@ def test_hf_source_through_snapshot_download(
     monkeypatch.setattr("adapters.resolvers.snapshot_download", snapshot_download)
     assert load(server, "from-hub", "hf://org/upper@v1").status_code == 200
     assert complete(server.openai(), "from-hub", "serve9") == "SERVE9"
-    assert calls == [("org/upper", "v1", ["adapter_config.json", "adapter_model.safetensors"])]
+    assert calls == [("org/upper", "v1", list(ADAPTER_FILES))]
     error = assert_error(load(server, "hub-bad", "hf://org/missing"), 400, "adapter_fetch_failed")
     assert "no such Hugging Face repository" in error["message"]
     assert_error(load(server, "hub-bad", "hf://a/b/c"), 400, "invalid_adapter_source")

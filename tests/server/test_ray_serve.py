@@ -9,7 +9,6 @@ bounded, and the whole Ray instance is killed on the way out.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -235,14 +234,12 @@ def test_serve_run_builds_the_application_from_the_flags() -> None:
     replica holds as many adapters as the plan fits in its pool."""
     from ray.serve import Application
 
+    from engine.config import EngineConfig
     from server.ray_serve import adapters_per_replica, app_builder
-    from server.serve_args import add_serve_args
 
     application = app_builder({"flags": "--ray-replicas 3 --max-num-seqs 16"})
     assert isinstance(application, Application)
-    parser = argparse.ArgumentParser()
-    add_serve_args(parser)
     # 16 sequences of 128 tokens: a 4,096-page pool, which holds one rank-64 adapter on
     # every linear layer beside a full-length request; 64 sequences: six.
-    assert adapters_per_replica(parser.parse_args(["--max-num-seqs", "16"])) == 1
-    assert adapters_per_replica(parser.parse_args([])) == 6
+    assert adapters_per_replica(EngineConfig.create(max_num_seqs=16, device="cpu")) == 1
+    assert adapters_per_replica(EngineConfig.create(max_num_seqs=64, device="cpu")) == 6

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +31,7 @@ from tests.server.conftest import (
     make_engine,
     serve,
 )
+from tests.server.live_server import wait_for
 
 LONG = {"max_tokens": 100, "extra_body": {"ignore_eos": True}}  # 5 + 100 tokens: 210 pages
 NUM_PAGES = 240  # the tight pool: one long request fits, two do not
@@ -228,15 +229,6 @@ def test_watchdog_reports_a_stuck_engine(demo_server: Served) -> None:
         release.set()
         bridge.watchdog_s = 60.0
     assert_good(demo_server)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_an_engine_that_cannot_recover_turns_health_503() -> None:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import BASE, demo_adapters
-from tests.server.live_server import REPO, free_port, wait_for
+from tests.server.live_server import REPO, ServeProcess, free_port, wait_for
 from tests.server.test_console import demo_task
 
 pytest.importorskip("ray.serve")
@@ -37,22 +37,12 @@ REPLICA_HEADER = "x-loraserve-replica"
 REPLICA_TITLE = b"ServeReplica:loraserve:LoraServeReplica"
 
 
-@dataclass
-class RayServer:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class RayServer(ServeProcess):
+    """``loraserve serve --ray-replicas 2``: the Ray instance is its process group."""
 
     def complete(self, model: str, word: str, **extra: object) -> httpx.Response:
         body = {"model": model, "prompt": f"{word}=", "max_tokens": 16, "temperature": 0}
         return httpx.post(self.url + "/v1/completions", json=body | extra, headers=USER, timeout=60)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture(scope="module")

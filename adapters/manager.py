@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import INVALID_MERGE, AdapterError
+from adapters.errors import INVALID_MERGE, UNSUPPORTED_ADAPTER_FEATURE, AdapterError
 from adapters.host_cache import HostCache
 from adapters.identity import weights_digest
 from adapters.kinds import LoadContext, read_adapter
@@ -87,6 +87,8 @@ class AdapterManager:
             mixture's components may not exceed; None: no cap but the slots.
         base: the served base weights, for kinds that read them at load (DoRA); None
             refuses those kinds.
+        lora_only: serve LoRA of the decoder's linear layers only (a model split across
+            tensor-parallel workers, which split nothing else); other adapters are refused.
     """
 
     def __init__(
@@ -100,8 +102,10 @@ class AdapterManager:
         pin_capacity: int | None = None,
         max_loras: int | None = None,
         base: BaseWeights | None = None,
+        lora_only: bool = False,
     ) -> None:
         self.residency = residency
+        self.lora_only = lora_only
         self.layout = layout
         self.max_lora_rank = max_lora_rank
         self.max_adapter_pages = max_adapter_pages
@@ -175,6 +179,13 @@ class AdapterManager:
     ) -> AdapterEntry:
         """Register validated weights (read from ``path``, or kept with the entry when
         ``in_memory``) and put them in the host tier."""
+        if self.lora_only and not weights.is_lora_only:
+            raise AdapterError(
+                UNSUPPORTED_ADAPTER_FEATURE,
+                f"{name!r} is a {weights.kind} adapter with more than LoRA on the decoder's "
+                "linear layers; a model split across tensor-parallel workers serves LoRA of "
+                "those layers only",
+            )
         pages = self._check_fits(weights)
         with self._pinning(pinned, name, pages, replace):
             entry, old = self.registry.register(

@@ -144,6 +144,41 @@ class LoraTables:
     generation: list[int]
     blocks: list[dict[str, BlockTable]]
 
+    @classmethod
+    def allocate(
+        cls,
+        chunks: Mapping[str, tuple[int, int]],
+        num_layers: int,
+        max_slots: int,
+        max_lora_rank: int,
+        device: torch.device,
+    ) -> LoraTables:
+        """Empty tables for targets whose A and Bᵀ rows take ``chunks`` pages each.
+
+        Every target's page tables are views of one tensor per matrix (target i at [i], its
+        own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
+        up's) from one pointer (`kernels.lora_layout.packed_tables`).
+        """
+        ranks = torch.zeros(max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device)
+        scalings = torch.zeros(max_slots, num_layers, len(TARGETS), device=device)
+        stacked = (len(TARGETS), max_slots, max_lora_rank)
+        a_chunks = max((a for a, _ in chunks.values()), default=0)
+        b_chunks = max((b for _, b in chunks.values()), default=0)
+        a_stack = torch.zeros(*stacked, a_chunks, dtype=torch.int32, device=device)
+        b_stack = torch.zeros(*stacked, b_chunks, dtype=torch.int32, device=device)
+        return cls(
+            a_pages={t: a_stack[TARGETS.index(t), ..., :a] for t, (a, _) in chunks.items()},
+            b_pages={t: b_stack[TARGETS.index(t), ..., :b] for t, (_, b) in chunks.items()},
+            ranks=ranks,
+            scalings=scalings,
+            host_ranks=torch.zeros_like(ranks, device="cpu"),
+            host_scalings=torch.zeros_like(scalings, device="cpu"),
+            a_first={t: [-1] * max_slots for t in chunks},
+            b_first={t: [-1] * max_slots for t in chunks},
+            generation=[0],
+            blocks=[{} for _ in range(max_slots)],
+        )
+
 
 @dataclass(frozen=True)
 class BlockTable:
@@ -236,31 +271,11 @@ class AdapterResidency:
         self.num_layers = num_layers
         self.max_slots = max_slots
         self.shapes = dict(shapes)
-        device = pages.layers[0].device
-        width = pages.page_width
-        ranks = torch.zeros(max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device)
-        scalings = torch.zeros(max_slots, num_layers, len(TARGETS), device=device)
-        self.cost = PageCost.for_shapes(self.shapes, width)
+        self.cost = PageCost.for_shapes(self.shapes, pages.page_width)
         self._chunks = dict(self.cost.chunks)
-        # Every target's page tables are views of one tensor per matrix (target i at [i], its
-        # own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
-        # up's) from one pointer (`kernels.lora_layout.packed_tables`).
-        stacked = (len(TARGETS), max_slots, max_lora_rank)
-        a_chunks = max((a for a, _ in self._chunks.values()), default=0)
-        b_chunks = max((b for _, b in self._chunks.values()), default=0)
-        a_stack = torch.zeros(*stacked, a_chunks, dtype=torch.int32, device=device)
-        b_stack = torch.zeros(*stacked, b_chunks, dtype=torch.int32, device=device)
-        self.tables = LoraTables(
-            a_pages={t: a_stack[TARGETS.index(t), ..., :a] for t, (a, _) in self._chunks.items()},
-            b_pages={t: b_stack[TARGETS.index(t), ..., :b] for t, (_, b) in self._chunks.items()},
-            ranks=ranks,
-            scalings=scalings,
-            host_ranks=torch.zeros_like(ranks, device="cpu"),
-            host_scalings=torch.zeros_like(scalings, device="cpu"),
-            a_first={t: [-1] * max_slots for t in self._chunks},
-            b_first={t: [-1] * max_slots for t in self._chunks},
-            generation=[0],
-            blocks=[{} for _ in range(max_slots)],
+        device = pages.layers[0].device
+        self.tables = LoraTables.allocate(
+            self._chunks, num_layers, max_slots, max_lora_rank, device
         )
         self._resident: OrderedDict[int, Resident] = OrderedDict()  # LRU first
         self._free_slots = list(range(max_slots - 1, -1, -1))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
+from engine.parallel import check_divisible
 from engine.sizing import PoolSizing, size_pool
 
 QUANTIZATIONS = ("none", "nf4")
@@ -207,6 +208,26 @@ class GraphConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many devices the model is split across (``engine/parallel.py``).
+
+    Attributes:
+        tensor_parallel_size: worker processes, one per device; 1 runs the model in the
+            engine's own process.
+        timeout_s: how long a worker waits in a collective for the others before it fails.
+    """
+
+    tensor_parallel_size: int = 1
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.timeout_s <= 0:
+            raise ValueError("the workers' collective timeout must be positive")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, grouped by concern."""
 
@@ -215,6 +236,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
     graphs: GraphConfig = field(default_factory=GraphConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
     @classmethod
@@ -245,6 +267,7 @@ class EngineConfig:
         block_size: int = 16,
         seed: int = 0,
         device_memory: int | None = None,
+        tensor_parallel_size: int = 1,
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
 
@@ -268,10 +291,12 @@ class EngineConfig:
         torch_dtype = resolve_dtype(dtype, path)
         quantization = resolve_quantization(quantization, hf, path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if tensor_parallel_size > 1:
+            _check_tensor_parallel(tensor_parallel_size, hf, dev)
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
         mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
-        if enforce_eager:
+        if enforce_eager or tensor_parallel_size > 1:  # workers run every step eagerly
             mode = "eager"
         graphs = GraphConfig(mode, capture_sizes(max_num_seqs, cuda_graph_sizes))
         if dev.type != "cuda":
@@ -311,11 +336,30 @@ class EngineConfig:
                 max_resident_loras or max(256, max_loras or 0),
             ),
             graphs=graphs,
+            parallel=ParallelConfig(tensor_parallel_size),
             seed=seed,
         )
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_tensor_parallel(size: int, hf: dict[str, Any], device: torch.device) -> None:
+    """Refuse a split the model's shape or the machine cannot take, before anything loads."""
+    heads = int(hf["num_attention_heads"])
+    check_divisible(
+        size,
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        vocab_size=int(hf["vocab_size"]),
+    )
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise ValueError(
+            f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
+            f"{torch.cuda.device_count()}"
+        )
 
 
 def _context_limit(hf: dict[str, Any]) -> int:

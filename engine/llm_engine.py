@@ -27,8 +27,8 @@ from engine.config import EngineConfig, LoraConfig
 from engine.cuda_graph import DecodeGraphs, capture_sizes
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from engine.kv_cache import PAGES_PER_TOKEN, KVCache
-from engine.loader import eos_token_ids, load_model, load_tokenizer
-from engine.model import Backends
+from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
+from engine.model import Backends, CausalLM, ModelArch
 from engine.model_runner import ModelRunner
 from engine.outputs import AdapterStatus, EngineStats, RequestOutput
 from engine.page_pool import PagePool, Tenant
@@ -40,6 +40,7 @@ from engine.scheduler import Scheduler
 from engine.scheduling import token_cost
 from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
 from engine.slot_tables import SlotTables
+from engine.tp_executor import TensorParallelExecutor, WorkerDied, combined_weights, worker_specs
 from engine.virtual_tokens import virtual_positions
 
 logger = logging.getLogger(__name__)
@@ -59,19 +60,32 @@ class LLMEngine:
         mc = config.model
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(mc.model_dir, mc.load_format)
         backends = Backends.select(kernels, mc.device)
-        self.model = load_model(
-            mc.model_dir,
-            mc.dtype,
-            mc.device,
-            backends,
-            mc.quantization,
-            mc.load_format,
-            config.seed,
-        )
-        self.weights = memory_report(self.model, mc.dtype)
-        arch = self.model.arch
+        self.arch = arch = ModelArch.from_config(load_config(mc.model_dir))
+        workers = config.parallel.tensor_parallel_size
+        # With tensor parallelism the model and the pool's storage live in the workers; here
+        # the pool is bookkeeping only (pages of the whole width, on the meta device).
+        self.model: CausalLM | None = None
+        self.executor: TensorParallelExecutor | None = None
+        if workers == 1:
+            self.model = load_model(
+                mc.model_dir,
+                mc.dtype,
+                mc.device,
+                backends,
+                mc.quantization,
+                mc.load_format,
+                config.seed,
+            )
+            self.weights = memory_report(self.model, mc.dtype)
+        else:
+            self.executor = TensorParallelExecutor(worker_specs(config, kernels))
+            self.weights = combined_weights(self.executor.reports)
         self.pool = PagePool(
-            arch.num_layers, config.cache.num_pages, arch.kv_width, mc.dtype, mc.device
+            arch.num_layers,
+            config.cache.num_pages,
+            arch.kv_width,
+            mc.dtype,
+            mc.device if self.model is not None else torch.device("meta"),
         )
         if self.weights.quantized_params:
             logger.info(
@@ -103,18 +117,23 @@ class LLMEngine:
             mc.device,
             scratch_page=self.pool.scratch_page,
         )
-        graphs = self._decode_graphs(config, backends, slot_tables)
-        self.runner = ModelRunner(
-            self.model,
-            self.pool.layers,
-            sampler,
-            slot_tables,
-            self.adapters.residency.tables,
-            backends.lora,
-            graphs,
-        )
-        if graphs is not None and config.graphs.mode == "graphs":
-            graphs.capture()
+        self.runner: ModelRunner | TensorParallelExecutor
+        if self.model is None:
+            assert self.executor is not None
+            self.runner = self.executor
+        else:
+            graphs = self._decode_graphs(self.model, config, backends, slot_tables)
+            self.runner = ModelRunner(
+                self.model,
+                self.pool.layers,
+                sampler,
+                slot_tables,
+                self.adapters.residency.tables,
+                backends.lora,
+                graphs,
+            )
+            if graphs is not None and config.graphs.mode == "graphs":
+                graphs.capture()
         self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
         # Running and waiting requests by adapter, counted after a step when stats asked
@@ -135,7 +154,7 @@ class LLMEngine:
         )
 
     def _decode_graphs(
-        self, config: EngineConfig, backends: Backends, slot_tables: SlotTables
+        self, model: CausalLM, config: EngineConfig, backends: Backends, slot_tables: SlotTables
     ) -> DecodeGraphs | None:
         """The static-shape decode path, when the config asks for one (None: eager).
 
@@ -153,7 +172,7 @@ class LLMEngine:
         if mode == "eager":
             return None
         return DecodeGraphs(
-            self.model,
+            model,
             self.pool.layers,
             slot_tables,
             self.adapters.residency.tables,
@@ -169,7 +188,7 @@ class LLMEngine:
         return self.weights.saved_bytes // self.pool.page_bytes
 
     def _adapter_manager(self, config: LoraConfig) -> AdapterManager:
-        layout = decoder_layout(self.model.arch)
+        layout = decoder_layout(self.arch)
         residency = AdapterResidency(
             self.pool.tenant(Tenant.ADAPTER),
             layout.num_layers,
@@ -186,7 +205,8 @@ class LLMEngine:
             host_cache_bytes=config.host_cache_bytes,
             pin_capacity=pin_capacity(self.pool.num_pages, self.config.model.max_model_len),
             max_loras=config.max_loras,
-            base=ServedBaseWeights(self.model, layout),
+            base=None if self.model is None else ServedBaseWeights(self.model, layout),
+            lora_only=self.model is None,
         )
 
     # -- adapters -------------------------------------------------------------------------
@@ -320,7 +340,7 @@ class LLMEngine:
         pinned adapters' other than its own (``pinned_pages``)."""
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab_size = self.model.arch.vocab_size
+        vocab_size = self.arch.vocab_size
         if any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         # A prompt- or prefix-tuned adapter's virtual tokens take positions before the prompt.
@@ -371,6 +391,8 @@ class LLMEngine:
         self.scheduler.failed.clear()
         try:
             results = self.runner.execute(scheduled)
+        except WorkerDied:
+            raise  # the model is gone, not one batch: the caller stops the engine
         except Exception:
             # One bad batch must not take the server down: fail its requests, keep serving.
             logger.exception(

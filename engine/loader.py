@@ -111,23 +111,13 @@ def load_model(
             f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}"
         )
     config = load_config(model_dir)
-    with torch.device("meta"):
-        model = CausalLM(config, backends)
+    model, nf4_modules = empty_model(model_dir, dtype, device, backends, quantization, load_format)
     dummy = load_format == "dummy"
-    prequantized = set() if dummy else quantized_modules(model_dir)
-    if prequantized and quantization != "nf4":
-        raise ValueError(f"{model_dir.name} is quantized to nf4; serve it with quantization nf4")
-    nf4_modules: list[str] = []
-    if quantization == "nf4":
-        targets = prequantized or _quantized_linears(model)
-        nf4_modules = swap_linears(model, backends.nf4, keep=lambda n: n not in targets)
-    model.to(dtype)  # still on the meta device: the weights are allocated in dtype at once
-    model.to_empty(device=device)
-    model.tie_weights()
+    prequantized = bool(nf4_modules) and not dummy and bool(quantized_modules(model_dir))
     if dummy:
         init_dummy_weights(model, init_std(config), seed, nf4_modules, dtype)
     else:
-        _load_checkpoint(model, model_dir, set(nf4_modules), bool(prequantized), dtype, device)
+        _load_checkpoint(model, model_dir, set(nf4_modules), prequantized, dtype, device)
     model.eval()
     report = memory_report(model, dtype)
     num_params = sum(p.numel() for p in model.parameters()) + report.quantized_params
@@ -141,6 +131,32 @@ def load_model(
         f", {len(nf4_modules)} linear layers in nf4" if nf4_modules else "",
     )
     return model
+
+
+def empty_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends: Backends,
+    quantization: str = "none",
+    load_format: str = "auto",
+) -> tuple[CausalLM, list[str]]:
+    """The model for ``model_dir`` materialised on ``device`` with uninitialised weights, its
+    NF4 layers swapped in; and those layers' checkpoint names."""
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(config, backends)
+    prequantized = set() if load_format == "dummy" else quantized_modules(model_dir)
+    if prequantized and quantization != "nf4":
+        raise ValueError(f"{model_dir.name} is quantized to nf4; serve it with quantization nf4")
+    nf4_modules: list[str] = []
+    if quantization == "nf4":
+        targets = prequantized or _quantized_linears(model)
+        nf4_modules = swap_linears(model, backends.nf4, keep=lambda n: n not in targets)
+    model.to(dtype)  # still on the meta device: the weights are allocated in dtype at once
+    model.to_empty(device=device)
+    model.tie_weights()
+    return model, nf4_modules
 
 
 def _load_checkpoint(

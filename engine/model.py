@@ -23,6 +23,7 @@ from engine.kinds import adjust_output, adjust_packed, scale_input
 from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.naming import PACKED
 from engine.packed import PackedLinear
+from engine.parallel import SINGLE, Collectives
 from engine.rope import RotaryEmbedding
 from engine.virtual_tokens import embed_virtual_tokens
 from kernels.nf4 import NF4Weight, nf4_linear_tiled
@@ -96,19 +97,27 @@ class ModelArch:
 
 @dataclass(frozen=True)
 class Backends:
-    """The kernel implementations a model runs (variation points, chosen once at load)."""
+    """The kernel implementations a model runs (variation points, chosen once at load), and
+    the collectives of its tensor-parallel group (the identity on one device)."""
 
     attention: AttentionBackend
     lora: LoraBackend
     nf4: NF4Matmul
+    collectives: Collectives = SINGLE
 
     @classmethod
     def select(cls, name: str | None, device: torch.device) -> Backends:
         """By name ("torch" references, "triton" kernels); by default Triton on CUDA only."""
-        name = name or ("triton" if device.type == "cuda" else "torch")
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
+        name = kernel_name(name, device)
         return cls(ATTENTION_BACKENDS[name], LORA_BACKENDS[name](), NF4_BACKENDS[name])
+
+
+def kernel_name(name: str | None, device: torch.device) -> str:
+    """``--kernels`` resolved: the name given, else Triton on CUDA and torch elsewhere."""
+    name = name or ("triton" if device.type == "cuda" else "torch")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")
+    return name
 
 
 class RMSNorm(nn.Module):
@@ -131,7 +140,10 @@ class Attention(nn.Module):
         super().__init__()
         self.arch = arch
         self.layer = layer
-        q_width, kv_width = arch.num_heads * arch.head_dim, arch.kv_width
+        # This worker's heads (all of them on one device): q, k and v are column-parallel.
+        workers = backends.collectives.size
+        self.num_heads, self.num_kv_heads = arch.num_heads // workers, arch.num_kv_heads // workers
+        q_width, kv_width = self.num_heads * arch.head_dim, self.num_kv_heads * arch.head_dim
         self.qkv_widths = [q_width, kv_width, kv_width]
         qkv = tuple(zip(PACKED["qkv_proj"], self.qkv_widths, strict=True))  # ((q_proj, width), ...)
         self.qkv_proj = PackedLinear(arch.hidden_size, qkv, arch.qkv_bias)
@@ -155,15 +167,15 @@ class Attention(nn.Module):
             adjust_packed(kinds, pool, self.layer, slices.names, x, qkv, slices.column_offsets,
                           self.qkv_proj.bias, self.qkv_proj.slice_forward)  # fmt: skip
         q, k, v = qkv.split(self.qkv_widths, dim=-1)  # column views
-        q = q.view(num_tokens, arch.num_heads, arch.head_dim)
-        k = k.view(num_tokens, arch.num_kv_heads, arch.head_dim)
-        v = v.view(num_tokens, arch.num_kv_heads, arch.head_dim)
+        q = q.view(num_tokens, self.num_heads, arch.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, arch.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, arch.head_dim)
         q, k = self.rope(positions, q, k)
-        kv_pool = pool.view(-1, arch.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
+        kv_pool = pool.view(-1, self.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
         kv_pool[batch.attn.new_k_slots] = k
         kv_pool[batch.attn.new_v_slots] = v
         attn = self.backends.attention.forward(q, kv_pool, batch.attn, self.scale)
-        attn = attn.reshape(num_tokens, arch.num_heads * arch.head_dim)
+        attn = attn.reshape(num_tokens, self.num_heads * arch.head_dim)
         if kinds is None:
             out: torch.Tensor = self.o_proj(attn)
         else:
@@ -172,13 +184,18 @@ class Attention(nn.Module):
             self.backends.lora.apply(lora, pool, self.layer, "o_proj", attn, out)
         if kinds is not None:
             adjust_output(kinds, pool, self.layer, "o_proj", out, self.o_proj.bias)
-        return out
+        return self.backends.collectives.all_reduce(out)  # o is row-parallel
 
 
 class MLP(nn.Module):
     def __init__(self, arch: ModelArch, layer: int, backends: Backends) -> None:
         super().__init__()
-        h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
+        # This worker's intermediate columns: gate and up column-, down row-parallel.
+        h, i, bias = (
+            arch.hidden_size,
+            arch.intermediate_size // backends.collectives.size,
+            arch.mlp_bias,
+        )
         self.layer = layer
         self.intermediate_size = i
         gate_up = tuple(zip(PACKED["gate_up_proj"], (i, i), strict=True))
@@ -208,7 +225,7 @@ class MLP(nn.Module):
             self.backends.lora.apply(lora, pool, self.layer, "down_proj", hidden, out)
         if kinds is not None:
             adjust_output(kinds, pool, self.layer, "down_proj", out, self.down_proj.bias)
-        return out
+        return self.backends.collectives.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -230,7 +247,9 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backends: Backends):
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # This worker's rows of the vocabulary (all of them on one device).
+        vocab = arch.vocab_size // backends.collectives.size
+        self.embed_tokens = nn.Embedding(vocab, arch.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, i, rope, backends) for i in range(arch.num_layers)
         )
@@ -248,9 +267,11 @@ class CausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, backends: Backends) -> None:
         super().__init__()
         self.arch = arch = ModelArch.from_config(config)
+        self.collectives = backends.collectives
         self.rotary_emb = RotaryEmbedding(config, arch.head_dim, arch.max_positions)
         self.model = DecoderModel(arch, self.rotary_emb, backends)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        vocab = arch.vocab_size // self.collectives.size
+        self.lm_head = nn.Linear(arch.hidden_size, vocab, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -271,7 +292,7 @@ class CausalLM(nn.Module):
             positions: (num_tokens,) each token's position in its sequence.
             batch: the KV-cache and adapter metadata and the page pool.
         """
-        x = self.model.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         if batch.kinds is not None:
             add_embedding_lora(batch.kinds, batch.pools, input_ids, x, self.arch.vocab_size)
             # prompt tuning's virtual tokens replace placeholders
@@ -280,6 +301,20 @@ class CausalLM(nn.Module):
             x = layer(positions, x, batch)
         out: torch.Tensor = self.model.norm(x)
         return out
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``input_ids``; across workers, each looks up the ids in its rows
+        of the vocabulary, zeros for the rest, and an all-reduce puts the rows together."""
+        table = self.model.embed_tokens
+        collectives = self.collectives
+        if collectives.size == 1:
+            out: torch.Tensor = table(input_ids)
+            return out
+        rows = table.num_embeddings
+        local = input_ids - collectives.shard.rank * rows
+        mine = (local >= 0) & (local < rows)
+        x = table(local.clamp(0, rows - 1)) * mine.unsqueeze(-1).to(table.weight.dtype)
+        return collectives.all_reduce(x)
 
     def compute_logits(self, hidden: torch.Tensor, head: HeadLora | None = None) -> torch.Tensor:
         """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them.
@@ -292,4 +327,4 @@ class CausalLM(nn.Module):
         logits: torch.Tensor = self.lm_head(hidden)
         if head is not None:
             head.add(hidden, logits)
-        return logits.float()
+        return self.collectives.all_gather(logits).float()  # each worker's vocabulary rows

@@ -1,0 +1,121 @@
+"""Tensor parallelism: which part of the model a worker holds, and the collectives it runs.
+
+A model served with ``--tensor-parallel-size N`` runs in N worker processes, one per device
+(`engine/tp_worker.py`), under one engine process that schedules (`engine/tp_executor.py`).
+Worker ``rank`` holds the ``rank``-th of N equal parts of every partitioned dimension,
+Megatron's split:
+
+* q, k and v (and gate and up) are **column-parallel**: the worker computes its attention
+  heads' (its intermediate columns') outputs from the whole hidden state, no communication;
+* o and down are **row-parallel**: the worker multiplies its heads' (its columns') part of
+  the input, and one all-reduce sums the N partial outputs (the bias is added once);
+* the embeddings and the head are split along the vocabulary: each worker looks up the ids
+  in its range (an all-reduce puts the rows together), and computes its range of the logits
+  (an all-gather puts them side by side).
+
+The KV cache follows the heads: a worker's pool pages hold its KV heads only, so a page is
+``num_kv_heads / N · head_dim`` wide on each worker, and a page id means the same token (or
+the same adapter row) on every worker.
+
+LoRA follows S-LoRA's partition (`engine/sharded_lora.py`): every adapter matrix is split
+along both its input and its output with the base layer, so each worker holds 1/N of it.
+
+:class:`Collectives` is what the model calls; :data:`SINGLE` is the one-device identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker ``rank`` of ``size``: which part of each partitioned dimension it holds."""
+
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} of {self.size} workers")
+
+    def part(self, length: int) -> slice:
+        """This worker's part of a dimension of ``length`` (N divides it)."""
+        step = length // self.size
+        return slice(self.rank * step, (self.rank + 1) * step)
+
+
+class Collectives:
+    """The model's communication: identity on one device (this class); torch.distributed
+    collectives across the workers (:class:`ProcessGroupCollectives`)."""
+
+    shard = Shard()
+
+    @property
+    def size(self) -> int:
+        return self.shard.size
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the workers, in place; returns ``t``."""
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every worker's ``t`` side by side along the last dimension, in rank order."""
+        return t
+
+
+SINGLE = Collectives()
+
+
+class ProcessGroupCollectives(Collectives):
+    """The default torch.distributed process group (NCCL on GPUs, gloo on the CPU), with a
+    count of each collective and of the elements it moved (what the tests and the docs'
+    communication table check)."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.calls = {"all_reduce": 0, "all_gather": 0}
+        self.elements = {"all_reduce": 0, "all_gather": 0}
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls["all_reduce"] += 1
+        self.elements["all_reduce"] += t.numel()
+        dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls["all_gather"] += 1
+        self.elements["all_gather"] += t.numel()
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.shard.size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=-1)
+
+
+def check_divisible(
+    size: int,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_size: int,
+) -> None:
+    """Raise ValueError unless ``size`` workers can split every partitioned dimension."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1; got {size}")
+    dims = {
+        "num_key_value_heads": num_kv_heads,
+        "num_attention_heads": num_heads,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "vocab_size": vocab_size,
+    }
+    for name, value in dims.items():
+        if value % size:
+            raise ValueError(
+                f"--tensor-parallel-size {size} must divide the model's {name} ({value})"
+            )

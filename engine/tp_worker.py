@@ -1,0 +1,208 @@
+"""A tensor-parallel worker process (``python -m engine.tp_worker FD``), started by the
+engine process (`engine/tp_executor.py`), one per device.
+
+It reads its :class:`engine.worker_channel.WorkerSpec` from the inherited socket, joins the
+torch.distributed group (NCCL on GPUs, gloo on the CPU, rendezvous on loopback), loads the
+model whole on the host and keeps its part on its device (`engine/sharding.py`), and builds
+its part of the page pool (pages of its KV heads, 1/N as wide) and the LoRA tables (the
+same page ids as every other worker's). Then, for every step the engine process sends: the
+placements' rows split to its part, the forward with its collectives, and (worker 0 only)
+the results back. It exits when the channel closes, on ``Shutdown``, or on any error (after
+saying so): a worker that fails leaves the others blocked in a collective, so the engine
+process ends them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from adapters.placement import Placement
+from adapters.residency import LoraTables, PageCost
+from engine.attention import ATTENTION_BACKENDS
+from engine.batch import SchedulerOutput
+from engine.config import DTYPES
+from engine.loader import empty_model, load_config, load_model
+from engine.model import NF4_BACKENDS, Backends, ModelArch, kernel_name
+from engine.model_runner import ModelRunner
+from engine.page_pool import PagePool
+from engine.parallel import ProcessGroupCollectives, Shard
+from engine.quantization import memory_report
+from engine.sampler import Sampler
+from engine.sharded_lora import ShardedLora
+from engine.sharding import shard_model, shard_placement
+from engine.sizing import decoder_layout
+from engine.slot_tables import SlotTables
+from engine.worker_channel import (
+    Failed,
+    Report,
+    Shutdown,
+    Step,
+    StepDone,
+    WorkerReport,
+    WorkerSpec,
+    receive_spec,
+    receive_to_worker,
+    send,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """One worker's part of the model, pool and tables, and the runner over them."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.shard = Shard(spec.rank, spec.size)
+        self.device = torch.device(spec.device)
+        dtype = DTYPES[spec.dtype]
+        model_dir = Path(spec.model_dir)
+        self.collectives = ProcessGroupCollectives(self.shard)
+        arch = ModelArch.from_config(load_config(model_dir))
+        name = kernel_name(spec.kernels or None, self.device)
+        lora = ShardedLora(self.collectives, arch.hidden_size, triton=name == "triton")
+        backends = Backends(ATTENTION_BACKENDS[name], lora, NF4_BACKENDS[name], self.collectives)
+        # The whole model on the host, quantized exactly as one device would; then this
+        # worker's part of it on its device.
+        host = torch.device("cpu")
+        whole = load_model(model_dir, dtype, host, Backends.select("torch", host),
+                           spec.quantization, spec.load_format, spec.seed)  # fmt: skip
+        self.model, _ = empty_model(
+            model_dir, dtype, self.device, backends, spec.quantization, spec.load_format
+        )
+        shard_model(whole, self.model, self.shard)
+        del whole
+        self.model.eval()
+        self.weights = memory_report(self.model, dtype)
+        width = arch.kv_width // spec.size
+        self.pool = PagePool(arch.num_layers, spec.num_pages, width, dtype, self.device)
+        # The engine process's tables, page for page: a row of a part is 1/N as wide as the
+        # whole row, in pages 1/N as wide, so it takes as many pages.
+        layout = decoder_layout(arch)
+        chunks = PageCost.for_shapes(layout.linear_shapes, arch.kv_width).chunks
+        self.tables = LoraTables.allocate(
+            chunks, arch.num_layers, spec.max_slots, spec.max_lora_rank, self.device
+        )
+        sampler = Sampler(torch.Generator(device=self.device).manual_seed(spec.seed))
+        slot_tables = SlotTables(
+            spec.max_num_seqs, spec.max_model_len, self.device, scratch_page=self.pool.scratch_page
+        )
+        self.runner = ModelRunner(
+            self.model, self.pool.layers, sampler, slot_tables, self.tables, lora, None
+        )
+        self.generators: dict[str, torch.Generator] = {}
+        self.adapter_elements = 0
+
+    def step(self, output: SchedulerOutput) -> StepDone:
+        placements = tuple(self._place(p) for p in output.placements)
+        chunks = []
+        for chunk in output.chunks:
+            seed = chunk.params.seed
+            if seed is not None:
+                generator = self.generators.get(chunk.request_id)
+                if generator is None:
+                    generator = torch.Generator(device=self.device).manual_seed(seed)
+                    self.generators[chunk.request_id] = generator
+                chunk = dataclasses.replace(chunk, generator=generator)
+            chunks.append(chunk)
+        for request_id in output.finished_ids:
+            self.generators.pop(request_id, None)
+        step = SchedulerOutput(chunks, output.preempted_ids, output.finished_ids, placements)
+        return StepDone(self.runner.execute(step))
+
+    def _place(self, placement: Placement) -> Placement:
+        """This worker's part of the placement; the host mirrors the engine process's
+        residency wrote when it placed the adapter."""
+        part = shard_placement(placement, self.shard)
+        slot = part.slot
+        self.tables.host_ranks[slot] = part.ranks
+        self.tables.host_scalings[slot] = part.scalings
+        self.tables.generation[0] += 1
+        for target in part.targets:
+            for m in (*target.lora_a, *target.lora_b):
+                self.adapter_elements += 0 if m is None else m.numel()
+        return part
+
+    def report(self) -> WorkerReport:
+        return WorkerReport(
+            rank=self.shard.rank,
+            page_width=self.pool.page_width,
+            page_bytes=self.pool.page_bytes,
+            weights=self.weights,
+            adapter_elements=self.adapter_elements,
+            collective_calls=dict(self.collectives.calls),
+            collective_elements=dict(self.collectives.elements),
+        )
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the engine process dies (a worker blocked in a
+    collective would otherwise wait out the group's timeout)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def serve(sock: socket.socket) -> int:
+    spec = receive_spec(sock)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // spec.size))
+    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(spec.device))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{spec.master_port}",
+        rank=spec.rank,
+        world_size=spec.size,
+        timeout=timedelta(seconds=spec.timeout_s),
+    )
+    try:
+        worker = Worker(spec)
+        send(sock, worker.report())
+        with torch.inference_mode():
+            while True:
+                try:
+                    message = receive_to_worker(sock)
+                except EOFError:
+                    return 0
+                if isinstance(message, Shutdown):
+                    return 0
+                if isinstance(message, Report):
+                    send(sock, worker.report())
+                    continue
+                assert isinstance(message, Step)
+                done = worker.step(message.output)
+                if spec.rank == 0:
+                    send(sock, done)
+    except Exception as e:
+        logger.exception("tensor-parallel worker %d failed", spec.rank)
+        with contextlib.suppress(OSError):
+            send(sock, Failed(f"worker {spec.rank}: {type(e).__name__}: {e}"))
+        return 1
+
+
+def main() -> int:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process ends its workers
+    logging.basicConfig(level="WARNING", format="%(levelname)s tp-worker %(name)s: %(message)s")
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    os._exit(code)  # no waiting on the process group's threads

@@ -84,7 +84,8 @@ def load_lora_adapter(
     if config.use_dora and base is None:
         raise AdapterError(
             UNSUPPORTED_ADAPTER_FEATURE,
-            "DoRA (use_dora) is not supported without the served base weights",
+            "DoRA (use_dora) is not supported without the served base weights, which its "
+            "scales are computed from",
         )
     if config.max_rank > max_lora_rank:
         raise AdapterError(

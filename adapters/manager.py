@@ -55,6 +55,7 @@ from adapters.residency import AdapterResidency
 from adapters.weights import ADALORA, LORA, AdapterWeights, BaseWeights
 
 logger = logging.getLogger(__name__)
+_LORA_ONLY = "a model split across tensor-parallel workers serves LoRA of those layers only"
 
 
 # Kinds whose update is a LoRA of the linear layers alone, which a mixture can sum.
@@ -119,7 +120,7 @@ class AdapterManager:
         # Where weights come from: the files, through the validating loader. Replaceable
         # (tests substitute a deliberately slow or failing source).
         context = LoadContext(layout, max_lora_rank, base=base)
-        self.source: LoadFn = load or (lambda path: read_adapter(path, context))
+        self.source: LoadFn = load or (lambda path: self._read_adapter(path, context))
         self.prefetcher = Prefetcher(self._read, self.host_cache)
         self._unloads: list[AdapterEntry] = []
         self._acquired: list[AdapterEntry] = []  # acquired since the last sync()
@@ -130,6 +131,14 @@ class AdapterManager:
         self._pinned: dict[int, AdapterEntry] = {}  # pinned entries not yet forgotten
         self._new_pins: list[AdapterEntry] = []  # pinned since the last sync()
         self._unplaced: list[AdapterEntry] = []  # pinned, not yet in the pool (engine thread)
+
+    def _read_adapter(self, path: Path, context: LoadContext) -> AdapterWeights:
+        try:
+            return read_adapter(path, context)
+        except AdapterError as e:
+            if self.lora_only and e.code == UNSUPPORTED_ADAPTER_FEATURE:
+                raise AdapterError(e.code, f"{e.message}; {_LORA_ONLY}") from None
+            raise
 
     # -- control plane (any thread) -------------------------------------------------------
 
@@ -183,8 +192,7 @@ class AdapterManager:
             raise AdapterError(
                 UNSUPPORTED_ADAPTER_FEATURE,
                 f"{name!r} is a {weights.kind} adapter with more than LoRA on the decoder's "
-                "linear layers; a model split across tensor-parallel workers serves LoRA of "
-                "those layers only",
+                f"linear layers; {_LORA_ONLY}",
             )
         pages = self._check_fits(weights)
         with self._pinning(pinned, name, pages, replace):

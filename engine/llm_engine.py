@@ -560,6 +560,12 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens or 0,
         )
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process
+        ends). The engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.close()
+
     def check_integrity(self) -> None:
         """Assert the page pool's invariants across both tenants, and the adapter pins."""
         self.pool.check_integrity()

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tp_executor import WorkerDied
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.request_group import RequestGroup, final_output
@@ -374,6 +375,9 @@ class EngineBridge(BridgeBase):
             try:
                 outputs = self.engine.step()
                 failures = 0
+            except WorkerDied as e:
+                logger.error("the model's workers are gone (%s); the engine stops", e)
+                return
             except Exception:
                 # The engine contains batch failures itself; reaching here is a bug in it.
                 failures += 1

@@ -23,6 +23,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="split the model across N worker processes, one per GPU (or N processes on the "
+        "CPU): Megatron's partition of the base, S-LoRA's of the adapters",
+    )
+    parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -138,6 +147,7 @@ def engine_config(
         enable_prefix_caching=args.enable_prefix_caching,
         block_size=args.block_size,
         seed=seed,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

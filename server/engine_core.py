@@ -49,6 +49,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.plan import served_plan
 from engine.scoring import SCORING_PARAMS
+from engine.tp_executor import WorkerDied
 from server.adapter_ops import (
     ComposeJobs,
     adapter_infos,
@@ -288,6 +289,9 @@ class EngineCore:
                 try:
                     outputs = self.engine.step()
                     failures = 0
+                except WorkerDied as e:
+                    logger.error("the model's workers are gone (%s); the engine stops", e)
+                    return 1
                 except Exception:
                     # The engine contains batch failures itself; reaching here is a bug in it.
                     failures += 1

@@ -353,7 +353,6 @@ def _check_tensor_parallel(size: int, hf: dict[str, Any], device: torch.device) 
         intermediate_size=int(hf["intermediate_size"]),
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        vocab_size=int(hf["vocab_size"]),
     )
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(

@@ -560,6 +560,12 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens or 0,
         )
 
+    def check_workers(self) -> None:
+        """Raise :class:`engine.tp_executor.WorkerDied` if a tensor-parallel worker has
+        exited, even between steps (a no-op on one device)."""
+        if self.executor is not None:
+            self.executor.check()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (they also stop when this process
         ends). The engine cannot step afterwards."""

@@ -248,7 +248,7 @@ class DecoderModel(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding, backends: Backends):
         super().__init__()
         # This worker's rows of the vocabulary (all of them on one device).
-        vocab = arch.vocab_size // backends.collectives.size
+        vocab = backends.collectives.shard.rows(arch.vocab_size)
         self.embed_tokens = nn.Embedding(vocab, arch.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(arch, i, rope, backends) for i in range(arch.num_layers)
@@ -270,7 +270,7 @@ class CausalLM(nn.Module):
         self.collectives = backends.collectives
         self.rotary_emb = RotaryEmbedding(config, arch.head_dim, arch.max_positions)
         self.model = DecoderModel(arch, self.rotary_emb, backends)
-        vocab = arch.vocab_size // self.collectives.size
+        vocab = self.collectives.shard.rows(arch.vocab_size)
         self.lm_head = nn.Linear(arch.hidden_size, vocab, bias=False)
         self.tie_weights()
 
@@ -327,4 +327,7 @@ class CausalLM(nn.Module):
         logits: torch.Tensor = self.lm_head(hidden)
         if head is not None:
             head.add(hidden, logits)
-        return self.collectives.all_gather(logits).float()  # each worker's vocabulary rows
+        if self.collectives.size == 1:
+            return logits.float()
+        # Each worker's rows of the vocabulary side by side, less the last part's padding.
+        return self.collectives.all_gather(logits)[:, : self.arch.vocab_size].float()

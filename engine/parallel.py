@@ -9,9 +9,10 @@ Megatron's split:
   heads' (its intermediate columns') outputs from the whole hidden state, no communication;
 * o and down are **row-parallel**: the worker multiplies its heads' (its columns') part of
   the input, and one all-reduce sums the N partial outputs (the bias is added once);
-* the embeddings and the head are split along the vocabulary: each worker looks up the ids
-  in its range (an all-reduce puts the rows together), and computes its range of the logits
-  (an all-gather puts them side by side).
+* the embeddings and the head are split along the vocabulary, ceil(vocab / N) rows each (the
+  last part padded with zero rows): each worker looks up the ids in its range (an all-reduce
+  puts the rows together), and computes its range of the logits (an all-gather puts them
+  side by side, and the padding's columns are dropped).
 
 The KV cache follows the heads: a worker's pool pages hold its KV heads only, so a page is
 ``num_kv_heads / N · head_dim`` wide on each worker, and a page id means the same token (or
@@ -46,6 +47,11 @@ class Shard:
         """This worker's part of a dimension of ``length`` (N divides it)."""
         step = length // self.size
         return slice(self.rank * step, (self.rank + 1) * step)
+
+    def rows(self, length: int) -> int:
+        """Rows of each worker's part of a dimension N need not divide (the vocabulary):
+        ceil(length / N), the last part padded."""
+        return -(-length // self.size)
 
 
 class Collectives:
@@ -102,9 +108,9 @@ def check_divisible(
     intermediate_size: int,
     num_heads: int,
     num_kv_heads: int,
-    vocab_size: int,
 ) -> None:
-    """Raise ValueError unless ``size`` workers can split every partitioned dimension."""
+    """Raise ValueError unless ``size`` workers can split every evenly split dimension (the
+    vocabulary need not divide: its last part is padded)."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1; got {size}")
     dims = {
@@ -112,7 +118,6 @@ def check_divisible(
         "num_attention_heads": num_heads,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
-        "vocab_size": vocab_size,
     }
     for name, value in dims.items():
         if value % size:

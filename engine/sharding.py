@@ -5,8 +5,8 @@ Semantics (worker ``rank`` of N; ``part(n)`` = elements ``rank·n/N .. (rank+1)�
         W_local = W[part(out), :]          b_local = b[part(out)]
     base, row-parallel (o, down):
         W_local = W[:, part(in)]           b_local = b on worker 0, zeros elsewhere
-    embeddings and head:
-        E_local = E[part(vocab), :]
+    embeddings and head (ceil(vocab / N) rows each, zeros past the vocabulary's end):
+        E_local = E[rank·ceil(vocab/N) .. (rank+1)·ceil(vocab/N), :]
     norms: whole on every worker.
     LoRA, every target (A: (r, in), B: (out, r)):
         A_local = A[:, part(in)]           B_local = B[part(out), :]
@@ -81,7 +81,7 @@ def shard_model(full: CausalLM, local: CausalLM, shard: Shard) -> None:
                 "embed_tokens",
             ):
                 assert isinstance(source, nn.Linear | nn.Embedding)
-                module.weight.copy_(source.weight[shard.part(source.weight.shape[0])])
+                _copy_vocabulary_rows(module.weight, source.weight, shard)
             else:
                 for pname, param in module.named_parameters(recurse=False):
                     param.copy_(getattr(source, pname))
@@ -90,6 +90,15 @@ def shard_model(full: CausalLM, local: CausalLM, shard: Shard) -> None:
 
 def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _copy_vocabulary_rows(dest: torch.Tensor, source: torch.Tensor, shard: Shard) -> None:
+    """The worker's ceil(vocab / N) rows; past the vocabulary's end, zeros."""
+    rows = dest.shape[0]
+    start = shard.rank * rows
+    part = source[start : start + rows]
+    dest.zero_()
+    dest[: part.shape[0]].copy_(part)
 
 
 def _copy_rows(

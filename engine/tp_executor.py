@@ -99,6 +99,13 @@ class TensorParallelExecutor:
             self._fail(f"a worker's channel broke: {e}")
         return self._wait(0).results
 
+    def check(self) -> None:
+        """Raise :class:`WorkerDied` if a worker has exited (cheap: one poll each)."""
+        self._check_alive()
+        for r, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                self._fail(f"tensor-parallel worker {r} exited with status {proc.returncode}")
+
     def worker_reports(self) -> list[WorkerReport]:
         """Every worker's own figures (pages, weights, adapter rows, collectives)."""
         self._check_alive()

@@ -66,6 +66,8 @@ class Engine(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def check_workers(self) -> None: ...
+
     def stats(self) -> EngineStats: ...
 
 
@@ -367,6 +369,11 @@ class EngineBridge(BridgeBase):
         failures = 0
         while not self._stop.is_set():
             self._run_calls()
+            try:
+                self.engine.check_workers()
+            except WorkerDied as e:
+                logger.error("the model's workers are gone (%s); the engine stops", e)
+                return
             if not self.engine.has_unfinished():
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()

@@ -274,6 +274,11 @@ class EngineCore:
         failures = 0
         stalled = False
         while True:
+            try:
+                self.engine.check_workers()
+            except WorkerDied as e:
+                logger.error("the model's workers are gone (%s); the engine stops", e)
+                return 1
             if self.engine.has_unfinished():
                 timeout = _STALL_WAIT_S if stalled else 0.0
             else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import signal
 from collections.abc import Collection
@@ -31,6 +32,8 @@ from types import FrameType
 import uvicorn
 
 from adapters.errors import AdapterError
+from adapters.kinds import config_kind
+from adapters.weights import ADALORA, LORA
 from engine.config import DEMO_DIR
 from engine.llm_engine import LLMEngine
 from server.app import create_app, create_app_for_process
@@ -49,10 +52,22 @@ def lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
     modules = []
     if args.model_dir is None:
         for path in sorted((DEMO_DIR / "adapters").iterdir()):
-            if (path / "adapter_config.json").is_file():
-                modules.append((path.name, path))
-            elif path.is_dir():
-                logger.warning("demo adapter %s is not trained yet; skipped", path.name)
+            config = path / "adapter_config.json"
+            if not config.is_file():
+                if path.is_dir():
+                    logger.warning("demo adapter %s is not trained yet; skipped", path.name)
+                continue
+            kind = config_kind(json.loads(config.read_text()))
+            split = getattr(args, "tensor_parallel_size", 1) > 1
+            if split and kind not in (LORA, ADALORA):
+                logger.warning(
+                    "demo adapter %s is %s; a model split across tensor-parallel workers "
+                    "serves LoRA only; skipped",
+                    path.name,
+                    kind,
+                )
+                continue
+            modules.append((path.name, path))
     for spec in args.lora_modules:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:

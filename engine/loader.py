@@ -27,6 +27,7 @@ from engine.dummy import has_tokenizer, init_dummy_weights, init_std, synthetic_
 from engine.model import Backends, CausalLM
 from engine.naming import is_quantized_linear
 from engine.packed import checkpoint_tensors
+from engine.parallel import Shard
 from engine.quantization import (
     QUANT_STATE_KEY,
     memory_report,
@@ -35,6 +36,7 @@ from engine.quantization import (
     quantize_nf4,
     swap_linears,
 )
+from engine.sharding import checkpoint_part, nf4_part, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +107,37 @@ def load_model(
     tensor as it loads, so its float weights never all sit on the device.
     ``load_format="dummy"`` reads ``config.json`` only and draws random weights from
     ``seed`` on the device (quantized layer by layer with nf4; see :mod:`engine.dummy`).
+
+    With the collectives of a tensor-parallel worker in ``backends``, the model is that
+    worker's part (`engine/sharding.py`): each checkpoint tensor is cut to the worker's part
+    as it streams in (an NF4 weight quantized whole first, exactly as on one device, then
+    cut); dummy weights are drawn for the whole model on the host, then cut.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(
             f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}"
         )
     config = load_config(model_dir)
-    model, nf4_modules = empty_model(model_dir, dtype, device, backends, quantization, load_format)
+    shard = backends.collectives.shard
     dummy = load_format == "dummy"
-    prequantized = bool(nf4_modules) and not dummy and bool(quantized_modules(model_dir))
-    if dummy:
-        init_dummy_weights(model, init_std(config), seed, nf4_modules, dtype)
+    if dummy and shard.size > 1:
+        host = torch.device("cpu")
+        whole = load_model(model_dir, dtype, host, Backends.select("torch", host),
+                           quantization, load_format, seed)  # fmt: skip
+        model, nf4_modules = empty_model(
+            model_dir, dtype, device, backends, quantization, load_format
+        )
+        shard_model(whole, model, shard)
+        del whole
     else:
-        _load_checkpoint(model, model_dir, set(nf4_modules), prequantized, dtype, device)
+        model, nf4_modules = empty_model(
+            model_dir, dtype, device, backends, quantization, load_format
+        )
+    prequantized = bool(nf4_modules) and not dummy and bool(quantized_modules(model_dir))
+    if dummy and shard.size == 1:
+        init_dummy_weights(model, init_std(config), seed, nf4_modules, dtype)
+    elif not dummy:
+        _load_checkpoint(model, model_dir, set(nf4_modules), prequantized, dtype, device, shard)
     model.eval()
     report = memory_report(model, dtype)
     num_params = sum(p.numel() for p in model.parameters()) + report.quantized_params
@@ -166,8 +186,10 @@ def _load_checkpoint(
     prequantized: bool,
     dtype: torch.dtype,
     device: torch.device,
+    shard: Shard,
 ) -> None:
-    """Copy the checkpoint's tensors into the materialised ``model``; every one must arrive."""
+    """Copy the checkpoint's tensors (a tensor-parallel worker: their ``shard`` parts) into
+    the materialised ``model``; every one must arrive."""
     params = dict(checkpoint_tensors(model, remove_duplicate=False))  # packed: slice views
     packed: dict[str, dict[str, torch.Tensor]] = {}  # module -> its pre-quantized tensors
     loaded: set[str] = set()
@@ -181,11 +203,12 @@ def _load_checkpoint(
                 packed.setdefault(module, {})[part.removeprefix(".") or "weight"] = tensor
             else:
                 weight = quantize_nf4(tensor.to(device=device, dtype=dtype))
-                nf4_layer(model, module).set_weight(weight)
+                nf4_layer(model, module).set_weight(nf4_part(module, weight, shard))
             continue
         if name not in params:
             raise ValueError(f"unexpected tensor {name} in checkpoint")
         param = params[name]
+        tensor = checkpoint_part(name, tensor, shard)
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"{name}: shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}"
@@ -194,9 +217,8 @@ def _load_checkpoint(
             param.copy_(tensor)
         loaded.add(name)
     for module, tensors in packed.items():
-        nf4_layer(model, module).set_weight(
-            nf4_from_checkpoint(f"{module}.weight", tensors).to(device)
-        )
+        weight = nf4_from_checkpoint(f"{module}.weight", tensors)
+        nf4_layer(model, module).set_weight(nf4_part(module, weight, shard).to(device))
     if model.arch.tie_word_embeddings:
         loaded.add("lm_head.weight")
     missing = set(params) - loaded

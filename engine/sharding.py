@@ -40,6 +40,7 @@ from engine.quantization import NF4Linear, PackedNF4Linear
 from kernels.nf4 import NF4Weight, block_scales
 
 ROW_PARALLEL = ("o_proj", "down_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
 def shard_model(full: CausalLM, local: CausalLM, shard: Shard) -> None:
@@ -126,6 +127,38 @@ def _copy_row_parallel_bias(
     if dest is not None:
         assert source is not None
         dest.copy_(source if shard.rank == 0 else torch.zeros_like(source))
+
+
+def checkpoint_part(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Worker ``shard``'s part of the checkpoint tensor ``name`` (the tensor itself on one
+    device): the loader's cut of each float tensor as it streams in."""
+    if shard.size == 1:
+        return tensor
+    module, _, kind = name.rpartition(".")
+    leaf = module.rpartition(".")[2]
+    if leaf in ("embed_tokens", "lm_head"):
+        rows = shard.rows(tensor.shape[0])
+        part = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype)
+        piece = tensor[shard.rank * rows : (shard.rank + 1) * rows]
+        part[: piece.shape[0]] = piece
+        return part
+    if leaf in ROW_PARALLEL:
+        if kind == "bias":
+            return tensor if shard.rank == 0 else torch.zeros_like(tensor)
+        return tensor[:, shard.part(tensor.shape[1])]
+    if leaf in COLUMN_PARALLEL:
+        return tensor[shard.part(tensor.shape[0])]
+    return tensor  # norms: whole on every worker
+
+
+def nf4_part(module: str, weight: NF4Weight, shard: Shard) -> NF4Weight:
+    """Worker ``shard``'s part of checkpoint module ``module``'s NF4 weight."""
+    if shard.size == 1:
+        return weight
+    out_features, in_features = weight.shape
+    if module.rpartition(".")[2] in ROW_PARALLEL:
+        return shard_nf4(weight, cols=shard.part(in_features))
+    return shard_nf4(weight, rows=shard.part(out_features))
 
 
 def shard_nf4(w: NF4Weight, rows: slice | None = None, cols: slice | None = None) -> NF4Weight:

@@ -3,7 +3,8 @@ engine process (`engine/tp_executor.py`), one per device.
 
 It reads its :class:`engine.worker_channel.WorkerSpec` from the inherited socket, joins the
 torch.distributed group (NCCL on GPUs, gloo on the CPU, rendezvous on loopback), loads the
-model whole on the host and keeps its part on its device (`engine/sharding.py`), and builds
+part of the model on its device (each checkpoint tensor cut as it streams in,
+`engine/sharding.py`), and builds
 its part of the page pool (pages of its KV heads, 1/N as wide) and the LoRA tables (the
 same page ids as every other worker's). Then, for every step the engine process sends: the
 placements' rows split to its part, the forward with its collectives, and (worker 0 only)
@@ -33,7 +34,7 @@ from adapters.residency import LoraTables, PageCost
 from engine.attention import ATTENTION_BACKENDS
 from engine.batch import SchedulerOutput
 from engine.config import DTYPES
-from engine.loader import empty_model, load_config, load_model
+from engine.loader import load_config, load_model
 from engine.model import NF4_BACKENDS, Backends, ModelArch, kernel_name
 from engine.model_runner import ModelRunner
 from engine.page_pool import PagePool
@@ -41,7 +42,7 @@ from engine.parallel import ProcessGroupCollectives, Shard
 from engine.quantization import memory_report
 from engine.sampler import Sampler
 from engine.sharded_lora import ShardedLora
-from engine.sharding import shard_model, shard_placement
+from engine.sharding import shard_placement
 from engine.sizing import decoder_layout
 from engine.slot_tables import SlotTables
 from engine.worker_channel import (
@@ -74,16 +75,15 @@ class Worker:
         name = kernel_name(spec.kernels or None, self.device)
         lora = ShardedLora(self.collectives, arch.hidden_size, triton=name == "triton")
         backends = Backends(ATTENTION_BACKENDS[name], lora, NF4_BACKENDS[name], self.collectives)
-        # The whole model on the host, quantized exactly as one device would; then this
-        # worker's part of it on its device.
-        host = torch.device("cpu")
-        whole = load_model(model_dir, dtype, host, Backends.select("torch", host),
-                           spec.quantization, spec.load_format, spec.seed)  # fmt: skip
-        self.model, _ = empty_model(
-            model_dir, dtype, self.device, backends, spec.quantization, spec.load_format
+        self.model = load_model(
+            model_dir,
+            dtype,
+            self.device,
+            backends,
+            spec.quantization,
+            spec.load_format,
+            spec.seed,
         )
-        shard_model(whole, self.model, self.shard)
-        del whole
         self.model.eval()
         self.weights = memory_report(self.model, dtype)
         width = arch.kv_width // spec.size

@@ -292,7 +292,8 @@ class EngineConfig:
         quantization = resolve_quantization(quantization, hf, path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tensor_parallel_size > 1:
-            _check_tensor_parallel(tensor_parallel_size, hf, dev)
+            # (a plan for a GPU this machine lacks gives device_memory: nothing to count)
+            _check_tensor_parallel(tensor_parallel_size, hf, dev, device_memory is None)
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
         mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
@@ -317,6 +318,7 @@ class EngineConfig:
             max_num_seqs=max_num_seqs,
             num_pages=num_pages,
             pool_memory=pool_memory,
+            tensor_parallel_size=tensor_parallel_size,
         )
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),
@@ -344,7 +346,9 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_tensor_parallel(size: int, hf: dict[str, Any], device: torch.device) -> None:
+def _check_tensor_parallel(
+    size: int, hf: dict[str, Any], device: torch.device, count_gpus: bool
+) -> None:
     """Refuse a split the model's shape or the machine cannot take, before anything loads."""
     heads = int(hf["num_attention_heads"])
     check_divisible(
@@ -354,7 +358,7 @@ def _check_tensor_parallel(size: int, hf: dict[str, Any], device: torch.device) 
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
     )
-    if device.type == "cuda" and size > torch.cuda.device_count():
+    if count_gpus and device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(
             f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
             f"{torch.cuda.device_count()}"

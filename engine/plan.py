@@ -101,6 +101,7 @@ class Plan:
     weights: WeightMemory
     pool: PoolSizing
     adapters: tuple[AdapterPlan, ...]
+    tensor_parallel_size: int = 1
 
     @property
     def kv_tokens(self) -> int:
@@ -119,6 +120,7 @@ class Plan:
             "max_lora_rank": self.max_lora_rank,
             "max_resident_loras": self.max_resident_loras,
             "graph_mode": self.graph_mode,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "weights": {
                 "params": w.params,
                 "bytes": w.bytes,
@@ -199,13 +201,16 @@ def plan_for(
     route shows it beside what is live). Arguments as :func:`make_plan`'s."""
     mc = config.model
     hf = json.loads((mc.model_dir / "config.json").read_text())
-    geometry = PageGeometry.from_config(hf, mc.dtype)
+    whole = PageGeometry.from_config(hf, mc.dtype)
+    # Split across N devices, each holds 1/N of every page: the figures are one device's.
+    split = config.parallel.tensor_parallel_size
+    geometry = PageGeometry(whole.num_layers, whole.page_width // split, whole.itemsize)
     pool = config.cache.sizing or PoolSizing(
-        config.cache.num_pages, geometry.page_bytes, "num_pages"
+        config.cache.num_pages, geometry.page_bytes, "num_pages", tensor_parallel_size=split
     )
     arch = ModelArch.from_config(load_config(mc.model_dir))
     layout = decoder_layout(arch)
-    cost = PageCost.for_shapes(layout.linear_shapes, geometry.page_width)
+    cost = PageCost.for_shapes(layout.linear_shapes, whole.page_width)  # pages: the same ids
 
     def fits(pages: int) -> tuple[tuple[int, int], ...]:
         most = min(
@@ -236,12 +241,28 @@ def plan_for(
         max_lora_rank=config.lora.max_lora_rank,
         max_resident_loras=config.lora.max_resident_loras,
         graph_mode=config.graphs.mode,
-        num_kv_heads=arch.num_kv_heads,
+        num_kv_heads=arch.num_kv_heads // split,
         head_dim=arch.head_dim,
         geometry=geometry,
-        weights=weight_memory(mc.model_dir, mc.dtype, mc.quantization, mc.load_format),
+        weights=_per_device(
+            weight_memory(mc.model_dir, mc.dtype, mc.quantization, mc.load_format), split
+        ),
+        tensor_parallel_size=split,
         pool=pool,
         adapters=tuple(AdapterPlan(*a, fits(max(a[-1], 1))) for a in sized),
+    )
+
+
+def _per_device(weights: WeightMemory, split: int) -> WeightMemory:
+    """One device's share of the weights split ``split`` ways (the norms, whole on every
+    device, are left out: a rounding error beside the rest)."""
+    if split == 1:
+        return weights
+    return WeightMemory(
+        weights.params // split,
+        weights.bytes // split,
+        weights.quantized_params // split,
+        weights.quantized_bytes // split,
     )
 
 

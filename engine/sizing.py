@@ -13,6 +13,8 @@ Semantics:
                          on the CPU: 1 GiB (− decode graphs, if asked for)
                          then at most max_num_seqs · max_model_len tokens' KV
     num_pages          = num_pages, else ⌊pool bytes / page_bytes⌋ (the scratch page is extra)
+    split across N tensor-parallel devices, every figure is one device's: page_bytes / N
+    (its KV heads), the weights / N, and --pool-memory is each device's
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ class PoolSizing:
 
     Attributes:
         num_pages: pages in the pool (the scratch page not counted).
-        page_bytes: bytes of one page across all layers.
+        page_bytes: one device's bytes of one page across all layers (a page split across
+            ``tensor_parallel_size`` devices holds 1/N of its width on each).
         source: "num_pages", "pool_memory" (both given), "device" (a GPU's memory) or "cpu"
             (the CPU default).
         device_memory: the GPU's total bytes ("device" only).
@@ -212,6 +215,7 @@ class PoolSizing:
         graph_bytes: the decode graphs' estimate taken off the default budget (0 eager).
         budget: the default budget after those, before the cap (None when given).
         cap_bytes: every running sequence at full length: the default budget's ceiling.
+        tensor_parallel_size: the devices the model and every page are split across.
     """
 
     num_pages: int
@@ -222,6 +226,7 @@ class PoolSizing:
     graph_bytes: int = 0
     budget: int | None = None
     cap_bytes: int | None = None
+    tensor_parallel_size: int = 1
 
     @property
     def pool_bytes(self) -> int:
@@ -243,6 +248,7 @@ def size_pool(
     max_num_seqs: int,
     num_pages: int | None = None,
     pool_memory: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> PoolSizing:
     """The pool's pages, by ``num_pages``, else ``pool_memory`` bytes, else the default
     budget (module docstring): ``device_memory`` is a GPU's total memory, None off a GPU.
@@ -250,16 +256,19 @@ def size_pool(
     Raises:
         ValueError: the weights, or the decode graphs, leave no GPU memory for the pool.
     """
-    page_bytes = PageGeometry.from_config(hf, dtype).page_bytes
+    split = tensor_parallel_size
+    page_bytes = PageGeometry.from_config(hf, dtype).page_bytes // split
     if num_pages is not None:
-        return PoolSizing(num_pages, page_bytes, "num_pages")
+        return PoolSizing(num_pages, page_bytes, "num_pages", tensor_parallel_size=split)
     if pool_memory is not None:
-        return PoolSizing(pool_memory // page_bytes, page_bytes, "pool_memory")
+        return PoolSizing(
+            pool_memory // page_bytes, page_bytes, "pool_memory", tensor_parallel_size=split
+        )
     weights = None
     if device_memory is None:
         budget = CPU_POOL_BYTES
     else:
-        weights = weight_bytes(model_dir, dtype, quantization, load_format)
+        weights = -(-weight_bytes(model_dir, dtype, quantization, load_format) // split)
         budget = int(device_memory * GPU_MEMORY_FRACTION) - weights - GPU_HEADROOM_BYTES
         if budget <= 0:
             raise ValueError("the model leaves no GPU memory for the page pool")
@@ -283,6 +292,7 @@ def size_pool(
         graphs,
         budget,
         cap,
+        split,
     )
 
 

@@ -23,15 +23,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="split the model across N worker processes, one per GPU (or N processes on the "
-        "CPU): Megatron's partition of the base, S-LoRA's of the adapters",
-    )
-    parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -92,6 +83,15 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
         help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
     )
     parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="split the model across N worker processes, one per GPU (or N processes on the "
+        "CPU): Megatron's partition of the base, S-LoRA's of the adapters",
+    )
     parser.add_argument(
         "--max-resident-loras",
         type=_positive,

@@ -48,6 +48,7 @@ def _plan(args: argparse.Namespace) -> int:
         max_resident_loras=args.max_resident_loras,
         enforce_eager=args.enforce_eager,
         cuda_graph_sizes=args.cuda_graph_sizes,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
@@ -106,6 +107,12 @@ def format_plan(plan: Plan) -> str:
         f"weights      {w.params:,} params, {_size(w.bytes)} ({w.bytes:,} bytes), "
         f"{w.bits_per_param:.3f} bits/param",
     ]
+    if plan.tensor_parallel_size > 1:
+        lines.insert(
+            1,
+            f"split        {plan.tensor_parallel_size} devices; the figures below are one "
+            "device's: 1/N of the weights, of every page (its KV heads) and of every adapter",
+        )
     if w.quantized_params:
         lines.append(
             f"  nf4        {w.quantized_params:,} params, {_size(w.quantized_bytes)}, "

@@ -473,7 +473,8 @@ class LLMEngine:
             client_prompt_tokens=_snapshot(ledger.prompt_tokens),
             client_output_tokens=_snapshot(ledger.output_tokens),
             client_virtual_tokens=ledger.labelled(_snapshot(self.scheduler.waiting.counters())),
-            page_bytes=self.pool.page_bytes,
+            # One device's (a page split across workers holds 1/N of its width on each).
+            page_bytes=self.pool.page_bytes // self.config.parallel.tensor_parallel_size,
             adapters=self._adapter_statuses(),
             max_loras=self.config.lora.max_loras or self.config.lora.max_resident_loras,
         )

@@ -134,7 +134,7 @@ class EngineStats:
     client_prompt_tokens: dict[str, int] = field(default_factory=dict)
     client_output_tokens: dict[str, int] = field(default_factory=dict)
     client_virtual_tokens: dict[str, float] = field(default_factory=dict)
-    page_bytes: int = 0  # one page across all layers
+    page_bytes: int = 0  # one page across all layers, on one device (of a split model: 1/N)
     adapters: list[AdapterStatus] = field(default_factory=list)  # every registered one
     # The most distinct adapters one batch may hold: ``--max-loras``, or, uncapped, the
     # adapters the pool's tables can hold at once (``--max-resident-loras``).

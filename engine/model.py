@@ -314,7 +314,7 @@ class CausalLM(nn.Module):
         local = input_ids - collectives.shard.rank * rows
         mine = (local >= 0) & (local < rows)
         x = table(local.clamp(0, rows - 1)) * mine.unsqueeze(-1).to(table.weight.dtype)
-        return collectives.all_reduce(x)
+        return collectives.all_reduce(x, "embedding")
 
     def compute_logits(self, hidden: torch.Tensor, head: HeadLora | None = None) -> torch.Tensor:
         """Float32 logits (num_rows, vocab_size), as transformers' ``generate`` casts them.

@@ -26,6 +26,7 @@ along both its input and its output with the base layer, so each worker holds 1/
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,9 @@ class Collectives:
     def size(self) -> int:
         return self.shard.size
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum of ``t`` over the workers, in place; returns ``t``."""
+    def all_reduce(self, t: torch.Tensor, purpose: str = "base") -> torch.Tensor:
+        """The sum of ``t`` over the workers, in place; returns ``t``. ``purpose`` ("base",
+        "lora") only labels the counts."""
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -78,27 +80,35 @@ SINGLE = Collectives()
 
 class ProcessGroupCollectives(Collectives):
     """The default torch.distributed process group (NCCL on GPUs, gloo on the CPU), with a
-    count of each collective and of the elements it moved (what the tests and the docs'
-    communication table check)."""
+    count of each collective, of the elements it moved and of the host time it took, by
+    purpose (``all_reduce`` of the base's partial sums, ``all_reduce:lora`` of the LoRA's
+    rank-sized intermediates, ``all_gather`` of the logits): what the tests count and the
+    benchmark reports. The host time includes waiting for the slowest worker."""
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
-        self.calls = {"all_reduce": 0, "all_gather": 0}
-        self.elements = {"all_reduce": 0, "all_gather": 0}
+        self.calls: dict[str, int] = {}
+        self.elements: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self.calls["all_reduce"] += 1
-        self.elements["all_reduce"] += t.numel()
+    def all_reduce(self, t: torch.Tensor, purpose: str = "base") -> torch.Tensor:
+        started = time.perf_counter()
         dist.all_reduce(t)
+        self._count("all_reduce" if purpose == "base" else f"all_reduce:{purpose}", t, started)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        self.calls["all_gather"] += 1
-        self.elements["all_gather"] += t.numel()
+        started = time.perf_counter()
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.shard.size)]
         dist.all_gather(parts, t)
+        self._count("all_gather", t, started)
         return torch.cat(parts, dim=-1)
+
+    def _count(self, name: str, t: torch.Tensor, started: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.elements[name] = self.elements.get(name, 0) + t.numel()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def check_divisible(

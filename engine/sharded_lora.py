@@ -103,6 +103,8 @@ class ShardedLora(LoraBackend):
         t = TARGET_INDEX[targets[0]]
         end = t + len(targets)
         assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
+        if not any(r > 0 for ranks in meta.ranks.values() for r in ranks[layer][t:end]):
+            return  # no adapter of the batch touches these targets here (every worker agrees)
         ranks = tables.ranks[:, layer, t:end]
         scalings = tables.scalings[:, layer, t:end]
         a_pages = [tables.a_pages[target] for target in targets]
@@ -111,7 +113,7 @@ class ShardedLora(LoraBackend):
         for p in meta.passes:
             starts, adapters, longest = p.seg_starts, p.seg_adapters, p.max_seg_len
             y = shrink(x, pool, a_pages, ranks, starts, adapters, meta.max_rank, longest)
-            y = self.collectives.all_reduce(y)  # every worker's part of x · Aᵀ, summed
+            y = self.collectives.all_reduce(y, "lora")  # every worker's part of x · Aᵀ, summed
             if p.token_weights is not None:
                 y.mul_(p.token_weights)
             expand(

@@ -144,6 +144,7 @@ class Worker:
             adapter_elements=self.adapter_elements,
             collective_calls=dict(self.collectives.calls),
             collective_elements=dict(self.collectives.elements),
+            collective_seconds=dict(self.collectives.seconds),
         )
 
 

@@ -73,6 +73,7 @@ class WorkerReport(msgspec.Struct, frozen=True, tag="worker"):
     adapter_elements: int
     collective_calls: dict[str, int]
     collective_elements: dict[str, int]
+    collective_seconds: dict[str, float]
 
 
 class StepDone(msgspec.Struct, frozen=True, tag="done"):

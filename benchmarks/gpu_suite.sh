@@ -17,6 +17,9 @@
 #   sweep-bf16      loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS, decode graphs on
 #   sweep-bf16-eager  the same with --enforce-eager (not in SMOKE runs: the CPU is eager anyway)
 #   sweep-nf4       loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS, graphs on
+#   sweep-tp        only with 2 or more GPUs visible: sweep-bf16's loraserve run split across
+#                   TP (default: every visible GPU, at most 8) devices, --enforce-eager (a split
+#                   model steps eagerly)
 #   sweep-baselines only when BASELINES is set (SMOKE sets it): the HF baselines at n in
 #                   BASELINE_ADAPTERS. They run transformers generate on the 7B model and load
 #                   every adapter into PEFT, so they do not fit the 9 minutes beside the rest.
@@ -124,6 +127,19 @@ else
   step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
     --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-nf4"
+  # Tensor parallelism needs several GPUs: with one (or the CPU of a smoke run), N = 1 only.
+  GPUS=0
+  if [[ "$SMOKE" != 1 ]] && command -v nvidia-smi >/dev/null; then
+    GPUS=$(nvidia-smi -L | wc -l)
+  fi
+  TP=${TP:-$((GPUS > 8 ? 8 : GPUS))}
+  if [[ $TP -ge 2 ]]; then
+    step sweep-tp "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
+      --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+      --tensor-parallel-size "$TP" --enforce-eager --out "$OUT/sweep-tp$TP"
+  else
+    echo "== sweep-tp skipped: $GPUS GPU(s) here, tensor parallelism needs 2 or more"
+  fi
   if [[ -n "$BASELINES" ]]; then
     step sweep-baselines "$T_BASELINES" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
       --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" --out "$OUT/sweep-baselines"

@@ -83,6 +83,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     sweep.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs for loraserve's decodes"
     )
+    sweep.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="loraserve split across N devices"
+    )
     sweep.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
     _workload_args(sweep)
     sweep.set_defaults(run=_sweep)
@@ -357,6 +360,7 @@ def _sweep(args: argparse.Namespace) -> int:
             kernels=args.kernels,
             distinct_adapters=args.distinct_adapters,
             enforce_eager=args.enforce_eager,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     )
     for run in result["runs"]:

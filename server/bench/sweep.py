@@ -65,6 +65,7 @@ class SweepArgs:
     adapter_dir: Path | None = None
     distinct_adapters: int | None = None
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
 
 
 def run_sweep(args: SweepArgs) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         max_lora_rank=max(args.ranks),
         max_loras=max(1, min(max(args.adapters), 256)),
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     vocab = int(json.loads((args.model_dir / "config.json").read_text())["vocab_size"])
     top = max(args.adapters)

@@ -98,6 +98,7 @@ def run_loraserve(
             if out.finished:
                 record.end = t
                 record.error = out.error
+    engine.shutdown()  # a split model's workers
     return [records[str(i)] for i in range(len(requests))]
 
 

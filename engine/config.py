@@ -18,6 +18,7 @@ import torch
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
 from engine.parallel import check_divisible
 from engine.sizing import PoolSizing, size_pool
+from kernels.nf4 import DEFAULT_BLOCKSIZE
 
 QUANTIZATIONS = ("none", "nf4")
 # Which waiting request is admitted next (see ``engine/scheduling.py``).
@@ -293,7 +294,9 @@ class EngineConfig:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tensor_parallel_size > 1:
             # (a plan for a GPU this machine lacks gives device_memory: nothing to count)
-            _check_tensor_parallel(tensor_parallel_size, hf, dev, device_memory is None)
+            _check_tensor_parallel(
+                tensor_parallel_size, hf, quantization, dev, device_memory is None
+            )
         limit = _context_limit(hf)
         model_len = min(max_model_len or limit, limit)
         mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
@@ -347,17 +350,27 @@ class EngineConfig:
 
 
 def _check_tensor_parallel(
-    size: int, hf: dict[str, Any], device: torch.device, count_gpus: bool
+    size: int, hf: dict[str, Any], quantization: str, device: torch.device, count_gpus: bool
 ) -> None:
     """Refuse a split the model's shape or the machine cannot take, before anything loads."""
-    heads = int(hf["num_attention_heads"])
+    heads, intermediate = int(hf["num_attention_heads"]), int(hf["intermediate_size"])
     check_divisible(
         size,
         hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
+        intermediate_size=intermediate,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
     )
+    if quantization == "nf4":
+        # A worker's part of o and down (their input split) holds whole 64-value blocks.
+        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+        for name, features in (("o_proj", heads * head_dim), ("down_proj", intermediate)):
+            if (features // size) % DEFAULT_BLOCKSIZE:
+                raise ValueError(
+                    f"--tensor-parallel-size {size} with nf4 cuts {name}'s {features} inputs "
+                    f"into parts of {features // size}, not whole {DEFAULT_BLOCKSIZE}-value "
+                    "blocks; choose a size that does, or serve without nf4"
+                )
     if count_gpus and device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(
             f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "

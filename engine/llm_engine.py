@@ -57,6 +57,14 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, kernels: str | None = None) -> None:
         self.config = config
+        self.executor: TensorParallelExecutor | None = None
+        try:
+            self._build(config, kernels)
+        except BaseException:
+            self.shutdown()  # a split model's workers, if they started
+            raise
+
+    def _build(self, config: EngineConfig, kernels: str | None) -> None:
         mc = config.model
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(mc.model_dir, mc.load_format)
         backends = Backends.select(kernels, mc.device)
@@ -65,7 +73,6 @@ class LLMEngine:
         # With tensor parallelism the model and the pool's storage live in the workers; here
         # the pool is bookkeeping only (pages of the whole width, on the meta device).
         self.model: CausalLM | None = None
-        self.executor: TensorParallelExecutor | None = None
         if workers == 1:
             self.model = load_model(
                 mc.model_dir,
@@ -110,18 +117,18 @@ class LLMEngine:
             self.adapters,
             max_loras=config.lora.max_loras,
         )
-        sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
-        slot_tables = SlotTables(
-            config.scheduler.max_num_seqs,
-            config.model.max_model_len,
-            mc.device,
-            scratch_page=self.pool.scratch_page,
-        )
         self.runner: ModelRunner | TensorParallelExecutor
         if self.model is None:
             assert self.executor is not None
             self.runner = self.executor
         else:
+            sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
+            slot_tables = SlotTables(
+                config.scheduler.max_num_seqs,
+                config.model.max_model_len,
+                mc.device,
+                scratch_page=self.pool.scratch_page,
+            )
             graphs = self._decode_graphs(self.model, config, backends, slot_tables)
             self.runner = ModelRunner(
                 self.model,

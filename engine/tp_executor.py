@@ -55,6 +55,9 @@ class TensorParallelExecutor:
     Args:
         specs: one per worker, rank order (their ``master_port`` one free loopback port).
         startup_timeout_s: how long loading may take before the start is given up.
+
+    Raises:
+        ValueError: a worker could not start (its error), or they did not in time.
     """
 
     def __init__(self, specs: list[WorkerSpec], startup_timeout_s: float = 1800.0) -> None:
@@ -79,6 +82,9 @@ class TensorParallelExecutor:
                 self.socks.append(ours)
                 send(ours, spec)
             self.reports = self._gather_reports(time.monotonic() + startup_timeout_s)
+        except WorkerDied as e:
+            self.close()
+            raise ValueError(f"the tensor-parallel workers did not start: {e}") from None
         except BaseException:
             self.close()
             raise

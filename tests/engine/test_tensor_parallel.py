@@ -187,6 +187,9 @@ def test_refuses_a_split_the_model_cannot_take(tmp_path: Path) -> None:
     base = make_model(tmp_path / "base", "llama", **SHAPE)
     with pytest.raises(ValueError, match="must divide the model's num_key_value_heads"):
         EngineConfig.create(base, tensor_parallel_size=4)
+    narrow = make_model(tmp_path / "narrow", "llama")  # o's 64 inputs: halves of 32
+    with pytest.raises(ValueError, match="not whole 64-value blocks"):
+        EngineConfig.create(narrow, quantization="nf4", tensor_parallel_size=2)
 
 
 def test_adapters_beyond_lora_are_refused_when_split(

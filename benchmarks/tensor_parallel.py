@@ -232,9 +232,11 @@ def measure(shape: Shape, size: int, log: Path) -> dict[str, Any]:
         startup_s = time.perf_counter() - started
         print(f"  {shape.name} tp={size}: ready in {startup_s:.1f} s; replaying", flush=True)
         models: list[str | None] = [None, *shape.adapters]
+        before = httpx.get(url + "/v1/status", timeout=30).json()
         records, duration = asyncio.run(
             run_workload(url, shape.workload, models, shape.base, progress=False)
         )
+        after = httpx.get(url + "/v1/status", timeout=30).json()
     summary = summarize(records, duration)
     errors = sorted({r.error for r in records if r.error})
     return summary | {
@@ -244,7 +246,22 @@ def measure(shape: Shape, size: int, log: Path) -> dict[str, Any]:
         "load_1min_before": load_before,
         "load_1min_after": os.getloadavg()[0],
         "errors": errors[:5],
+        "steps": after["requests"]["steps"] - before["requests"]["steps"],
+        "worker0": worker_time(before["tensor_parallel"], after["tensor_parallel"]),
     }
+
+
+def worker_time(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """Where worker 0's time went during the replay (the status route's counters, after less
+    before): seconds in steps, and seconds, calls and elements of each kind of collective."""
+    if after["size"] == 1:
+        return None
+    collectives = {}
+    for name, count in after["collectives"].items():
+        was = before["collectives"].get(name, {"calls": 0, "elements": 0, "seconds": 0.0})
+        collectives[name] = {key: count[key] - was[key] for key in ("calls", "elements", "seconds")}
+    step_s = after["worker_step_seconds"] - before["worker_step_seconds"]
+    return {"step_seconds": step_s, "collectives": collectives}
 
 
 def main() -> int:
@@ -305,6 +322,22 @@ def main() -> int:
     return 0
 
 
+def _breakdown(run: dict[str, Any]) -> str:
+    """Worker 0's time in steps and, of it, in each kind of collective."""
+    worker = run["worker0"]
+    step_s = worker["step_seconds"]
+    parts = [
+        f"{name} {c['seconds']:.2f} s ({c['calls']} calls, {c['seconds'] / step_s:.0%})"
+        for name, c in sorted(worker["collectives"].items())
+        if step_s
+    ]
+    steps = max(run["steps"], 1)
+    return (
+        f"worker 0: {run['steps']} steps, {step_s:.2f} s in them "
+        f"({1000 * step_s / steps:.1f} ms a step); collectives: " + ", ".join(parts)
+    )
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
     """One row per shape and size, then the tp=2 / tp=1 output throughput ratio per shape."""
     head = f"{'shape':6s} {'tp':>2s} {'done':>5s} {'wall s':>7s} {'req/s':>7s}"
@@ -324,6 +357,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         ratio = result["ratio_tp2_over_tp1"]
         text = f"{ratio:.2f}x" if ratio is not None else "n/a"
         lines.append(f"{name}: tp=2 / tp=1 output tok/s = {text}")
+        for key, run in result["runs"].items():
+            if run["worker0"] is not None:
+                lines.append(f"  {key} {_breakdown(run)}")
     lines.append("(2-core CPU: tp=2's two workers share the cores with the API process)")
     return "\n".join(lines)
 

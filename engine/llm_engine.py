@@ -40,7 +40,13 @@ from engine.scheduler import Scheduler
 from engine.scheduling import token_cost
 from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
 from engine.slot_tables import SlotTables
-from engine.tp_executor import TensorParallelExecutor, WorkerDied, combined_weights, worker_specs
+from engine.tp_executor import (
+    TensorParallelExecutor,
+    WorkerDied,
+    combined_weights,
+    worker_counters,
+    worker_specs,
+)
 from engine.virtual_tokens import virtual_positions
 
 logger = logging.getLogger(__name__)
@@ -447,6 +453,9 @@ class LLMEngine:
         prefix = self.kv_cache.prefix
         cached_pages = self.kv_cache.num_cached_pages
         ledger = self.scheduler.ledger
+        step_seconds, collectives = (
+            (0.0, {}) if self.executor is None else worker_counters(self.executor)
+        )
         return EngineStats(
             num_running=self.num_running,
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -484,6 +493,9 @@ class LLMEngine:
             page_bytes=self.pool.page_bytes // self.config.parallel.tensor_parallel_size,
             adapters=self._adapter_statuses(),
             max_loras=self.config.lora.max_loras or self.config.lora.max_resident_loras,
+            tensor_parallel_size=self.config.parallel.tensor_parallel_size,
+            worker_step_seconds=step_seconds,
+            collectives=collectives,
         )
 
     def _adapter_statuses(self) -> list[AdapterStatus]:

@@ -97,6 +97,15 @@ class AdapterStatus:
 
 
 @dataclass(frozen=True)
+class CollectiveStats:
+    """One kind of collective of a tensor-parallel worker, since it started."""
+
+    calls: int = 0
+    elements: int = 0  # of the tensors it was given
+    seconds: float = 0.0  # host time, waiting for the slowest worker included
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges of the engine, for metrics (names follow vLLM's)."""
 
@@ -139,6 +148,11 @@ class EngineStats:
     # The most distinct adapters one batch may hold: ``--max-loras``, or, uncapped, the
     # adapters the pool's tables can hold at once (``--max-resident-loras``).
     max_loras: int = 0
+    # A split model: its workers, and worker 0's time in steps and in each kind of collective
+    # ("all_reduce:embedding", "all_reduce" (the base's), "all_reduce:lora", "all_gather").
+    tensor_parallel_size: int = 1
+    worker_step_seconds: float = 0.0
+    collectives: dict[str, CollectiveStats] = field(default_factory=dict)
 
     @property
     def kv_cache_usage(self) -> float:

@@ -105,6 +105,10 @@ class ProcessGroupCollectives(Collectives):
         self._count("all_gather", t, started)
         return torch.cat(parts, dim=-1)
 
+    def summary(self) -> dict[str, tuple[int, int, float]]:
+        """Each kind's (calls, elements, seconds)."""
+        return {n: (c, self.elements[n], self.seconds[n]) for n, c in self.calls.items()}
+
     def _count(self, name: str, t: torch.Tensor, started: float) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
         self.elements[name] = self.elements.get(name, 0) + t.numel()

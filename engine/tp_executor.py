@@ -27,6 +27,7 @@ from typing import NoReturn
 
 from engine.batch import ChunkResult, SchedulerOutput
 from engine.config import DTYPES, EngineConfig
+from engine.outputs import CollectiveStats
 from engine.quantization import QuantizationReport
 from engine.worker_channel import (
     Failed,
@@ -62,6 +63,7 @@ class TensorParallelExecutor:
 
     def __init__(self, specs: list[WorkerSpec], startup_timeout_s: float = 1800.0) -> None:
         self.size = len(specs)
+        self.last: StepDone | None = None  # worker 0's latest answer (its counters)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.socks: list[socket.socket] = []
         self.dead: str | None = None
@@ -103,7 +105,8 @@ class TensorParallelExecutor:
                 send(sock, message)
         except OSError as e:
             self._fail(f"a worker's channel broke: {e}")
-        return self._wait(0).results
+        self.last = self._wait(0)
+        return self.last.results
 
     def check(self) -> None:
         """Raise :class:`WorkerDied` if a worker has exited (cheap: one poll each)."""
@@ -229,6 +232,14 @@ def combined_weights(reports: list[WorkerReport]) -> QuantizationReport:
         base_bytes=sum(r.weights.base_bytes for r in reports),
         unquantized_bytes=sum(r.weights.unquantized_bytes for r in reports),
     )
+
+
+def worker_counters(executor: TensorParallelExecutor) -> tuple[float, dict[str, CollectiveStats]]:
+    """Worker 0's seconds in steps and its collectives, as of its latest step."""
+    last = executor.last
+    if last is None:
+        return 0.0, {}
+    return last.step_seconds, {n: CollectiveStats(*c) for n, c in last.collectives.items()}
 
 
 def free_port() -> int:

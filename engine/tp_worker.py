@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -104,8 +105,10 @@ class Worker:
         )
         self.generators: dict[str, torch.Generator] = {}
         self.adapter_elements = 0
+        self.step_seconds = 0.0
 
     def step(self, output: SchedulerOutput) -> StepDone:
+        started = time.perf_counter()
         placements = tuple(self._place(p) for p in output.placements)
         chunks = []
         for chunk in output.chunks:
@@ -120,7 +123,9 @@ class Worker:
         for request_id in output.finished_ids:
             self.generators.pop(request_id, None)
         step = SchedulerOutput(chunks, output.preempted_ids, output.finished_ids, placements)
-        return StepDone(self.runner.execute(step))
+        results = self.runner.execute(step)
+        self.step_seconds += time.perf_counter() - started
+        return StepDone(results, self.step_seconds, self.collectives.summary())
 
     def _place(self, placement: Placement) -> Placement:
         """This worker's part of the placement; the host mirrors the engine process's

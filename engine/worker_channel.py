@@ -77,9 +77,13 @@ class WorkerReport(msgspec.Struct, frozen=True, tag="worker"):
 
 
 class StepDone(msgspec.Struct, frozen=True, tag="done"):
-    """Worker 0's results of a step (every worker computes them; one sends them)."""
+    """Worker 0's results of a step (every worker computes them; one sends them), and its
+    counters so far: seconds spent in steps, and (calls, elements, seconds) of each kind of
+    collective."""
 
     results: dict[str, ChunkResult]
+    step_seconds: float = 0.0
+    collectives: dict[str, tuple[int, int, float]] = {}
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):

@@ -92,6 +92,14 @@ def build_status(
             "load_seconds": stats.adapter_load_seconds,
         },
         "prefix_cache": {"queries": stats.prefix_cache_queries, "hits": stats.prefix_cache_hits},
+        "tensor_parallel": {
+            "size": stats.tensor_parallel_size,
+            "worker_step_seconds": stats.worker_step_seconds,
+            "collectives": {
+                name: {"calls": c.calls, "elements": c.elements, "seconds": c.seconds}
+                for name, c in stats.collectives.items()
+            },
+        },
         "base": _timing_fields(base),
         "adapters": adapters,
     }

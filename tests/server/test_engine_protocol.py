@@ -14,7 +14,13 @@ import pytest
 
 from adapters.compose import ComposeSpec, Example
 from adapters.merge import MergeSpec
-from engine.outputs import AdapterStatus, EngineStats, RequestOutput, TokenLogprob
+from engine.outputs import (
+    AdapterStatus,
+    CollectiveStats,
+    EngineStats,
+    RequestOutput,
+    TokenLogprob,
+)
 from engine.sampling_params import SamplingParams
 from server.engine_protocol import (
     HEADER,
@@ -151,6 +157,8 @@ def test_engine_dataclasses_keep_their_types() -> None:
 
 
 def _value(type_name: str, i: int) -> Any:
+    if type_name == "dict[str, CollectiveStats]":  # a split model's collectives, by kind
+        return {"all_reduce": CollectiveStats(i, 10 * i, i + 0.5)}
     if type_name.startswith("dict"):  # by adapter name ("" = the base model)
         return {"": i, "upper": i + 1}
     if type_name == "list[AdapterStatus]":  # the status route's adapters

@@ -37,7 +37,13 @@ sys.path.insert(0, str(REPO))
 
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
-from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, server_command  # noqa: E402
+from server.bench.harness import (  # noqa: E402
+    SERVED_BASE,
+    ServerSpec,
+    free_port,
+    machine_info,
+    server_command,
+)
 from server.bench.metrics import summarize  # noqa: E402
 from server.bench.workloads import synthetic_w2  # noqa: E402
 
@@ -45,17 +51,9 @@ ADAPTERS = ("upper", "swapcase", "caesar", "reverse", "lower")
 SYSTEMS = {"serve": 0, "ray-1": 1, "ray-2": 2}  # name → --ray-replicas
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running(spec: ServerSpec, replicas: int, log: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = server_command(spec, port)
     if replicas:

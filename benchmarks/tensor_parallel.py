@@ -63,10 +63,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.scale_out import _free_port  # noqa: E402
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
-from server.bench.harness import SERVED_BASE, machine_info  # noqa: E402
+from server.bench.harness import SERVED_BASE, free_port, machine_info  # noqa: E402
 from server.bench.make_adapters import make_random_adapters  # noqa: E402
 from server.bench.metrics import summarize  # noqa: E402
 from server.bench.workloads import Workload, synthetic_w2  # noqa: E402
@@ -189,7 +188,7 @@ def serving(shape: Shape, size: int, log: Path) -> Iterator[str]:
     """Start ``loraserve serve`` for ``shape`` split across ``size`` workers, wait until
     ``/health`` answers 200 and every model answered one short request, yield the base URL;
     on the way out stop the server's whole process group (SIGTERM, 20 s, then SIGKILL)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve"]
     command += [*shape.flags, "--host", "127.0.0.1", "--port", str(port)]

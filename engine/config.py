@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
-from engine.parallel import check_divisible
+from engine.parallel.group import check_divisible
 from engine.sizing import PoolSizing, size_pool
 from kernels.nf4 import DEFAULT_BLOCKSIZE
 
@@ -210,7 +210,7 @@ class GraphConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many devices the model is split across (``engine/parallel.py``).
+    """How many devices the model is split across (``engine/parallel/group.py``).
 
     Attributes:
         tensor_parallel_size: worker processes, one per device; 1 runs the model in the
@@ -362,14 +362,21 @@ def _check_tensor_parallel(
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
     )
     if quantization == "nf4":
-        # A worker's part of o and down (their input split) holds whole 64-value blocks.
-        head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
-        for name, features in (("o_proj", heads * head_dim), ("down_proj", intermediate)):
-            if (features // size) % DEFAULT_BLOCKSIZE:
+        # Each worker's part of an NF4 weight holds whole 64-value blocks: its rows whole
+        # (q, k, v, gate, up: the hidden size), or its part of them (o, down: their inputs / N).
+        hidden = int(hf["hidden_size"])
+        head_dim = int(hf.get("head_dim") or hidden // heads)
+        rows = {
+            "q/k/v/gate/up": (hidden, hidden),
+            "o_proj": (heads * head_dim, heads * head_dim // size),
+            "down_proj": (intermediate, intermediate // size),
+        }
+        for name, (features, part) in rows.items():
+            if part % DEFAULT_BLOCKSIZE:
                 raise ValueError(
                     f"--tensor-parallel-size {size} with nf4 cuts {name}'s {features} inputs "
-                    f"into parts of {features // size}, not whole {DEFAULT_BLOCKSIZE}-value "
-                    "blocks; choose a size that does, or serve without nf4"
+                    f"into parts of {part}, not whole {DEFAULT_BLOCKSIZE}-value blocks; choose "
+                    "a size that does, or serve without nf4"
                 )
     if count_gpus and device.type == "cuda" and size > torch.cuda.device_count():
         raise ValueError(

@@ -60,6 +60,28 @@ def _generator(device: torch.device, seed: int, name: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(tensor_seed)
 
 
+def fill_dummy(t: torch.Tensor, name: str, std: float, seed: int) -> None:
+    """Fill checkpoint tensor ``name`` in place (see `Semantics`)."""
+    if name.endswith("norm.weight"):
+        t.fill_(1.0)
+    elif t.dim() == 1:
+        t.zero_()
+    else:
+        t.normal_(0.0, std, generator=_generator(t.device, seed, name))
+
+
+def dummy_tensors(
+    model_dir: Path, std: float, seed: int, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every checkpoint tensor of a dummy load, whole and one at a time, exactly as
+    :func:`init_dummy_weights` draws it on ``device`` in ``dtype`` (a tensor-parallel worker
+    cuts each to its part, so a split dummy model is the one-device model)."""
+    for name, shape in checkpoint_shapes(model_dir):
+        tensor = torch.empty(shape, device=device, dtype=dtype)
+        fill_dummy(tensor, name, std, seed)
+        yield name, tensor
+
+
 def init_dummy_weights(
     model: nn.Module,
     std: float,
@@ -81,18 +103,13 @@ def init_dummy_weights(
     desc = "dummy weights" + (", quantizing to nf4" if nf4_modules else "")
     with torch.no_grad(), tqdm(total=len(params) + len(nf4_modules), desc=desc, leave=False) as bar:
         for name, param in params:
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif param.dim() == 1:
-                param.zero_()
-            else:
-                param.normal_(0.0, std, generator=_generator(param.device, seed, name))
+            fill_dummy(param, name, std, seed)
             bar.update()
         for module_name in nf4_modules:
             layer = nf4_layer(model, module_name)
             name = f"{module_name}.weight"
             weight = torch.empty(layer.out_features, layer.in_features, device=device, dtype=dtype)
-            weight.normal_(0.0, std, generator=_generator(device, seed, name))
+            fill_dummy(weight, name, std, seed)
             layer.set_weight(quantize_nf4(weight))
             del weight  # never more than one float layer alive
             bar.update()

@@ -32,6 +32,12 @@ from engine.model import Backends, CausalLM, ModelArch
 from engine.model_runner import ModelRunner
 from engine.outputs import AdapterStatus, EngineStats, RequestOutput
 from engine.page_pool import PagePool, Tenant
+from engine.parallel.executor import (
+    TensorParallelExecutor,
+    WorkerDied,
+    combined_weights,
+    worker_counters,
+)
 from engine.quantization import memory_report
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
@@ -40,13 +46,6 @@ from engine.scheduler import Scheduler
 from engine.scheduling import token_cost
 from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
 from engine.slot_tables import SlotTables
-from engine.tp_executor import (
-    TensorParallelExecutor,
-    WorkerDied,
-    combined_weights,
-    worker_counters,
-    worker_specs,
-)
 from engine.virtual_tokens import virtual_positions
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class LLMEngine:
             )
             self.weights = memory_report(self.model, mc.dtype)
         else:
-            self.executor = TensorParallelExecutor(worker_specs(config, kernels))
+            self.executor = TensorParallelExecutor(config, kernels)
             self.weights = combined_weights(self.executor.reports)
         self.pool = PagePool(
             arch.num_layers,
@@ -308,7 +307,9 @@ class LLMEngine:
         placeholders, prefix_positions = virtual_positions(adapter)
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.config.model.device)
+            # (a split model's workers keep their own: no device here, no CUDA context)
+            device = self.config.model.device if self.model is not None else "cpu"
+            generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
         request = Request(
             request_id=request_id,
@@ -581,7 +582,7 @@ class LLMEngine:
         )
 
     def check_workers(self) -> None:
-        """Raise :class:`engine.tp_executor.WorkerDied` if a tensor-parallel worker has
+        """Raise :class:`engine.parallel.executor.WorkerDied` if a tensor-parallel worker has
         exited, even between steps (a no-op on one device)."""
         if self.executor is not None:
             self.executor.check()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,11 +23,18 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import LOAD_FORMATS
-from engine.dummy import has_tokenizer, init_dummy_weights, init_std, synthetic_tokenizer
+from engine.dummy import (
+    dummy_tensors,
+    has_tokenizer,
+    init_dummy_weights,
+    init_std,
+    synthetic_tokenizer,
+)
 from engine.model import Backends, CausalLM
 from engine.naming import is_quantized_linear
 from engine.packed import checkpoint_tensors
-from engine.parallel import Shard
+from engine.parallel.group import Shard
+from engine.parallel.sharding import checkpoint_part, nf4_part
 from engine.quantization import (
     QUANT_STATE_KEY,
     memory_report,
@@ -36,7 +43,6 @@ from engine.quantization import (
     quantize_nf4,
     swap_linears,
 )
-from engine.sharding import checkpoint_part, nf4_part, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +115,9 @@ def load_model(
     ``seed`` on the device (quantized layer by layer with nf4; see :mod:`engine.dummy`).
 
     With the collectives of a tensor-parallel worker in ``backends``, the model is that
-    worker's part (`engine/sharding.py`): each checkpoint tensor is cut to the worker's part
-    as it streams in (an NF4 weight quantized whole first, exactly as on one device, then
-    cut); dummy weights are drawn for the whole model on the host, then cut.
+    worker's part (`engine/parallel/sharding.py`): each tensor, from the checkpoint or drawn
+    whole as a dummy load draws it, is cut to the part as it comes (an NF4 weight quantized
+    whole first, exactly as on one device, then cut), so no worker holds the whole model.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(
@@ -120,24 +126,18 @@ def load_model(
     config = load_config(model_dir)
     shard = backends.collectives.shard
     dummy = load_format == "dummy"
-    if dummy and shard.size > 1:
-        host = torch.device("cpu")
-        whole = load_model(model_dir, dtype, host, Backends.select("torch", host),
-                           quantization, load_format, seed)  # fmt: skip
-        model, nf4_modules = empty_model(
-            model_dir, dtype, device, backends, quantization, load_format
-        )
-        shard_model(whole, model, shard)
-        del whole
-    else:
-        model, nf4_modules = empty_model(
-            model_dir, dtype, device, backends, quantization, load_format
-        )
-    prequantized = bool(nf4_modules) and not dummy and bool(quantized_modules(model_dir))
+    model, nf4_modules = empty_model(model_dir, dtype, device, backends, quantization, load_format)
+    nf4 = set(nf4_modules)
     if dummy and shard.size == 1:
         init_dummy_weights(model, init_std(config), seed, nf4_modules, dtype)
-    elif not dummy:
-        _load_checkpoint(model, model_dir, set(nf4_modules), prequantized, dtype, device, shard)
+    elif dummy:
+        drawn = dummy_tensors(model_dir, init_std(config), seed, device, dtype)
+        _load_tensors(model, drawn, nf4, False, dtype, device, shard, "dummy weights")
+    else:
+        prequantized = bool(nf4) and bool(quantized_modules(model_dir))
+        desc = "quantizing to nf4" if nf4 and not prequantized else "loading weights"
+        stream = iterate_weights(model_dir)
+        _load_tensors(model, stream, nf4, prequantized, dtype, device, shard, desc)
     model.eval()
     report = memory_report(model, dtype)
     num_params = sum(p.numel() for p in model.parameters()) + report.quantized_params
@@ -179,22 +179,22 @@ def empty_model(
     return model, nf4_modules
 
 
-def _load_checkpoint(
+def _load_tensors(
     model: CausalLM,
-    model_dir: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
     nf4_modules: set[str],
     prequantized: bool,
     dtype: torch.dtype,
     device: torch.device,
     shard: Shard,
+    desc: str,
 ) -> None:
-    """Copy the checkpoint's tensors (a tensor-parallel worker: their ``shard`` parts) into
+    """Copy checkpoint ``tensors`` (a tensor-parallel worker: their ``shard`` parts) into
     the materialised ``model``; every one must arrive."""
     params = dict(checkpoint_tensors(model, remove_duplicate=False))  # packed: slice views
     packed: dict[str, dict[str, torch.Tensor]] = {}  # module -> its pre-quantized tensors
     loaded: set[str] = set()
-    desc = "quantizing to nf4" if nf4_modules and not prequantized else "loading weights"
-    for name, tensor in tqdm(iterate_weights(model_dir), desc=desc, unit="tensor", leave=False):
+    for name, tensor in tqdm(tensors, desc=desc, unit="tensor", leave=False):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         module, _, part = name.partition(".weight")
@@ -216,8 +216,8 @@ def _load_checkpoint(
         with torch.no_grad():
             param.copy_(tensor)
         loaded.add(name)
-    for module, tensors in packed.items():
-        weight = nf4_from_checkpoint(f"{module}.weight", tensors)
+    for module, parts in packed.items():
+        weight = nf4_from_checkpoint(f"{module}.weight", parts)
         nf4_layer(model, module).set_weight(nf4_part(module, weight, shard).to(device))
     if model.arch.tie_word_embeddings:
         loaded.add("lm_head.weight")

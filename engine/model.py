@@ -23,7 +23,7 @@ from engine.kinds import adjust_output, adjust_packed, scale_input
 from engine.lora import LORA_BACKENDS, LoraBackend
 from engine.naming import PACKED
 from engine.packed import PackedLinear
-from engine.parallel import SINGLE, Collectives
+from engine.parallel.group import SINGLE, Collectives
 from engine.rope import RotaryEmbedding
 from engine.virtual_tokens import embed_virtual_tokens
 from kernels.nf4 import NF4Weight, nf4_linear_tiled

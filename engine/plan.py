@@ -33,6 +33,7 @@ from engine.sizing import (
     PoolSizing,
     WeightMemory,
     decoder_layout,
+    device_weights,
     pin_capacity,
     tokens_beside,
     weight_memory,
@@ -244,25 +245,12 @@ def plan_for(
         num_kv_heads=arch.num_kv_heads // split,
         head_dim=arch.head_dim,
         geometry=geometry,
-        weights=_per_device(
+        weights=device_weights(
             weight_memory(mc.model_dir, mc.dtype, mc.quantization, mc.load_format), split
         ),
         tensor_parallel_size=split,
         pool=pool,
         adapters=tuple(AdapterPlan(*a, fits(max(a[-1], 1))) for a in sized),
-    )
-
-
-def _per_device(weights: WeightMemory, split: int) -> WeightMemory:
-    """One device's share of the weights split ``split`` ways (the norms, whole on every
-    device, are left out: a rounding error beside the rest)."""
-    if split == 1:
-        return weights
-    return WeightMemory(
-        weights.params // split,
-        weights.bytes // split,
-        weights.quantized_params // split,
-        weights.quantized_bytes // split,
     )
 
 

@@ -176,6 +176,19 @@ def _stored_nf4_weights(model_dir: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def device_weights(weights: WeightMemory, split: int) -> WeightMemory:
+    """One device's share of ``weights`` split across ``split`` tensor-parallel devices:
+    1/N of each, an NF4 part's block scales in float32 (4.5 bits a parameter rather than
+    double quantization's 4.127: a part's blocks no longer form the second level's whole
+    groups, `engine/parallel/sharding.py`). The norms, whole on every device, are left out."""
+    if split == 1:
+        return weights
+    q_params = weights.quantized_params // split
+    q_bytes = nf4_nbytes(q_params, nested=False) if q_params else 0
+    floats = (weights.bytes - weights.quantized_bytes) // split
+    return WeightMemory(weights.params // split, floats + q_bytes, q_params, q_bytes)
+
+
 def weight_bytes(
     model_dir: Path, dtype: torch.dtype, quantization: str, load_format: str = "auto"
 ) -> int:
@@ -268,7 +281,8 @@ def size_pool(
     if device_memory is None:
         budget = CPU_POOL_BYTES
     else:
-        weights = -(-weight_bytes(model_dir, dtype, quantization, load_format) // split)
+        whole = weight_memory(model_dir, dtype, quantization, load_format)
+        weights = device_weights(whole, split).bytes
         budget = int(device_memory * GPU_MEMORY_FRACTION) - weights - GPU_HEADROOM_BYTES
         if budget <= 0:
             raise ValueError("the model leaves no GPU memory for the page pool")

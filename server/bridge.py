@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.outputs import EngineStats, RequestOutput
+from engine.parallel.executor import WorkerDied
 from engine.sampling_params import SamplingParams
-from engine.tp_executor import WorkerDied
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.request_group import RequestGroup, final_output

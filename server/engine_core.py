@@ -47,9 +47,9 @@ import torch
 from adapters.errors import AdapterError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.parallel.executor import WorkerDied
 from engine.plan import served_plan
 from engine.scoring import SCORING_PARAMS
-from engine.tp_executor import WorkerDied
 from server.adapter_ops import (
     ComposeJobs,
     adapter_infos,

@@ -116,7 +116,8 @@ def format_plan(plan: Plan) -> str:
     if w.quantized_params:
         lines.append(
             f"  nf4        {w.quantized_params:,} params, {_size(w.quantized_bytes)}, "
-            f"{w.quantized_bits_per_param:.3f} bits/param (blocksize 64, double quantization)"
+            f"{w.quantized_bits_per_param:.3f} bits/param (blocksize 64, "
+            + ("double quantization)" if plan.tensor_parallel_size == 1 else "scales in float32)")
         )
     if p.source == "device":
         assert p.device_memory is not None and p.weight_bytes is not None

@@ -115,7 +115,7 @@ def running_server(spec: ServerSpec, log_path: Path) -> Iterator[str]:
 
     The command line and the server's output are appended to ``log_path``.
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = server_command(spec, port)
     logger.info("starting %s", " ".join(command))
@@ -133,7 +133,8 @@ def running_server(spec: ServerSpec, log_path: Path) -> Iterator[str]:
             stop_server(proc)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -1,8 +1,9 @@
 """A worker's part of the weights (no processes: the cuts alone).
 
 An NF4 part dequantizes to exactly the same values as the whole weight's elements; the
-loader's cut of each tensor as it streams in gives the same part as cutting the whole loaded
-model; the parts of an adapter's matrices put back together are the matrices.
+workers' parts of a model, as the loader cuts them, put back together are the one-device
+model (float, NF4, dummy weights); the parts of an adapter's matrices put back together are
+the matrices.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from adapters.placement import Placement, TargetPlacement
 from engine.loader import load_model
 from engine.model import Backends
-from engine.parallel import Collectives, Shard
-from engine.quantization import quantize_nf4
-from engine.sharding import shard_model, shard_nf4, shard_placement
-from kernels.nf4 import dequantize_nf4
+from engine.packed import checkpoint_tensors
+from engine.parallel.group import Collectives, Shard
+from engine.parallel.sharding import shard_nf4, shard_placement
+from engine.quantization import NF4Linear, quantize_nf4
+from kernels.nf4 import NF4Weight, dequantize_nf4
 from tests.engine.test_tensor_parallel import SHAPE
 from tests.tiny_models import make_model
 
@@ -53,32 +55,45 @@ def test_an_nf4_part_dequantizes_to_the_whole_weights_elements() -> None:
         shard_nf4(weight, cols=slice(0, 96))
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_the_loaders_cut_equals_cutting_the_whole_model(tmp_path: Path, quantization: str) -> None:
+@pytest.mark.parametrize(
+    ("load_format", "quantization"), [("auto", "none"), ("auto", "nf4"), ("dummy", "nf4")]
+)
+def test_the_workers_parts_put_together_are_the_one_device_model(
+    tmp_path: Path, load_format: str, quantization: str
+) -> None:
+    """Each worker's part, as the loader cuts it (from the checkpoint, or drawn whole as a
+    dummy load draws it), put back together, is the model one device loads."""
     base = make_model(tmp_path / "base", "qwen2", vocab_size=321, **SHAPE)
-    whole = load_model(base, torch.float32, CPU, Backends.select("torch", CPU), quantization)
-    for rank in range(2):
-        shard = Shard(rank, 2)
-        streamed = load_model(base, torch.float32, CPU, backends(shard), quantization)
-        cut = load_model(base, torch.float32, CPU, backends(shard), quantization)
-        shard_model(whole, cut, shard)
-        streamed_params, cut_params = (
-            dict(streamed.named_parameters()),
-            dict(cut.named_parameters()),
-        )
-        assert streamed_params.keys() == cut_params.keys()
-        for name, param in streamed_params.items():
-            assert torch.equal(param, cut_params[name]), name
-        nf4 = {n: m for n, m in streamed.named_modules() if getattr(m, "weight", None) is not None
-               and not isinstance(m.weight, torch.Tensor)}  # fmt: skip
-        assert bool(nf4) == (quantization == "nf4")
-        for name, module in nf4.items():
-            other = cut.get_submodule(name).weight
-            assert torch.equal(dequantize_nf4(module.weight), dequantize_nf4(other)), name
-        # The vocabulary's 321 rows: 161 on each worker, the last one padded with zeros.
-        assert streamed.model.embed_tokens.weight.shape[0] == 161
-        if rank == 1:
-            assert not streamed.lm_head.weight[-1].any()
+    args = (quantization, load_format, 7)
+    whole = load_model(base, torch.float32, CPU, Backends.select("torch", CPU), *args)
+    parts = [load_model(base, torch.float32, CPU, backends(Shard(r, 2)), *args) for r in (0, 1)]
+    tensors = [dict(checkpoint_tensors(m)) for m in (whole, *parts)]
+    for name, expected in tensors[0].items():
+        leaf, kind = name.rsplit(".", 2)[-2:]
+        got = [t[name] for t in tensors[1:]]
+        if leaf in ("embed_tokens", "lm_head"):  # 161 rows each, the last padded with zeros
+            assert torch.equal(torch.cat(got)[:321], expected) and not got[1][-1].any()
+        elif leaf in ("o_proj", "down_proj") and kind == "weight":
+            assert torch.equal(torch.cat(got, dim=1), expected), name
+        elif leaf in ("o_proj", "down_proj"):  # a bias: added once, after the all-reduce
+            assert torch.equal(got[0], expected) and not got[1].any(), name
+        elif leaf.endswith("_proj"):  # q, k, v, gate, up: their rows
+            assert torch.equal(torch.cat(got), expected), name
+        else:  # norms
+            assert all(torch.equal(g, expected) for g in got), name
+    nf4 = [name for name, m in whole.named_modules() if isinstance(m, NF4Linear)]
+    assert bool(nf4) == (quantization == "nf4")
+    for module in nf4:
+        whole_weight = dequantize_nf4(_weight(whole, module))
+        got = [dequantize_nf4(_weight(part, module)) for part in parts]
+        dim = 1 if module.endswith(("o_proj", "down_proj")) else 0
+        assert torch.equal(torch.cat(got, dim=dim), whole_weight), module
+
+
+def _weight(model: torch.nn.Module, module: str) -> NF4Weight:
+    layer = model.get_submodule(module)
+    assert isinstance(layer, NF4Linear) and layer.weight is not None
+    return layer.weight
 
 
 def test_an_adapters_parts_put_together_are_the_adapter() -> None:

@@ -24,7 +24,7 @@ from tests.server.test_console import demo_task
 pytestmark = pytest.mark.slow
 
 LORA_ADAPTERS = ("upper", "swapcase", "caesar", "reverse")
-WORKER = b"engine.tp_worker"
+WORKER = b"engine.parallel.worker"
 
 
 def complete(server: ServeProcess, model: str, word: str) -> str:

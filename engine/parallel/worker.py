@@ -1,16 +1,16 @@
-"""A tensor-parallel worker process (``python -m engine.tp_worker FD``), started by the
-engine process (`engine/tp_executor.py`), one per device.
+"""A tensor-parallel worker process (``python -m engine.parallel.worker FD PARENT``),
+started by the engine process (``executor.py``), one per device.
 
-It reads its :class:`engine.worker_channel.WorkerSpec` from the inherited socket, joins the
-torch.distributed group (NCCL on GPUs, gloo on the CPU, rendezvous on loopback), loads the
-part of the model on its device (each checkpoint tensor cut as it streams in,
-`engine/sharding.py`), and builds
-its part of the page pool (pages of its KV heads, 1/N as wide) and the LoRA tables (the
-same page ids as every other worker's). Then, for every step the engine process sends: the
-placements' rows split to its part, the forward with its collectives, and (worker 0 only)
-the results back. It exits when the channel closes, on ``Shutdown``, or on any error (after
-saying so): a worker that fails leaves the others blocked in a collective, so the engine
-process ends them all.
+It reads its :class:`engine.parallel.channel.WorkerSpec` from the inherited socket ``FD``,
+joins the torch.distributed group (NCCL on GPUs, gloo on the CPU) at the rendezvous store
+the engine process hosts on loopback, loads its part of the model on its device (each
+tensor cut as it streams in, ``sharding.py``), and builds its part of the page pool (pages
+of its KV heads, 1/N as wide) and the LoRA tables (the same page ids as every other
+worker's). Then, for every step the engine process sends: its part of the placements'
+rows, the forward with its collectives, and (worker 0 only) the results back. It exits when
+the channel closes, on ``Shutdown``, or on any error (after saying so): a worker that fails
+leaves the others blocked in a collective, so the engine process ends them all (one bad
+batch thus stops a split model, where one device fails only that batch's requests).
 """
 
 from __future__ import annotations
@@ -39,14 +39,7 @@ from engine.loader import load_config, load_model
 from engine.model import NF4_BACKENDS, Backends, ModelArch, kernel_name
 from engine.model_runner import ModelRunner
 from engine.page_pool import PagePool
-from engine.parallel import ProcessGroupCollectives, Shard
-from engine.quantization import memory_report
-from engine.sampler import Sampler
-from engine.sharded_lora import ShardedLora
-from engine.sharding import shard_placement
-from engine.sizing import decoder_layout
-from engine.slot_tables import SlotTables
-from engine.worker_channel import (
+from engine.parallel.channel import (
     Failed,
     Report,
     Shutdown,
@@ -58,6 +51,12 @@ from engine.worker_channel import (
     receive_to_worker,
     send,
 )
+from engine.parallel.group import ProcessGroupCollectives, Shard
+from engine.parallel.lora import ShardedLora
+from engine.quantization import memory_report
+from engine.sampler import Sampler
+from engine.sizing import decoder_layout
+from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,10 @@ class Worker:
 
     def step(self, output: SchedulerOutput) -> StepDone:
         started = time.perf_counter()
-        placements = tuple(self._place(p) for p in output.placements)
+        for request_id in output.finished_ids:  # first: a finished request's id may return
+            self.generators.pop(request_id, None)
+        for placement in output.placements:
+            self._place(placement)
         chunks = []
         for chunk in output.chunks:
             seed = chunk.params.seed
@@ -120,17 +122,14 @@ class Worker:
                     self.generators[chunk.request_id] = generator
                 chunk = dataclasses.replace(chunk, generator=generator)
             chunks.append(chunk)
-        for request_id in output.finished_ids:
-            self.generators.pop(request_id, None)
-        step = SchedulerOutput(chunks, output.preempted_ids, output.finished_ids, placements)
+        step = dataclasses.replace(output, chunks=chunks)
         results = self.runner.execute(step)
         self.step_seconds += time.perf_counter() - started
         return StepDone(results, self.step_seconds, self.collectives.summary())
 
-    def _place(self, placement: Placement) -> Placement:
-        """This worker's part of the placement; the host mirrors the engine process's
-        residency wrote when it placed the adapter."""
-        part = shard_placement(placement, self.shard)
+    def _place(self, part: Placement) -> None:
+        """Write the host mirrors the engine process's residency wrote when it placed the
+        adapter (``part``: this worker's part of it; the runner writes its rows)."""
         slot = part.slot
         self.tables.host_ranks[slot] = part.ranks
         self.tables.host_scalings[slot] = part.scalings
@@ -138,7 +137,6 @@ class Worker:
         for target in part.targets:
             for m in (*target.lora_a, *target.lora_b):
                 self.adapter_elements += 0 if m is None else m.numel()
-        return part
 
     def report(self) -> WorkerReport:
         return WorkerReport(
@@ -147,35 +145,37 @@ class Worker:
             page_bytes=self.pool.page_bytes,
             weights=self.weights,
             adapter_elements=self.adapter_elements,
-            collective_calls=dict(self.collectives.calls),
-            collective_elements=dict(self.collectives.elements),
-            collective_seconds=dict(self.collectives.seconds),
+            collectives=self.collectives.summary(),
         )
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Ask Linux to kill this process when the engine process dies (a worker blocked in a
-    collective would otherwise wait out the group's timeout)."""
+    collective would otherwise wait out the group's timeout), and exit now if it already
+    has. Linux sends the signal when the *thread* that started this process ends, so the
+    engine builds its executor on a thread that lives as long as the engine (its main one)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def serve(sock: socket.socket) -> int:
     spec = receive_spec(sock)
     threads = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // spec.size))
-    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(torch.device(spec.device))
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{spec.master_port}",
-        rank=spec.rank,
-        world_size=spec.size,
-        timeout=timedelta(seconds=spec.timeout_s),
-    )
     try:
+        backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(spec.device))
+        timeout = timedelta(seconds=spec.timeout_s)
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", spec.store_port, is_master=False, timeout=timeout
+        )
+        dist.init_process_group(
+            backend, store=store, rank=spec.rank, world_size=spec.size, timeout=timeout
+        )
         worker = Worker(spec)
         send(sock, worker.report())
         with torch.inference_mode():
@@ -201,7 +201,7 @@ def serve(sock: socket.socket) -> int:
 
 
 def main() -> int:
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[2]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process ends its workers
     logging.basicConfig(level="WARNING", format="%(levelname)s tp-worker %(name)s: %(message)s")
     sock = socket.socket(fileno=int(sys.argv[1]))

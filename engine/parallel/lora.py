@@ -1,7 +1,7 @@
 """The LoRA path of a tensor-parallel worker: S-LoRA's partition, one all-reduce per layer.
 
 Each worker holds ``A[:, part(in)]`` and ``B[part(out), :]`` of every adapter matrix
-(`engine/sharding.py`), in pages 1/N as wide as one device's. Per target layer (or per
+(`engine/parallel/sharding.py`), in pages 1/N as wide as one device's. Per target layer (or per
 packed projection, all its slices at once) and pass:
 
     shrink      y_local = x_in · A_localᵀ                 (tokens, slices · max_rank), float32
@@ -32,8 +32,8 @@ import torch
 
 from adapters.residency import TARGETS
 from engine.lora import TARGET_INDEX, LoraBackend, LoraMetadata
-from engine.parallel import Collectives
-from engine.sharding import ROW_PARALLEL
+from engine.parallel.group import Collectives
+from engine.parallel.sharding import ROW_PARALLEL
 from kernels import lora as kernels
 
 

@@ -1,27 +1,8 @@
-"""Tensor parallelism: which part of the model a worker holds, and the collectives it runs.
+"""A worker's place in the tensor-parallel group and the collectives the model calls.
 
-A model served with ``--tensor-parallel-size N`` runs in N worker processes, one per device
-(`engine/tp_worker.py`), under one engine process that schedules (`engine/tp_executor.py`).
-Worker ``rank`` holds the ``rank``-th of N equal parts of every partitioned dimension,
-Megatron's split:
-
-* q, k and v (and gate and up) are **column-parallel**: the worker computes its attention
-  heads' (its intermediate columns') outputs from the whole hidden state, no communication;
-* o and down are **row-parallel**: the worker multiplies its heads' (its columns') part of
-  the input, and one all-reduce sums the N partial outputs (the bias is added once);
-* the embeddings and the head are split along the vocabulary, ceil(vocab / N) rows each (the
-  last part padded with zero rows): each worker looks up the ids in its range (an all-reduce
-  puts the rows together), and computes its range of the logits (an all-gather puts them
-  side by side, and the padding's columns are dropped).
-
-The KV cache follows the heads: a worker's pool pages hold its KV heads only, so a page is
-``num_kv_heads / N · head_dim`` wide on each worker, and a page id means the same token (or
-the same adapter row) on every worker.
-
-LoRA follows S-LoRA's partition (`engine/sharded_lora.py`): every adapter matrix is split
-along both its input and its output with the base layer, so each worker holds 1/N of it.
-
-:class:`Collectives` is what the model calls; :data:`SINGLE` is the one-device identity.
+:class:`Shard` says which part of each split dimension a worker holds (the package's
+docstring has the partition); :class:`Collectives` is what the model calls, :data:`SINGLE`
+the one-device identity, :class:`ProcessGroupCollectives` torch.distributed's.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Semantics (worker ``rank`` of N; ``part(n)`` = elements ``rank·n/N .. (rank+1)�
     norms: whole on every worker.
     LoRA, every target (A: (r, in), B: (out, r)):
         A_local = A[:, part(in)]           B_local = B[part(out), :]
-    so that (`engine/sharded_lora.py`), for a column-parallel target, with x the whole input,
+    so that (`engine/parallel/lora.py`), for a column-parallel target, with x the whole input,
         y = Σ_workers x[:, part(in)] · A_localᵀ      (an all-reduce of (tokens, r))
         out_local += s · y · B_localᵀ                 (the worker's own output columns)
     and for a row-parallel target, with x_local = x[:, part(in)] already the worker's input,
@@ -27,106 +27,15 @@ same elements of the whole weight.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from adapters.placement import Placement, TargetPlacement
-from engine.model import CausalLM
-from engine.packed import PackedLinear
-from engine.parallel import Shard
-from engine.quantization import NF4Linear, PackedNF4Linear
+from engine.parallel.group import Shard
 from kernels.nf4 import NF4Weight, block_scales
 
 ROW_PARALLEL = ("o_proj", "down_proj")
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
-def shard_model(full: CausalLM, local: CausalLM, shard: Shard) -> None:
-    """Copy worker ``shard``'s part of every weight of ``full`` into ``local`` (a model built
-    with that worker's collectives, materialised on its device)."""
-    full_modules = dict(full.named_modules())
-    with torch.no_grad():
-        for name, module in local.named_modules():
-            source = full_modules[name]
-            leaf = name.rpartition(".")[2]
-            if isinstance(module, PackedNF4Linear):
-                assert isinstance(source, PackedNF4Linear)
-                for part in module.slices.names:
-                    weight = source.part(part).weight
-                    assert weight is not None
-                    module.part(part).set_weight(
-                        shard_nf4(weight, rows=shard.part(weight.shape[0])).to(_device(module))
-                    )
-                _copy_packed_bias(module.bias, source.bias, source.slices.widths, shard)
-            elif isinstance(module, PackedLinear):
-                assert isinstance(source, PackedLinear)
-                _copy_rows(module.weight, source.weight, source.slices.widths, shard)
-                _copy_packed_bias(module.bias, source.bias, source.slices.widths, shard)
-            elif isinstance(module, NF4Linear) and leaf not in ROW_PARALLEL:
-                continue  # a slice of a packed layer: its part was set with the packed layer's
-            elif isinstance(module, NF4Linear):
-                assert isinstance(source, NF4Linear) and source.weight is not None
-                weight = source.weight
-                module.set_weight(
-                    shard_nf4(weight, cols=shard.part(weight.shape[1])).to(_device(module))
-                )
-                _copy_row_parallel_bias(module.bias, source.bias, shard)
-            elif isinstance(module, nn.Linear) and leaf in ROW_PARALLEL:
-                assert isinstance(source, nn.Linear)
-                module.weight.copy_(source.weight[:, shard.part(source.weight.shape[1])])
-                _copy_row_parallel_bias(module.bias, source.bias, shard)
-            elif isinstance(module, nn.Linear | nn.Embedding) and leaf in (
-                "lm_head",
-                "embed_tokens",
-            ):
-                assert isinstance(source, nn.Linear | nn.Embedding)
-                _copy_vocabulary_rows(module.weight, source.weight, shard)
-            else:
-                for pname, param in module.named_parameters(recurse=False):
-                    param.copy_(getattr(source, pname))
-    local.tie_weights()
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
-
-
-def _copy_vocabulary_rows(dest: torch.Tensor, source: torch.Tensor, shard: Shard) -> None:
-    """The worker's ceil(vocab / N) rows; past the vocabulary's end, zeros."""
-    rows = dest.shape[0]
-    start = shard.rank * rows
-    part = source[start : start + rows]
-    dest.zero_()
-    dest[: part.shape[0]].copy_(part)
-
-
-def _copy_rows(
-    dest: torch.Tensor, source: torch.Tensor, widths: Sequence[int], shard: Shard
-) -> None:
-    """A packed weight's rows: each slice's part, side by side."""
-    parts = [
-        s[shard.part(w)] for s, w in zip(torch.split(source, list(widths)), widths, strict=True)
-    ]
-    dest.copy_(torch.cat(parts))
-
-
-def _copy_packed_bias(
-    dest: torch.Tensor | None, source: torch.Tensor | None, widths: Sequence[int], shard: Shard
-) -> None:
-    if dest is not None:
-        assert source is not None
-        _copy_rows(dest, source, widths, shard)
-
-
-def _copy_row_parallel_bias(
-    dest: torch.Tensor | None, source: torch.Tensor | None, shard: Shard
-) -> None:
-    """Added once, after the all-reduce sums the partial outputs: on worker 0 only."""
-    if dest is not None:
-        assert source is not None
-        dest.copy_(source if shard.rank == 0 else torch.zeros_like(source))
 
 
 def checkpoint_part(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
@@ -138,7 +47,7 @@ def checkpoint_part(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tens
     leaf = module.rpartition(".")[2]
     if leaf in ("embed_tokens", "lm_head"):
         rows = shard.rows(tensor.shape[0])
-        part = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype)
+        part = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
         piece = tensor[shard.rank * rows : (shard.rank + 1) * rows]
         part[: piece.shape[0]] = piece
         return part

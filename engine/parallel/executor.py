@@ -3,9 +3,9 @@ every one of them and takes worker 0's results; it stands where the model runner
 one device (``execute``), so the scheduler, the adapters' residency and the page accounting
 run once, here, unchanged.
 
-Workers are fresh interpreters (``python -m engine.tp_worker``; never forked), one per
+Workers are fresh interpreters (``python -m engine.parallel.worker``; never forked), one per
 device (``cuda:RANK``, or the CPU), each with a private socket pair to this process
-(`engine/worker_channel.py`); they meet for their collectives at a torch.distributed
+(`engine/parallel/channel.py`); they meet for their collectives at a torch.distributed
 rendezvous on a loopback port. A worker that exits, or says it failed, ends them all: the
 others would block in their next collective. The engine then raises :class:`WorkerDied`
 from every later step, which the engine process treats as fatal (it exits, the API process
@@ -15,6 +15,7 @@ answers 503 and exits after ``--engine-failure-exit-delay``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -22,14 +23,16 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
+
+import torch.distributed as dist
 
 from engine.batch import ChunkResult, SchedulerOutput
 from engine.config import DTYPES, EngineConfig
 from engine.outputs import CollectiveStats
-from engine.quantization import QuantizationReport
-from engine.worker_channel import (
+from engine.parallel.channel import (
     Failed,
     Report,
     Shutdown,
@@ -37,10 +40,14 @@ from engine.worker_channel import (
     StepDone,
     WorkerReport,
     WorkerSpec,
+    frame,
     receive_from_worker,
     send,
     without_generators,
 )
+from engine.parallel.group import Shard
+from engine.parallel.sharding import shard_placement
+from engine.quantization import QuantizationReport
 
 logger = logging.getLogger(__name__)
 _POLL_S = 1.0  # how often a wait for results also checks that every worker still runs
@@ -54,27 +61,41 @@ class TensorParallelExecutor:
     """N worker processes that run each step together.
 
     Args:
-        specs: one per worker, rank order (their ``master_port`` one free loopback port).
+        config: the engine's config (``config.parallel.tensor_parallel_size`` workers).
+        kernels: "torch" or "triton"; by default Triton on CUDA only.
         startup_timeout_s: how long loading may take before the start is given up.
 
     Raises:
         ValueError: a worker could not start (its error), or they did not in time.
     """
 
-    def __init__(self, specs: list[WorkerSpec], startup_timeout_s: float = 1800.0) -> None:
-        self.size = len(specs)
+    def __init__(
+        self, config: EngineConfig, kernels: str | None, startup_timeout_s: float = 1800.0
+    ) -> None:
+        self.size = size = config.parallel.tensor_parallel_size
+        self.shards = [Shard(rank, size) for rank in range(size)]
         self.last: StepDone | None = None  # worker 0's latest answer (its counters)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.socks: list[socket.socket] = []
         self.dead: str | None = None
+        # The rendezvous: a store hosted here, on a port the OS picks as it binds it (a port
+        # chosen first and bound later by a worker could be taken in between).
+        self.store = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1",
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=config.parallel.timeout_s),
+        )
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # this checkout, importable
+        root = str(Path(__file__).resolve().parents[2])  # this checkout, importable
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            for spec in specs:
+            for spec in worker_specs(config, kernels, self.store.port):
                 ours, theirs = socket.socketpair()
+                command = [sys.executable, "-m", "engine.parallel.worker", str(theirs.fileno())]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "engine.tp_worker", str(theirs.fileno())],
+                    [*command, str(os.getpid())],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     pass_fds=(theirs.fileno(),),
@@ -97,15 +118,22 @@ class TensorParallelExecutor:
         )
 
     def execute(self, output: SchedulerOutput) -> dict[str, ChunkResult]:
-        """Run one step on every worker; worker 0's results."""
+        """Run one step on every worker (each with its part of the step's placements);
+        worker 0's results."""
         self._check_alive()
-        message = Step(without_generators(output))
+        output = without_generators(output)
         try:
-            for sock in self.socks:
-                send(sock, message)
+            if not output.placements:
+                message = frame(Step(output))  # encoded once, the same for every worker
+                for sock in self.socks:
+                    sock.sendall(message)
+            for sock, shard in zip(self.socks, self.shards, strict=True):
+                if output.placements:
+                    parts = tuple(shard_placement(p, shard) for p in output.placements)
+                    send(sock, Step(dataclasses.replace(output, placements=parts)))
         except OSError as e:
             self._fail(f"a worker's channel broke: {e}")
-        self.last = self._wait(0)
+        self.last = self._results()
         return self.last.results
 
     def check(self) -> None:
@@ -116,7 +144,8 @@ class TensorParallelExecutor:
                 self._fail(f"tensor-parallel worker {r} exited with status {proc.returncode}")
 
     def worker_reports(self) -> list[WorkerReport]:
-        """Every worker's own figures (pages, weights, adapter rows, collectives)."""
+        """Every worker's own figures (pages, weights, adapter rows, collectives). From the
+        thread that steps, between steps: it talks to the workers."""
         self._check_alive()
         for sock in self.socks:
             send(sock, Report())
@@ -124,14 +153,19 @@ class TensorParallelExecutor:
         return self.reports
 
     def close(self) -> None:
-        """Stop the workers (politely, then not)."""
+        """Stop the workers: ask, then, a few seconds on, kill. Stepping afterwards raises
+        :class:`WorkerDied`."""
+        self.dead = self.dead or "the tensor-parallel workers were shut down"
+        goodbye = frame(Shutdown())
         for sock in self.socks:
+            sock.setblocking(False)  # a worker stuck in a collective may read nothing
             with contextlib.suppress(OSError):
-                send(sock, Shutdown())
+                sock.send(goodbye)
             sock.close()
+        deadline = time.monotonic() + 5
         for proc in self.procs:
             try:
-                proc.wait(5)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -150,19 +184,21 @@ class TensorParallelExecutor:
                 reports[rank] = reply
         return [reports[rank] for rank in range(self.size)]
 
-    def _wait(self, rank: int) -> StepDone:
-        """Worker ``rank``'s results of the step, watching every worker meanwhile: one that
-        exits or fails ends the wait with :class:`WorkerDied` (the others say nothing)."""
+    def _results(self) -> StepDone:
+        """Worker 0's results of the step, watching every worker meanwhile: one that exits
+        or fails ends the wait with :class:`WorkerDied` (the others say nothing)."""
         while True:
             for r in self._readable(None):
                 reply = self._receive(r)
-                if r != rank or not isinstance(reply, StepDone):
+                if r != 0 or not isinstance(reply, StepDone):
                     self._fail(f"tensor-parallel worker {r} answered {type(reply).__name__}")
                 return reply
 
     def _readable(self, deadline: float | None) -> list[int]:
         """The ranks with something to read, within ``_POLL_S``; fails when a worker has
         exited or the deadline has passed."""
+        if not self.socks:
+            self._fail("no tensor-parallel workers")
         readable, _, _ = select.select(self.socks, [], [], _POLL_S)
         if not readable:
             for r, proc in enumerate(self.procs):
@@ -196,11 +232,10 @@ class TensorParallelExecutor:
         raise WorkerDied(reason)
 
 
-def worker_specs(config: EngineConfig, kernels: str | None) -> list[WorkerSpec]:
+def worker_specs(config: EngineConfig, kernels: str | None, store_port: int) -> list[WorkerSpec]:
     """One spec per worker of ``config`` (devices ``cuda:0`` .. ``cuda:N-1``, or the CPU)."""
     mc, size = config.model, config.parallel.tensor_parallel_size
     dtype = next(name for name, d in DTYPES.items() if d == mc.dtype)
-    port = free_port()
     return [
         WorkerSpec(
             rank=rank,
@@ -217,7 +252,7 @@ def worker_specs(config: EngineConfig, kernels: str | None) -> list[WorkerSpec]:
             max_slots=config.lora.max_resident_loras,
             max_lora_rank=config.lora.max_lora_rank,
             kernels=kernels or "",
-            master_port=port,
+            store_port=store_port,
             timeout_s=config.parallel.timeout_s,
         )
         for rank in range(size)
@@ -240,11 +275,3 @@ def worker_counters(executor: TensorParallelExecutor) -> tuple[float, dict[str, 
     if last is None:
         return 0.0, {}
     return last.step_seconds, {n: CollectiveStats(*c) for n, c in last.collectives.items()}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the workers' rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

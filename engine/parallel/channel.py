@@ -1,11 +1,12 @@
 """The engine process's channel to its tensor-parallel workers: messages and their framing.
 
 One private socket pair per worker (the child inherits its end; nothing else can reach it).
-Each frame is a 4-byte big-endian length and one msgspec Struct of :data:`ToWorker` or
+Each frame is an 8-byte big-endian length and one msgspec Struct of :data:`ToWorker` or
 :data:`FromWorker` as MessagePack. A step travels as the scheduler wrote it
-(:class:`engine.batch.SchedulerOutput`, its placements' weight tensors as raw bytes with their
-dtype and shape); the per-request random generators stay behind (each worker keeps its own,
-seeded alike, so all draw the same numbers). Nothing is pickled.
+(:class:`engine.batch.SchedulerOutput`), except that each worker gets its own part of each
+placement (its weight tensors as raw bytes with their dtype and shape); the per-request
+random generators stay behind (each worker keeps its own, seeded alike, so all draw the same
+numbers). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from engine.batch import ChunkResult, SchedulerOutput
 from engine.quantization import QuantizationReport
 
-_LENGTH = struct.Struct(">I")
+_LENGTH = struct.Struct(">Q")
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int32,
                                torch.int64, torch.uint8, torch.bool)}  # fmt: skip
 
@@ -43,7 +44,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     max_slots: int
     max_lora_rank: int
     kernels: str
-    master_port: int
+    store_port: int  # the rendezvous: a TCPStore the engine process hosts on loopback
     timeout_s: float
 
 
@@ -71,9 +72,7 @@ class WorkerReport(msgspec.Struct, frozen=True, tag="worker"):
     page_bytes: int
     weights: QuantizationReport
     adapter_elements: int
-    collective_calls: dict[str, int]
-    collective_elements: dict[str, int]
-    collective_seconds: dict[str, float]
+    collectives: dict[str, tuple[int, int, float]]  # kind: (calls, elements, seconds)
 
 
 class StepDone(msgspec.Struct, frozen=True, tag="done"):
@@ -133,9 +132,14 @@ def without_generators(output: SchedulerOutput) -> SchedulerOutput:
     return dataclasses.replace(output, chunks=chunks)
 
 
-def send(sock: socket.socket, message: msgspec.Struct) -> None:
+def frame(message: msgspec.Struct) -> bytes:
+    """``message`` as one frame: its length, then its MessagePack."""
     payload = _encoder.encode(message)
-    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def send(sock: socket.socket, message: msgspec.Struct) -> None:
+    sock.sendall(frame(message))
 
 
 def _receive_bytes(sock: socket.socket) -> bytes:

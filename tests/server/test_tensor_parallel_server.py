@@ -3,7 +3,8 @@ workers on loopback under the engine process.
 
 The demo's LoRA adapters answer right (its prefix-tuned one is skipped, with a warning);
 merges, compositions and exports work on the split model; a worker killed turns ``/health``
-to 503 at once and the server exits on its own, leaving no process behind.
+to 503 at once and the server exits on its own, leaving no process behind. The tests share
+one server, in file order: the last one ends it.
 """
 
 from __future__ import annotations

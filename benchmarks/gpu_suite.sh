@@ -20,16 +20,17 @@
 #   sweep-tp        only with 2 or more GPUs visible: sweep-bf16's loraserve run split across
 #                   TP (default: every visible GPU, at most 8) devices, --enforce-eager (a split
 #                   model steps eagerly)
-#   sweep-baselines only when BASELINES is set (SMOKE sets it): the HF baselines at n in
+#   sweep-baselines only when BASELINES is set: the HF baselines at n in
 #                   BASELINE_ADAPTERS. They run transformers generate on the 7B model and load
 #                   every adapter into PEFT, so they do not fit the 9 minutes beside the rest.
+#                   (SMOKE runs the PEFT server inside sweep-bf16 instead, and sweep-nf4 at n=2.)
 #
 # Knobs (environment): OUT, PY (default .venv/bin/python, else python3), LORASERVE (default
 # .venv/bin/loraserve, else "$PY -m server.cli"), MODEL (default the llama-2-7b preset),
-# SWEEP_ADAPTERS, BASELINES, BASELINE_ADAPTERS, SWEEP_RANKS (8; S-LoRA's mixed set is
-# 64,32,16,8), SWEEP_TARGETS, SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter
-# directories written per sweep, reused round-robin: 1000 rank-8 7B adapters would be 17 GB),
-# and T_KERNELS, T_NF4, T_GRAPHS, T_SWEEP, T_BASELINES (seconds per step).
+# SWEEP_ADAPTERS, NF4_ADAPTERS (sweep-nf4's n; SMOKE: 2), BASELINES, BASELINE_ADAPTERS,
+# SWEEP_RANKS (8; S-LoRA's mixed set is 64,32,16,8), TP (sweep-tp's size), SWEEP_TARGETS,
+# SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter directories written per sweep,
+# reused round-robin: 1000 rank-8 7B adapters would be 17 GB), and T_KERNELS, T_NF4, T_GRAPHS, T_SWEEP, T_BASELINES (seconds per step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,8 +58,12 @@ if [[ "$SMOKE" == 1 ]]; then
   NF4_ARGS=(--shapes 256x256 --batches 1,4 --repeats 1)
   GRAPH_ARGS=(--smoke)
   SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,2}
+  NF4_ADAPTERS=${NF4_ADAPTERS:-2}
   BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,2}
-  BASELINES=${BASELINES:-peft}
+  # One sweep on the CPU runs the baselines beside loraserve (sweep-bf16 at 0 and 2 adapters
+  # with the PEFT server), rather than a separate sweep-baselines step repeating loraserve.
+  BF16_BASELINES=${BASELINES:-peft}
+  BASELINES=""
   SIZES=(--num-requests "${SWEEP_REQUESTS:-8}" --rate "${SWEEP_RATE:-4}"
     --input-range 4,8 --output-range 2,4)
   DISTINCT=${DISTINCT:-2}
@@ -71,8 +76,10 @@ else
   NF4_ARGS=()
   GRAPH_ARGS=()
   SWEEP_ADAPTERS=${SWEEP_ADAPTERS:-0,1,100,1000}
+  NF4_ADAPTERS=${NF4_ADAPTERS:-$SWEEP_ADAPTERS}
   BASELINE_ADAPTERS=${BASELINE_ADAPTERS:-0,1}
   BASELINES=${BASELINES:-}
+  BF16_BASELINES=""
   SIZES=(--num-requests "${SWEEP_REQUESTS:-32}" --rate "${SWEEP_RATE:-4}"
     --input-range 8,512 --output-range 8,512)
   DISTINCT=${DISTINCT:-100}
@@ -116,7 +123,7 @@ if [[ "$SKIP_SWEEP" == 1 ]]; then
   echo "== sweeps skipped (SKIP_SWEEP=1)"
 else
   step sweep-bf16 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+    --adapters "$SWEEP_ADAPTERS" --baselines "$BF16_BASELINES" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-bf16"
   # On the CPU every step is eager already: the smoke run skips this repeat of sweep-bf16.
   if [[ "$SMOKE" != 1 ]]; then
@@ -125,7 +132,7 @@ else
       --enforce-eager --out "$OUT/sweep-bf16-eager"
   fi
   step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
-    --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+    --adapters "$NF4_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
     --out "$OUT/sweep-nf4"
   # Tensor parallelism needs several GPUs: with one (or the CPU of a smoke run), N = 1 only.
   GPUS=0

@@ -7,7 +7,8 @@ a bitsandbytes NF4 checkpoint. Seeded sampling, log-probabilities, preemption an
 eviction give what one device gives; adapters load, mix and unload from another thread while
 requests run. Each worker holds half of every adapter, and runs the collectives the
 partition says (counted). A worker that fails, or dies in the middle of a step, ends the
-engine at once; nothing is left running.
+engine at once; nothing is left running. The tests of one family share its engines, in file
+order: the last one ends them.
 """
 
 from __future__ import annotations
@@ -211,18 +212,28 @@ def test_adapters_beyond_lora_are_refused_when_split(family: Family, tmp_path: P
         family.two.load_lora("dora", dora)
 
 
-def test_sampling_logprobs_preemption_and_eviction_match_one_device(tmp_path: Path) -> None:
-    """A pool too small for every request and adapter at once: requests are preempted and
-    adapters evicted and placed again, with seeded sampling and log-probabilities."""
+def test_an_nf4_base_split_in_two_matches_one_device_and_peft(tmp_path: Path) -> None:
+    """On a bitsandbytes NF4 checkpoint, and a pool too small for every request and adapter at
+    once (requests are preempted, adapters evicted and placed again): greedy tokens equal
+    PEFT's on the dequantized model; seeded sampling and log-probabilities equal one
+    device's."""
+    from tests.engine.test_nf4_model import bitsandbytes_dequantized, save_with_bitsandbytes
+
     base = make_model(tmp_path / "base", "llama", num_layers=LAYERS, **SHAPE)
-    paths = make_adapters(base, tmp_path, ("r4-attn", "r16-rslora", "r64", "patterned"))
+    quantized = save_with_bitsandbytes(base, tmp_path / "bnb")
+    oracle = bitsandbytes_dequantized(quantized, tmp_path / "oracle")
+    paths = make_adapters(base, tmp_path, ("r1-qv", "r16-rslora", "r64", "patterned"))
+    greedy = jobs_for(paths, 6, seed=7)
+    expected = peft_greedy(oracle, paths, greedy, GREEDY.max_tokens)
+    sampled = jobs_for(paths, 10, seed=4)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=12, logprobs=2, prompt_logprobs=1)
-    jobs = jobs_for(paths, 10, seed=4)
     outputs = []
     for size in (1, 2):
-        engine = engine_for(base, size, paths, num_pages=2600, max_num_seqs=8)
+        engine = engine_for(quantized, size, paths, num_pages=2600, max_num_seqs=8)
         try:
-            outputs.append(run(engine, jobs, params))
+            assert engine.weights.quantized_params > 0  # served in NF4 (by both workers)
+            assert tokens(run(engine, greedy)) == expected
+            outputs.append(run(engine, sampled, params))
             stats = engine.stats()
             assert stats.num_preemptions > 0 and stats.adapter_evictions > 0
         finally:
@@ -239,28 +250,9 @@ def test_sampling_logprobs_preemption_and_eviction_match_one_device(tmp_path: Pa
             assert x is None or y is None or abs(x.logprob - y.logprob) < 1e-4
 
 
-def test_an_nf4_base_split_in_two_matches_one_device_and_peft(tmp_path: Path) -> None:
-    from tests.engine.test_nf4_model import bitsandbytes_dequantized, save_with_bitsandbytes
-
-    base = make_model(tmp_path / "base", "llama", num_layers=LAYERS, **SHAPE)
-    quantized = save_with_bitsandbytes(base, tmp_path / "bnb")
-    oracle = bitsandbytes_dequantized(quantized, tmp_path / "oracle")
-    paths = make_adapters(base, tmp_path, ("r1-qv", "r8-all", "r16-rslora", "patterned"))
-    jobs = jobs_for(paths, 6, seed=7)
-    expected = peft_greedy(oracle, paths, jobs, GREEDY.max_tokens)
-    one = engine_for(quantized, 1, paths)
-    assert tokens(run(one, jobs)) == expected
-    two = engine_for(quantized, 2, paths)
-    try:
-        assert two.weights.quantized_params > 0  # served in NF4 by both workers
-        assert tokens(run(two, jobs)) == expected
-    finally:
-        two.shutdown()
-
-
-def test_a_worker_that_fails_or_dies_mid_step_ends_the_engine(tmp_path: Path) -> None:
-    base = make_model(tmp_path / "base", "llama", num_layers=LAYERS, **SHAPE)
-    # A worker raising (a page past its pool): it says why, and every worker is ended.
+def test_a_worker_that_fails_ends_the_engine(tmp_path: Path) -> None:
+    """A worker raising (a page past its pool): it says why, and every worker is ended."""
+    base = make_model(tmp_path / "base", "llama", num_layers=1, **SHAPE)
     engine = engine_for(base, 2, {})
     executor = engine.executor
     assert executor is not None
@@ -273,23 +265,26 @@ def test_a_worker_that_fails_or_dies_mid_step_ends_the_engine(tmp_path: Path) ->
         engine.step()
     engine.shutdown()
 
-    # A worker killed while the other waits for it in a collective: the step ends at once.
-    engine = engine_for(base, 2, {})
-    executor = engine.executor
-    assert executor is not None
-    procs = list(executor.procs)
+
+def test_a_worker_killed_mid_step_ends_the_step_at_once(family: Family) -> None:
+    """The other worker waits for it in a collective: the step still ends (and the family's
+    engine with it: this is the last test of each family)."""
+    two = family.two
+    assert two.executor is not None
+    procs = list(two.executor.procs)
     os.kill(procs[1].pid, signal.SIGSTOP)  # it will not reach the step's first collective
-    engine.add_request([5, 6, 7], GREEDY)
+    two.add_request([5, 6, 7], GREEDY)
     killer = threading.Timer(1.0, os.kill, (procs[1].pid, signal.SIGKILL))
     killer.start()
     with pytest.raises(WorkerDied, match="worker 1"):
-        engine.step()
+        while True:
+            two.step()
     killer.join()
     assert all(p.wait(10) is not None for p in procs)
-    # Stepping after a shutdown says so; it never waits for workers that are gone.
-    engine.shutdown()
+    # After a shutdown, the engine says so; it never waits for workers that are gone.
+    two.shutdown()
     with pytest.raises(WorkerDied):
-        engine.check_workers()
+        two.check_workers()
 
 
 def test_refuses_a_split_the_model_cannot_take(tmp_path: Path) -> None:

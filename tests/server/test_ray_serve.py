@@ -136,10 +136,12 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(server: RayServ
     body = {"lora_name": "affine", "lora_path": "caesar"}
     loaded = httpx.post(server.url + "/v1/load_lora_adapter", json=body, headers=admin)
     assert loaded.status_code == 200, loaded.text
+    # The load went to one replica, which now holds the adapter. It reports what it holds to
+    # Ray's controller every 0.1 s, which passes it on to the router: give that a moment, so
+    # requests are routed by it, not by chance (a request routed before would make the other
+    # replica load the adapter too, and both would then hold it).
+    time.sleep(3)
     first = server.complete("affine", "w").headers[REPLICA_HEADER]
-    # The replica reports what it holds to Ray's controller every 0.1 s, which passes it on to
-    # the router; give that a moment so the next requests are routed by it, not by chance.
-    time.sleep(2)
     answered = Counter(server.complete("affine", f"w{i}").headers[REPLICA_HEADER] for i in range(8))
     assert answered == {first: 8}, answered  # every one on the replica that loaded it
     # The replicas' own status: the adapter is registered on that replica only.

@@ -17,6 +17,7 @@
 #   sweep-bf16      loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS, decode graphs on
 #   sweep-bf16-eager  the same with --enforce-eager (not in SMOKE runs: the CPU is eager anyway)
 #   sweep-nf4       loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS, graphs on
+#   tp-collectives  only with 2 or more GPUs visible: benchmarks/tp_collectives.py over NCCL
 #   sweep-tp        only with 2 or more GPUs visible: sweep-bf16's loraserve run split across
 #                   TP (default: every visible GPU, at most 8) devices, --enforce-eager (a split
 #                   model steps eagerly)
@@ -141,6 +142,8 @@ else
   fi
   TP=${TP:-$((GPUS > 8 ? 8 : GPUS))}
   if [[ $TP -ge 2 ]]; then
+    step tp-collectives 60 "$PY" benchmarks/tp_collectives.py --world "$TP" --backend nccl \
+      --out "$OUT/tp-collectives/tp_collectives.json"
     step sweep-tp "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
       --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
       --tensor-parallel-size "$TP" --enforce-eager --out "$OUT/sweep-tp$TP"

@@ -399,14 +399,7 @@ class TritonLora(LoraBackend):
         column_offsets: tuple[int, ...],
     ) -> None:
         assert meta.passes is not None, "the triton backend needs the device passes"
-        tables = meta.tables
-        t, end = TARGET_INDEX[targets[0]], TARGET_INDEX[targets[0]] + len(targets)
-        assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
-        # (max_slots, num_slices) views: the slices' columns of the per-layer tables
-        ranks = tables.ranks[:, layer, t:end]
-        scalings = tables.scalings[:, layer, t:end]
-        a_pages = [tables.a_pages[target] for target in targets]
-        b_pages = [tables.b_pages[target] for target in targets]
+        ranks, scalings, a_pages, b_pages = packed_views(meta.tables, layer, targets)
         for p in meta.passes:
             starts, adapters, longest = p.seg_starts, p.seg_adapters, p.max_seg_len
             y = kernels.lora_shrink_sgmv_packed(
@@ -417,6 +410,23 @@ class TritonLora(LoraBackend):
             kernels.lora_expand_sgmv_packed(
                 y, pool, b_pages, ranks, scalings, starts, adapters, out, column_offsets, longest
             )
+
+
+def packed_views(
+    tables: LoraTables, layer: int, targets: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """What the packed segmented ops take for ``targets`` (consecutive in :data:`TARGETS`) in
+    ``layer``: (max_slots, num_slices) views of the ranks and scalings (the slices' columns of
+    the per-layer tables), and each slice's A and Bᵀ page tables."""
+    t = TARGET_INDEX[targets[0]]
+    end = t + len(targets)
+    assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
+    return (
+        tables.ranks[:, layer, t:end],
+        tables.scalings[:, layer, t:end],
+        [tables.a_pages[target] for target in targets],
+        [tables.b_pages[target] for target in targets],
+    )
 
 
 # Factories: each engine gets its own backend (the CPU one caches views of its pool).

@@ -102,7 +102,7 @@ def _encode_hook(obj: Any) -> Any:
         }
     if isinstance(obj, torch.Generator):
         return None  # each worker keeps its own (see the module's docstring)
-    raise NotImplementedError(f"cannot send {type(obj).__name__} to a worker")
+    raise TypeError(f"cannot send {type(obj).__name__} to a worker")
 
 
 def _decode_hook(kind: type, obj: Any) -> Any:
@@ -115,7 +115,7 @@ def _decode_hook(kind: type, obj: Any) -> Any:
         return flat.view(dtype).view(obj["shape"])
     if kind is torch.Generator:
         return None
-    raise NotImplementedError(f"cannot receive {kind.__name__}")
+    raise TypeError(f"cannot receive {kind.__name__}")
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_encode_hook)

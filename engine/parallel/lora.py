@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from adapters.residency import TARGETS
-from engine.lora import TARGET_INDEX, LoraBackend, LoraMetadata
+from engine.lora import TARGET_INDEX, LoraBackend, LoraMetadata, packed_views
 from engine.parallel.group import Collectives
 from engine.parallel.sharding import ROW_PARALLEL
 from kernels import lora as kernels
@@ -99,16 +98,10 @@ class ShardedLora(LoraBackend):
         column_offsets: tuple[int, ...],
     ) -> None:
         assert meta.passes is not None, "the sharded backend needs the device passes"
-        tables = meta.tables
         t = TARGET_INDEX[targets[0]]
-        end = t + len(targets)
-        assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
-        if not any(r > 0 for ranks in meta.ranks.values() for r in ranks[layer][t:end]):
+        if not any(r > 0 for rs in meta.ranks.values() for r in rs[layer][t : t + len(targets)]):
             return  # no adapter of the batch touches these targets here (every worker agrees)
-        ranks = tables.ranks[:, layer, t:end]
-        scalings = tables.scalings[:, layer, t:end]
-        a_pages = [tables.a_pages[target] for target in targets]
-        b_pages = [tables.b_pages[target] for target in targets]
+        ranks, scalings, a_pages, b_pages = packed_views(meta.tables, layer, targets)
         shrink, expand = self.ops
         for p in meta.passes:
             starts, adapters, longest = p.seg_starts, p.seg_adapters, p.max_seg_len

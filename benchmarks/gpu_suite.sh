@@ -9,6 +9,9 @@
 #   SKIP_SWEEP=1 bash benchmarks/gpu_suite.sh   # kernels, NF4 and graphs only
 #
 # Steps (each under `timeout`, its time printed and appended to $OUT/timings.txt):
+#   exactness       not in SMOKE runs: the kernel, decode-graph, NF4 and mixed-adapter tests
+#                   on the GPU (compiled Triton and the CUDA engine against the torch
+#                   references and transformers + PEFT); needs pytest-xdist and bitsandbytes
 #   kernels         python benchmarks/lora_kernels.py     (W1: shrink/expand vs gather+bmm)
 #   nf4             python benchmarks/nf4.py              (fused NF4 vs dequant vs bf16)
 #   graphs          python benchmarks/decode_graphs.py    (graph replay == eager on the demo,
@@ -30,8 +33,10 @@
 # .venv/bin/loraserve, else "$PY -m server.cli"), MODEL (default the llama-2-7b preset),
 # SWEEP_ADAPTERS, NF4_ADAPTERS (sweep-nf4's n; SMOKE: 2), BASELINES, BASELINE_ADAPTERS,
 # SWEEP_RANKS (8; S-LoRA's mixed set is 64,32,16,8), TP (sweep-tp's size), SWEEP_TARGETS,
-# SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, DISTINCT (adapter directories written per sweep,
-# reused round-robin: 1000 rank-8 7B adapters would be 17 GB), and T_KERNELS, T_NF4, T_GRAPHS, T_SWEEP, T_BASELINES (seconds per step).
+# SWEEP_REQUESTS, SWEEP_RATE, SWEEP_ALPHA, EXACT_WORKERS, STEPS (the steps to run, by name,
+# space-separated; default all), DISTINCT (adapter directories written per sweep,
+# reused round-robin: 1000 rank-8 7B adapters would be 17 GB), and T_EXACT, T_KERNELS,
+# T_NF4, T_GRAPHS, T_SWEEP, T_BASELINES (seconds per step).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -84,6 +89,7 @@ else
   SIZES=(--num-requests "${SWEEP_REQUESTS:-32}" --rate "${SWEEP_RATE:-4}"
     --input-range 8,512 --output-range 8,512)
   DISTINCT=${DISTINCT:-100}
+  T_EXACT=${T_EXACT:-180}
   T_KERNELS=${T_KERNELS:-60} T_NF4=${T_NF4:-45} T_GRAPHS=${T_GRAPHS:-135}
   T_SWEEP=${T_SWEEP:-90} T_BASELINES=${T_BASELINES:-300}
 fi
@@ -104,6 +110,10 @@ FAILED=()
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then
+    echo "== $name: not in STEPS"
+    return
+  fi
   echo "== $name (timeout ${limit}s): $*"
   local start end status=0
   start=$(date +%s.%N)
@@ -116,6 +126,11 @@ step() {
   echo "== $name: $(seconds "$start" "$end") s" | tee -a "$OUT/timings.txt"
 }
 
+if [[ "$SMOKE" != 1 ]]; then
+  step exactness "$T_EXACT" "$PY" -m pytest -v -p no:cacheprovider -rfE -n "${EXACT_WORKERS:-8}" \
+    tests/kernels tests/engine/test_multilora.py tests/engine/test_decode_graphs.py \
+    tests/engine/test_nf4_model.py tests/engine/test_lora_launches.py
+fi
 step kernels "$T_KERNELS" "$PY" benchmarks/lora_kernels.py --out "$OUT/kernels" "${KERNEL_ARGS[@]}"
 step nf4 "$T_NF4" "$PY" benchmarks/nf4.py --out "$OUT/nf4" "${NF4_ARGS[@]}"
 step graphs "$T_GRAPHS" "$PY" benchmarks/decode_graphs.py --out "$OUT/graphs" "${GRAPH_ARGS[@]}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bitsandbytes.functional as bnbf
 import torch
-from bitsandbytes.functional import QuantState
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
 
 
 @lru_cache(maxsize=8)
@@ -37,6 +39,8 @@ def bnb_dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     not a whole number of blocks; real models never have such rows, tiny test models do.
     The scales come from bitsandbytes' own double dequantization.
     """
+    import bitsandbytes.functional as bnbf  # only the NF4 tests need bitsandbytes
+
     absmax = state.absmax
     if state.nested:
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset

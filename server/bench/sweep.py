@@ -28,7 +28,7 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import SLO, RequestRecord, latency_cdf, summarize
-from server.bench.systems import BASELINE_SYSTEMS, peft_model, run_loraserve
+from server.bench.systems import BASELINE_SYSTEMS, peft_model, release_memory, run_loraserve
 from server.bench.workloads import Workload, synthetic_w2
 
 BASELINES = BASELINE_SYSTEMS
@@ -129,6 +129,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
                 model = peft_model(args.model_dir, adapters, hf_dtype)
                 records = BASELINES[system](model, wl, names[:n], args.batch_size)
                 del model
+                release_memory()
             duration = time.perf_counter() - started
             summary = summarize(records, _duration(records, duration), DEFAULT_SLOS)
             runs.append({"system": SYSTEM_NAMES[system], "n": n, "rate": args.rate, **summary})
@@ -157,6 +158,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             model = peft_model(args.model_dir, adapters, hf_dtype)
             records = BASELINES[system](model, wl, names, args.batch_size)
             del model
+            release_memory()
         summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
         rate_runs.append({"system": SYSTEM_NAMES[system], "n": top, "rate": rate, **summary})
     result = _write(args, workload, runs, rate_runs)

@@ -19,6 +19,7 @@ The Hugging Face baselines time each token with a stopping criterion called once
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -43,6 +44,15 @@ from server.bench.workloads import BenchRequest, Workload
 System = Callable[..., list[RequestRecord]]
 
 
+def release_memory() -> None:
+    """Free what a finished run held before the next one starts: an engine sizes its page
+    pool to what the device has, so the last run's engine (reference cycles keep it alive
+    until a collection) and the allocator's cached blocks must be gone first."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _wait_until(t: float) -> None:
     delay = t - time.perf_counter()
     if delay > 0:
@@ -59,8 +69,12 @@ def run_loraserve(
     engine = LLMEngine(config, kernels=kernels)
     for name, path in adapters:
         engine.load_lora(name, path)
+    # Warm-up, untimed: a base request and, with adapters, a LoRA one, so the first timed
+    # requests do not pay for compiling the kernels (on a GPU, seconds of Triton JIT).
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     engine.add_request([5, 6, 7], warm)
+    if adapters:
+        engine.add_request([5, 6, 7, 8], warm, lora=adapters[0][0])
     while engine.has_unfinished():
         engine.step()
     names = [name for name, _ in adapters]
@@ -99,6 +113,8 @@ def run_loraserve(
                 record.end = t
                 record.error = out.error
     engine.shutdown()  # a split model's workers
+    del engine
+    release_memory()
     return [records[str(i)] for i in range(len(requests))]
 
 

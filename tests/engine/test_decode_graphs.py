@@ -93,17 +93,18 @@ def test_graph_memory_is_set_aside_before_the_pool_is_sized(llama_dir: Path) -> 
 
 
 def test_cpu_defaults_to_eager_and_static_is_asked_for(llama_dir: Path) -> None:
-    assert EngineConfig.create(llama_dir, num_pages=64).graphs.mode == "eager"
-    static = EngineConfig.create(llama_dir, num_pages=64, graph_mode="static", max_num_seqs=20)
+    cpu = {"num_pages": 64, "device": "cpu"}  # the CPU even where a GPU is
+    assert EngineConfig.create(llama_dir, **cpu).graphs.mode == "eager"
+    static = EngineConfig.create(llama_dir, **cpu, graph_mode="static", max_num_seqs=20)
     assert static.graphs.mode == "static" and static.graphs.sizes == (1, 2, 4, 8, 16, 20)
-    forced = EngineConfig.create(llama_dir, num_pages=64, graph_mode="static", enforce_eager=True)
+    forced = EngineConfig.create(llama_dir, **cpu, graph_mode="static", enforce_eager=True)
     assert forced.graphs.mode == "eager"
     with pytest.raises(ValueError, match="graph mode"):
-        EngineConfig.create(llama_dir, num_pages=64, graph_mode="sometimes")
+        EngineConfig.create(llama_dir, **cpu, graph_mode="sometimes")
 
 
 def test_graphs_fall_back_to_eager_without_cuda(llama_dir: Path) -> None:
-    config = EngineConfig.create(llama_dir, num_pages=64, graph_mode="graphs")
+    config = EngineConfig.create(llama_dir, num_pages=64, graph_mode="graphs", device="cpu")
     engine = LLMEngine(config)
     assert engine.runner.graphs is None
 
@@ -123,10 +124,14 @@ def adapters(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def _engine(
-    llama_dir: Path, adapters: dict[str, Path], mode: str, kernels: str | None = None
+    llama_dir: Path,
+    adapters: dict[str, Path],
+    mode: str,
+    kernels: str | None = None,
+    device: str | None = None,
 ) -> LLMEngine:
     config = EngineConfig.create(
-        llama_dir, dtype="float32", num_pages=4096, max_num_seqs=16, graph_mode=mode
+        llama_dir, dtype="float32", num_pages=4096, max_num_seqs=16, graph_mode=mode, device=device
     )
     engine = LLMEngine(config, kernels=kernels)
     for name, path in adapters.items():
@@ -206,7 +211,7 @@ def test_prefill_and_mixture_steps_stay_eager(llama_dir: Path, adapters: dict[st
 def test_static_buffers_hold_the_padded_batch(llama_dir: Path, adapters: dict[str, Path]) -> None:
     """One (fields, largest size) int32 buffer; a batch of 3 fills 4 columns, the padding
     column pointing at the scratch page and the padding row, with no adapter."""
-    static = _engine(llama_dir, adapters, "static")
+    static = _engine(llama_dir, adapters, "static", device="cpu")  # capture refuses the CPU
     graphs = static.runner.graphs
     assert graphs is not None
     assert graphs._static.shape == (7, 16) and graphs._static.dtype == torch.int32

@@ -40,7 +40,9 @@ class CountingKernel:
 
 @pytest.fixture
 def engine(llama_dir: Path, tmp_path: Path) -> LLMEngine:
-    engine = LLMEngine(EngineConfig.create(llama_dir, dtype="float32"), "triton")
+    # Eager: a replayed CUDA graph launches nothing from Python (test_decode_graphs.py).
+    config = EngineConfig.create(llama_dir, dtype="float32", enforce_eager=True)
+    engine = LLMEngine(config, "triton")
     shapes = engine.adapters.layout.linear_shapes
     for seed, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
         chosen = {t: shapes[t] for t in targets}
@@ -91,4 +93,6 @@ def test_a_mixed_decode_step_launches_one_shrink_and_expand_per_layer_and_pass(
     layers = engine.model.arch.num_layers
     # per layer: qkv_proj (packed), o_proj, gate_up_proj (packed), down_proj
     expected = layers * 4 * num_passes
-    assert counts == {"_shrink_sgmv_kernel": expected, "_expand_sgmv_kernel": expected}
+    # One form per step: SGMV under the interpreter; a GPU's block table may pick BGMV.
+    (form,) = {name.split("_")[2] for name in counts}
+    assert counts == {f"_shrink_{form}_kernel": expected, f"_expand_{form}_kernel": expected}

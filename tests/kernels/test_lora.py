@@ -512,6 +512,9 @@ def _bad_inputs() -> dict[str, tuple[LoraBatch, str]]:
     }
 
 
+# Bad values rather than shapes or types: the launchers read them back (check_values) only
+# from CPU tensors, since on a GPU that would cost a device sync per launch.
+VALUE_CASES = ("rank_over_max_rank", "segments_short", "adapter_out_of_range")
 BAD_INPUT_CASES = [
     pytest.param(case, form, use_triton, marks=[requires_triton] if use_triton else [])
     for case in _bad_inputs()
@@ -524,6 +527,8 @@ BAD_INPUT_CASES = [
 
 @pytest.mark.parametrize(("case", "form", "use_triton"), BAD_INPUT_CASES)
 def test_ops_reject_bad_inputs(case: str, form: str, use_triton: bool) -> None:
+    if use_triton and DEVICE.type == "cuda" and case in VALUE_CASES:
+        pytest.skip("values are checked on the CPU only (lora_layout.check_values)")
     bad, broken = _bad_inputs()[case]
     if broken in ("shrink", "both"):
         with pytest.raises(AssertionError):

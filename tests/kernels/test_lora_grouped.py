@@ -86,16 +86,16 @@ def run_stacked(batch: LoraBatch) -> torch.Tensor:
     stacked = stacked_rows(batch.a_pages, batch.b_pages, slots, [ranks[s] for s in slots])
     column_slots = [s for s in slots for _ in range(ranks[s])]
     column_coefs = [[scalings[s] for s in column_slots]]  # one layer, every row below rank
-    num_tokens = batch.x.shape[0]
+    num_tokens, device = batch.x.shape[0], batch.x.device
     token_slots = torch.full((1, num_tokens), -1, dtype=torch.int32)
     token_coefs = torch.zeros(1, num_tokens)
     for slot, lo, hi, weight in segs:
         token_slots[0, lo:hi], token_coefs[0, lo:hi] = slot, weight
     coef = stacked_coefficients(
-        token_slots,
-        token_coefs,
-        torch.tensor(column_slots, dtype=torch.int32),
-        torch.tensor(column_coefs),
+        token_slots.to(device),
+        token_coefs.to(device),
+        torch.tensor(column_slots, dtype=torch.int32, device=device),
+        torch.tensor(column_coefs, device=device),
     )
     lora_stacked(batch.x, out, batch.pool, stacked, coef[0])
     return out
@@ -113,8 +113,8 @@ def test_forms_match_naive_loop(
 ) -> None:
     for layout in (prefill_segments, decode_tokens):
         batch = make_batch(sorted_segments(layout(popularity, batch_size)), shape)
-        _, expected = naive_lora(batch)
-        torch.testing.assert_close(FORMS[form](batch), expected, atol=1e-5, rtol=1e-5)
+        _, expected = naive_lora(batch)  # on the CPU
+        torch.testing.assert_close(FORMS[form](batch).cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -132,7 +132,7 @@ def test_forms_low_precision(form: str, dtype: torch.dtype) -> None:
     batch = make_batch(sorted_segments(prefill_segments("uniform", 7)), (48, 100, 72), dtype)
     _, expected = naive_lora(batch)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    torch.testing.assert_close(FORMS[form](batch), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(FORMS[form](batch).cpu(), expected, atol=tol, rtol=tol)
 
 
 def test_grouped_mixture_segments_add_up() -> None:
@@ -145,7 +145,7 @@ def test_grouped_mixture_segments_add_up() -> None:
     x = batch.x[:4]
     expected = batch.base_out[:4].clone()
     for slot, weight in ((0, 0.25), (2, 0.75)):
-        a, b = batch.lora_a[slot], batch.lora_b[slot]
+        a, b = batch.lora_a[slot].to(x.device), batch.lora_b[slot].to(x.device)
         expected += (x @ a.T) @ b.T * scalings[slot] * weight
     torch.testing.assert_close(out[:4], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[4:], batch.base_out[4:])
@@ -230,11 +230,12 @@ def _stacked_slices(
         rows = [ranks[slot] for slot in slots]
         stacked.append(stacked_rows(batch.a_pages[s], batch.b_pages[s], slots, rows))
         column_slots = [slot for slot in slots for _ in range(ranks[slot])]
+        device = batch.x.device
         coef = stacked_coefficients(
-            token_slots,
-            token_coefs,
-            torch.tensor(column_slots, dtype=torch.int32),
-            torch.tensor([[scalings[slot] for slot in column_slots]]),
+            token_slots.to(device),
+            token_coefs.to(device),
+            torch.tensor(column_slots, dtype=torch.int32, device=device),
+            torch.tensor([[scalings[slot] for slot in column_slots]], device=device),
         )
         coefs.append(coef[0])
     return batch, stacked, coefs
@@ -259,4 +260,4 @@ def test_stacked_packed_is_stacked_slice_by_slice(
     lora_stacked_packed(batch.x, got.split(widths, dim=1), batch.pool, stacked, a_index, coef)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
-    torch.testing.assert_close(got, naive_packed(batch)[1], atol=tol, rtol=tol)
+    torch.testing.assert_close(got.cpu(), naive_packed(batch)[1], atol=tol, rtol=tol)

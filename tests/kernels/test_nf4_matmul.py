@@ -143,10 +143,10 @@ def test_kernels_accept_strided_x(form: str) -> None:
 
 @requires_triton
 def test_kernels_with_the_cuda_block_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA table's tiles under the interpreter: every GEMV row, GEMM's 64- and 128-row
-    token blocks (130 rows run as two), and K split three ways."""
+    """The CUDA table's tiles under the interpreter (or on the GPU): every GEMV row, GEMM's
+    64- and 128-row token blocks (130 rows run as two), and K split three ways."""
     cuda_rows = {
-        ("cpu", form, block_m): blocks
+        (DEVICE.type, form, block_m): blocks
         for (device, form, block_m), blocks in nf4_matmul.NF4_BLOCKS.items()
         if device == "cuda"
     }

@@ -33,9 +33,9 @@ import torch
 
 from adapters.adalora import read_adalora
 from adapters.base_layout import BaseModelLayout
-from adapters.errors import ADAPTER_NOT_FOUND, UNSUPPORTED_ADAPTER_FEATURE, AdapterError
+from adapters.errors import UNSUPPORTED_ADAPTER_FEATURE, AdapterError
 from adapters.ia3 import read_ia3
-from adapters.loader import load_lora_adapter, read_config_json
+from adapters.loader import check_adapter_dir, load_lora_adapter, read_config_json
 from adapters.prefix_tuning import read_prefix_tuning
 from adapters.prompt_tuning import read_prompt_tuning
 from adapters.weights import (
@@ -176,8 +176,7 @@ def read_adapter(path: Path, context: LoadContext) -> AdapterWeights:
             ``adapter_rank_too_large``.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(ADAPTER_NOT_FOUND, "adapter directory not found")
+    check_adapter_dir(path)
     raw = read_config_json(path)
     for kind in KINDS:
         if kind.claims(raw):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from adapters.base_layout import BaseModelLayout
+from adapters.confinement import PathKind, os_error_reason, path_kind
 from adapters.embed_head import check_optional_shapes, plan_embed_head, read_embed_head
 from adapters.errors import (
     ADAPTER_NOT_FOUND,
@@ -78,8 +79,7 @@ def load_lora_adapter(
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(ADAPTER_NOT_FOUND, "adapter directory not found")
+    check_adapter_dir(path)
     config = read_adapter_config(path)
     if config.use_dora and base is None:
         raise AdapterError(
@@ -166,27 +166,47 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     return LoraAdapterConfig.from_dict(read_config_json(path))
 
 
+def check_adapter_dir(path: Path) -> None:
+    """Refuse ``path`` unless it names a directory (nothing is opened).
+
+    Raises:
+        AdapterError: ``adapter_not_found`` when it names none, ``invalid_adapter`` when the
+            file system will not say (a name too long, permission denied, a symlink loop).
+    """
+    try:
+        kind = path_kind(str(path))
+    except OSError as e:
+        raise AdapterError(INVALID_ADAPTER, os_error_reason(e, "the adapter directory")) from None
+    if kind is not PathKind.DIRECTORY:
+        raise AdapterError(ADAPTER_NOT_FOUND, "adapter directory not found")
+
+
 def read_config_json(path: Path) -> dict[str, Any]:
     """``adapter_config.json`` in directory ``path``: a JSON object, not yet validated."""
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():  # also refuses a FIFO, whose read would block
+    if not _regular_file(config_path):
         raise AdapterError(INVALID_ADAPTER, f"no {CONFIG_NAME} in the adapter directory")
     try:
         with config_path.open("rb") as f:
             text = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise AdapterError(INVALID_ADAPTER, f"cannot read {CONFIG_NAME} ({e.strerror})") from None
+        raise AdapterError(INVALID_ADAPTER, os_error_reason(e, CONFIG_NAME)) from None
     if len(text) > _MAX_CONFIG_BYTES:
         raise AdapterError(INVALID_ADAPTER, f"{CONFIG_NAME} is too large")
     return parse_json_object(text)
 
 
 def weights_file(path: Path) -> Path:
+    """``adapter_model.safetensors`` in directory ``path``, checked to be a regular file."""
     weights_path = path / WEIGHTS_NAME
-    if weights_path.is_file():
+    if _regular_file(weights_path):
         return weights_path
+    try:
+        entries = list(path.iterdir())
+    except OSError as e:
+        raise AdapterError(INVALID_ADAPTER, os_error_reason(e, "the adapter directory")) from None
     # Names only: a pickle is never opened, since loading one can run arbitrary code.
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in entries if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise AdapterError(
             PICKLE_REFUSED,
@@ -194,6 +214,27 @@ def weights_file(path: Path) -> Path:
             f"convert them to {WEIGHTS_NAME}",
         )
     raise AdapterError(INVALID_ADAPTER, f"no {WEIGHTS_NAME} in the adapter directory")
+
+
+# Why a file of the adapter directory that is there cannot be read, by its kind.
+_NOT_READABLE = {
+    PathKind.DIRECTORY: "{name} is a directory; a file was expected",
+    PathKind.OTHER: "{name} is not a regular file (a FIFO, socket or device)",
+    PathKind.DANGLING: "{name} is a dangling symbolic link",
+}
+
+
+def _regular_file(path: Path) -> bool:
+    """Whether the adapter's file ``path`` is there (False when nothing is), refused unless
+    a regular file. Decided by ``stat`` before anything opens it: opening a FIFO for reading
+    blocks until something writes to it."""
+    try:
+        kind = path_kind(str(path))
+    except OSError as e:
+        raise AdapterError(INVALID_ADAPTER, os_error_reason(e, path.name)) from None
+    if kind in _NOT_READABLE:
+        raise AdapterError(INVALID_ADAPTER, _NOT_READABLE[kind].format(name=path.name))
+    return kind is PathKind.FILE
 
 
 def _check_tensors(

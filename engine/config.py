@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
 from engine.parallel.group import check_divisible
-from engine.sizing import PoolSizing, size_pool
+from engine.sizing import PageGeometry, PoolSizing, size_pool, startup_adapters
 from kernels.nf4 import DEFAULT_BLOCKSIZE
 
 QUANTIZATIONS = ("none", "nf4")
@@ -269,13 +270,19 @@ class EngineConfig:
         seed: int = 0,
         device_memory: int | None = None,
         tensor_parallel_size: int = 1,
+        lora_modules: Sequence[tuple[str, str | Path]] = (),
+        pinned_lora_modules: Sequence[str] = (),
     ) -> EngineConfig:
         """Build a config, resolving "auto" values from the checkpoint and the machine.
 
         The pool is sized by ``num_pages`` or, failing that, by ``pool_memory`` bytes; with
         neither, by what the device has left after the weights (see
         :func:`engine.sizing.size_pool`), at most enough for ``max_num_seqs`` full-length
-        sequences. ``device_memory`` is a CUDA device's total bytes (default: asked of the
+        sequences beside every adapter of ``lora_modules``. Those are the adapters loaded at
+        start-up (``(name, directory)``; ``pinned_lora_modules`` names the pinned ones),
+        sized from their configs: the pool, default or given, must hold one full-length
+        request beside those of them resident at once, or this raises ``ValueError`` before
+        anything loads. ``device_memory`` is a CUDA device's total bytes (default: asked of the
         device; ``loraserve plan`` passes ``--gpu-memory``); it is ignored off CUDA.
         ``quantization`` None serves the checkpoint as it is stored. ``load_format="dummy"``
         needs only ``config.json`` (random weights, sized from it).
@@ -307,6 +314,13 @@ class EngineConfig:
             device_memory = None
         elif device_memory is None and num_pages is None and pool_memory is None:
             device_memory = torch.cuda.get_device_properties(dev).total_memory
+        adapters = startup_adapters(
+            path,
+            [(name, Path(adapter)) for name, adapter in lora_modules],
+            pinned_lora_modules,
+            PageGeometry.from_config(hf, torch_dtype).page_width,  # the whole page, unsplit
+            max_lora_rank,
+        )
         sizing = size_pool(
             model_dir=path,
             hf=hf,
@@ -322,6 +336,8 @@ class EngineConfig:
             num_pages=num_pages,
             pool_memory=pool_memory,
             tensor_parallel_size=tensor_parallel_size,
+            startup_adapters=adapters,
+            max_loras=max_loras,
         )
         return cls(
             model=ModelConfig(path, torch_dtype, dev, model_len, quantization, load_format),

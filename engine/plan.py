@@ -5,9 +5,11 @@ memory, :func:`make_plan` computes what :class:`engine.llm_engine.LLMEngine` wou
 start-up: the weights (bytes and bits per parameter), the pool's pages, a token's KV bytes,
 each adapter's pages, and so how many tokens of context fit beside how many resident
 adapters. Every number comes from the engine's own code: the config from
-:meth:`EngineConfig.create` (given ``device_memory`` in place of asking a GPU), the sizes
-from ``engine/sizing.py``, an adapter's pages from the residency's
-:class:`adapters.residency.PageCost` (real adapters read by ``adapters.kinds.read_adapter``).
+:meth:`EngineConfig.create` (given ``device_memory`` in place of asking a GPU; its
+``lora_modules``, the adapters a server loads at start-up, count in the default pool as
+they do when serving), the sizes from ``engine/sizing.py``, an adapter's pages from the
+residency's :class:`adapters.residency.PageCost` (real adapters read by
+``adapters.kinds.read_adapter``).
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ class Plan:
                 "graph_bytes": p.graph_bytes,
                 "budget": p.budget,
                 "cap_bytes": p.cap_bytes,
+                "floor_pages": p.floor_pages,
+                "startup_adapters": [
+                    {"name": a.name, "pages": a.pages, "pinned": a.pinned}
+                    for a in p.startup_adapters
+                ],
                 "num_layers": g.num_layers,
                 "page_width": g.page_width,
             },

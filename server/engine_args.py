@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine.config import EngineConfig
@@ -13,14 +14,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shaped after ``vllm serve``'s: dtype, quantization, load format, limits and the
     pool's size."""
     add_sizing_args(parser)
-    parser.add_argument(
-        "--max-loras",
-        type=_positive,
-        default=None,
-        metavar="N",
-        help="the most distinct adapters in one batch; requests past it wait for a later "
-        "step (default: no cap but --max-resident-loras)",
-    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument(
         "--enable-prefix-caching",
@@ -100,6 +93,14 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
         help="the most adapters resident in the page pool at once (default 256, or "
         "--max-loras if larger)",
     )
+    parser.add_argument(
+        "--max-loras",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="the most distinct adapters in one batch; requests past it wait for a later "
+        "step (default: no cap but --max-resident-loras)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument(
@@ -116,15 +117,24 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
         help="decode batch sizes to capture (default 1,2,4,8,16,24,32,48,64,... up to "
         "--max-num-seqs); a batch is padded up to the next one",
     )
+    # Either must leave room for one --max-model-len request beside the startup adapters
+    # resident at once; the default holds --max-num-seqs of them beside every startup
+    # adapter, within the device's memory (engine/sizing.py).
     pool = parser.add_mutually_exclusive_group()
     pool.add_argument("--pool-memory", type=int, default=None, help="page pool size in bytes")
     pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
 
 
 def engine_config(
-    args: argparse.Namespace, model_dir: str | Path | None, seed: int = 0
+    args: argparse.Namespace,
+    model_dir: str | Path | None,
+    seed: int = 0,
+    adapters: Sequence[tuple[str, Path]] = (),
+    pinned: Sequence[str] = (),
 ) -> EngineConfig:
-    """The engine configuration those flags describe (``ValueError`` for a bad one)."""
+    """The engine configuration those flags describe (``ValueError`` for a bad one), with
+    ``adapters`` (name, directory) to load at start-up, ``pinned`` the names of those kept
+    resident: the pool is sized to hold them (``EngineConfig.create``'s ``lora_modules``)."""
     return EngineConfig.create(
         model_dir,
         dtype=args.dtype,
@@ -148,6 +158,8 @@ def engine_config(
         block_size=args.block_size,
         seed=seed,
         tensor_parallel_size=args.tensor_parallel_size,
+        lora_modules=adapters,
+        pinned_lora_modules=pinned,
     )
 
 

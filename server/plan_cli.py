@@ -1,13 +1,16 @@
 """``loraserve plan``: its flags and its table (the numbers are :mod:`engine.plan`'s).
 
     loraserve plan [MODEL_DIR] [--gpu-memory 80GiB] [--dtype ...] [--quantization none|nf4]
-                   [--max-lora-rank N] [--max-num-seqs N] [--max-model-len N]
+                   [--max-lora-rank N] [--max-num-seqs N] [--max-model-len N] [--max-loras N]
                    [--num-pages N | --pool-memory BYTES] [--enforce-eager]
+                   [--lora-modules NAME=PATH ...] [--pinned-lora-modules NAME ...]
                    [--ranks 8,16,32,64] [--targets q_proj,v_proj] [--adapters DIR] [--json]
 
-The flags that decide what the engine allocates are ``serve``'s (``add_sizing_args``);
-``--gpu-memory`` stands for the device: the CUDA device's total memory by default, required
-on a machine without one (unless the pool's size is given).
+The flags that decide what the engine allocates are ``serve``'s (``add_sizing_args``, and
+the startup adapters: ``--lora-modules``, or the demo's without MODEL_DIR, which the pool
+is sized to hold as ``serve`` sizes it); ``--gpu-memory`` stands for the device: the CUDA
+device's total memory by default, required on a machine without one (unless the pool's
+size is given). ``--adapters DIR`` only sizes adapters for the table.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from adapters.base_layout import LINEAR_TARGETS
 from engine.plan import Plan, adapter_dirs_under, make_plan, parse_size
 from server.engine_args import add_sizing_args
+from server.serve_args import add_startup_adapter_args, lora_modules, pinned_modules
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -30,6 +34,7 @@ def _plan(args: argparse.Namespace) -> int:
         memory = torch.cuda.get_device_properties(0).total_memory
     elif memory is None and not sized:
         raise ValueError("no CUDA device here: pass --gpu-memory (e.g. 80GiB) or the pool's size")
+    startup = lora_modules(args)
     plan = make_plan(
         args.model_dir,
         device_memory=memory,
@@ -46,9 +51,12 @@ def _plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_lora_rank=args.max_lora_rank,
         max_resident_loras=args.max_resident_loras,
+        max_loras=args.max_loras,
         enforce_eager=args.enforce_eager,
         cuda_graph_sizes=args.cuda_graph_sizes,
         tensor_parallel_size=args.tensor_parallel_size,
+        lora_modules=startup,
+        pinned_lora_modules=pinned_modules(args, startup),
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
@@ -68,6 +76,7 @@ def add_plan_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="the GPU's total memory, e.g. 80GiB (default: the CUDA device's)",
     )
     add_sizing_args(plan)
+    add_startup_adapter_args(plan)
     plan.add_argument(
         "--ranks", type=_ints, default=None, metavar="R[,R...]", help="default 8,16,32,64"
     )
@@ -95,6 +104,20 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:,.2f} {unit}"
     return f"{n} B"
+
+
+def _startup_lines(plan: Plan) -> list[str]:
+    """The startup adapters the pool is sized for, and the floor they set."""
+    p = plan.pool
+    if not p.startup_adapters:
+        return []
+    pages = sum(a.pages for a in p.startup_adapters)
+    names = ", ".join(a.name + (" (pinned)" if a.pinned else "") for a in p.startup_adapters)
+    return [
+        f"startup      {len(p.startup_adapters)} adapters, {pages:,} pages: {names}",
+        f"             at least {p.floor_pages:,} pages: one {plan.max_model_len}-token request "
+        "beside those resident at once",
+    ]
 
 
 def format_plan(plan: Plan) -> str:
@@ -128,9 +151,10 @@ def format_plan(plan: Plan) -> str:
             f"             − decode graphs {_size(p.graph_bytes)} = {_size(p.budget)} for the pool",
         ]
         if p.cap_bytes < p.budget:
+            beside = " + startup adapters" if p.startup_adapters else ""
             lines.append(
                 f"             capped at {plan.max_num_seqs} sequences × {plan.max_model_len} "
-                f"tokens = {_size(p.cap_bytes)}"
+                f"tokens{beside} = {_size(p.cap_bytes)}"
             )
     sources = {"num_pages": "--num-pages", "pool_memory": "--pool-memory", "cpu": "CPU default"}
     source = f"; {sources[p.source]}" if p.source in sources else ""
@@ -139,6 +163,7 @@ def format_plan(plan: Plan) -> str:
         f"(+1 scratch page){source}",
         f"             a page: {g.num_layers} layers × {g.page_width} elements × "
         f"{g.itemsize} bytes",
+        *_startup_lines(plan),
         f"KV/token     {_size(g.kv_bytes_per_token)} = 2 × {g.num_layers} layers × "
         f"{plan.num_kv_heads} KV heads × {plan.head_dim} head dim × {g.itemsize} bytes",
         f"KV only      {plan.kv_tokens:,} tokens "

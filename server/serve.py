@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import signal
 from collections.abc import Collection
@@ -32,8 +31,6 @@ from types import FrameType
 import uvicorn
 
 from adapters.errors import AdapterError
-from adapters.kinds import config_kind
-from adapters.weights import ADALORA, LORA
 from engine.config import DEMO_DIR
 from engine.llm_engine import LLMEngine
 from server.app import create_app, create_app_for_process
@@ -43,57 +40,27 @@ from server.engine_args import add_engine_args, engine_config
 from server.engine_client import EngineProcess, ProcessBridge
 from server.engine_protocol import EngineSpec
 
+# The startup adapters and their pins are read by serve_args (no HTTP stack there, so that
+# ``loraserve plan`` sizes the pool for the same adapters); re-exported for server.ray_serve.
+from server.serve_args import lora_modules as lora_modules
+from server.serve_args import pinned_modules
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "loraserve-demo"  # what the demo adapters' configs call their base
-
-
-def lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    modules = []
-    if args.model_dir is None:
-        for path in sorted((DEMO_DIR / "adapters").iterdir()):
-            config = path / "adapter_config.json"
-            if not config.is_file():
-                if path.is_dir():
-                    logger.warning("demo adapter %s is not trained yet; skipped", path.name)
-                continue
-            kind = config_kind(json.loads(config.read_text()))
-            split = getattr(args, "tensor_parallel_size", 1) > 1
-            if split and kind not in (LORA, ADALORA):
-                logger.warning(
-                    "demo adapter %s is %s; a model split across tensor-parallel workers "
-                    "serves LoRA only; skipped",
-                    path.name,
-                    kind,
-                )
-                continue
-            modules.append((path.name, path))
-    for spec in args.lora_modules:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora-modules takes NAME=PATH, got {spec!r}")
-        modules.append((name, Path(path)))
-    return modules
-
-
-def _pinned_modules(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> list[str]:
-    """``--pinned-lora-modules``: names among the startup adapters, loaded pinned."""
-    names = {name for name, _ in adapters}
-    unknown = [name for name in args.pinned_lora_modules if name not in names]
-    if unknown:
-        raise ValueError(
-            f"--pinned-lora-modules names {', '.join(unknown)}, not among the startup adapters "
-            f"({', '.join(sorted(names)) or 'none'}); add them to --lora-modules"
-        )
-    return list(dict.fromkeys(args.pinned_lora_modules))
 
 
 def build_engine(
     args: argparse.Namespace, adapters: list[tuple[str, Path]], pinned: Collection[str] = ()
 ) -> LLMEngine:
     """The engine the flags describe, with ``adapters`` loaded, those named in ``pinned``
-    pinned (refusals end the command)."""
-    engine = LLMEngine(engine_config(args, args.model_dir, args.seed))
+    pinned (refusals end the command).
+
+    The pool is sized for the adapters from their configs first, so that one it cannot
+    hold is refused, with the flag and the value that would do, before any weight loads.
+    """
+    config = engine_config(args, args.model_dir, args.seed, adapters, list(pinned))
+    engine = LLMEngine(config)
     for name, path in adapters:
         try:
             engine.load_lora(name, path, pinned=name in pinned)
@@ -184,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_ray(args)
     config = server_config(args)
     adapters = lora_modules(args)
-    pinned = _pinned_modules(args, adapters)
+    pinned = pinned_modules(args, adapters)
     server: DrainingServer | None = None
     process: EngineProcess | None = None
 
@@ -193,6 +160,11 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("the engine process died; exiting in %.0f s", delay)
         asyncio.get_running_loop().call_later(delay, lambda: setattr(server, "should_exit", True))
 
+    if args.num_pages is not None or args.pool_memory is not None:
+        # A given pool too small for the startup adapters ends the command here, before an
+        # engine process starts. (A default pool is sized there: it may ask the GPU for its
+        # memory, which this process never touches.)
+        engine_config(args, args.model_dir, args.seed, adapters, pinned)
     if args.engine_in_process:
         engine = build_engine(args, adapters, pinned)
         app = create_app(engine, config)

@@ -8,21 +8,29 @@ bare GPU image.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+from pathlib import Path
 
+from adapters.kinds import config_kind
+from adapters.weights import ADALORA, LORA
+from engine.config import DEMO_DIR
 from server.config import METRICS_COMPAT
 from server.engine_args import add_engine_args
 
+logger = logging.getLogger(__name__)
 
-def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", nargs="?", default=None, help="a Hugging Face model dir")
+
+def add_startup_adapter_args(parser: argparse.ArgumentParser) -> None:
+    """The adapters loaded at start-up (``serve``; ``plan`` sizes the pool for them too)."""
     parser.add_argument(
         "--lora-modules",
         nargs="+",
         action="extend",
         default=[],
         metavar="NAME=PATH",
-        help="adapters to serve from the start",
+        help="adapters to serve from the start (the default pool holds them all)",
     )
     parser.add_argument(
         "--pinned-lora-modules",
@@ -33,6 +41,54 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="startup adapters (--lora-modules names, or the demo's) kept in the page pool "
         "until unloaded",
     )
+
+
+def lora_modules(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The startup adapters, ``(name, directory)``: with no model directory every trained
+    demo adapter (those a split model serves, with ``--tensor-parallel-size``), then
+    ``--lora-modules``."""
+    modules = []
+    if args.model_dir is None:
+        for path in sorted((DEMO_DIR / "adapters").iterdir()):
+            config = path / "adapter_config.json"
+            if not config.is_file():
+                if path.is_dir():
+                    logger.warning("demo adapter %s is not trained yet; skipped", path.name)
+                continue
+            kind = config_kind(json.loads(config.read_text()))
+            split = getattr(args, "tensor_parallel_size", 1) > 1
+            if split and kind not in (LORA, ADALORA):
+                logger.warning(
+                    "demo adapter %s is %s; a model split across tensor-parallel workers "
+                    "serves LoRA only; skipped",
+                    path.name,
+                    kind,
+                )
+                continue
+            modules.append((path.name, path))
+    for spec in args.lora_modules:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+        modules.append((name, Path(path)))
+    return modules
+
+
+def pinned_modules(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> list[str]:
+    """``--pinned-lora-modules``: names among the startup adapters, loaded pinned."""
+    names = {name for name, _ in adapters}
+    unknown = [name for name in args.pinned_lora_modules if name not in names]
+    if unknown:
+        raise ValueError(
+            f"--pinned-lora-modules names {', '.join(unknown)}, not among the startup adapters "
+            f"({', '.join(sorted(names)) or 'none'}); add them to --lora-modules"
+        )
+    return list(dict.fromkeys(args.pinned_lora_modules))
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", nargs="?", default=None, help="a Hugging Face model dir")
+    add_startup_adapter_args(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the base model's API name")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -33,6 +34,7 @@ from server.formatting import TokenText
 from server.lora_sources import adapter_cache
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openai_routes import openai_router
+from server.openapi import openapi_spec
 from server.state import ServerState
 from server.status import status_router
 
@@ -114,6 +116,16 @@ def build_app(
     if config.lora_routes_enabled:
         app.include_router(admin_router(state))
         app.include_router(adapter_router(state))
+
+    described: dict[str, Any] = {}
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        """The API as this server serves it (``server/openapi.py``), built once."""
+        if not described:
+            described.update(openapi_spec(app, config))
+        return described
+
     return app
 
 

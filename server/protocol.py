@@ -22,13 +22,19 @@ MAX_STOP_CHARS = 256
 MAX_NAME_CHARS = 256
 # ``priority`` (vLLM's extension; lower runs first) stays within 32 bits.
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+# Counts and token ids: within 32 bits, so every integer crosses to the engine process (and
+# into torch) as what it is; larger ones mean nothing here.
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 Prompt = str | list[int]  # one prompt: text, or token ids
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    # JSON's NaN and Infinity (which Python's parser takes) are no number a field accepts.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -42,8 +48,8 @@ class SamplingFields(_Strict):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] = -1
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_COUNT)] = -1
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -55,8 +61,8 @@ class SamplingFields(_Strict):
     # vLLM's extensions.
     priority: Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY)] = 0  # lower runs first
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] = []
+    min_tokens: Count = 0
+    stop_token_ids: Annotated[list[Count], Field(max_length=64)] = []
     skip_special_tokens: bool = True
 
     @field_validator("stop")
@@ -134,8 +140,10 @@ class SamplingFields(_Strict):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
+    # Token ids' sign is checked by prompts(), their range against the vocabulary before
+    # anything is queued (both 400 invalid_prompt).
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -165,6 +173,8 @@ class CompletionRequest(SamplingFields):
                 raise APIError(400, "invalid_prompt", "the prompt is empty", "prompt")
             if isinstance(one, list) and any(t < 0 for t in one):
                 raise APIError(400, "invalid_prompt", "token ids must be non-negative", "prompt")
+            if isinstance(one, list) and any(t > MAX_COUNT for t in one):
+                raise APIError(400, "invalid_prompt", "a token id is out of range", "prompt")
         return prompts
 
 
@@ -190,8 +200,8 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
@@ -257,7 +267,7 @@ class MergeAdaptersRequest(_Strict):
     svd_rank: Annotated[int, Field(ge=1, le=4096)] | None = None
     svd_clamp: float | None = None
     svd_full_matrices: bool = True
-    seed: int = 0
+    seed: Seed = 0
     save: bool = False
 
 
@@ -273,10 +283,10 @@ class ComposeRequest(_Strict):
     candidates: list[str] | None = None
     examples: Annotated[list[ComposeExample], Field(min_length=1, max_length=64)]
     method: str = "lorahub"
-    max_steps: int = 40
-    l1: float = 0.05
+    max_steps: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 40  # --max-compose-steps caps it
+    l1: Annotated[float, Field(ge=0.0)] = 0.05
     bounds: Annotated[list[float], Field(min_length=2, max_length=2)] = [-1.5, 1.5]
-    seed: int = 0
+    seed: Seed = 0
     save: bool = False
 
 

@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 _LORA_ONLY = "a model split across tensor-parallel workers serves LoRA of those layers only"
 
 
+# Adapters read from disk at once. More than one: a slow read (a cold network disk, a file
+# stuck on a failing device) holds up its own adapter's requests, never another's reload.
+_PREFETCH_WORKERS = 4
+
 # Kinds whose update is a LoRA of the linear layers alone, which a mixture can sum.
 MIXABLE_KINDS = (LORA, ADALORA)
 
@@ -121,7 +125,7 @@ class AdapterManager:
         # (tests substitute a deliberately slow or failing source).
         context = LoadContext(layout, max_lora_rank, base=base)
         self.source: LoadFn = load or (lambda path: self._read_adapter(path, context))
-        self.prefetcher = Prefetcher(self._read, self.host_cache)
+        self.prefetcher = Prefetcher(self._read, self.host_cache, _PREFETCH_WORKERS)
         self._unloads: list[AdapterEntry] = []
         self._acquired: list[AdapterEntry] = []  # acquired since the last sync()
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,14 +342,25 @@ def write_model_dir(
 ) -> Path:
     """Save ``tensors`` and ``config`` as a model directory, with ``source_dir``'s side files.
 
-    ``out_dir`` is created only once every tensor has been made, so a failure leaves nothing.
+    Every tensor is made first; the files are then written under a hidden name beside
+    ``out_dir`` (new, or empty) and renamed into place once complete. So a failure, a full
+    disk included, leaves nothing, and a reader never finds half a model under ``out_dir``.
+
+    Raises:
+        OSError: writing failed (``ENOSPC`` for a full disk); nothing was kept.
     """
     state = {name: t.contiguous().cpu() for name, t in tensors}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in _SIDE_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, out_dir / name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    try:
+        partial.mkdir()
+        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in _SIDE_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, partial / name)
+        partial.replace(out_dir)  # atomic; an empty out_dir is replaced, a full one refuses
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already once renamed
     logger.info("wrote %s (%d tensors)", out_dir, len(state))
     return out_dir

@@ -9,7 +9,10 @@ through :mod:`server.engine_handle`). Refusals are ``AdapterError`` (the route p
 from __future__ import annotations
 
 import dataclasses
+import secrets
+import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
@@ -23,7 +26,7 @@ from engine.composition import RunBatch, start_composition
 from engine.config import DTYPES
 from engine.export import write_merged
 from engine.llm_engine import LLMEngine
-from server.errors import APIError
+from server.errors import APIError, from_storage_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,13 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
     """Merge, save if asked, then register (a worker thread); returns the rank served.
 
     Every check runs before the tensor work, and the save before the registration, so a
-    refusal or a failed save leaves nothing registered.
+    refusal or a failed save leaves nothing registered; nor anything on disk: the save is
+    whole or absent (:func:`save_then_register`).
+
+    Raises:
+        AdapterError: the merge's refusals, or the registration's (the name is taken).
+        APIError: 507 ``insufficient_storage`` (or 500 ``storage_error``) when the save
+            could not be written.
     """
     manager = engine.adapters
     entries = [manager.get(n) for n in spec.adapters]
@@ -73,9 +82,14 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
     if all(w.kind == IA3 for w in weights) and spec.combination_type != MIXTURE:
         return _merge_ia3(engine, name, spec, weights, save_to)
     if spec.combination_type == MIXTURE:
-        if save_to is not None:
-            save_peft_adapter(mixture_as_adapter(weights, spec.weights, name), save_to / name)
-        engine.register_mixture(name, list(zip(spec.adapters, spec.weights, strict=True)))
+        mixture = mixture_as_adapter(weights, spec.weights, name)
+        save_then_register(
+            _saved_at(save_to, name),
+            lambda out: save_peft_adapter(mixture, out),
+            lambda: engine.register_mixture(
+                name, list(zip(spec.adapters, spec.weights, strict=True))
+            ),
+        )
         return max(e.max_rank for e in entries)
     rank = check_merge(weights, spec, manager.layout).r
     if rank > manager.max_lora_rank:
@@ -84,9 +98,11 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
             f"the merged rank {rank} exceeds the server's max_lora_rank {manager.max_lora_rank}",
         )
     merged = merge_adapters(weights, spec, name, layout=manager.layout)
-    if save_to is not None:
-        save_peft_adapter(merged, save_to / name)
-    engine.load_lora_weights(name, merged)
+    save_then_register(
+        _saved_at(save_to, name),
+        lambda out: save_peft_adapter(merged, out),
+        lambda: engine.load_lora_weights(name, merged),
+    )
     return merged.max_rank
 
 
@@ -105,10 +121,49 @@ def _merge_ia3(
             "add_weighted_adapter): use combination_type 'linear'",
         )
     merged = merge_ia3(weights, spec.weights, name)
-    if save_to is not None:
-        save_ia3_adapter(merged, save_to / name, engine.adapters.layout)
-    engine.load_lora_weights(name, merged)
+    save_then_register(
+        _saved_at(save_to, name),
+        lambda out: save_ia3_adapter(merged, out, engine.adapters.layout),
+        lambda: engine.load_lora_weights(name, merged),
+    )
     return 0
+
+
+def _saved_at(save_to: Path | None, name: str) -> Path | None:
+    return None if save_to is None else save_to / name
+
+
+def save_then_register(
+    out: Path | None, write: Callable[[Path], object], register: Callable[[], object]
+) -> None:
+    """Write a new adapter directory ``out`` (when asked) with ``write(directory)``, then
+    ``register()`` the adapter, all or nothing.
+
+    The directory is written under a hidden name beside ``out`` and renamed into place once
+    complete, so a reader never sees half an adapter and a failed write (a full disk)
+    leaves nothing; a registration refused after the save removes the saved directory (the
+    request failed: a retry must not find the name taken on disk).
+
+    Raises:
+        APIError: 507 ``insufficient_storage`` or 500 ``storage_error`` when writing failed.
+        Whatever ``register`` raises.
+    """
+    if out is None:
+        register()
+        return
+    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    try:
+        write(partial)
+        partial.rename(out)  # atomic; refused if ``out`` appeared meanwhile with files in it
+    except OSError as e:
+        raise from_storage_error(e, "the save") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already once renamed
+    try:
+        register()
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def adapter_weights(engine: LLMEngine, name: str) -> AdapterWeights:
@@ -126,13 +181,17 @@ def export_adapter(engine: LLMEngine, name: str, out: Path, dtype: str, quantiza
 
     Raises:
         AdapterError: no adapter ``name`` (the route maps it).
-        APIError: 400 ``export_failed`` when the adapter does not fit the base.
+        APIError: 400 ``export_failed`` when the adapter does not fit the base; 507
+            ``insufficient_storage`` (or 500 ``storage_error``) when the directory could not
+            be written, in which case nothing of it is left (:func:`engine.export.write_model_dir`).
     """
     adapter = adapter_weights(engine, name)
     try:
         write_merged(engine.config.model.model_dir, adapter, out, DTYPES[dtype], quantization)
     except ValueError as e:  # AdapterError included: the adapter does not fit
         raise APIError(400, "export_failed", str(e), "name") from None
+    except OSError as e:
+        raise from_storage_error(e, "the export") from None
 
 
 def compose_candidates(engine: LLMEngine) -> list[str]:

@@ -12,6 +12,11 @@ work in worker threads, never on the event loop or the engine's stepping thread;
 composition jobs run in their own thread and score their examples as ordinary requests
 between the engine's steps, so serving never pauses. ``save`` writes a PEFT directory
 under the first ``--adapter-root``; exports go under ``--export-root``.
+
+Saves and exports are written whole or not at all (under a hidden name, renamed into place
+once complete). When the server's disk is full the route answers 507
+``insufficient_storage`` (another write failure: 500 ``storage_error``): nothing is left on
+disk and, for a merge, nothing is registered; serving goes on.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ wrong method) and unexpected exceptions too.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -31,10 +32,16 @@ _TYPES = {
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
+    507: "insufficient_storage_error",
 }
 
 # The engine process has stopped (process mode): requests in flight and new ones get 503.
 ENGINE_UNAVAILABLE = "engine_unavailable"
+
+# A save or an export found the server's disk (or the user's quota) full: 507, as WebDAV's
+# Insufficient Storage. The fault is the server's, so 5xx; the request may succeed later.
+INSUFFICIENT_STORAGE = "insufficient_storage"
+_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})  # disk, quota
 
 # AdapterError codes (adapters.errors and the registry) → HTTP status; anything else is 400
 # (``pin_refused`` included: the pins would leave the pool too small, the request's to change).
@@ -89,6 +96,23 @@ class APIError(Exception):
 def from_adapter_error(error: AdapterError, param: str | None = None) -> APIError:
     """Map the engine's adapter refusal onto a status, keeping its code and message."""
     return APIError(_ADAPTER_STATUS.get(error.code, 400), error.code, error.message, param)
+
+
+def from_storage_error(error: OSError, what: str) -> APIError:
+    """Map a failed write to the server's disk (``what``: "the save", "the export") onto
+    507 ``insufficient_storage`` when the disk or quota is full, else 500 ``storage_error``.
+
+    The message gives the system's reason, never the path (``OSError``'s own text has it);
+    the writers leave nothing behind, so it says so.
+    """
+    reason = error.strerror or type(error).__name__
+    if error.errno in _FULL:
+        return APIError(
+            507,
+            INSUFFICIENT_STORAGE,
+            f"{what} failed: the server's disk is full ({reason}); nothing was kept",
+        )
+    return APIError(500, "storage_error", f"{what} failed: {reason}; nothing was kept")
 
 
 def from_engine_value_error(error: ValueError, prompt_param: str) -> APIError:

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from server.bridge import _MAX_STEP_FAILURES
 from server.config import ServerConfig
 from tests.server.conftest import (
     BASE,
@@ -232,16 +233,29 @@ def test_watchdog_reports_a_stuck_engine(demo_server: Served) -> None:
 
 
 def test_an_engine_that_cannot_recover_turns_health_503() -> None:
+    """``step`` itself raises every time: the request gets 500, the engine thread gives up
+    after ``_MAX_STEP_FAILURES`` attempts in a row (counted: no busy loop), ``/health`` and
+    new requests get 503. (The engine process: tests/server/test_fault_injection.py.)"""
     served = serve(make_engine())
+    attempts: list[None] = []
+
+    def broken_step() -> Any:
+        attempts.append(None)
+        raise ZeroDivisionError("injected")
+
     try:
-        served.state.engine.step = lambda: 1 / 0  # type: ignore[method-assign, assignment, return-value]
+        served.state.engine.step = broken_step  # type: ignore[method-assign]
         with served.http() as http:
             body = {"model": BASE, "prompt": "x="}
             assert_error(http.post("/v1/completions", json=body), 500, "engine_error")
             assert wait_for(lambda: http.get("/health").status_code == 503, 5)
+            assert "stopped" in assert_error(http.get("/health"), 503, "unhealthy")["message"]
             assert_error(http.post("/v1/completions", json=body), 503, "engine_unavailable")
+        assert len(attempts) == _MAX_STEP_FAILURES
+        assert served.state.bridge.num_pending == 0
     finally:
         served.stop()
+    assert len(attempts) == _MAX_STEP_FAILURES
 
 
 def test_drain_stops_admitting_then_aborts_the_rest() -> None:

@@ -35,6 +35,7 @@ A :class:`ComposeJob` runs in its own thread; its state can be read at any time.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import re
@@ -277,7 +278,7 @@ class ComposeJob:
             logger.warning("composition %s failed: %s", self.id, e)
             with self._lock:
                 self.status = "failed"
-                self.error = e.message if isinstance(e, AdapterError) else str(e)
+                self.error = _reason(e)
         finally:
             with self._lock:
                 self.finished = time.time()
@@ -292,3 +293,13 @@ class ComposeJob:
 
 def with_name(weights: AdapterWeights, name: str) -> AdapterWeights:
     return dataclasses.replace(weights, name=name)
+
+
+def _reason(error: Exception) -> str:
+    """A failed job's error, for clients: an OS error's reason without its path."""
+    if isinstance(error, AdapterError):
+        return error.message
+    if isinstance(error, OSError):
+        full = " (the disk is full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"saving the result failed{full}: {error.strerror or type(error).__name__}"
+    return str(error)

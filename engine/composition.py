@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from adapters.atomic_dir import write_directory
 from adapters.compose import (
     ComposeJob,
     ComposeSpec,
@@ -119,7 +120,7 @@ def start_composition(
                 saved = mixture_as_adapter(candidates(), w, spec.name)
             else:
                 saved = lorahub_combine(candidates(), w, spec.name)
-            save_peft_adapter(saved, save_dir / spec.name)
+            write_directory(save_dir / spec.name, lambda d: save_peft_adapter(saved, d))
         register(spec.name, w)
         return spec.name
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from adapters.atomic_dir import write_directory
 from adapters.base_layout import BaseModelLayout
 from adapters.kinds import LoadContext, read_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
@@ -350,17 +350,15 @@ def write_model_dir(
         OSError: writing failed (``ENOSPC`` for a full disk); nothing was kept.
     """
     state = {name: t.contiguous().cpu() for name, t in tensors}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
-    try:
-        partial.mkdir()
-        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def fill(directory: Path) -> None:
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (directory / "config.json").write_text(config_text)
         for name in _SIDE_FILES:
             if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, partial / name)
-        partial.replace(out_dir)  # atomic; an empty out_dir is replaced, a full one refuses
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)  # gone already once renamed
+                shutil.copy2(source_dir / name, directory / name)
+
+    write_directory(out_dir, fill)
     logger.info("wrote %s (%d tensors)", out_dir, len(state))
     return out_dir

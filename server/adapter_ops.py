@@ -9,12 +9,12 @@ through :mod:`server.engine_handle`). Refusals are ``AdapterError`` (the route p
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from adapters.atomic_dir import write_directory
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.ia3 import merge_ia3, save_ia3_adapter
@@ -139,10 +139,10 @@ def save_then_register(
     """Write a new adapter directory ``out`` (when asked) with ``write(directory)``, then
     ``register()`` the adapter, all or nothing.
 
-    The directory is written under a hidden name beside ``out`` and renamed into place once
-    complete, so a reader never sees half an adapter and a failed write (a full disk)
-    leaves nothing; a registration refused after the save removes the saved directory (the
-    request failed: a retry must not find the name taken on disk).
+    The directory appears whole or not at all (:func:`adapters.atomic_dir.write_directory`),
+    so a failed write (a full disk) leaves nothing; a registration refused after the save
+    removes the saved directory (the request failed: a retry must not find the name taken
+    on disk).
 
     Raises:
         APIError: 507 ``insufficient_storage`` or 500 ``storage_error`` when writing failed.
@@ -151,14 +151,10 @@ def save_then_register(
     if out is None:
         register()
         return
-    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:
-        write(partial)
-        partial.rename(out)  # atomic; refused if ``out`` appeared meanwhile with files in it
+        write_directory(out, write)
     except OSError as e:
         raise from_storage_error(e, "the save") from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)  # gone already once renamed
     try:
         register()
     except BaseException:

@@ -473,6 +473,35 @@ def test_a_full_disk_under_a_merge_save_leaves_nothing(
     assert_good(live)
 
 
+def test_a_full_disk_under_a_composition_save_leaves_nothing(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A composition whose result cannot be saved fails as a job (its error says the disk is
+    full, without the path); nothing is registered or left under the adapter root."""
+    save_file, began = full_disk()
+    monkeypatch.setattr(peft_writer, "save_file", save_file)
+    before = sorted(os.listdir(live.root))
+    body = {
+        "name": "composed-saved",
+        "candidates": ["upper", "swapcase"],
+        "examples": [{"prompt": "ab=", "completion": "AB"}],
+        "method": "mixture",
+        "max_steps": 2,
+        "save": True,
+    }
+    with live.http() as http:
+        started = http.post("/v1/adapters/compose", json=body)
+        assert started.status_code == 202, started.text
+        path = f"/v1/adapters/compose/{started.json()['id']}"
+        assert wait_for(lambda: http.get(path).json()["status"] in ("failed", "succeeded"), 60)
+        job = http.get(path).json()
+    assert job["status"] == "failed" and len(began) == 1
+    assert "disk is full" in job["error"] and str(live.root) not in job["error"]
+    assert "composed-saved" not in models(live)
+    assert sorted(os.listdir(live.root)) == before
+    assert_good(live)
+
+
 def test_a_full_disk_under_an_export_leaves_nothing(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,6 @@ A :class:`ComposeJob` runs in its own thread; its state can be read at any time.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import math
@@ -289,10 +288,6 @@ class ComposeJob:
             self.step,
             None if self.best_loss is None else round(self.best_loss, 4),
         )
-
-
-def with_name(weights: AdapterWeights, name: str) -> AdapterWeights:
-    return dataclasses.replace(weights, name=name)
 
 
 def _reason(error: Exception) -> str:

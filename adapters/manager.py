@@ -24,8 +24,9 @@ engine thread: only it reads or changes it. Everything else here is shared under
   :meth:`~AdapterManager.slots`, :meth:`~AdapterManager.pin`,
   :meth:`~AdapterManager.unpin`, :meth:`~AdapterManager.reclaim`,
   :meth:`~AdapterManager.take_placements`, :meth:`~AdapterManager.discard`,
-  :meth:`~AdapterManager.place_pinned`, and the ``residency`` itself. Placing an adapter
-  here is bookkeeping; the runner writes it into the pool from the step's placements.
+  :meth:`~AdapterManager.place_pinned`, :attr:`~AdapterManager.tables`, and the
+  ``residency`` itself. Placing an adapter here is bookkeeping; the runner writes it into
+  the pool from the step's placements.
 
 Tiers: disk → host (:class:`HostCache`, filled by the :class:`Prefetcher` thread) → pool
 (:class:`AdapterResidency`). A request holds its :class:`AdapterEntry` from the moment it is
@@ -51,7 +52,7 @@ from adapters.kinds import LoadContext, read_adapter
 from adapters.placement import Placement
 from adapters.prefetch import Prefetcher
 from adapters.registry import AdapterEntry, AdapterRegistry
-from adapters.residency import AdapterResidency
+from adapters.residency import AdapterResidency, LoraTables
 from adapters.weights import ADALORA, LORA, AdapterWeights, BaseWeights
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ class AdapterManager:
         max_adapter_pages: the most pages an adapter, or a mixture's components together,
             may take; larger ones are refused when loaded.
         host_cache_bytes: the host tier's capacity.
-        load: reads an adapter directory (tests substitute slow or failing sources).
         pin_capacity: the most pages pinned adapters may take together (the pool less what
             one request needs at full length); None: the pool less one token's KV.
         max_loras: the most distinct adapters in one batch (the scheduler's cap), which a
@@ -103,7 +103,6 @@ class AdapterManager:
         max_lora_rank: int,
         max_adapter_pages: int,
         host_cache_bytes: int = 2 << 30,
-        load: LoadFn | None = None,
         pin_capacity: int | None = None,
         max_loras: int | None = None,
         base: BaseWeights | None = None,
@@ -121,10 +120,9 @@ class AdapterManager:
         self.max_loras = max_loras
         self.registry = AdapterRegistry()
         self.host_cache: HostCache[AdapterWeights] = HostCache(host_cache_bytes)
-        # Where weights come from: the files, through the validating loader. Replaceable
-        # (tests substitute a deliberately slow or failing source).
+        # Where weights come from: the files, through the validating loader.
         context = LoadContext(layout, max_lora_rank, base=base)
-        self.source: LoadFn = load or (lambda path: self._read_adapter(path, context))
+        self.source: LoadFn = lambda path: self._read_adapter(path, context)
         self.prefetcher = Prefetcher(self._read, self.host_cache, _PREFETCH_WORKERS)
         self._unloads: list[AdapterEntry] = []
         self._acquired: list[AdapterEntry] = []  # acquired since the last sync()
@@ -554,9 +552,17 @@ class AdapterManager:
         for part in self.parts(entry):
             self.residency.unpin(part.id)
 
-    def reclaim(self, num_pages: int) -> bool:
-        """Evict unpinned adapters until ``num_pages`` pages are free (for the KV cache)."""
-        return self.residency.reclaim(num_pages)
+    def reclaim(self, num_pages: int, keep: AdapterEntry | None = None) -> bool:
+        """Free pages for the KV cache until ``num_pages`` are free, evicting unpinned
+        adapters (but ``keep``, or a mixture's components) and unused cached blocks, least
+        recently used first; returns whether they are free."""
+        return self.residency.reclaim(num_pages, keep=self.ids(keep) if keep is not None else ())
+
+    @property
+    def tables(self) -> LoraTables:
+        """Where the resident adapters' rows are, by slot (their host fields are the
+        residency's; the runner writes the device ones from the placements)."""
+        return self.residency.tables
 
     def take_placements(self) -> tuple[Placement, ...]:
         """The placements made since the last call, for the step's output (the runner writes

@@ -26,20 +26,15 @@ W = TypeVar("W", bound=Sized)
 
 @dataclass
 class PrefetchStats:
-    """Counters for metrics and tests.
+    """The loads' counters, for metrics (prefetch hits and misses are counted per request,
+    by the scheduler).
 
     Attributes:
-        hits: requests whose adapter was in host memory or the pool when first scheduled.
-        misses: requests that had to wait for their adapter to load.
         loads: completed disk → host loads.
-        failures: loads that raised.
         load_seconds: total time spent in completed loads.
     """
 
-    hits: int = 0
-    misses: int = 0
     loads: int = 0
-    failures: int = 0
     load_seconds: float = 0.0
 
 
@@ -78,7 +73,6 @@ class Prefetcher(Generic[W]):
             logger.warning("loading adapter %s failed: %s", entry.name, e)
             with self._lock:
                 self._errors[entry.id] = str(e)
-                self.stats.failures += 1
                 del self._inflight[entry.id]
             return
         self.cache.put(entry.id, weights)
@@ -96,13 +90,6 @@ class Prefetcher(Generic[W]):
         """Drop a recorded failure, so a later request retries the load."""
         with self._lock:
             self._errors.pop(entry.id, None)
-
-    def wait(self, entry: AdapterEntry, timeout: float | None = None) -> None:
-        """Block until an in-flight load of ``entry`` ends (for tests and synchronous loads)."""
-        with self._lock:
-            future = self._inflight.get(entry.id)
-        if future is not None:
-            future.result(timeout)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

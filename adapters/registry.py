@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import AdapterError
@@ -63,7 +63,6 @@ class AdapterEntry:
     pages: int = 0
     refs: int = 0
     unloading: bool = False
-    error: str | None = field(default=None)
     weights: AdapterWeights | None = None  # an adapter made in memory
     components: tuple[tuple[AdapterEntry, float], ...] = ()  # a mixture's (adapter, weight)
     digest: bytes = b""

@@ -91,10 +91,6 @@ class SchedulerOutput:
     placements: tuple[Placement, ...] = ()
 
     @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
     def is_empty(self) -> bool:
         return not self.chunks
 

@@ -105,12 +105,6 @@ class KVCache:
             self.prefix.release(blocks)
         self._offered.pop(request_id, None)
 
-    def reclaim(self, num_pages: int) -> bool:
-        """Evict unused cached blocks until ``num_pages`` pages are free."""
-        if self.prefix is None:
-            return self.pages.num_free >= num_pages
-        return self.prefix.evict(num_pages)
-
     def slots(self, request_id: str, start: int, end: int) -> tuple[list[int], list[int]]:
         """The K pages and the V pages of the request's tokens ``start .. end - 1``."""
         pages = self._pages[request_id][PAGES_PER_TOKEN * start : PAGES_PER_TOKEN * end]

@@ -39,7 +39,7 @@ from engine.parallel.executor import (
     worker_counters,
 )
 from engine.quantization import memory_report
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -140,13 +140,12 @@ class LLMEngine:
                 self.pool.layers,
                 sampler,
                 slot_tables,
-                self.adapters.residency.tables,
+                self.adapters.tables,
                 backends.lora,
                 graphs,
             )
             if graphs is not None and config.graphs.mode == "graphs":
                 graphs.capture()
-        self.requests: dict[str, Request] = {}
         self._inbox: list[Request] = []
         # Running and waiting requests by adapter, counted after a step when stats asked
         self._adapter_load: dict[str, tuple[int, int]] = {}
@@ -187,7 +186,7 @@ class LLMEngine:
             model,
             self.pool.layers,
             slot_tables,
-            self.adapters.residency.tables,
+            self.adapters.tables,
             backends.lora,
             config.graphs.sizes or capture_sizes(config.scheduler.max_num_seqs),
             config.lora.max_lora_rank,
@@ -329,7 +328,7 @@ class LLMEngine:
             num_prefix_positions=prefix_positions,
         )
         with self._lock:
-            if request_id in self.requests or any(r.request_id == request_id for r in self._inbox):
+            if request_id in self.scheduler or any(r.request_id == request_id for r in self._inbox):
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._inbox.append(request)
         return request_id
@@ -391,7 +390,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """Whether ``step()`` has work: requests to run, or adapter unloads to apply."""
         with self._lock:
-            if self._inbox or self.requests:
+            if self._inbox or self.scheduler.has_unfinished():
                 return True
         return self.adapters.has_pending_unloads()
 
@@ -400,9 +399,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule → run → update. Returns the outputs of requests that advanced."""
         aborted = self._drain_inbox()
-        scheduled = self.scheduler.schedule()
-        aborted += [self._output(r) for r in self.scheduler.failed]
-        self.scheduler.failed.clear()
+        scheduled, failed = self.scheduler.schedule()
+        aborted += [self._output(r) for r in failed]
         try:
             results = self.runner.execute(scheduled)
         except WorkerDied:
@@ -414,34 +412,26 @@ class LLMEngine:
             )
             self.num_failed_steps += 1
             self.num_steps += 1
-            failed = self._fail(scheduled)
+            failed_outputs = self._fail(scheduled)  # first: it unpins their adapters
             # The runner may have failed before writing the adapters this schedule placed.
             self.adapters.discard(scheduled.placements)
-            return aborted + failed
-        advanced = self.scheduler.update(scheduled, results, self.requests)
+            return aborted + failed_outputs
+        advanced = self.scheduler.update(scheduled, results)
         self.num_steps += 1
         self.generation_tokens += sum(1 for c in scheduled.chunks if c.sample)
         if self._load_wanted:  # someone asked for stats since the last count
             self._load_wanted = False
-            self._adapter_load = self._count_by_adapter()
+            self._adapter_load = self.scheduler.count_by_adapter()
         return aborted + [self._output(r) for r in advanced]
 
-    def _count_by_adapter(self) -> dict[str, tuple[int, int]]:
-        """Adapter name to (running, waiting) requests (the engine thread's count)."""
-        counts: dict[str, list[int]] = {}
-        for request in self.requests.values():
-            if request.adapter is not None:
-                count = counts.setdefault(request.adapter.name, [0, 0])
-                count[request.status is not RequestStatus.RUNNING] += 1
-        return {name: (running, waiting) for name, (running, waiting) in counts.items()}
-
     def _fail(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        """Abort every request of a step the runner failed."""
         outputs = []
         for chunk in scheduled.chunks:
-            request = self.requests[chunk.request_id]
-            request.error = "internal error while running the batch"
-            request.error_code = "engine_error"
-            self.scheduler.finish(request, "abort")
+            request = self.scheduler.abort(
+                chunk.request_id, "internal error while running the batch", "engine_error"
+            )
+            assert request is not None, "a scheduled request is unfinished until update()"
             outputs.append(self._output(request))
         return outputs
 
@@ -532,7 +522,6 @@ class LLMEngine:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
         for request in inbox:
-            self.requests[request.request_id] = request
             self.prompt_tokens += len(request.prompt_token_ids)
             if request.adapter is not None:
                 self.adapters.acquire(request.adapter)
@@ -540,9 +529,8 @@ class LLMEngine:
         self.adapters.sync()
         outputs = []
         for request_id in aborts:
-            aborted = self.requests.get(request_id)
-            if aborted is not None and not aborted.finished:
-                self.scheduler.finish(aborted, "abort")
+            aborted = self.scheduler.abort(request_id)
+            if aborted is not None:
                 outputs.append(self._output(aborted))
         return outputs
 
@@ -550,8 +538,6 @@ class LLMEngine:
         """The request's news since its previous output (and the whole record when done)."""
         finished = request.finished
         delta = request.detokenizer.release(finished)
-        if finished:
-            del self.requests[request.request_id]
         first = request.num_reported == 0
         start, end = request.num_reported, len(request.output_token_ids)
         request.num_reported = end
@@ -597,6 +583,7 @@ class LLMEngine:
         """Assert the page pool's invariants across both tenants, and the adapter pins."""
         self.pool.check_integrity()
         self.kv_cache.check_integrity()
+        self.scheduler.check_integrity()
         assert self.kv_cache.num_requests() <= len(self.scheduler.running)
         pins: dict[int, int] = {}
         for request in self.scheduler.running:

@@ -31,6 +31,11 @@ Placing an adapter is bookkeeping here: the step's output carries the placements
 runner copies the weights into the pool before its forward. After the step, :meth:`update`
 offers the prefix cache every block the step filled.
 
+The scheduler owns its requests: from :meth:`add` until they are retired, it alone changes
+them, and the engine names them by id (:meth:`abort`). A request whose adapter fails is
+retired inside :meth:`schedule`, which hands it back beside the step's output for the engine
+to report.
+
 There are no prefill and decode phases: both share one budget in one batch. A request
 whose chunk reaches its last token samples one new token in :meth:`update`.
 """
@@ -54,13 +59,14 @@ _PREFETCH_AHEAD = 8  # waiting requests whose adapters step 3 copies into free p
 
 
 class Scheduler:
-    """Owns the waiting queue, the running list and the KV cache's page lists.
+    """Owns the unfinished requests, the waiting queue, the running list and the KV cache's
+    page lists.
 
     Args:
         config: batch limits and the scheduling policy.
         kv_cache: the KV tenant's page lists.
         eos_token_ids: tokens that end a request.
-        adapters: the adapter side of the engine (None: base-model requests only).
+        adapters: the adapter side of the engine.
         max_loras: the most distinct adapters in one batch (None: no cap).
     """
 
@@ -69,7 +75,7 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache: KVCache,
         eos_token_ids: set[int],
-        adapters: AdapterManager | None = None,
+        adapters: AdapterManager,
         max_loras: int | None = None,
     ) -> None:
         self.config = config
@@ -80,19 +86,58 @@ class Scheduler:
         self.waiting = make_policy(config)  # the waiting queue, in the policy's order
         self.ledger = ClientLedger()
         self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}  # the unfinished ones (waiting or running) by id
         self.num_preemptions = 0
+        # Requests whose adapter was in host memory or the pool when first considered for
+        # admission, and those that waited for it to load.
         self.prefetch_hits = 0
         self.prefetch_misses = 0
-        self.failed: list[Request] = []  # aborted by the engine since last drained
+        self._failed: list[Request] = []  # retired in this schedule(): their adapter failed
         self._retired: list[str] = []  # finished or aborted since the last schedule()
 
     def add(self, request: Request) -> None:
+        """Queue a new request (its id unique among the unfinished ones)."""
+        self._requests[request.request_id] = request
         self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether any request is waiting or running (any thread: one dict read)."""
+        return bool(self._requests)
 
-    def schedule(self) -> SchedulerOutput:
+    def __contains__(self, request_id: str) -> bool:
+        """Whether an unfinished request has this id (any thread: one dict read)."""
+        return request_id in self._requests
+
+    def abort(
+        self, request_id: str, error: str | None = None, error_code: str | None = None
+    ) -> Request | None:
+        """Retire an unfinished request as aborted, with the error that ended it if any;
+        returns it, or None when no unfinished request has that id (finished already)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        if error is not None:
+            request.error, request.error_code = error, error_code
+        self._finish(request, "abort")
+        return request
+
+    def count_by_adapter(self) -> dict[str, tuple[int, int]]:
+        """Adapter name to (running, waiting) requests."""
+        counts: dict[str, list[int]] = {}
+        for request in self._requests.values():
+            if request.adapter is not None:
+                count = counts.setdefault(request.adapter.name, [0, 0])
+                count[request.status is not RequestStatus.RUNNING] += 1
+        return {name: (running, waiting) for name, (running, waiting) in counts.items()}
+
+    def check_integrity(self) -> None:
+        """Assert that every unfinished request is waiting or running, and only those."""
+        assert len(self._requests) == len(self.waiting) + len(self.running)
+        assert all(self._requests.get(r.request_id) is r for r in self.running)
+
+    def schedule(self) -> tuple[SchedulerOutput, list[Request]]:
+        """The step's work for the runner, and the requests this schedule retired because
+        their adapter failed (for the engine to report)."""
         budget = self.config.max_num_batched_tokens
         chunks: dict[str, int] = {}  # request id -> tokens scheduled this step
         preempted: list[Request] = []
@@ -108,21 +153,22 @@ class Scheduler:
                 chunks[request.request_id] = num_new
                 budget -= num_new
 
-        pins_placed = self.adapters is None or self.adapters.place_pinned()
+        pins_placed = self.adapters.place_pinned()
         if not preempted and pins_placed:
             budget = self._admit(budget, chunks)
-        if self.adapters is not None:
-            ahead = [r.adapter for r in self.waiting.peek(_PREFETCH_AHEAD) if r.adapter]
-            self.adapters.prefetch_into_pool(ahead)
+        ahead = [r.adapter for r in self.waiting.peek(_PREFETCH_AHEAD) if r.adapter]
+        self.adapters.prefetch_into_pool(ahead)
 
         scheduled = [r for r in self.running if r.request_id in chunks]
         retired, self._retired = self._retired, []
-        return SchedulerOutput(
+        failed, self._failed = self._failed, []
+        output = SchedulerOutput(
             chunks=[self._chunk(r, chunks[r.request_id]) for r in scheduled],
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=retired,
-            placements=self.adapters.take_placements() if self.adapters is not None else (),
+            placements=self.adapters.take_placements(),
         )
+        return output, failed
 
     def _admit(self, budget: int, chunks: dict[str, int]) -> int:
         """Admit waiting requests in the policy's order (step 2); returns the budget left."""
@@ -144,7 +190,7 @@ class Scheduler:
                 # (a mixture whose components were on disk when it was registered).
                 assert request.adapter is not None
                 message = f"adapter {request.adapter.name!r} needs more pages than the pool has"
-                self._abort(request, AdapterError("adapter_too_large", message))
+                self._fail(request, AdapterError("adapter_too_large", message))
                 continue
             if readiness is Readiness.NO_ROOM:
                 break
@@ -166,7 +212,7 @@ class Scheduler:
                 in_batch.update(parts)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if request.adapter is not None and self.adapters is not None:
+            if request.adapter is not None:
                 self.adapters.pin(request.adapter)
             chunks[request.request_id] = num_new
             budget -= num_new
@@ -194,7 +240,7 @@ class Scheduler:
         )
 
     def _adapter_ids(self, request: Request) -> tuple[int, ...]:
-        if request.adapter is None or self.adapters is None:
+        if request.adapter is None:
             return ()
         return tuple(self.adapters.ids(request.adapter))
 
@@ -236,7 +282,7 @@ class Scheduler:
 
     def _adapter_readiness(self, request: Request) -> Readiness | None:
         """Make the request's adapter resident if it can be; None for base-model requests."""
-        if request.adapter is None or self.adapters is None:
+        if request.adapter is None:
             return None
         if request.waited_for_adapter is None:
             request.waited_for_adapter = not self.adapters.is_ready(request.adapter)
@@ -247,14 +293,13 @@ class Scheduler:
         try:
             return self.adapters.ensure_resident(request.adapter)
         except AdapterError as e:
-            self._abort(request, e)
+            self._fail(request, e)
             return Readiness.LOADING  # gone from the queue; move on
 
-    def _abort(self, request: Request, error: AdapterError) -> None:
-        """Retire a request its adapter fails, reported to the engine through ``failed``."""
-        request.error, request.error_code = error.message, error.code
-        self.finish(request, "abort")
-        self.failed.append(request)
+    def _fail(self, request: Request, error: AdapterError) -> None:
+        """Retire a request its adapter fails; :meth:`schedule` hands it to the engine."""
+        self.abort(request.request_id, error.message, error.code)
+        self._failed.append(request)
 
     def _grow(self, request: Request, num_tokens: int, keep_adapter: bool = False) -> bool:
         """Give the request KV pages for ``num_tokens`` tokens, evicting unused adapters."""
@@ -263,14 +308,8 @@ class Scheduler:
             return True
         except OutOfPages as e:
             # Unused adapters and unused cached blocks, least recently used first.
-            if self.adapters is None:
-                reclaimed = self.kv_cache.reclaim(e.requested)
-            else:
-                keep = (
-                    self.adapters.ids(request.adapter) if keep_adapter and request.adapter else []
-                )
-                reclaimed = self.adapters.residency.reclaim(e.requested, keep=keep)
-            if not reclaimed:
+            keep = request.adapter if keep_adapter else None
+            if not self.adapters.reclaim(e.requested, keep=keep):
                 return False
         self.kv_cache.grow(request.request_id, num_tokens)
         return True
@@ -299,7 +338,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.free(request.request_id)
-        if request.adapter is not None and self.adapters is not None:
+        if request.adapter is not None:
             self.adapters.unpin(request.adapter)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -317,13 +356,12 @@ class Scheduler:
         if first and start:
             cached_k, cached_v = self.kv_cache.slots(request.request_id, 0, start)
         slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
-        if request.adapter is not None and self.adapters is not None:
+        if request.adapter is not None:
             slots = self.adapters.slots(request.adapter)
         if first and request.num_prefix_positions:
             # Prefix tuning: positions 0 .. n - 1 are the adapter's pages, wherever it is
             # placed now (`engine/virtual_tokens.py`); the request's own tokens follow.
-            assert self.adapters is not None
-            prefix_k, prefix_v = prefix_pages(self.adapters.residency.tables, slots[0][0])
+            prefix_k, prefix_v = prefix_pages(self.adapters.tables, slots[0][0])
             cached_k, cached_v = prefix_k + cached_k, prefix_v + cached_v
         return ScheduledChunk(
             request_id=request.request_id,
@@ -367,19 +405,15 @@ class Scheduler:
         eos = () if params.ignore_eos else tuple(self.eos_token_ids)
         return eos + params.stop_token_ids
 
-    def update(
-        self,
-        output: SchedulerOutput,
-        results: dict[str, ChunkResult],
-        requests: dict[str, Request],
-    ) -> list[Request]:
-        """Advance every scheduled request by its chunk and append its sampled token.
+    def update(self, output: SchedulerOutput, results: dict[str, ChunkResult]) -> list[Request]:
+        """Advance every request of ``output`` (this step's schedule) by its chunk and append
+        its sampled token.
 
         Returns the requests that produced a token (finished ones included).
         """
         advanced: list[Request] = []
         for chunk in output.chunks:
-            request = requests[chunk.request_id]
+            request = self._requests[chunk.request_id]
             request.num_computed_tokens += chunk.num_tokens
             self._commit(request)
             result = results.get(chunk.request_id, ChunkResult())
@@ -401,7 +435,7 @@ class Scheduler:
             request.detokenizer.add_token(token)
             reason = self._finish_reason(request, token)
             if reason is not None:
-                self.finish(request, reason)
+                self._finish(request, reason)
             advanced.append(request)
         return advanced
 
@@ -417,16 +451,17 @@ class Scheduler:
             return "length"
         return None
 
-    def finish(self, request: Request, reason: str) -> None:
+    def _finish(self, request: Request, reason: str) -> None:
         """Retire a request (finished or aborted): free its pages, drop its adapter."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-            if request.adapter is not None and self.adapters is not None:
+            if request.adapter is not None:
                 self.adapters.unpin(request.adapter)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        del self._requests[request.request_id]
         self.kv_cache.free(request.request_id)
-        if request.adapter is not None and self.adapters is not None:
+        if request.adapter is not None:
             self.adapters.release(request.adapter)
         self.waiting.finished(request)
         self._retired.append(request.request_id)

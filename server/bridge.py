@@ -47,7 +47,7 @@ _ABORT_GRACE_S = 2.0  # after aborting, how long to wait for the engine's abort 
 
 
 class Engine(Protocol):
-    """What the bridge needs of :class:`engine.LLMEngine` (tests substitute fakes)."""
+    """What the bridge needs of :class:`engine.LLMEngine`."""
 
     def add_request(
         self,
@@ -193,11 +193,9 @@ class BridgeBase(abc.ABC):
         """End requests the engine never answered (it failed, or lost them) with a final output."""
         stragglers = list(self._routes)
         self._engine_abort(stragglers)
-        self._deliver(
-            [final_output(rid, reason, error, error_code) for rid in stragglers], time.monotonic()
-        )
+        self._deliver([final_output(rid, reason, error, error_code) for rid in stragglers])
 
-    def _deliver(self, outputs: list[RequestOutput], step_started: float) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One step's outputs, on the event loop: route each to its group, record timings."""
         now = time.monotonic()
         for output in outputs:
@@ -210,12 +208,9 @@ class BridgeBase(abc.ABC):
                 group.num_tokens[rid] = output.num_output_tokens
                 last = group.last_token_time.get(rid)
                 if last is None:
-                    # The engine's queue time starts at add_request; fall back to the step
-                    # start for outputs that carry none (fakes in tests).
-                    queue_s = output.queue_time
-                    if queue_s is None:
-                        queue_s = step_started - group.arrival
-                    self.metrics.first_token(now - group.arrival, queue_s, adapter)
+                    # A request yields tokens only once admitted: its output has a queue time.
+                    assert output.queue_time is not None
+                    self.metrics.first_token(now - group.arrival, output.queue_time, adapter)
                 else:
                     self.metrics.inter_token(now - last)
                 self.metrics.tokens(len(output.new_token_ids), adapter)
@@ -378,7 +373,7 @@ class EngineBridge(BridgeBase):
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
                 continue
-            started = self._busy_since = time.monotonic()
+            self._busy_since = time.monotonic()
             try:
                 outputs = self.engine.step()
                 failures = 0
@@ -396,7 +391,7 @@ class EngineBridge(BridgeBase):
             finally:
                 self._busy_since = None
             if outputs:
-                self._post(self._deliver, outputs, started)
+                self._post(self._deliver, outputs)
             elif self.engine.stats().num_running == 0:
                 # Only waiting requests (an adapter still loading from disk, or no room yet):
                 # do not spin on empty steps.

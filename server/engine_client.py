@@ -343,7 +343,7 @@ class ProcessBridge(BridgeBase):
 
     def _dispatch(self, message: Any) -> None:
         if isinstance(message, StepOutputs):
-            self._deliver(message.outputs, time.monotonic())
+            self._deliver(message.outputs)
         elif isinstance(message, Reply):
             future = self._calls.pop(message.call_id, None)
             if future is not None and not future.done():
@@ -453,7 +453,7 @@ class ProcessBridge(BridgeBase):
             raise
         return group
 
-    def _deliver(self, outputs: list[RequestOutput], step_started: float) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Render each output's text here, then deliver as the base bridge does. A request
         whose text reaches a stop string finishes here ("stop") and is aborted in the engine,
         which does not see text."""
@@ -478,7 +478,7 @@ class ProcessBridge(BridgeBase):
                 del self._detokenizers[out.request_id]
             rendered.append(dataclasses.replace(out, delta=delta, text=text))
         self._engine_abort(stopped)
-        super()._deliver(rendered, step_started)
+        super()._deliver(rendered)
 
     def _engine_abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

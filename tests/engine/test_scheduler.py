@@ -17,6 +17,7 @@ from engine.kv_cache import KVCache
 from engine.page_pool import PagePool
 from engine.request import Request
 from engine.scheduler import Scheduler
+from tests.engine.conftest import adapter_manager
 from tests.tiny_models import save_byte_tokenizer
 
 
@@ -30,7 +31,9 @@ POOLS: dict[int, PagePool] = {}  # scheduler id -> its pool, for integrity check
 
 def make_scheduler(num_pages: int, max_seqs: int = 8, budget: int = 16) -> Scheduler:
     pool = PagePool(1, num_pages, 4, torch.float32, torch.device("cpu"))
-    scheduler = Scheduler(SchedulerConfig(max_seqs, budget), KVCache(pool), eos_token_ids={2})
+    kv_cache = KVCache(pool)
+    config = SchedulerConfig(max_seqs, budget)
+    scheduler = Scheduler(config, kv_cache, {2}, adapter_manager(pool, kv_cache))
     POOLS[id(scheduler)] = pool
     return scheduler
 
@@ -47,10 +50,12 @@ def make_request(
     )
 
 
-def run_step(scheduler: Scheduler, requests: dict[str, Request]) -> dict[str, int]:
+def run_step(scheduler: Scheduler) -> dict[str, int]:
     """One step with every sampled token = 7; returns tokens scheduled per request."""
-    out = scheduler.schedule()
-    scheduler.update(out, {c.request_id: ChunkResult(7) for c in out.chunks if c.sample}, requests)
+    out, failed = scheduler.schedule()
+    assert not failed
+    scheduler.update(out, {c.request_id: ChunkResult(7) for c in out.chunks if c.sample})
+    scheduler.check_integrity()
     POOLS[id(scheduler)].check_integrity()
     return {c.request_id: c.num_tokens for c in out.chunks}
 
@@ -60,11 +65,11 @@ def test_long_prompt_is_chunked_while_decodes_continue(tokenizer: PreTrainedToke
     requests = {"a": make_request(tokenizer, "a", 5), "b": make_request(tokenizer, "b", 40)}
     for r in requests.values():
         scheduler.add(r)
-    assert run_step(scheduler, requests) == {"a": 5, "b": 11}  # FCFS; b gets the rest
-    assert run_step(scheduler, requests) == {"a": 1, "b": 15}  # a decodes, b's next chunk
-    assert run_step(scheduler, requests) == {"a": 1, "b": 14}  # b's prompt ends: it samples
+    assert run_step(scheduler) == {"a": 5, "b": 11}  # FCFS; b gets the rest
+    assert run_step(scheduler) == {"a": 1, "b": 15}  # a decodes, b's next chunk
+    assert run_step(scheduler) == {"a": 1, "b": 14}  # b's prompt ends: it samples
     assert requests["b"].output_token_ids == [7]
-    assert run_step(scheduler, requests) == {"a": 1, "b": 1}
+    assert run_step(scheduler) == {"a": 1, "b": 1}
 
 
 def test_max_num_seqs_and_fcfs(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -72,9 +77,9 @@ def test_max_num_seqs_and_fcfs(tokenizer: PreTrainedTokenizerFast) -> None:
     requests = {str(i): make_request(tokenizer, str(i), 3, max_tokens=2) for i in range(4)}
     for r in requests.values():
         scheduler.add(r)
-    assert set(run_step(scheduler, requests)) == {"0", "1"}
-    assert set(run_step(scheduler, requests)) == {"0", "1"}  # both finish (2 tokens)
-    assert set(run_step(scheduler, requests)) == {"2", "3"}
+    assert set(run_step(scheduler)) == {"0", "1"}
+    assert set(run_step(scheduler)) == {"0", "1"}  # both finish (2 tokens)
+    assert set(run_step(scheduler)) == {"2", "3"}
 
 
 def test_preemption_recomputes_the_newest_request(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -86,17 +91,17 @@ def test_preemption_recomputes_the_newest_request(tokenizer: PreTrainedTokenizer
     }
     for r in requests.values():
         scheduler.add(r)
-    assert run_step(scheduler, requests) == {"old": 5, "new": 5}  # 20 pages
-    assert run_step(scheduler, requests) == {"old": 1, "new": 1}  # 24 pages: full
-    assert run_step(scheduler, requests) == {"old": 1}  # "new" preempted for "old"
+    assert run_step(scheduler) == {"old": 5, "new": 5}  # 20 pages
+    assert run_step(scheduler) == {"old": 1, "new": 1}  # 24 pages: full
+    assert run_step(scheduler) == {"old": 1}  # "new" preempted for "old"
     assert scheduler.num_preemptions == 1
     new = requests["new"]
     assert new.num_computed_tokens == 0 and len(new.output_token_ids) == 2
     assert scheduler.waiting.peek(1) == [new]
     while requests["old"].status.value != "finished":
-        run_step(scheduler, requests)
+        run_step(scheduler)
     # Resumed: prompt and its two generated tokens are recomputed in one chunk.
-    assert run_step(scheduler, requests) == {"new": 7}
+    assert run_step(scheduler) == {"new": 7}
 
 
 def test_add_and_abort_from_another_thread(llama_dir: Path) -> None:

@@ -23,6 +23,7 @@ from engine.page_pool import PagePool
 from engine.request import Request
 from engine.scheduler import Scheduler
 from engine.scheduling import OTHER_CLIENTS, ClientLedger, FairPolicy
+from tests.engine.conftest import adapter_manager
 from tests.tiny_models import save_byte_tokenizer
 
 W_IN, W_OUT = 1.0, 2.0
@@ -47,7 +48,9 @@ class Trace:
         self.tokenizer = tokenizer
         self.pool = PagePool(1, num_pages, 4, torch.float32, torch.device("cpu"))
         config = SchedulerConfig(max_seqs, budget, policy, "adapter", W_IN, W_OUT)
-        self.scheduler = Scheduler(config, KVCache(self.pool, enable_prefix_caching=False), {2})
+        kv_cache = KVCache(self.pool, enable_prefix_caching=False)
+        adapters = adapter_manager(self.pool, kv_cache)
+        self.scheduler = Scheduler(config, kv_cache, {2}, adapters)
         self.requests: dict[str, Request] = {}
         self.added_at: dict[str, int] = {}
         self.admitted_at: dict[str, int] = {}
@@ -79,7 +82,8 @@ class Trace:
         )
 
     def step(self) -> dict[str, int]:
-        out = self.scheduler.schedule()
+        out, failed = self.scheduler.schedule()
+        assert not failed
         for chunk in out.chunks:
             request = self.requests[chunk.request_id]
             if chunk.request_id not in self.admitted_at:
@@ -90,8 +94,9 @@ class Trace:
             if chunk.sample:
                 self.served[request.client] = self.served.get(request.client, 0.0) + W_OUT
         results = {c.request_id: ChunkResult(7) for c in out.chunks if c.sample}
-        self.scheduler.update(out, results, self.requests)
+        self.scheduler.update(out, results)
         self.pool.check_integrity()
+        self.scheduler.check_integrity()
         self.step_no += 1
         return {c.request_id: c.num_tokens for c in out.chunks}
 

@@ -81,10 +81,12 @@ def openai_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The base (``parent: null``) and every adapter, with the version it serves and
-        whether it is pinned."""
+        """The base (``parent: null``) and every adapter, with the version it serves,
+        whether it is pinned, and (prompt and prefix tuning) the virtual tokens each of its
+        requests takes of the context."""
         adapters = {
             name: {"version": info.version, "pinned": info.pinned, "kind": info.kind}
+            | ({"num_virtual_tokens": info.num_virtual_tokens} if info.num_virtual_tokens else {})
             for name, info in (await state.handle.adapters()).items()
         }
         return model_list(config.model_name, state.handle.max_model_len, adapters)
@@ -96,7 +98,8 @@ def model_list(
     base: str, max_model_len: int, adapters: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """``/v1/models``'s body: the base (``parent: null``), then each adapter with its fields
-    (version, pinned, kind); temporary adapters (``_`` names, compositions') stay unlisted."""
+    (version, pinned, kind, num_virtual_tokens); temporary adapters (``_`` names,
+    compositions') stay unlisted."""
     created = int(time.time())
 
     def card(name: str, parent: str | None) -> dict[str, Any]:

@@ -15,15 +15,18 @@ import asyncio
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
-from server.bench.metrics import SLO, format_summary, summarize
-from server.bench.workloads import Workload, closed_loop_w3, describe, synthetic_w2
+from server.bench.metrics import SLO, all_failed, describe_failures, format_summary, summarize
+from server.bench.workloads import Workload, churn_w4, closed_loop_w3, describe, synthetic_w2
 
 # The commands import their heavier parts (httpx, torch, peft) when they run, so that the
 # rest of the command line (``loraserve serve``) does not depend on them.
 
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
+DEFAULT_RANGE = (8, 512)  # --input-range and --output-range of serve and sweep
 
 
 def _ints(text: str) -> list[int]:
@@ -37,18 +40,75 @@ def _range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _workload_args(parser: argparse.ArgumentParser) -> None:
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--load-format`` and ``--dtype`` of the benchmarks that load a base."""
+    parser.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
+    parser.add_argument(
+        "--load-format",
+        choices=["auto", "dummy"],
+        default="auto",
+        help="dummy: random weights from config.json (the presets have no weights)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the weights' dtype (auto: the checkpoint's)",
+    )
+
+
+def _workload_args(parser: argparse.ArgumentParser, serve: bool) -> None:
+    """The W2/W3 generator's flags. ``serve``: for ``bench serve``, whose lengths left out
+    are fitted to the server; sweep runs W2 alone, over its own --adapters and the model's
+    vocabulary, and ignores --kind, --num-adapters and --vocab-size."""
+    ignored = "" if serve else "ignored by sweep: "
     w = parser.add_argument_group("workload (W2 unless --workload or --kind says otherwise)")
-    w.add_argument("--kind", choices=["W2", "W3"], default="W2")
-    w.add_argument("--num-requests", type=int, default=200)
-    w.add_argument("--num-adapters", type=int, default=None, help="default: the server's")
-    w.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (1: uniform)")
-    w.add_argument("--rate", type=float, default=10.0, help="requests per second (W2)")
-    w.add_argument("--cv", type=float, default=1.0, help="arrival coefficient of variation")
-    w.add_argument("--input-range", type=_range, default=(8, 512))
-    w.add_argument("--output-range", type=_range, default=(8, 512))
-    w.add_argument("--vocab-size", type=int, default=259, help="prompt ids are drawn below it")
-    w.add_argument("--seed", type=int, default=42)
+    w.add_argument(
+        "--kind",
+        choices=["W2", "W3", "W4"],
+        default="W2",
+        help=f"{ignored}W2: S-LoRA's open loop at --rate; W3: Punica's closed loop, 32 in flight; "
+        "W4: W2 over far more adapters than the pool holds (churn: give --num-adapters)",
+    )
+    w.add_argument(
+        "--num-requests", type=int, default=200, help="requests in the list (default 200)"
+    )
+    w.add_argument(
+        "--num-adapters", type=int, default=None, help=f"{ignored}default: the server's adapters"
+    )
+    w.add_argument(
+        "--alpha", type=float, default=1.0, help="power-law exponent (default 1: uniform)"
+    )
+    w.add_argument("--rate", type=float, default=10.0, help="requests per second (W2; default 10)")
+    w.add_argument(
+        "--cv",
+        type=float,
+        default=1.0,
+        help="arrival coefficient of variation (default 1: Poisson)",
+    )
+    fit = ", clipped to fit the server's max_model_len when left out" if serve else ""
+    lo, hi = DEFAULT_RANGE
+    w.add_argument(
+        "--input-range",
+        type=_range,
+        default=None,
+        help=f"LO,HI: prompt tokens drawn in [LO, HI) (W3: at most HI) (default {lo},{hi}{fit})",
+    )
+    w.add_argument(
+        "--output-range",
+        type=_range,
+        default=None,
+        help=f"LO,HI: output tokens drawn in [LO, HI) (default {lo},{hi}{fit})",
+    )
+    w.add_argument(
+        "--vocab-size",
+        type=int,
+        default=259,
+        help=f"{ignored}prompt ids are drawn below it (default 259)",
+    )
+    w.add_argument(
+        "--seed", type=int, default=42, help="the same seed gives the same requests (default 42)"
+    )
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,38 +116,73 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     serve = sub.add_parser("serve", help="drive a running server over HTTP with a workload")
-    serve.add_argument("--url", default="http://127.0.0.1:8000")
-    serve.add_argument("--workload", type=Path, default=None, help="a saved request list")
-    serve.add_argument("--save-workload", type=Path, default=None)
-    serve.add_argument("--adapters", default=None, help="model names for adapter 0, 1, ...")
-    serve.add_argument("--api-key", default=None)
-    serve.add_argument("--slo-ttft", type=float, default=6.0, help="seconds")
-    serve.add_argument("--slo-tpot", type=float, default=None, help="seconds")
+    serve.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the server, plain http:// (default %(default)s)",
+    )
+    serve.add_argument(
+        "--workload", type=Path, default=None, help="a saved request list, replayed as it is"
+    )
+    serve.add_argument(
+        "--save-workload", type=Path, default=None, help="write the request list (JSON) here"
+    )
+    serve.add_argument(
+        "--adapters",
+        default=None,
+        help="comma-separated model names for adapter 0, 1, ... (default: the server's "
+        "adapters, in its /v1/models order)",
+    )
+    serve.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    serve.add_argument(
+        "--slo-ttft", type=float, default=6.0, help="TTFT objective, seconds (default 6)"
+    )
+    serve.add_argument(
+        "--slo-tpot", type=float, default=None, help="TPOT objective, seconds (default: none)"
+    )
     serve.add_argument("--out", type=Path, default=None, help="JSON results")
-    _workload_args(serve)
+    _workload_args(serve, serve=True)
     serve.set_defaults(run=_serve)
 
     sweep = sub.add_parser("sweep", help="loraserve and the PEFT baselines on one request list")
-    sweep.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
-    sweep.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    sweep.add_argument("--dtype", default="auto")
-    sweep.add_argument("--quantization", choices=["none", "nf4"], default=None)
-    sweep.add_argument("--adapters", type=_ints, default=[0, 1, 8, 64], help="values of n")
-    sweep.add_argument("--ranks", type=_ints, default=[8])
-    sweep.add_argument("--targets", default=ATTENTION)
-    sweep.add_argument("--distinct-adapters", type=int, default=None)
-    sweep.add_argument("--baselines", default="peft,peft-mixed,merge-swap")
+    _model_args(sweep)
+    sweep.add_argument(
+        "--quantization", choices=["none", "nf4"], default=None, help="the base's (default: auto)"
+    )
+    sweep.add_argument(
+        "--adapters", type=_ints, default=[0, 1, 8, 64], help="values of n, comma-separated"
+    )
+    sweep.add_argument(
+        "--ranks", type=_ints, default=[8], help="random adapters' ranks, round-robin"
+    )
+    sweep.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
+    sweep.add_argument(
+        "--distinct-adapters",
+        type=int,
+        default=None,
+        help="write only this many adapter dirs, shared round-robin (default: one each)",
+    )
+    sweep.add_argument(
+        "--baselines", default="peft,peft-mixed,merge-swap", help="comma-separated baselines"
+    )
     sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
-    sweep.add_argument("--batch-size", type=int, default=32)
-    sweep.add_argument("--kernels", default=None)
+    sweep.add_argument("--batch-size", type=int, default=32, help="the baselines' batches")
+    sweep.add_argument(
+        "--kernels",
+        default=None,
+        help="loraserve's kernels: torch (the references) or triton (default: triton on CUDA, "
+        "else torch)",
+    )
     sweep.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs for loraserve's decodes"
     )
     sweep.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="loraserve split across N devices"
     )
-    sweep.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
-    _workload_args(sweep)
+    sweep.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/sweep"), help="results dir"
+    )
+    _workload_args(sweep, serve=False)
     sweep.set_defaults(run=_sweep)
 
     _add_compare_parser(sub)
@@ -96,12 +191,14 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
 
     make = sub.add_parser("make-adapters", help="random PEFT adapters shaped for a base")
     make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
-    make.add_argument("--n", type=int, required=True)
-    make.add_argument("--ranks", type=_ints, default=[8, 16, 32, 64])
-    make.add_argument("--targets", default=ATTENTION)
+    make.add_argument("--n", type=int, required=True, help="adapters to make")
+    make.add_argument(
+        "--ranks", type=_ints, default=[8, 16, 32, 64], help="ranks, round-robin over the n"
+    )
+    make.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
     make.add_argument("--distinct", type=int, default=None, help="write only this many dirs")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--out", type=Path, required=True)
+    make.add_argument("--seed", type=int, default=0, help="seeds the random weights")
+    make.add_argument("--out", type=Path, required=True, help="the adapters' parent dir")
     make.set_defaults(run=_make_adapters)
 
 
@@ -110,11 +207,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
         "compare",
         help="loraserve over HTTP and in-process against the PEFT baselines, one request list",
     )
-    compare.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
-    compare.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    compare.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    _model_args(compare)
     compare.add_argument(
         "--systems",
         default="loraserve-http,loraserve,peft-mixed,peft",
@@ -123,15 +216,24 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     compare.add_argument(
         "--base", action="store_true", help="also run every system on the base (n = 0)"
     )
-    compare.add_argument("--num-requests", type=int, default=64)
-    compare.add_argument("--num-adapters", type=int, default=8)
-    compare.add_argument("--ranks", type=_ints, default=[4, 8, 16], help="round-robin")
-    compare.add_argument("--targets", default=ATTENTION)
+    compare.add_argument("--num-requests", type=int, default=64, help="requests in the list")
+    compare.add_argument("--num-adapters", type=int, default=8, help="adapters (n)")
+    compare.add_argument(
+        "--ranks", type=_ints, default=[4, 8, 16], help="random adapters' ranks, round-robin"
+    )
+    compare.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
     compare.add_argument("--adapter-dir", type=Path, default=None, help="existing adapters")
     compare.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
-    compare.add_argument("--input-range", type=_range, default=(8, 120))
-    compare.add_argument("--output-range", type=_range, default=(8, 64))
-    compare.add_argument("--seed", type=int, default=42)
+    compare.add_argument(
+        "--input-range", type=_range, default=(8, 120), help="[LO, HI) prompt tokens"
+    )
+    compare.add_argument(
+        "--output-range",
+        type=_range,
+        default=(8, 64),
+        help="[LO, HI) output tokens, clamped so prompt + output fit the context",
+    )
+    compare.add_argument("--seed", type=int, default=42, help="seeds the list and adapters")
     compare.add_argument("--batch-size", type=int, default=64, help="the baselines' batches")
     compare.add_argument("--max-num-seqs", type=int, default=None, help="default: --batch-size")
     compare.add_argument(
@@ -141,7 +243,9 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
         help="torch threads for every system (default: $OMP_NUM_THREADS, else 1)",
     )
     compare.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
-    compare.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
+    compare.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/compare"), help="results dir"
+    )
     compare.set_defaults(run=_compare)
 
 
@@ -150,11 +254,7 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "prefix",
         help="prefix caching on against off over HTTP: a shared system prompt over 8 adapters",
     )
-    prefix.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
-    prefix.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    prefix.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    _model_args(prefix)
     # Sizes default to None: --smoke's or PrefixArgs' defaults (in the help) fill them in.
     prefix.add_argument("--num-requests", type=int, default=None, help="default 64")
     prefix.add_argument(
@@ -171,8 +271,8 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--output-range", type=_range, default=None, help="[lo, hi) tokens (default 16,33)"
     )
     prefix.add_argument("--ranks", type=_ints, default=None, help="round-robin (default 4,8,16)")
-    prefix.add_argument("--targets", default=ATTENTION)
-    prefix.add_argument("--seed", type=int, default=42)
+    prefix.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
+    prefix.add_argument("--seed", type=int, default=42, help="seeds the list and adapters")
     prefix.add_argument(
         "--threads",
         type=int,
@@ -203,7 +303,9 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "checks the pipeline in seconds, not for numbers",
     )
     prefix.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
-    prefix.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix"))
+    prefix.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/prefix"), help="results dir"
+    )
     prefix.set_defaults(run=_prefix)
 
 
@@ -222,11 +324,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "fairness_series.json, workload.json, fairness_ttft.png, fairness_tokens.png, "
         "fairness_summary.png and the servers' logs into --out.",
     )
-    fairness.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
-    fairness.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    fairness.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    _model_args(fairness)
     # Sizes default to None: --smoke's or FairnessArgs' defaults (in the help) fill them in.
     fairness.add_argument(
         "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
@@ -259,8 +357,8 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--max-num-seqs", type=int, default=None, help="the servers' --max-num-seqs (32)"
     )
     fairness.add_argument("--rank", type=int, default=None, help="every adapter's rank (8)")
-    fairness.add_argument("--targets", default=ATTENTION)
-    fairness.add_argument("--seed", type=int, default=42)
+    fairness.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
+    fairness.add_argument("--seed", type=int, default=42, help="seeds the list and adapters")
     fairness.add_argument(
         "--threads",
         type=int,
@@ -277,20 +375,107 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "the server's process): checks the pipeline, not for numbers",
     )
     fairness.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
-    fairness.add_argument("--out", type=Path, default=Path("benchmarks/results/fairness"))
+    fairness.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/fairness"), help="results dir"
+    )
     fairness.set_defaults(run=_fairness)
 
 
-def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
-    if getattr(args, "workload", None) is not None:
-        return Workload.load(args.workload)
+Range = tuple[int, int]
+
+
+def fit_ranges(
+    kind: str,
+    input_range: Range | None,
+    output_range: Range | None,
+    room: int | None,
+    context: str | None = None,
+) -> tuple[Range, Range, str | None]:
+    """``--input-range`` and ``--output-range`` for requests of at most ``room`` positions
+    (prompt + output tokens; None: the server does not say, nothing is checked), and a note
+    when they were clipped. ``context`` names ``room`` in the messages ("the server's
+    max_model_len of 128").
+
+    A range left out (None) takes ``DEFAULT_RANGE``. When the longest prompt plus the longest
+    output would exceed ``room``, the ranges left out are clipped until they fit: both left
+    out share the room in proportion to their longest values; one left out takes what the
+    given one leaves. Ranges the user gave are never changed: a ``ValueError`` says when
+    they cannot fit. The result depends on the arguments alone, so the same seed still gives
+    the same requests against the same server.
+    """
+    given_in, given_out = input_range is not None, output_range is not None
+    inputs, outputs = input_range or DEFAULT_RANGE, output_range or DEFAULT_RANGE
+    # W3 draws prompts of at most HI tokens (Punica's max_prompt); every other range is [LO, HI).
+    top_in = inputs[1] if kind == "W3" else inputs[1] - 1
+    top_out = outputs[1] - 1
+    if room is None or top_in + top_out <= room:
+        return inputs, outputs, None
+    context = context or f"a context of {room} tokens"
+    flags = [f"--input-range {inputs[0]},{inputs[1]}"] if given_in else []
+    flags += [f"--output-range {outputs[0]},{outputs[1]}"] if given_out else []
+    if given_in and given_out:
+        raise ValueError(
+            f"{' and '.join(flags)} allow a {top_in}-token prompt with {top_out} output "
+            f"tokens, {top_in + top_out} in all, more than {context}; give ranges whose "
+            f"longest prompt and output sum to at most {room}, or leave one out to have it "
+            "fitted"
+        )
+    if given_in:
+        new_in, new_out = top_in, room - top_in
+    elif given_out:
+        new_in, new_out = room - top_out, top_out
+    else:
+        new_in = max(1, room * top_in // (top_in + top_out))
+        new_out = room - new_in
+    if new_in < 1 or new_out < 1:
+        if not flags:
+            raise ValueError(f"{context} leaves no room for a prompt and an output")
+        longest, other = (
+            (f"prompts of up to {top_in}", "an output")
+            if given_in
+            else (
+                f"outputs of up to {top_out}",
+                "a prompt",
+            )
+        )
+        raise ValueError(
+            f"{flags[0]} allows {longest} tokens, which leave no room for {other} within "
+            f"{context}; give ranges whose longest prompt and output sum to at most {room}"
+        )
+    hi_in = new_in if kind == "W3" else new_in + 1
+    fitted_in = (max(1, min(inputs[0], hi_in - 1)), hi_in)
+    fitted_out = (min(outputs[0], new_out), new_out + 1)
+    note = (
+        f"lengths clipped to fit {context}: --input-range {fitted_in[0]},{fitted_in[1]} "
+        f"--output-range {fitted_out[0]},{fitted_out[1]} (prompts up to {new_in} tokens, "
+        f"outputs up to {new_out}; unclipped: {top_in} + {top_out})"
+    )
+    return fitted_in, fitted_out, note
+
+
+def _workload(
+    args: argparse.Namespace, num_adapters: int, input_range: Range, output_range: Range
+) -> Workload:
+    """The W2, W3 or W4 list the flags describe."""
+    if args.kind == "W4":
+        return churn_w4(
+            num_adapters=num_adapters,
+            alpha=args.alpha,
+            rate=args.rate,
+            cv=args.cv,
+            num_requests=args.num_requests,
+            input_range=input_range,
+            output_range=output_range,
+            seed=args.seed,
+            vocab_size=args.vocab_size,
+        )
     if args.kind == "W3":
         return closed_loop_w3(
             num_requests=args.num_requests,
             num_adapters=num_adapters,
             popularity="uniform",
-            max_prompt=args.input_range[1],
-            output_range=args.output_range,
+            max_prompt=input_range[1],
+            output_range=output_range,
             seed=args.seed,
             vocab_size=args.vocab_size,
         )
@@ -300,37 +485,73 @@ def _workload(args: argparse.Namespace, num_adapters: int) -> Workload:
         rate=args.rate,
         cv=args.cv,
         num_requests=args.num_requests,
-        input_range=args.input_range,
-        output_range=args.output_range,
+        input_range=input_range,
+        output_range=output_range,
         seed=args.seed,
         vocab_size=args.vocab_size,
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import httpx
+    from server.bench.client import check_fits, read_models, run_workload
 
-    from server.bench.client import run_workload
-
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    listed = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
-    ids = [m["id"] for m in listed["data"]]
-    base = next(m["id"] for m in listed["data"] if not m.get("parent"))
-    adapters = args.adapters.split(",") if args.adapters else [i for i in ids if i != base]
-    workload = _workload(args, args.num_adapters or len(adapters))
+    served = read_models(args.url, args.api_key)  # a ValueError when it cannot be read
+    adapters = args.adapters.split(",") if args.adapters else list(served.adapters)
+    models: list[str | None] = list(adapters)
+    if served.max_model_len is None:
+        print("note: the server reports no max_model_len; request lengths were not checked")
+    if args.workload is not None:
+        workload = Workload.load(args.workload)
+        source = str(args.workload)
+    else:
+        n = args.num_adapters if args.num_adapters is not None else len(adapters)
+        # The model the tightest request goes to: the one with the most virtual tokens.
+        used = [models[i % len(models)] for i in range(n)] if models and n else [None]
+        tightest = min(used, key=lambda m: served.room(m) or 0)
+        inputs, outputs, note = fit_ranges(
+            args.kind,
+            args.input_range,
+            args.output_range,
+            served.room(tightest),
+            served.context(tightest),
+        )
+        if note:
+            print(f"note: {note}")
+        workload = _workload(args, n, inputs, outputs)
+        source = "the workload"
+    unreported = sorted(set(served.unreported) & set(models))
+    if unreported:
+        print(
+            "note: /v1/models does not say how many virtual tokens these adapters take "
+            f"(prompt or prefix tuning): {', '.join(unreported)}; their longest requests may "
+            "not fit the context"
+        )
+    unlisted = [m for m in adapters if m not in served.adapters and m != served.base]
+    if unlisted:
+        print(f"note: /v1/models does not list {', '.join(unlisted)}")
+    check_fits(workload, served, models, source)
     if args.save_workload:
         workload.save(args.save_workload)
     print(f"workload: {json.dumps(describe(workload))}")
-    models: list[str | None] = list(adapters)
-    records, duration = asyncio.run(run_workload(args.url, workload, models, base, args.api_key))
+    records, duration = asyncio.run(
+        run_workload(args.url, workload, models, served.base, args.api_key)
+    )
     name = f"TTFT<={args.slo_ttft:g}s" + (f",TPOT<={args.slo_tpot:g}s" if args.slo_tpot else "")
     slos = {name: SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)}
     summary = summarize(records, duration, slos)
     print(format_summary(summary, f"{workload.kind} against {args.url}"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "workload": workload.params}, indent=1))
+        result = {
+            "summary": summary,
+            "workload": workload.params,
+            "max_model_len": served.max_model_len,
+        }
+        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
+    if all_failed(summary):
+        print(f"loraserve bench serve: {describe_failures(summary)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -348,8 +569,8 @@ def _sweep(args: argparse.Namespace) -> int:
             rate=args.rate,
             cv=args.cv,
             alpha=args.alpha,
-            input_range=args.input_range,
-            output_range=args.output_range,
+            input_range=args.input_range or DEFAULT_RANGE,
+            output_range=args.output_range or DEFAULT_RANGE,
             seed=args.seed,
             baselines=[b for b in args.baselines.split(",") if b],
             rates=[float(r) for r in args.rates.split(",") if r],
@@ -403,7 +624,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
-    return 0
+    return _every_request_failed("compare", result["systems"])
 
 
 def _prefix(args: argparse.Namespace) -> int:
@@ -445,7 +666,7 @@ def _prefix(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(format_ratios(result))
     print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
-    return 0
+    return _every_request_failed("prefix", result["systems"])
 
 
 def _fairness(args: argparse.Namespace) -> int:
@@ -489,7 +710,17 @@ def _fairness(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(format_ratios(result))
     print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
-    return 0
+    return _every_request_failed("fairness", result["systems"])
+
+
+def _every_request_failed(command: str, systems: list[dict[str, Any]]) -> int:
+    """1, saying which, when a system completed none of its requests (its numbers measure
+    nothing); else 0."""
+    failed = [s for s in systems if all_failed(s)]
+    for s in failed:
+        label = s.get("label", s["system"])
+        print(f"loraserve bench {command}: {label}: {describe_failures(s)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _make_adapters(args: argparse.Namespace) -> int:

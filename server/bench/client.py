@@ -7,9 +7,13 @@ of ``max_concurrency`` slots frees (closed loop; or one of its client's slots, f
 taken at the client: TTFT when the first streamed chunk with text arrives, each chunk's
 arrival for its tokens (the final usage chunk gives the count, and the prompt tokens read from
 the server's prefix cache when it reports ``prompt_tokens_details.cached_tokens``), the end
-at ``[DONE]``. The
-client is a minimal HTTP/1.1 reader over asyncio (plain ``http://`` only), so that on a small
-machine it takes as little CPU as possible from the server it measures.
+at ``[DONE]``. A request that fails keeps the HTTP status, the error envelope's ``code`` and
+its message, or the connection error that ended it (``RequestRecord``). The client is a
+minimal HTTP/1.1 reader over asyncio (plain ``http://`` only), so that on a small machine it
+takes as little CPU as possible from the server it measures.
+
+Before sending anything, :func:`read_models` reads the server's model list and its
+``max_model_len``, and :func:`check_fits` refuses a request list that the server would refuse.
 """
 
 from __future__ import annotations
@@ -19,17 +23,159 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from server.bench.metrics import RequestRecord
+from server.bench.metrics import CONNECTION_ERROR, RequestRecord
 from server.bench.workloads import BenchRequest, Workload
 
+MAX_ERROR_BODY = 65536  # bytes of an error answer read for its message
 
-class _StreamError(Exception):
-    """The server answered with a status other than 200, or broke the protocol."""
+
+class _HTTPError(Exception):
+    """The server answered with a status other than 200; ``code`` is its error envelope's."""
+
+    def __init__(self, status: int, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class _ProtocolError(Exception):
+    """An answer the client could not read (a malformed chunk or event)."""
+
+
+# Adapter kinds that add virtual tokens to every request's sequence, beside its prompt.
+VIRTUAL_TOKEN_KINDS = ("prompt_tuning", "prefix_tuning")
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """What a server's ``GET /v1/models`` lists.
+
+    Attributes:
+        base: the base model's name (the card with no ``parent``).
+        adapters: every other card's name, in the server's order.
+        max_model_len: the longest sequence (prompt + output tokens) the server accepts, as
+            vLLM and loraserve report it on each card; None when the cards do not say.
+        virtual_tokens: per model name, the virtual tokens its card reports
+            (``num_virtual_tokens``: prompt and prefix tuning), which count against
+            ``max_model_len`` beside the prompt.
+        unreported: adapters of a kind in ``VIRTUAL_TOKEN_KINDS`` whose card does not say
+            how many virtual tokens they add.
+    """
+
+    base: str
+    adapters: tuple[str, ...]
+    max_model_len: int | None
+    virtual_tokens: Mapping[str, int] = field(default_factory=dict)
+    unreported: tuple[str, ...] = ()
+
+    def room(self, model: str | None) -> int | None:
+        """Prompt + output tokens a request to ``model`` (None: the base) may take; None
+        when the server does not say."""
+        if self.max_model_len is None:
+            return None
+        return self.max_model_len - self.virtual_tokens.get(model or self.base, 0)
+
+    def context(self, model: str | None) -> str:
+        """``room(model)`` in words, for messages."""
+        virtual = self.virtual_tokens.get(model or self.base, 0)
+        if not virtual:
+            return f"the server's max_model_len of {self.max_model_len}"
+        return (
+            f"the {self.room(model)} positions the server's max_model_len of "
+            f"{self.max_model_len} leaves beside {model}'s {virtual} virtual tokens"
+        )
+
+
+def read_models(url: str, api_key: str | None = None) -> ServedModels:
+    """``GET /v1/models``; a ``ValueError`` saying why when the server cannot be reached or
+    does not answer with a model list."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    target = url.rstrip("/") + "/v1/models"
+    try:
+        response = httpx.get(target, headers=headers, timeout=30)
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {target}: {e or type(e).__name__}") from None
+    if response.status_code != 200:
+        error = _http_error(response.status_code, response.content)
+        raise ValueError(f"{target} answered HTTP {error.status}: {error}")
+    try:
+        cards = {str(c["id"]): c for c in response.json()["data"]}
+        base = next(name for name, c in cards.items() if not c.get("parent"))
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        raise ValueError(f"{target} answered no model list with a base model") from None
+    lengths = [int(c["max_model_len"]) for c in cards.values() if c.get("max_model_len")]
+    own = cards[base].get("max_model_len")
+    return ServedModels(
+        base=base,
+        adapters=tuple(name for name in cards if name != base),
+        max_model_len=int(own) if own else min(lengths, default=None),
+        virtual_tokens={
+            name: int(c["num_virtual_tokens"])
+            for name, c in cards.items()
+            if c.get("num_virtual_tokens")
+        },
+        unreported=tuple(
+            name
+            for name, c in cards.items()
+            if c.get("kind") in VIRTUAL_TOKEN_KINDS and c.get("num_virtual_tokens") is None
+        ),
+    )
+
+
+def check_fits(
+    workload: Workload, served: ServedModels, models: Sequence[str | None], source: str
+) -> None:
+    """A ``ValueError`` when a request of ``workload`` (from ``source``, for the message),
+    sent to its model as :func:`run_workload` would send it, needs more positions than the
+    server has for it: prompt + output tokens (+ the model's virtual tokens) over
+    ``max_model_len``. The server would refuse every such request. Nothing is checked when
+    the server does not report ``max_model_len``."""
+    over: list[tuple[int, BenchRequest, str | None]] = []
+    for request in workload.requests:
+        model = _model(request, list(models), served.base)
+        room = served.room(model)
+        need = len(request.prompt) + request.output_len
+        if room is not None and need > room:
+            over.append((need - room, request, model))
+    if over:
+        _, worst, model = max(over, key=lambda o: o[0])
+        raise ValueError(
+            f"{len(over)} of the {len(workload.requests)} requests of {source} do not fit "
+            f"{served.context(model)} (the furthest over: a {len(worst.prompt)}-token prompt "
+            f"and {worst.output_len} output tokens, to {model or served.base})"
+        )
+
+
+def _http_error(status: int, body: bytes) -> _HTTPError:
+    """The error envelope's message and code, or the start of a body that is not one."""
+    try:
+        error = json.loads(body)["error"]
+        code = error.get("code")
+        return _HTTPError(status, None if code is None else str(code), str(error["message"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = body.decode(errors="replace").strip()
+        return _HTTPError(status, None, text[:200] or "(no body)")
+
+
+async def _read_body(reader: asyncio.StreamReader, chunked: bool, length: int | None) -> bytes:
+    """An answer's body, at most ``MAX_ERROR_BODY`` bytes of it."""
+    if length is not None:
+        return await reader.readexactly(min(length, MAX_ERROR_BODY))
+    if not chunked:
+        return await reader.read(MAX_ERROR_BODY)
+    body = b""
+    while len(body) < MAX_ERROR_BODY:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        body += (await reader.readexactly(size + 2))[:-2]
+    return body
 
 
 async def _post_sse(
@@ -40,7 +186,8 @@ async def _post_sse(
     A minimal HTTP/1.1 client over one asyncio connection (``Connection: close``), reading a
     chunked or plain body. The benchmark's client shares the machine with the server: a
     general client (httpx) spends about a core here parsing 64 streams, which would be taken
-    from the server being measured; this one spends a small fraction of that.
+    from the server being measured; this one spends a small fraction of that. An answer
+    other than 200 raises ``_HTTPError`` with its error envelope's code and message.
     """
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -49,24 +196,34 @@ async def _post_sse(
         head += ["Content-Type: application/json", f"Content-Length: {len(body)}", "", ""]
         writer.write("\r\n".join(head).encode() + body)
         status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection without answering")
         parts = status_line.split(b" ", 2)
-        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise _ProtocolError(f"not an HTTP status line: {status_line[:80]!r}")
+        status = int(parts[1])
         chunked = False
+        length: int | None = None
         while True:
             line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            name = name.strip().lower()
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
+            elif name == b"content-length" and value.strip().isdigit():
+                length = int(value)
         if status != 200:
-            text = (await reader.read(4096)).decode(errors="replace")
-            raise _StreamError(f"HTTP {status}: {text[:200]}")
+            raise _http_error(status, await _read_body(reader, chunked, length))
         buffer = b""
         while True:
             if chunked:
                 size_line = await reader.readline()
-                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                try:
+                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise _ProtocolError(f"a bad chunk size: {size_line[:80]!r}") from None
                 if size == 0:
                     return
                 data = await reader.readexactly(size + 2)  # the chunk and its CRLF
@@ -111,13 +268,19 @@ async def _one(
         async for data in _post_sse(
             host, port, "/v1/completions", json.dumps(body).encode(), headers
         ):
+            record.status = 200
             if data == b"[DONE]":
                 break
             # Parse only what needs parsing: most chunks are one token of text.
             if b'"error"' in data or b'"usage":{' in data:
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise _ProtocolError(f"an event that is not JSON: {data[:80]!r}") from None
                 if "error" in chunk:
-                    record.error = str(chunk["error"].get("message"))
+                    error = chunk["error"]
+                    record.error = str(error.get("message"))
+                    record.error_code = None if error.get("code") is None else str(error["code"])
                     break
                 usage = chunk.get("usage")
                 if usage:
@@ -129,8 +292,13 @@ async def _one(
                     continue
             if b'"text":""' not in data:
                 chunk_times.append(time.perf_counter())
-    except (OSError, asyncio.IncompleteReadError, ValueError, _StreamError) as e:
-        record.error = str(e) if isinstance(e, _StreamError) else f"{type(e).__name__}: {e}"
+    except _HTTPError as e:
+        record.status, record.error_code, record.error = e.status, e.code, str(e)
+    except (_ProtocolError, ValueError) as e:
+        record.error_code, record.error = "protocol_error", str(e)
+    except (OSError, asyncio.IncompleteReadError) as e:
+        record.error_code = CONNECTION_ERROR
+        record.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     finally:
         record.end = time.perf_counter()
         # Chunks carry at least one token each; spread the rest onto the last chunk.

@@ -45,10 +45,10 @@ import torch
 from tqdm import tqdm
 
 from engine.config import EngineConfig
-from server.bench.client import run_workload
+from server.bench.client import check_fits, read_models, run_workload
 from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
 from server.bench.make_adapters import make_random_adapters
-from server.bench.metrics import SLO, RequestRecord, replay_span, summarize
+from server.bench.metrics import SLO, RequestRecord, describe_failures, replay_span, summarize
 from server.bench.systems import peft_model, run_loraserve, run_peft_mixed, run_peft_server
 from server.bench.workloads import Workload, describe, synthetic_w2
 
@@ -309,6 +309,8 @@ def run_http(
     spec = server_spec(model_dir, adapters, args, max_num_seqs, max_rank)
     with running_server(spec, log_path) as url:
         names: list[str | None] = [name for name, _ in adapters]
+        # the server's context may be shorter than config.json's (a sliding window, say)
+        check_fits(workload, read_models(url), names, "the request list")
         records, _ = asyncio.run(run_workload(url, workload, names, SERVED_BASE, progress=False))
     return records
 
@@ -364,7 +366,8 @@ def _result(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The header, one row per system and the LoRA overhead, as ``bench compare`` prints."""
+    """The header, one row per system, why requests failed (when some did) and the LoRA
+    overhead, as ``bench compare`` prints."""
     ref = result["reference"] or "n/a"
     lines = [*result["header"], ""]
     head = (
@@ -382,6 +385,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'n/a' if ttft is None else f'{ttft:.0f}':>11s} {ratio:>9s}"
         )
     lines.append(f"(ratios: {ref} output tok/s over each row's)")
+    for s in result["systems"]:
+        if s["failed"]:
+            lines.append(f"{s['label']}: {describe_failures(s)}")
     for key, value in result["lora_overhead"].items():
         lines.append(
             f"LoRA overhead, {SYSTEMS[key]}: output tok/s with adapters / on the base = {value:.2f}"

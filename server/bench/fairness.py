@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.bench.client import run_workload, sample_gauges
+from server.bench.client import check_fits, read_models, run_workload, sample_gauges
 from server.bench.fairness_metrics import (
     GAUGES,
     TARGETS,
@@ -59,7 +59,7 @@ from server.bench.fairness_report import plot_fairness
 from server.bench.fairness_workload import FLOODER, flooding
 from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
 from server.bench.make_adapters import make_random_adapters
-from server.bench.metrics import RequestRecord
+from server.bench.metrics import RequestRecord, describe_failures
 from server.bench.prefix import check_serve_flags
 from server.bench.workloads import Workload, describe
 from server.protocol import CompletionRequest
@@ -161,6 +161,8 @@ def run_fairness(
         logger.info("running %s", label)
         started = time.perf_counter()
         with running_server(spec, log) as url:
+            # the flags may shorten the context (--max-model-len)
+            check_fits(workload, read_models(url), names, f"the list ({key})")
             records, samples = asyncio.run(_replay(url, workload, names, extra, key))
         entry = system_entry(key, workload, records, samples, time.perf_counter() - started)
         entry["label"], entry["flags"] = label, flags[key]
@@ -298,8 +300,10 @@ def _result(
             "request at one level, in arrival order (as fcfs)"
         )
     for s in systems:
-        if not s["exact"] or s["failed"]:
-            notes.append(f"{s['system']}: failed requests or other lengths than planned")
+        if s["failed"]:
+            notes.append(f"{s['system']}: {describe_failures(s)}")
+        elif not s["exact"]:
+            notes.append(f"{s['system']}: generated other lengths than planned")
         if not s["flood_outlasted_modest"]:
             notes.append(
                 f"{s['system']}: the flooder ran out of requests before the modest clients "

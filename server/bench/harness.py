@@ -158,7 +158,11 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout_s: float, log
 def _warm_up(url: str) -> None:
     """One short request, as ``run_loraserve`` warms its engine before timing."""
     body = {"model": SERVED_BASE, "prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True}
-    httpx.post(url + "/v1/completions", json=body, timeout=120.0).raise_for_status()
+    response = httpx.post(url + "/v1/completions", json=body, timeout=120.0)
+    if response.status_code != 200:
+        raise RuntimeError(
+            f"the warm-up request failed: HTTP {response.status_code}: {response.text[:300]}"
+        )
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

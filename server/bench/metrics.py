@@ -12,10 +12,16 @@ Definitions (times in seconds on one monotonic clock; reported in ms):
 Latency statistics cover completed requests only (``error is None``); SLO attainment is over
 all requests, a failed request counting as a miss. Percentiles are numpy's default (linear
 interpolation). Statistics of an empty set are None; counts and throughputs are 0.
+
+Failed requests are counted by kind, the HTTP status and the error envelope's ``code``
+(``{"error": {"message", "type", "param", "code"}}``), a request that got no answer or lost
+it mid-stream counting as a connection error; the summary keeps the first few distinct
+messages, so that a run where everything failed says why.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -24,6 +30,8 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (90, 99)  # beside mean and median
+MAX_FAILURE_MESSAGES = 3  # distinct messages kept in a summary
+CONNECTION_ERROR = "connection_error"  # ``error_code`` when no answer (or half of one) came
 _METRICS = (
     ("ttft", "Time to First Token", "TTFT"),
     ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
@@ -48,6 +56,12 @@ class RequestRecord:
         cached_tokens: prompt tokens the server read from its prefix cache, as its usage
             reports them (``usage.prompt_tokens_details.cached_tokens``); None when it does
             not say.
+        status: the HTTP status of the answer (200 for a stream that then carried an error);
+            None when no answer came, or the request did not go over HTTP.
+        error_code: why it failed, as a kind: the error envelope's ``code``, or
+            ``CONNECTION_ERROR`` (refused, reset, a stream cut short), or
+            ``"protocol_error"`` (an answer the client could not read); None when it
+            completed, or when the server gave no code.
     """
 
     adapter: str | None
@@ -58,6 +72,8 @@ class RequestRecord:
     output_len: int = 0
     error: str | None = None
     cached_tokens: int | None = None
+    status: int | None = None
+    error_code: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -115,6 +131,35 @@ def _stats(name: str, values_s: Sequence[float]) -> dict[str, float | None]:
     return {k: float(v) for k, v in zip(keys, stats, strict=True)}
 
 
+def failure_kind(status: int | None, code: str | None) -> str:
+    """How a kind of failure is named: "HTTP 400 context_length_exceeded", "connection
+    error", "HTTP 200, then server_error in the stream"; "error" for a request that failed
+    without a status or a code (one run in-process)."""
+    if code == CONNECTION_ERROR:
+        return "connection error"
+    if status is None:
+        return code.replace("_", " ") if code else "error"
+    if status == 200:
+        return f"HTTP 200, then {code or 'an error'} in the stream"
+    return f"HTTP {status}" + (f" {code}" if code else "")
+
+
+def _failures(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """``failures``: one entry per kind (``failure_kind``'s name, status, code, count), the
+    most frequent first; ``failure_messages``: the first ``MAX_FAILURE_MESSAGES`` distinct
+    messages, each after its kind."""
+    failed = [r for r in records if not r.ok]
+    kinds = Counter((r.status, r.error_code) for r in failed)  # most_common: ties by first seen
+    messages = dict.fromkeys(f"{failure_kind(r.status, r.error_code)}: {r.error}" for r in failed)
+    return {
+        "failures": [
+            {"kind": failure_kind(status, code), "status": status, "code": code, "count": count}
+            for (status, code), count in kinds.most_common()
+        ],
+        "failure_messages": list(messages)[:MAX_FAILURE_MESSAGES],
+    }
+
+
 def summarize(
     records: Sequence[RequestRecord],
     duration_s: float,
@@ -125,6 +170,7 @@ def summarize(
     Token totals count completed requests; throughputs divide by ``duration_s`` (0 when it
     is not positive). ``total_cached_tokens`` sums the prompt tokens the server reported
     reading from its prefix cache, None when no completed request's usage said.
+    ``failures`` and ``failure_messages`` say why requests failed (``_failures``).
     ``summary["slo"][name]`` holds the SLO's bounds, ``met`` (requests), ``attainment``
     (met / all requests; None without requests) and ``goodput`` (met / s).
     """
@@ -146,6 +192,7 @@ def summarize(
         "request_throughput": per_s(len(done)),
         "output_throughput": per_s(outputs),
         "total_token_throughput": per_s(inputs + outputs),
+        **_failures(records),
     }
     values: dict[str, list[float]] = {
         "ttft": [t for r in done if (t := r.ttft) is not None],
@@ -185,8 +232,38 @@ def _line(label: str, value: object, digits: int = 2) -> str:
     return f"{label:<40} {text:<10}".rstrip()
 
 
+def all_failed(summary: Mapping[str, Any]) -> bool:
+    """Requests were sent and none completed: the run measured nothing."""
+    return bool(summary["failed"]) and not summary["completed"]
+
+
+def failure_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The failures' kinds with their counts, then the sample messages; none when nothing
+    failed."""
+    if not summary.get("failed"):
+        return []
+    total = summary["completed"] + summary["failed"]
+    lines = [f"All {total} requests failed: nothing was measured."] if all_failed(summary) else []
+    lines += [_line(f"{f['kind']}:", f["count"]) for f in summary.get("failures", [])]
+    lines += [f"e.g. {message}" for message in summary.get("failure_messages", [])]
+    return lines
+
+
+def describe_failures(summary: Mapping[str, Any]) -> str:
+    """One line for a table or a note: how many failed, of which kinds, and the first
+    message ("" when none failed)."""
+    if not summary.get("failed"):
+        return ""
+    total = summary["completed"] + summary["failed"]
+    kinds = ", ".join(f"{f['kind']}: {f['count']}" for f in summary.get("failures", []))
+    messages = summary.get("failure_messages", [])
+    first = f"; e.g. {messages[0]}" if messages else ""
+    return f"{summary['failed']} of {total} requests failed ({kinds}){first}"
+
+
 def format_summary(summary: Mapping[str, Any], title: str = "Serving Benchmark Result") -> str:
-    """``summarize``'s result as the text table ``vllm bench serve`` prints."""
+    """``summarize``'s result as the text table ``vllm bench serve`` prints, with a section
+    on the failed requests when some failed."""
     lines = [
         f"{' ' + title + ' ':=^50}",
         _line("Successful requests:", summary["completed"]),
@@ -198,6 +275,9 @@ def format_summary(summary: Mapping[str, Any], title: str = "Serving Benchmark R
         _line("Output token throughput (tok/s):", summary["output_throughput"]),
         _line("Total token throughput (tok/s):", summary["total_token_throughput"]),
     ]
+    failures = failure_lines(summary)
+    if failures:
+        lines += [f"{'Failures':-^50}", *failures]
     for name, heading, short in _METRICS:
         lines.append(f"{heading:-^50}")
         lines.append(_line(f"Mean {short} (ms):", summary[f"mean_{name}_ms"]))

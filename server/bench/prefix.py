@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.bench.client import run_workload
+from server.bench.client import check_fits, read_models, run_workload
 from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
 from server.bench.make_adapters import base_layout, make_random_adapters
-from server.bench.metrics import replay_span, summarize
+from server.bench.metrics import describe_failures, replay_span, summarize
 from server.bench.prefix_report import plot_prefix
 from server.bench.workloads import Workload, describe, shared_prefix
 from server.serve_args import add_serve_args
@@ -144,6 +144,8 @@ def run_prefix(
         started = time.perf_counter()
         with running_server(spec, log) as url:
             names: list[str | None] = [name for name, _ in adapters]
+            # the flags may shorten the context (--max-model-len)
+            check_fits(workload, read_models(url), names, f"the list ({label})")
             records, _ = asyncio.run(
                 run_workload(url, workload, names, SERVED_BASE, progress=False)
             )
@@ -295,8 +297,11 @@ def _result(
         notes.append("the server reports no cached_tokens in its usage")
     elif not on["total_cached_tokens"]:
         notes.append("with caching on, the server reported no cached prompt tokens")
-    if not (on["exact"] and off["exact"]) or on["failed"] or off["failed"]:
-        notes.append("a system failed requests or generated other lengths than planned")
+    for s in systems:
+        if s["failed"]:
+            notes.append(f"{s['label']}: {describe_failures(s)}")
+        elif not s["exact"]:
+            notes.append(f"{s['label']}: generated other lengths than planned")
     return {
         "header": header,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

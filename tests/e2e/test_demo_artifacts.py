@@ -1,18 +1,22 @@
-"""The committed demo model and adapters load with transformers + PEFT and do their tasks.
+"""The committed demo files (examples/demo): an artifact check, through transformers + PEFT.
 
-These are the reference numbers the server's own outputs are compared with: the
-base model copies ``WORD=`` -> ``WORD``, and each adapter applies its own
-checkable transformation (see examples/demo/tasks.py). Accuracies are measured
-on held-out words, which training never saw, with greedy batched generation.
+loraserve does not run here. These tests check the files themselves: safetensors only and
+small, a tiny GQA Llama with a byte-level tokenizer and a chat template, adapters of mixed
+ranks, scalings, targets and kinds; and that the model and adapters do their tasks
+(examples/demo/tasks.py) when transformers + PEFT run them: the base copies ``WORD=`` ->
+``WORD``, each adapter applies its own checkable transformation, measured on held-out words
+(which training never saw) with the greedy, batched code of the README's table.
+
+loraserve's run of the same files, checked against the same tasks and threshold, is
+tests/e2e/test_demo_loraserve.py (every task in one mixed batch, on the float base and on the
+base quantized to NF4 at load); the live server's, for two of the adapters, is
+tests/server/test_openai_api.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -20,28 +24,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "examples" / "demo"
-MODEL_DIR = DEMO_DIR / "model"
-ADAPTERS_DIR = DEMO_DIR / "adapters"
+from tests.e2e.demo import ADAPTERS_DIR, DEMO_DIR, MIN_ACCURACY, MODEL_DIR, load_module, tasks
+from tests.server.conftest import demo_adapters
 
 NUM_WORDS = 100  # held-out words per measurement; the README's table uses 200
-MIN_ACCURACY = 0.95  # base on copy, each adapter on its task
 MAX_BASE_ACCURACY_ON_ADAPTER_TASK = 0.10  # on words the task changes
 
-
-def _load_module(name: str) -> ModuleType:
-    """Load ``examples/demo/<name>.py`` by path (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"demo_{name}", DEMO_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tasks = _load_module("tasks")
 # The measurement code shared with the README's table (greedy, batched, exact match).
-evaluate = _load_module("evaluate")
+evaluate = load_module("evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def held_out() -> list[str]:
     return words
 
 
-def test_files_are_safetensors_and_small() -> None:
+def test_demo_files_are_safetensors_and_small() -> None:
     model_files = {path.name for path in MODEL_DIR.iterdir()}
     assert {
         "config.json",
@@ -85,7 +75,7 @@ def test_files_are_safetensors_and_small() -> None:
     assert total_bytes < 20 * 2**20
 
 
-def test_base_architecture(base_model: PreTrainedModel) -> None:
+def test_demo_base_is_a_tiny_gqa_llama(base_model: PreTrainedModel) -> None:
     config = base_model.config
     assert config.model_type == "llama"
     assert config.hidden_size % 64 == 0
@@ -95,7 +85,9 @@ def test_base_architecture(base_model: PreTrainedModel) -> None:
     assert base_model.generation_config.eos_token_id == config.eos_token_id
 
 
-def test_tokenizer_is_byte_level_with_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_demo_tokenizer_is_byte_level_with_chat_template(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     prompt_ids = tokenizer(tasks.format_prompt("aB3"))["input_ids"]
     assert prompt_ids[0] == tokenizer.bos_token_id
     assert len(prompt_ids) == 1 + len("aB3=")
@@ -119,14 +111,14 @@ def test_tokenizer_is_byte_level_with_chat_template(tokenizer: PreTrainedTokeniz
     assert tokenizer.decode(ids) == text
 
 
-def test_base_model_copies(
+def test_demo_base_copies_under_transformers(
     base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held_out: list[str]
 ) -> None:
     accuracy, _ = evaluate.exact_match(base_model, tokenizer, tasks.BASE_TASK, held_out)
     assert accuracy >= MIN_ACCURACY
 
 
-def test_batched_generation_matches_one_at_a_time(
+def test_reference_batched_generation_matches_one_at_a_time(
     base_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held_out: list[str]
 ) -> None:
     # Left padding must not change greedy outputs (words of mixed lengths).
@@ -137,7 +129,7 @@ def test_batched_generation_matches_one_at_a_time(
 
 
 @pytest.mark.parametrize("task", tasks.ADAPTER_TASKS)
-def test_adapter_does_its_task_and_base_does_not(
+def test_demo_adapter_does_its_task_under_peft_and_base_does_not(
     task: str,
     base_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -154,7 +146,7 @@ def test_adapter_does_its_task_and_base_does_not(
     assert accuracy >= MIN_ACCURACY
 
 
-def test_adapters_mix_ranks_scalings_and_targets() -> None:
+def test_demo_adapters_mix_ranks_scalings_and_targets() -> None:
     configs = [
         json.loads((ADAPTERS_DIR / task / "adapter_config.json").read_text())
         for task in tasks.ADAPTER_TASKS
@@ -169,3 +161,15 @@ def test_adapters_mix_ranks_scalings_and_targets() -> None:
     target_sets = {frozenset(config["target_modules"]) for config in configs}
     assert frozenset(evaluate.ATTENTION_MODULES) in target_sets
     assert frozenset(evaluate.ALL_LINEAR_MODULES) in target_sets
+
+
+def test_a_missing_demo_adapter_fails_the_server_tests_saying_how_to_restore() -> None:
+    """The server tests' ``demo_adapters`` fails (never skips) on a checkout that lacks one."""
+    with pytest.raises(pytest.fail.Exception) as failure:
+        demo_adapters("upper", "no-such-task")
+    message = str(failure.value)
+    assert "examples/demo/adapters/no-such-task/adapter_config.json" in message
+    assert "examples/demo/adapters/no-such-task/adapter_model.safetensors" in message
+    assert "upper" not in message  # present: not listed
+    assert "git checkout -- examples/demo" in message
+    assert demo_adapters("upper") == {"upper": ADAPTERS_DIR / "upper"}

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.compose import ComposeSpec, Example
 from engine import LLM, SamplingParams
-from tests.e2e.test_demo_adapters import ADAPTERS_DIR, MODEL_DIR, tasks
+from tests.e2e.demo import ADAPTERS_DIR, MODEL_DIR, tasks
 
 # The LoRA adapters: compositions weigh LoRA updates (the prefix-tuned one has none).
 LORA_TASKS = ("upper", "swapcase", "caesar", "reverse")

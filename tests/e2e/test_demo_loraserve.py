@@ -8,7 +8,7 @@ import random
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.e2e.test_demo_adapters import ADAPTERS_DIR, MIN_ACCURACY, MODEL_DIR, tasks
+from tests.e2e.demo import ADAPTERS_DIR, MIN_ACCURACY, MODEL_DIR, tasks
 
 NUM_WORDS = 64
 

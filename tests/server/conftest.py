@@ -38,9 +38,21 @@ WORDS = ["hello", "LoRA", "aB3xY", "serve9", "Qwerty", "zzTop"]
 
 
 def demo_adapters(*names: str) -> dict[str, Path]:
-    missing = [n for n in names if not (DEMO_ADAPTERS / n / "adapter_config.json").is_file()]
+    """The committed demo adapters ``names``, by name; fails (never skips) when one of their
+    files is missing, naming each and how to restore them."""
+    root = DEMO_DIR.parents[1]
+    missing = [
+        str((DEMO_ADAPTERS / n / f).relative_to(root))
+        for n in names
+        for f in ("adapter_config.json", "adapter_model.safetensors")
+        if not (DEMO_ADAPTERS / n / f).is_file()
+    ]
     if missing:
-        pytest.skip(f"demo adapters not trained yet: {missing}")
+        pytest.fail(
+            f"demo adapter files missing from this checkout: {', '.join(missing)}. They are "
+            "committed in the repository: restore them with `git checkout -- examples/demo`.",
+            pytrace=False,
+        )
     return {n: DEMO_ADAPTERS / n for n in names}
 
 

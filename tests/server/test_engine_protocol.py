@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import socket
 import struct
+import threading
 from typing import Any
 
 import msgspec
@@ -22,6 +24,7 @@ from engine.outputs import (
     TokenLogprob,
 )
 from engine.sampling_params import SamplingParams
+from server.engine_core import EngineCore
 from server.engine_protocol import (
     HEADER,
     HEADER_BYTES,
@@ -90,10 +93,31 @@ SPEC = EngineSpec(
 )
 COMPOSE = ComposeSpec("mix", ("upper", "swapcase"), (Example("ab=", "AB"),), max_steps=5)
 
+# Every option of a request at a value other than its default: a field the channel dropped
+# or renamed would arrive as its default.
+EVERY_PARAM = SamplingParams(
+    max_tokens=9,
+    temperature=0.3,
+    top_p=0.8,
+    top_k=4,
+    seed=5,
+    stop=("x", "yz"),
+    stop_token_ids=(3, 4),
+    ignore_eos=True,
+    min_tokens=2,
+    skip_special_tokens=False,
+    logprobs=1,
+    prompt_logprobs=3,
+    presence_penalty=-0.5,
+    frequency_penalty=1.5,
+)
+EVERY_OPTION = NewRequest("req-9-0", [1, 2, 3], EVERY_PARAM, "upper", priority=-3, user="alice")
+
 TO_ENGINE: list[Any] = [
     Hello("secret", SPEC),
     AddRequests(1, [NewRequest("req-1-0", [1, 2, 3], PARAMS, "upper")]),
     AddRequests(2, [NewRequest("req-2-0", [4], SamplingParams(), None)]),
+    AddRequests(13, [EVERY_OPTION]),
     Abort(["req-1-0", "req-2-0"]),
     LoadLora(3, "upper", "/adapters/upper", True),
     UnloadLora(4, "upper"),
@@ -154,6 +178,73 @@ def test_engine_dataclasses_keep_their_types() -> None:
     assert isinstance(request, AddRequests)
     assert request.requests[0].params == PARAMS
     assert isinstance(request.requests[0].params.stop, tuple)
+
+
+def test_a_request_with_every_option_set_round_trips() -> None:
+    defaults = SamplingParams()
+    unchanged = [
+        f.name
+        for f in dataclasses.fields(SamplingParams)
+        if getattr(EVERY_PARAM, f.name) == getattr(defaults, f.name)
+    ]
+    assert unchanged == [], "give every option a non-default value here"
+    optional = [f for f in msgspec.structs.fields(NewRequest) if f.required is False]
+    assert [f.name for f in optional if getattr(EVERY_OPTION, f.name) == f.default] == []
+    (payload,) = FrameDecoder().feed(frame(AddRequests(1, [EVERY_OPTION])))
+    decoded = decode_to_engine(payload)
+    assert isinstance(decoded, AddRequests)
+    assert decoded.requests == [EVERY_OPTION]
+    assert isinstance(decoded.requests[0].params, SamplingParams)
+
+
+class _IdleEngine:
+    """What the engine process's loop asks of an idle engine; records each add_request."""
+
+    num_steps = 0
+
+    def __init__(self) -> None:
+        self.added: list[tuple[Any, SamplingParams, dict[str, Any]]] = []
+
+    def check_workers(self) -> None:
+        pass
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def add_request(self, prompt: Any, params: SamplingParams, **kwargs: Any) -> str:
+        self.added.append((prompt, params, kwargs))
+        return str(kwargs["request_id"])
+
+    def abort(self, request_id: str) -> None:
+        raise AssertionError(f"nothing should be aborted ({request_id})")
+
+
+def test_the_engine_process_hands_every_option_to_add_request() -> None:
+    engine = _IdleEngine()
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    core = EngineCore(engine, theirs)  # type: ignore[arg-type]
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(core.run()))
+    thread.start()
+    try:
+        ours.sendall(frame(AddRequests(1, [EVERY_OPTION])))
+        decoder = FrameDecoder()
+        replies: list[Reply] = []
+        while not replies:
+            for payload in decoder.feed(ours.recv(1 << 16)):
+                message = decode_to_api(payload)
+                if isinstance(message, Reply):
+                    replies.append(message)
+    finally:
+        ours.close()
+        thread.join(10)
+    assert not thread.is_alive() and exit_codes == [0]
+    assert (replies[0].call_id, replies[0].error) == (1, None)
+    options = {"lora": "upper", "priority": -3, "user": "alice"}
+    assert engine.added == [
+        ([1, 2, 3], EVERY_PARAM, {"request_id": "req-9-0", "detokenize": False, **options})
+    ]
 
 
 def _value(type_name: str, i: int) -> Any:

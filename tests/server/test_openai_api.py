@@ -1,15 +1,22 @@
 """The OpenAI routes through the official client: completions, chat, streaming, n, stop,
-logprobs, echo, seeds, penalties, /v1/models, and mixed-adapter concurrency."""
+logprobs, echo, seeds, every sampling option as the engine receives it, /v1/models,
+mixed-adapter concurrency, and what a known load does to /metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from engine.sampling_params import SamplingParams
+from server.metrics import P
 from tests.server.conftest import BASE, TASKS, WORDS, Served, complete
+from tests.server.test_metrics import by_label
 
 
 @pytest.fixture(scope="module")
@@ -183,20 +190,106 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert item.bytes == list(item.token.encode())
 
 
-def test_sampling_options_are_accepted(client: openai.OpenAI) -> None:
+# Every option at a value other than the engine's default, as each route sends it.
+SAMPLING_OPTIONS: dict[str, Any] = {
+    "max_tokens": 10,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.25,
+    "seed": 11,
+    "stop": ["zz"],
+    "user": "alice",
+    "extra_body": {
+        "top_k": 5,
+        "min_tokens": 3,
+        "ignore_eos": True,
+        "stop_token_ids": [7],
+        "skip_special_tokens": False,
+    },
+}
+# What the engine must receive for choice ``i`` of such a request (seeds: seed + i).
+EXPECTED_PARAMS = SamplingParams(
+    max_tokens=10,
+    temperature=0.7,
+    top_p=0.9,
+    top_k=5,
+    seed=11,
+    stop=("zz",),
+    stop_token_ids=(7,),
+    ignore_eos=True,
+    min_tokens=3,
+    skip_special_tokens=False,
+    logprobs=2,
+    prompt_logprobs=2,  # completions with echo; chat has no prompt logprobs
+    presence_penalty=0.5,
+    frequency_penalty=-0.25,
+)
+
+
+@pytest.fixture
+def engine_requests(
+    demo_server: Served, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[SamplingParams, dict[str, Any]]]:
+    """The parameters and keyword arguments of each ``LLMEngine.add_request`` from now on."""
+    engine = demo_server.state.engine
+    assert engine is not None
+    add_request = engine.add_request
+    received: list[tuple[SamplingParams, dict[str, Any]]] = []
+
+    def recording(prompt: Any, params: SamplingParams, *args: Any, **kwargs: Any) -> str:
+        received.append((params, kwargs))
+        return add_request(prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", recording)
+    return received
+
+
+def test_every_sampling_option_reaches_the_engine(
+    client: openai.OpenAI, engine_requests: list[tuple[SamplingParams, dict[str, Any]]]
+) -> None:
+    defaults = SamplingParams()
+    unchanged = [
+        f.name
+        for f in dataclasses.fields(SamplingParams)
+        if getattr(EXPECTED_PARAMS, f.name) == getattr(defaults, f.name)
+    ]
+    assert unchanged == [], "give every option a non-default value here"
+
     out = client.completions.create(
-        model=BASE,
-        prompt="pen=",
-        max_tokens=10,
-        temperature=0.7,
-        top_p=0.9,
-        presence_penalty=0.5,
-        frequency_penalty=0.5,
-        seed=1,
-        extra_body={"top_k": 5, "min_tokens": 2, "ignore_eos": True},
+        model="upper", prompt="pen=", n=2, logprobs=2, echo=True, **SAMPLING_OPTIONS
     )
-    assert out.choices[0].finish_reason == "length"
-    assert out.usage is not None and out.usage.completion_tokens == 10
+    assert [c.index for c in out.choices] == [0, 1]
+    chat = client.chat.completions.create(
+        model="swapcase",
+        messages=[{"role": "user", "content": "pen"}],
+        logprobs=True,
+        top_logprobs=2,
+        **SAMPLING_OPTIONS,
+    )
+    assert chat.choices[0].message.content is not None
+
+    params = [p for p, _ in engine_requests]
+    assert params == [
+        EXPECTED_PARAMS,
+        dataclasses.replace(EXPECTED_PARAMS, seed=12),  # choice 1
+        dataclasses.replace(EXPECTED_PARAMS, prompt_logprobs=None),  # chat
+    ]
+    routes = [(kw["lora"], kw["user"], kw["priority"]) for _, kw in engine_requests]
+    assert routes == [("upper", "alice", 0)] * 2 + [("swapcase", "alice", 0)]
+
+
+def test_min_tokens_holds_off_eos(client: openai.OpenAI) -> None:
+    """What only ``min_tokens`` explains: the base copies ``a`` and ends (EOS: 2 tokens);
+    asked for at least 6, it cannot end before them."""
+    plain = client.completions.create(model=BASE, prompt="a=", temperature=0, max_tokens=12)
+    assert plain.choices[0].text == "a" and plain.choices[0].finish_reason == "stop"
+    assert plain.usage is not None and plain.usage.completion_tokens == 2
+    held = client.completions.create(
+        model=BASE, prompt="a=", temperature=0, max_tokens=12, extra_body={"min_tokens": 6}
+    )
+    assert held.choices[0].text.startswith("a") and held.choices[0].text != "a"
+    assert held.usage is not None and held.usage.completion_tokens >= 6
 
 
 def test_models_lists_base_and_adapters(client: openai.OpenAI) -> None:
@@ -230,35 +323,84 @@ def test_concurrent_adapters_equal_alone(demo_server: Served) -> None:
     demo_server.wait_idle()
 
 
-def test_metrics_exposition(demo_server: Served) -> None:
-    with demo_server.http() as http:
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape_metrics(served: Served) -> Samples:
+    """Sample name → (sorted labels → value), of one ``/metrics`` scrape."""
+    with served.http() as http:
         text = http.get("/metrics").text
-    for name in (
-        "loraserve:num_requests_running",
-        "loraserve:num_requests_waiting",
-        "loraserve:kv_cache_usage_perc",
-        "loraserve:num_preemptions_total",
-        "loraserve:prompt_tokens_total",
-        "loraserve:generation_tokens_total",
-        'loraserve:request_success_total{finished_reason="stop"}',
-        "loraserve:time_to_first_token_seconds_bucket",
-        "loraserve:inter_token_latency_seconds_bucket",
-        "loraserve:e2e_request_latency_seconds_bucket",
-        "loraserve:request_queue_time_seconds_bucket",
-        'loraserve:pool_pages{tenant="kv"}',
-        'loraserve:pool_pages{tenant="adapter"}',
-        'loraserve:pool_pages{tenant="free"}',
-        'loraserve:pool_pages{tenant="cached"}',
-        "loraserve:prefix_cache_queries_total",
-        "loraserve:prefix_cache_hits_total",
-        "# TYPE loraserve:prefix_cache_pages gauge",
-        "# TYPE loraserve:lora_adapter_version gauge",
-        "loraserve:num_resident_adapters",
-        "loraserve:adapter_loads_total",
-        "loraserve:adapter_evictions_total",
-        "loraserve:adapter_prefetch_hits_total",
-        "loraserve:adapter_prefetch_misses_total",
-        "loraserve:adapter_load_seconds_total",
-        'loraserve:adapter_requests_total{adapter="upper"}',
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def test_metrics_count_known_traffic(demo_server: Served, client: openai.OpenAI) -> None:
+    """Three requests on ``upper`` and two on the base, of known token counts, move each
+    counter by exactly their share, and each latency histogram by one per request."""
+    demo_server.wait_idle()
+    before = scrape_metrics(demo_server)
+
+    upper = [
+        client.completions.create(model="upper", prompt="abc=", temperature=0, max_tokens=8)
+        for _ in range(3)
+    ]
+    base = [
+        client.completions.create(model=BASE, prompt="abcdef=", temperature=0, max_tokens=3)
+        for _ in range(2)
+    ]
+    for out, text, reason, prompt_tokens, tokens in [
+        *[(out, "ABC", "stop", 5, 4) for out in upper],  # BOS a b c =; A B C EOS
+        *[(out, "abc", "length", 8, 3) for out in base],
+    ]:
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (text, reason)
+        assert out.usage is not None
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_tokens, tokens)
+    demo_server.wait_idle()
+    after = scrape_metrics(demo_server)
+
+    def rise(name: str, **labels: str) -> float:
+        key = tuple(sorted(labels.items()))
+        return after[P + name].get(key, 0.0) - before.get(P + name, {}).get(key, 0.0)
+
+    assert rise("request_success_total", finished_reason="stop") == 3
+    assert rise("request_success_total", finished_reason="length") == 2
+    assert rise("request_success_total", finished_reason="abort") == 0
+    assert rise("adapter_requests_total", adapter="upper") == 3
+    assert rise("adapter_requests_total", adapter="swapcase") == 0
+    assert rise("prompt_tokens_total") == 3 * 5 + 2 * 8
+    assert rise("generation_tokens_total") == 3 * 4 + 2 * 3
+    assert rise("client_prompt_tokens_total", client="upper") == 3 * 5
+    assert rise("client_prompt_tokens_total", client=BASE) == 2 * 8
+    assert rise("client_generation_tokens_total", client="upper") == 3 * 4
+    assert rise("client_generation_tokens_total", client=BASE) == 2 * 3
+    for histogram in (
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
     ):
-        assert name in text, name
+        assert rise(histogram + "_count") == 5, histogram
+        assert rise(histogram + "_bucket", le="+Inf") == 5, histogram
+        assert rise(histogram + "_sum") > 0, histogram
+    # One gap between consecutive tokens of a request: 3 per upper request, 2 per base one.
+    assert rise("inter_token_latency_seconds_count") == 3 * 3 + 2 * 2
+    # And every family a dashboard reads is exported.
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "num_preemptions_total",
+        "pool_pages",
+        "prefix_cache_queries_total",
+        "prefix_cache_hits_total",
+        "num_resident_adapters",
+        "adapter_loads_total",
+        "adapter_evictions_total",
+        "adapter_prefetch_hits_total",
+        "adapter_prefetch_misses_total",
+        "adapter_load_seconds_total",
+    ):
+        assert P + name in after, name
+    assert set(by_label(after[P + "pool_pages"], "tenant")) == {"kv", "adapter", "cached", "free"}

@@ -183,6 +183,9 @@ def openapi_spec(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
     for method, path in sorted(served_routes(app), key=lambda r: (r[1], r[0])):
         op = OPERATIONS[method, path]
         paths.setdefault(path, {})[method.lower()] = _operation(method, path, op, config)
+    schemas = definitions.get("$defs", {})
+    for body in (CompletionRequest, ChatCompletionRequest):  # a model every server serves
+        schemas[body.__name__]["properties"]["model"]["examples"] = [config.model_name]
     spec: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -191,7 +194,7 @@ def openapi_spec(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
             "description": "Many LoRA adapters on one base model, behind the OpenAI API.",
         },
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": {"schemas": schemas},
     }
     if config.api_key is not None or config.admin_api_key is not None:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -200,8 +203,8 @@ def openapi_spec(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
 
 def _operation(method: str, path: str, op: Operation, config: ServerConfig) -> dict[str, Any]:
     content: dict[str, Any] = {op.media: {"schema": op.success}}
-    if op.stream:
-        content[_EVENTS] = {"schema": _STRING}
+    if op.stream:  # each server-sent event: a JSON chunk as data, "[DONE]" last
+        content[_EVENTS] = {"schema": _object("data", data=_STRING)}
     error = {"$ref": _REF.format(model="ErrorResponse")}
     responses: dict[str, Any] = {
         str(op.status): {"description": "success", "content": content},

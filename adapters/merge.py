@@ -1,27 +1,10 @@
 """Merge LoRA adapters into a new one, as PEFT 0.21's ``LoraModel.add_weighted_adapter`` does.
 
-Semantics, per module ``m`` of the merged adapter; ``w_i`` is the caller's weight for adapter
-``i`` and ``s_i`` its scaling at ``m``. Only the adapters that have ``m`` take part: one that
-lacks ``m`` is skipped there, as PEFT skips it (not counted as zero, so ties' vote counts and
-ranks see only the others)::
-
-    linear, ties, dare_linear, dare_ties, magnitude_prune   (all ranks equal; factor-wise)
-        A = combine_i(A_i, sign(w_i·s_i)·sqrt|w_i·s_i|)     B = combine_i(B_i, sqrt|w_i·s_i|)
-        (linear's B·A then has cross terms B_i·A_j: a rough approximation, as PEFT warns)
-    cat                                                     (rank Σ r_i; exact)
-        A = [w_1·s_1·A_1; w_2·s_2·A_2; ...]                 B = [B_1, B_2, ...]
-    svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
-        Δ = combine_i(s_i·B_i·A_i, w_i);  U·diag(S)·Vh = svd(Δ);  B = U[:, :k]·diag(S[:k]),
-        A = Vh[:k]  with k = svd_rank (default: the largest input rank); then, with svd_clamp,
-        q = quantile(B's and A's signed values, svd_clamp) and both clamped to [-q, q]
-
-    combine(T, w):  linear: Σ w_i·T_i        magnitude_prune: Σ w_i·top_d(T_i)
-                    dare_linear: Σ w_i·T_i⊙Bernoulli(d)/d
-                    ties: T'_i = top_d(T_i); σ = sign Σ_i T'_i ("total") or sign Σ_i sign T'_i
-                          ("frequency"), 0 counting as +; Σ_i w_i·T'_i·[sign T'_i = σ] / max(1,
-                          #{i: sign T'_i = σ})   (the vote ignores the weights, as in PEFT)
-                    dare_ties: ties with T'_i = T_i⊙Bernoulli(d)/d
-    top_d keeps the int(d·numel) entries of largest |value|; d ≥ 1 keeps everything.
+Which adapters and modules take part, and the merged config; the tensor math of each
+combination type is in :mod:`adapters.merge_math`. ``w_i`` is the caller's weight for adapter
+``i``. Only the adapters that have a module take part in it: one that lacks it is skipped
+there, as PEFT skips it (not counted as zero, so ties' vote counts and ranks see only the
+others).
 
 With one adapter every type is ``linear`` (PEFT's rule). The merged config is PEFT's: ``r`` is
 the new rank, ``lora_alpha = r``, no rank/alpha patterns, ``target_modules`` the union of the
@@ -39,34 +22,33 @@ module in ``(layer, target)`` order (for factor-wise types: every A, then every 
 from torch's global RNG in its own module order, so with ``density < 1`` results match PEFT's
 only in distribution, never bit for bit. Everything runs on float32 CPU copies and touches
 no engine state: it may run off the engine thread.
-
-This file holds the spec, its checks and the math together (~500 lines, over the usual
-~300): the checks are PEFT's rules for the math below them and read best side by side.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
+from adapters.merge_math import (
+    COMBINATION_TYPES,
+    DENSITY_TYPES,
+    FACTORWISE_TYPES,
+    SVD_TYPES,
+    float32_cpu,
+    merged_factors,
+    zero_padded,
+)
 from adapters.peft_config import ALL_LINEAR, LoraAdapterConfig
 from adapters.peft_targets import is_targeted, module_scaling
 from adapters.weights import ADALORA, DORA, LORA, AdapterWeights, LoraModuleWeights
 
 MIXTURE = "mixture"  # not a weight merge: the caller routes it elsewhere
 
-# Every combination_type of PEFT 0.21's add_weighted_adapter, grouped by how factors are built.
-_FACTORWISE_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-COMBINATION_TYPES = (*_FACTORWISE_TYPES, "cat", *_SVD_TYPES)
-# The method that combines the delta weights before each svd type's SVD.
-_SVD_METHOD = dict(zip(_SVD_TYPES, _FACTORWISE_TYPES, strict=True))  # svd: linear, ...
-_DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t.startswith(("ties", "dare", "magnitude")))
 _MAJORITY_SIGN_METHODS = ("total", "frequency")
 _SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd's cuSOLVER drivers
 
@@ -94,8 +76,8 @@ class MergeSpec:
         adapters: the names of the adapters to merge, in order (the first one decides
             ``use_rslora`` and the layer filters of the result).
         weights: one weight per adapter; negative weights subtract.
-        combination_type: one of :data:`COMBINATION_TYPES`, or :data:`MIXTURE` (accepted
-            here, merged elsewhere).
+        combination_type: one of :data:`adapters.merge_math.COMBINATION_TYPES`, or
+            :data:`MIXTURE` (accepted here, merged elsewhere).
         density: the fraction of values kept, in (0, 1]; required by the ties, dare and
             magnitude_prune types, ignored by the others.
         majority_sign_method: ``"total"`` or ``"frequency"`` (ties and dare_ties types).
@@ -162,7 +144,7 @@ class MergeSpec:
         density = self.density
         if density is not None and (not _is_real(density) or not math.isfinite(density)):
             raise _invalid(f"density must be a finite number, got {density!r}")
-        if self.effective_combination_type not in _DENSITY_TYPES:
+        if self.effective_combination_type not in DENSITY_TYPES:
             return  # PEFT ignores density for linear, cat and svd
         # PEFT: None fails deep in its pruning; 0 prunes everything (and divides 0 by 0 in
         # DARE); > 1 is silently treated as 1. All refused here.
@@ -189,7 +171,7 @@ class MergeSpec:
                 f"svd_driver must be one of {', '.join(_SVD_DRIVERS)} or unset, "
                 f"got {self.svd_driver!r}"
             )
-        if self.svd_driver is not None and self.effective_combination_type in _SVD_TYPES:
+        if self.svd_driver is not None and self.effective_combination_type in SVD_TYPES:
             raise _invalid(
                 f"svd_driver {self.svd_driver!r} selects a cuSOLVER routine, which "
                 "torch.linalg.svd accepts only for CUDA tensors; merges run on the CPU, "
@@ -260,19 +242,14 @@ def merge_adapters(
     modules = {}
     for key, path in plan.modules.items():
         members = [
-            (float(weight), _float32_cpu(adapter.modules[key]))
+            (float(weight), float32_cpu(adapter.modules[key]))
             for adapter, weight in zip(adapters, spec.weights, strict=True)
             if key in adapter.modules
         ]
-        if combination_type == "cat":
-            lora_a, lora_b = _cat(members)
-        elif combination_type in _SVD_TYPES:
-            lora_a, lora_b = _svd(combination_type, members, plan.rank, spec, generator)
-        else:
-            lora_a, lora_b = _factorwise(combination_type, members, spec, generator)
+        lora_a, lora_b = merged_factors(combination_type, members, plan.rank, spec, generator)
         modules[key] = LoraModuleWeights(
-            lora_a=_zero_padded(lora_a, plan.rank, dim=0),
-            lora_b=_zero_padded(lora_b, plan.rank, dim=1),
+            lora_a=zero_padded(lora_a, plan.rank, dim=0),
+            lora_b=zero_padded(lora_b, plan.rank, dim=1),
             scaling=module_scaling(plan.config, path),
         )
     return AdapterWeights(name=name, config=plan.config, modules=modules)
@@ -303,7 +280,7 @@ def _plan(
     layout = _checked_layout(adapters, layout)
     combination_type = spec.effective_combination_type
     max_ranks = [a.config.max_rank for a in adapters]  # PEFT: max(r, *rank_pattern.values())
-    if combination_type in _FACTORWISE_TYPES:
+    if combination_type in FACTORWISE_TYPES:
         if len(set(max_ranks)) != 1:
             ranks = ", ".join(f"{a.name}: {r}" for a, r in zip(adapters, max_ranks, strict=True))
             raise _invalid(
@@ -339,7 +316,7 @@ def _plan(
                 f"target_modules, filtered by {adapters[0].name!r}'s layer filters), but no "
                 "adapter to merge has it (PEFT: 'No matching LoRAs found')"
             )
-        if combination_type in _FACTORWISE_TYPES:
+        if combination_type in FACTORWISE_TYPES:
             module_ranks = {a.modules[layer, target].rank: a.name for a in members}
             if len(module_ranks) > 1:
                 (r1, n1), (r2, n2) = list(module_ranks.items())[:2]
@@ -401,132 +378,3 @@ def _merged_targets(
     if regexes:
         return "|".join(f"({regex})" for regex in regexes)
     return tuple(sorted(set().union(*lists)))
-
-
-# ---------------------------------------------------------------- the math
-
-
-def _float32_cpu(module: LoraModuleWeights) -> LoraModuleWeights:
-    return LoraModuleWeights(
-        lora_a=module.lora_a.to("cpu", torch.float32),
-        lora_b=module.lora_b.to("cpu", torch.float32),
-        scaling=module.scaling,
-    )
-
-
-def _cat(members: list[tuple[float, LoraModuleWeights]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked factors: ``B·A = Σ w_i·s_i·B_i·A_i`` exactly."""
-    lora_a = torch.cat([m.lora_a * w * m.scaling for w, m in members], dim=0)  # (Σ r_i, in)
-    lora_b = torch.cat([m.lora_b for _, m in members], dim=1)  # (out, Σ r_i)
-    return lora_a, lora_b
-
-
-def _factorwise(
-    combination_type: str,
-    members: list[tuple[float, LoraModuleWeights]],
-    spec: MergeSpec,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B combined separately; ``sqrt|w·s|`` on each side, the sign on A only."""
-    roots = [math.sqrt(abs(w * m.scaling)) for w, m in members]
-    signs = [1.0 if w * m.scaling >= 0 else -1.0 for w, m in members]
-    weights_a = torch.tensor(
-        [r * s for r, s in zip(roots, signs, strict=True)], dtype=torch.float32
-    )
-    weights_b = torch.tensor(roots, dtype=torch.float32)
-    combine = _COMBINE[combination_type]
-    lora_a = combine([m.lora_a for _, m in members], weights_a, spec, generator)
-    lora_b = combine([m.lora_b for _, m in members], weights_b, spec, generator)
-    return lora_a, lora_b
-
-
-def _svd(
-    combination_type: str,
-    members: list[tuple[float, LoraModuleWeights]],
-    rank: int,
-    spec: MergeSpec,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The combined delta weights, truncated to ``rank`` by SVD."""
-    deltas = [(m.lora_b @ m.lora_a) * m.scaling for _, m in members]  # (out, in) each
-    weights = torch.tensor([w for w, _ in members], dtype=torch.float32)
-    delta = _COMBINE[_SVD_METHOD[combination_type]](deltas, weights, spec, generator)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=spec.svd_full_matrices)
-    k = min(rank, s.numel())  # a module narrower than svd_rank has fewer singular values
-    lora_b = u[:, :k] @ torch.diag(s[:k])  # (out, k)
-    lora_a = vh[:k, :]  # (k, in)
-    if spec.svd_clamp is not None:
-        high = torch.quantile(torch.cat([lora_b.flatten(), lora_a.flatten()]), spec.svd_clamp)
-        lora_b, lora_a = lora_b.clamp(-high, high), lora_a.clamp(-high, high)
-    return lora_a, lora_b
-
-
-def _zero_padded(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """A fresh contiguous copy of ``tensor`` with zeros appended along ``dim`` up to ``rank``."""
-    shape = list(tensor.shape)
-    shape[dim] = rank
-    padded = torch.zeros(shape, dtype=torch.float32)
-    padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
-    return padded
-
-
-# combine(T, w): PEFT's merge_utils, one function per method. Each takes the task tensors
-# (equal shapes), their float32 weights and the spec, and returns one tensor of that shape.
-_Combine = Callable[[list[torch.Tensor], torch.Tensor, MergeSpec, torch.Generator], torch.Tensor]
-
-
-def _weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(tensors)  # (n, *shape)
-    return (stacked * weights.view(-1, *[1] * (stacked.dim() - 1))).sum(dim=0)
-
-
-def _top_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """``tensor`` with all but its ``int(density·numel)`` largest-magnitude entries zeroed."""
-    if density >= 1:
-        return tensor
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
-    mask[torch.topk(tensor.abs().flatten(), k=int(density * tensor.numel())).indices] = 1
-    return tensor * mask.view(tensor.shape)
-
-
-def _random_rescaled(
-    tensor: torch.Tensor, density: float, generator: torch.Generator
-) -> torch.Tensor:
-    """DARE: each entry kept with probability ``density``, kept ones divided by it."""
-    if density >= 1:
-        return tensor  # no draw, as in PEFT: density 1 equals the non-DARE type exactly
-    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
-    return tensor * mask / density
-
-
-def _ties(pruned: list[torch.Tensor], weights: torch.Tensor, method: str) -> torch.Tensor:
-    """Elect a sign per entry from the unweighted tensors; average the agreeing weighted ones."""
-    stacked = torch.stack(pruned)  # (n, *shape)
-    signs = stacked.sign()
-    votes = stacked.sum(dim=0) if method == "total" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0)
-    agree = signs == elected  # a pruned (zero) entry agrees with no sign
-    weighted = stacked * weights.view(-1, *[1] * (stacked.dim() - 1))
-    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
-
-
-def _density(spec: MergeSpec) -> float:
-    assert spec.density is not None  # MergeSpec.validate requires it for these types
-    return spec.density
-
-
-_COMBINE: dict[str, _Combine] = {
-    "linear": lambda ts, w, spec, g: _weighted_sum(ts, w),
-    "magnitude_prune": lambda ts, w, spec, g: _weighted_sum(
-        [_top_magnitude(t, _density(spec)) for t in ts], w
-    ),
-    "dare_linear": lambda ts, w, spec, g: _weighted_sum(
-        [_random_rescaled(t, _density(spec), g) for t in ts], w
-    ),
-    "ties": lambda ts, w, spec, g: _ties(
-        [_top_magnitude(t, _density(spec)) for t in ts], w, spec.majority_sign_method
-    ),
-    "dare_ties": lambda ts, w, spec, g: _ties(
-        [_random_rescaled(t, _density(spec), g) for t in ts], w, spec.majority_sign_method
-    ),
-}

@@ -11,8 +11,9 @@ for it (EOS ignored), greedy, in float32, in one process, one after the other. T
   (seeded), as real traffic does; ``generate`` must run its batch to the longest request
   and discard the rest, while continuous batching retires each request when it is done.
 
-Throughput counts only the planned tokens. With no ``--model``, a random tiny Llama (the
-size of the bundled demo model) is built in a temporary directory.
+Throughput counts only the planned tokens. With no ``--model``, the model is
+``benchmarks/presets/tiny`` (the bundled demo model's shape, no weights): a directory without
+weights gets the engine's dummy weights (``engine.dummy``) in both systems, the same model.
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import LLM, SamplingParams
-from tests.tiny_models import make_demo_sized_model
+from engine.dummy import init_dummy_weights, init_std
+
+TINY_PRESET = Path(__file__).resolve().parent / "presets" / "tiny"
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors"))
 
 
 def make_workload(
@@ -46,7 +53,8 @@ def make_workload(
 
 
 def run_loraserve(model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> float:
-    llm = LLM(model_dir, dtype="float32", max_num_seqs=len(prompts))
+    load_format = "auto" if has_weights(model_dir) else "dummy"
+    llm = LLM(model_dir, dtype="float32", max_num_seqs=len(prompts), load_format=load_format)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     llm.generate(prompts[:2], params[:2])  # warm-up
     start = time.perf_counter()
@@ -56,10 +64,20 @@ def run_loraserve(model_dir: Path, prompts: list[list[int]], lengths: list[int])
     return elapsed
 
 
+def hf_model(model_dir: Path) -> Any:
+    """transformers' model; one without weights gets the engine's dummy weights (seed 0)."""
+    if has_weights(model_dir):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    init_dummy_weights(model, init_std(config), seed=0)
+    return model.eval()
+
+
 def run_transformers(model_dir: Path, prompts: list[list[int]], lengths: list[int]) -> float:
     """One left-padded batch run to the longest planned length; extra tokens are discarded."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id or 0
+    model = hf_model(model_dir)
+    pad = model.config.pad_token_id or 0
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -81,7 +99,7 @@ def run_transformers(model_dir: Path, prompts: list[list[int]], lengths: list[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=TINY_PRESET)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
@@ -91,27 +109,26 @@ def main() -> None:
         f"{'workload':9s} {'system':24s} {'seconds':>8s} {'req/s':>7s} {'out tok/s':>10s} "
         f"{'total tok/s':>12s}"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or make_demo_sized_model(Path(tmp) / "tiny")
-        for workload in ("fixed", "varied"):
-            prompts, lengths = make_workload(
-                args.num_prompts, 259, args.output_len, workload == "varied", args.seed
-            )
-            n_in, n_out = sum(len(p) for p in prompts), sum(lengths)
-            secs = {
-                "loraserve": run_loraserve(model_dir, prompts, lengths),
-                "transformers generate": run_transformers(model_dir, prompts, lengths),
-            }
-            for name, t in secs.items():
-                print(
-                    f"{workload:9s} {name:24s} {t:8.2f} {len(prompts) / t:7.2f} "
-                    f"{n_out / t:10.1f} {(n_in + n_out) / t:12.1f}"
-                )
-            ratio = secs["transformers generate"] / secs["loraserve"]
+    model_dir = args.model
+    for workload in ("fixed", "varied"):
+        prompts, lengths = make_workload(
+            args.num_prompts, 259, args.output_len, workload == "varied", args.seed
+        )
+        n_in, n_out = sum(len(p) for p in prompts), sum(lengths)
+        secs = {
+            "loraserve": run_loraserve(model_dir, prompts, lengths),
+            "transformers generate": run_transformers(model_dir, prompts, lengths),
+        }
+        for name, t in secs.items():
             print(
-                f"{workload:9s} loraserve / transformers throughput: {ratio:.2f}x "
-                f"({len(prompts)} requests, {n_in} prompt + {n_out} generated tokens)"
+                f"{workload:9s} {name:24s} {t:8.2f} {len(prompts) / t:7.2f} "
+                f"{n_out / t:10.1f} {(n_in + n_out) / t:12.1f}"
             )
+        ratio = secs["transformers generate"] / secs["loraserve"]
+        print(
+            f"{workload:9s} loraserve / transformers throughput: {ratio:.2f}x "
+            f"({len(prompts)} requests, {n_in} prompt + {n_out} generated tokens)"
+        )
 
 
 if __name__ == "__main__":

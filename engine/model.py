@@ -113,7 +113,8 @@ class Backends:
 
 
 def kernel_name(name: str | None, device: torch.device) -> str:
-    """``--kernels`` resolved: the name given, else Triton on CUDA and torch elsewhere."""
+    """The ``kernels=`` choice resolved: the name given, else Triton on CUDA and torch
+    elsewhere."""
     name = name or ("triton" if device.type == "cuda" else "torch")
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown kernels {name!r}; one of {sorted(ATTENTION_BACKENDS)}")

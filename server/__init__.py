@@ -1,1 +1,1 @@
-"""loraserve's front ends: the command line (and, with the server issue, the HTTP API)."""
+"""loraserve's front ends: the command line, the HTTP API and the engine process behind it."""

@@ -110,14 +110,6 @@ def make_model(
     return path
 
 
-def make_demo_sized_model(path: Path, seed: int = 0) -> Path:
-    """A random Llama the size of the bundled demo model (4 layers, hidden 128, GQA 2:1)."""
-    return make_model(
-        path, "llama", num_layers=4, seed=seed, hidden_size=128, intermediate_size=352,
-        num_attention_heads=4, num_key_value_heads=2, rope_scaling=None,
-    )  # fmt: skip
-
-
 def make_adapter(
     base_dir: Path,
     out_dir: Path,

@@ -1,4 +1,6 @@
-"""``loraserve bench``: serve, sweep, compare, prefix, fairness and make-adapters.
+"""``loraserve bench``'s arguments: serve, sweep, compare, prefix, fairness and make-adapters.
+
+Each subcommand's parser sets ``run`` to its function in :mod:`server.bench.commands`.
 
 loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
 loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
@@ -11,22 +13,20 @@ loraserve bench fairness --model DIR [--load-format dummy] [--flood-requests N] 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
 import shlex
-import sys
 from pathlib import Path
-from typing import Any
 
-from server.bench.metrics import SLO, all_failed, describe_failures, format_summary, summarize
-from server.bench.workloads import Workload, churn_w4, closed_loop_w3, describe, synthetic_w2
-
-# The commands import their heavier parts (httpx, torch, peft) when they run, so that the
-# rest of the command line (``loraserve serve``) does not depend on them.
+from server.bench.commands import (
+    DEFAULT_RANGE,
+    compare_command,
+    fairness_command,
+    make_adapters_command,
+    prefix_command,
+    serve_command,
+    sweep_command,
+)
 
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
-DEFAULT_RANGE = (8, 512)  # --input-range and --output-range of serve and sweep
 
 
 def _ints(text: str) -> list[int]:
@@ -142,7 +142,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     )
     serve.add_argument("--out", type=Path, default=None, help="JSON results")
     _workload_args(serve, serve=True)
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=serve_command)
 
     sweep = sub.add_parser("sweep", help="loraserve and the PEFT baselines on one request list")
     _model_args(sweep)
@@ -183,7 +183,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "--out", type=Path, default=Path("benchmarks/results/sweep"), help="results dir"
     )
     _workload_args(sweep, serve=False)
-    sweep.set_defaults(run=_sweep)
+    sweep.set_defaults(run=sweep_command)
 
     _add_compare_parser(sub)
     _add_prefix_parser(sub)
@@ -199,7 +199,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     make.add_argument("--distinct", type=int, default=None, help="write only this many dirs")
     make.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     make.add_argument("--out", type=Path, required=True, help="the adapters' parent dir")
-    make.set_defaults(run=_make_adapters)
+    make.set_defaults(run=make_adapters_command)
 
 
 def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -246,7 +246,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     compare.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/compare"), help="results dir"
     )
-    compare.set_defaults(run=_compare)
+    compare.set_defaults(run=compare_command)
 
 
 def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -306,7 +306,7 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     prefix.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/prefix"), help="results dir"
     )
-    prefix.set_defaults(run=_prefix)
+    prefix.set_defaults(run=prefix_command)
 
 
 def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -378,362 +378,4 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     fairness.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/fairness"), help="results dir"
     )
-    fairness.set_defaults(run=_fairness)
-
-
-Range = tuple[int, int]
-
-
-def fit_ranges(
-    kind: str,
-    input_range: Range | None,
-    output_range: Range | None,
-    room: int | None,
-    context: str | None = None,
-) -> tuple[Range, Range, str | None]:
-    """``--input-range`` and ``--output-range`` for requests of at most ``room`` positions
-    (prompt + output tokens; None: the server does not say, nothing is checked), and a note
-    when they were clipped. ``context`` names ``room`` in the messages ("the server's
-    max_model_len of 128").
-
-    A range left out (None) takes ``DEFAULT_RANGE``. When the longest prompt plus the longest
-    output would exceed ``room``, the ranges left out are clipped until they fit: both left
-    out share the room in proportion to their longest values; one left out takes what the
-    given one leaves. Ranges the user gave are never changed: a ``ValueError`` says when
-    they cannot fit. The result depends on the arguments alone, so the same seed still gives
-    the same requests against the same server.
-    """
-    given_in, given_out = input_range is not None, output_range is not None
-    inputs, outputs = input_range or DEFAULT_RANGE, output_range or DEFAULT_RANGE
-    # W3 draws prompts of at most HI tokens (Punica's max_prompt); every other range is [LO, HI).
-    top_in = inputs[1] if kind == "W3" else inputs[1] - 1
-    top_out = outputs[1] - 1
-    if room is None or top_in + top_out <= room:
-        return inputs, outputs, None
-    context = context or f"a context of {room} tokens"
-    flags = [f"--input-range {inputs[0]},{inputs[1]}"] if given_in else []
-    flags += [f"--output-range {outputs[0]},{outputs[1]}"] if given_out else []
-    if given_in and given_out:
-        raise ValueError(
-            f"{' and '.join(flags)} allow a {top_in}-token prompt with {top_out} output "
-            f"tokens, {top_in + top_out} in all, more than {context}; give ranges whose "
-            f"longest prompt and output sum to at most {room}, or leave one out to have it "
-            "fitted"
-        )
-    if given_in:
-        new_in, new_out = top_in, room - top_in
-    elif given_out:
-        new_in, new_out = room - top_out, top_out
-    else:
-        new_in = max(1, room * top_in // (top_in + top_out))
-        new_out = room - new_in
-    if new_in < 1 or new_out < 1:
-        if not flags:
-            raise ValueError(f"{context} leaves no room for a prompt and an output")
-        longest, other = (
-            (f"prompts of up to {top_in}", "an output")
-            if given_in
-            else (
-                f"outputs of up to {top_out}",
-                "a prompt",
-            )
-        )
-        raise ValueError(
-            f"{flags[0]} allows {longest} tokens, which leave no room for {other} within "
-            f"{context}; give ranges whose longest prompt and output sum to at most {room}"
-        )
-    hi_in = new_in if kind == "W3" else new_in + 1
-    fitted_in = (max(1, min(inputs[0], hi_in - 1)), hi_in)
-    fitted_out = (min(outputs[0], new_out), new_out + 1)
-    note = (
-        f"lengths clipped to fit {context}: --input-range {fitted_in[0]},{fitted_in[1]} "
-        f"--output-range {fitted_out[0]},{fitted_out[1]} (prompts up to {new_in} tokens, "
-        f"outputs up to {new_out}; unclipped: {top_in} + {top_out})"
-    )
-    return fitted_in, fitted_out, note
-
-
-def _workload(
-    args: argparse.Namespace, num_adapters: int, input_range: Range, output_range: Range
-) -> Workload:
-    """The W2, W3 or W4 list the flags describe."""
-    if args.kind == "W4":
-        return churn_w4(
-            num_adapters=num_adapters,
-            alpha=args.alpha,
-            rate=args.rate,
-            cv=args.cv,
-            num_requests=args.num_requests,
-            input_range=input_range,
-            output_range=output_range,
-            seed=args.seed,
-            vocab_size=args.vocab_size,
-        )
-    if args.kind == "W3":
-        return closed_loop_w3(
-            num_requests=args.num_requests,
-            num_adapters=num_adapters,
-            popularity="uniform",
-            max_prompt=input_range[1],
-            output_range=output_range,
-            seed=args.seed,
-            vocab_size=args.vocab_size,
-        )
-    return synthetic_w2(
-        num_adapters=num_adapters,
-        alpha=args.alpha,
-        rate=args.rate,
-        cv=args.cv,
-        num_requests=args.num_requests,
-        input_range=input_range,
-        output_range=output_range,
-        seed=args.seed,
-        vocab_size=args.vocab_size,
-    )
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from server.bench.client import check_fits, read_models, run_workload
-
-    served = read_models(args.url, args.api_key)  # a ValueError when it cannot be read
-    adapters = args.adapters.split(",") if args.adapters else list(served.adapters)
-    models: list[str | None] = list(adapters)
-    if served.max_model_len is None:
-        print("note: the server reports no max_model_len; request lengths were not checked")
-    if args.workload is not None:
-        workload = Workload.load(args.workload)
-        source = str(args.workload)
-    else:
-        n = args.num_adapters if args.num_adapters is not None else len(adapters)
-        # The model the tightest request goes to: the one with the most virtual tokens.
-        used = [models[i % len(models)] for i in range(n)] if models and n else [None]
-        tightest = min(used, key=lambda m: served.room(m) or 0)
-        inputs, outputs, note = fit_ranges(
-            args.kind,
-            args.input_range,
-            args.output_range,
-            served.room(tightest),
-            served.context(tightest),
-        )
-        if note:
-            print(f"note: {note}")
-        workload = _workload(args, n, inputs, outputs)
-        source = "the workload"
-    unreported = sorted(set(served.unreported) & set(models))
-    if unreported:
-        print(
-            "note: /v1/models does not say how many virtual tokens these adapters take "
-            f"(prompt or prefix tuning): {', '.join(unreported)}; their longest requests may "
-            "not fit the context"
-        )
-    unlisted = [m for m in adapters if m not in served.adapters and m != served.base]
-    if unlisted:
-        print(f"note: /v1/models does not list {', '.join(unlisted)}")
-    check_fits(workload, served, models, source)
-    if args.save_workload:
-        workload.save(args.save_workload)
-    print(f"workload: {json.dumps(describe(workload))}")
-    records, duration = asyncio.run(
-        run_workload(args.url, workload, models, served.base, args.api_key)
-    )
-    name = f"TTFT<={args.slo_ttft:g}s" + (f",TPOT<={args.slo_tpot:g}s" if args.slo_tpot else "")
-    slos = {name: SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)}
-    summary = summarize(records, duration, slos)
-    print(format_summary(summary, f"{workload.kind} against {args.url}"))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "summary": summary,
-            "workload": workload.params,
-            "max_model_len": served.max_model_len,
-        }
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
-    if all_failed(summary):
-        print(f"loraserve bench serve: {describe_failures(summary)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from server.bench.sweep import SweepArgs, run_sweep  # needs peft for the baselines
-
-    result = run_sweep(
-        SweepArgs(
-            model_dir=args.model,
-            out=args.out,
-            adapters=args.adapters,
-            ranks=args.ranks,
-            targets=args.targets.split(","),
-            num_requests=args.num_requests,
-            rate=args.rate,
-            cv=args.cv,
-            alpha=args.alpha,
-            input_range=args.input_range or DEFAULT_RANGE,
-            output_range=args.output_range or DEFAULT_RANGE,
-            seed=args.seed,
-            baselines=[b for b in args.baselines.split(",") if b],
-            rates=[float(r) for r in args.rates.split(",") if r],
-            dtype=args.dtype,
-            quantization=args.quantization,
-            load_format=args.load_format,
-            batch_size=args.batch_size,
-            kernels=args.kernels,
-            distinct_adapters=args.distinct_adapters,
-            enforce_eager=args.enforce_eager,
-            tensor_parallel_size=args.tensor_parallel_size,
-        )
-    )
-    for run in result["runs"]:
-        print(
-            f"{run['system']:20s} n={run['n']:<5d} {run['request_throughput']:8.2f} req/s "
-            f"{run['output_throughput']:9.1f} tok/s  median TTFT {run['median_ttft_ms']:8.1f} ms"
-        )
-    for name, ratio in result["ratios"].items():
-        print(f"{name}: {ratio:.2f}x")
-    print(f"wrote {args.out}/sweep.json and plots")
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from server.bench.compare import CompareArgs, format_table, run_compare  # needs peft
-
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-    result = run_compare(
-        CompareArgs(
-            model_dir=args.model,
-            out=args.out,
-            num_requests=args.num_requests,
-            num_adapters=args.num_adapters,
-            ranks=args.ranks,
-            targets=args.targets.split(","),
-            input_range=args.input_range,
-            output_range=args.output_range,
-            alpha=args.alpha,
-            seed=args.seed,
-            systems=[s for s in args.systems.split(",") if s],
-            base=args.base,
-            batch_size=args.batch_size,
-            max_num_seqs=args.max_num_seqs,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            adapter_dir=args.adapter_dir,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
-        )
-    )
-    print(format_table(result))
-    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
-    return _every_request_failed("compare", result["systems"])
-
-
-def _prefix(args: argparse.Namespace) -> int:
-    from server.bench.prefix import SMOKE, PrefixArgs, run_prefix
-    from server.bench.prefix_report import format_ratios, format_system
-
-    sizes = {
-        key: value
-        for key in (
-            "num_requests",
-            "concurrency",
-            "num_adapters",
-            "prefix_len",
-            "question_range",
-            "output_range",
-            "ranks",
-            "on_flags",
-            "off_flags",
-            "server_flags",
-        )
-        if (value := getattr(args, key)) is not None
-    }
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-    result = run_prefix(
-        PrefixArgs(
-            model_dir=args.model,
-            out=args.out,
-            targets=args.targets.split(","),
-            seed=args.seed,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
-            **({**SMOKE, **sizes} if args.smoke else sizes),
-        ),
-        on_system=lambda entry: print(format_system(entry), flush=True),
-    )
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(format_ratios(result))
-    print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
-    return _every_request_failed("prefix", result["systems"])
-
-
-def _fairness(args: argparse.Namespace) -> int:
-    from server.bench.fairness import SMOKE, FairnessArgs, run_fairness
-    from server.bench.fairness_report import format_ratios, format_system
-
-    renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
-    sizes = {
-        renamed.get(key, key): value
-        for key in (
-            "num_adapters",
-            "flood_requests",
-            "flood_concurrency",
-            "modest_rate",
-            "duration",
-            "modest_start",
-            "input_range",
-            "output_range",
-            "max_num_seqs",
-            "rank",
-            "server_flags",
-        )
-        if (value := getattr(args, key)) is not None
-    }
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-    result = run_fairness(
-        FairnessArgs(
-            model_dir=args.model,
-            out=args.out,
-            targets=args.targets.split(","),
-            seed=args.seed,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
-            **({**SMOKE, **sizes} if args.smoke else sizes),
-        ),
-        on_system=lambda entry: print(format_system(entry), flush=True),
-    )
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(format_ratios(result))
-    print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
-    return _every_request_failed("fairness", result["systems"])
-
-
-def _every_request_failed(command: str, systems: list[dict[str, Any]]) -> int:
-    """1, saying which, when a system completed none of its requests (its numbers measure
-    nothing); else 0."""
-    failed = [s for s in systems if all_failed(s)]
-    for s in failed:
-        label = s.get("label", s["system"])
-        print(f"loraserve bench {command}: {label}: {describe_failures(s)}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _make_adapters(args: argparse.Namespace) -> int:
-    from server.bench.make_adapters import make_random_adapters
-
-    paths = make_random_adapters(
-        args.model,
-        args.out,
-        args.n,
-        args.ranks,
-        args.targets.split(","),
-        args.seed,
-        distinct=args.distinct,
-    )
-    print(f"wrote {len(set(paths))} adapter directories for {args.n} adapters under {args.out}")
-    return 0
+    fairness.set_defaults(run=fairness_command)

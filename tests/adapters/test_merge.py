@@ -24,13 +24,8 @@ from transformers import AutoModelForCausalLM
 from adapters.base_layout import BaseModelLayout
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.loader import load_lora_adapter
-from adapters.merge import (
-    COMBINATION_TYPES,
-    MIXTURE,
-    MergeSpec,
-    check_merge,
-    merge_adapters,
-)
+from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
+from adapters.merge_math import COMBINATION_TYPES
 from adapters.peft_writer import save_peft_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
 from tests.adapters.conftest import save_peft_adapter as save_with_peft

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from server.bench.cli import fit_ranges
 from server.bench.client import ServedModels, check_fits, run_workload
+from server.bench.commands import fit_ranges
 from server.bench.harness import free_port
 from server.bench.metrics import (
     CONNECTION_ERROR,

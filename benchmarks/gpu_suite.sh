@@ -70,7 +70,7 @@ if [[ "$SMOKE" == 1 ]]; then
   # with the PEFT server), rather than a separate sweep-baselines step repeating loraserve.
   BF16_BASELINES=${BASELINES:-peft}
   BASELINES=""
-  SIZES=(--num-requests "${SWEEP_REQUESTS:-8}" --rate "${SWEEP_RATE:-4}"
+  SIZES=(--num-requests "${SWEEP_REQUESTS:-6}" --rate "${SWEEP_RATE:-6}"
     --input-range 4,8 --output-range 2,4)
   DISTINCT=${DISTINCT:-2}
   T_KERNELS=${T_KERNELS:-120} T_NF4=${T_NF4:-60} T_GRAPHS=${T_GRAPHS:-120}

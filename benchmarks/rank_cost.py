@@ -54,6 +54,7 @@ import torch
 from adapters.base_layout import LINEAR_TARGETS
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.config import DEMO_DIR, DTYPES
+from engine.request import Request
 from engine.scheduling import RANK_COST_COEFFICIENT
 from server.bench.make_adapters import base_layout, make_random_adapters
 
@@ -207,7 +208,7 @@ def start_decodes(bench: Bench, args: argparse.Namespace) -> None:
     vocab = bench.engine.model.arch.vocab_size
     bench.add(prompts(args.decode_batch, args.context, vocab, seed=1), bench.max_tokens)
     bench.engine.step()
-    while any(r.num_computed_tokens < args.context for r in bench.engine.requests.values()):
+    while any(r.num_computed_tokens < args.context for r in unfinished(bench.engine)):
         bench.engine.step()
 
 
@@ -242,8 +243,13 @@ def measure(
             )
         if phase == "decode":
             for bench in benches:
-                for request_id in list(bench.engine.requests):
-                    bench.engine.abort(request_id)
+                for request in unfinished(bench.engine):
+                    bench.engine.abort(request.request_id)
+
+
+def unfinished(engine: LLMEngine) -> list[Request]:
+    """The engine's requests still waiting or running (the scheduler owns them)."""
+    return [*engine.scheduler.waiting, *engine.scheduler.running]
 
 
 def fit_through_base(points: list[tuple[float, float]]) -> float:

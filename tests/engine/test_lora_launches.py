@@ -62,7 +62,7 @@ def decode_step_launches(
     for i, adapter in enumerate(adapters):
         engine.add_request([5 + i, 6, 7], params, request_id=str(i), lora=adapter)
     engine.step()  # every prompt prefills in this one step (the token budget holds them all)
-    requests = list(engine.requests.values())
+    requests = list(engine.scheduler.running)  # every one prefilled, none waiting
     assert len(requests) == len(adapters)
     assert all(r.num_computed_tokens == len(r.prompt_token_ids) for r in requests)
     counts: Counter[str] = Counter()

@@ -181,12 +181,12 @@ def test_quantized_at_load_gives_the_same_tokens(nf4_family: Family) -> None:
 # The jobs each family runs under the Triton kernels (indexes into Family.jobs) and the
 # tokens each job generates. The interpreter runs every kernel program in numpy, so cost
 # grows with programs launched, and the LoRA expand kernels launch the most: llama's three
-# jobs of eight tokens take about half a minute. The LoRA kernels see the same shapes in
+# jobs of five tokens take about a quarter of a minute. The LoRA kernels see the same shapes in
 # every family, so llama alone runs them; Qwen2 runs its base job over three tokens (about
 # two seconds), which holds what Qwen2 changes for the kernels: the bias added to each q, k
 # and v slice the NF4 kernels write, and one KV head (head_dim 16) for four query heads in
 # paged attention, prefill and decode.
-TRITON_JOBS = {"llama": ([3, 1, 4], 8), "qwen2": ([4], 3)}
+TRITON_JOBS = {"llama": ([3, 1, 4], 5), "qwen2": ([4], 3)}
 
 
 def test_triton_kernels_on_the_nf4_base(nf4_family: Family) -> None:
@@ -202,7 +202,7 @@ def test_triton_kernels_on_the_nf4_base(nf4_family: Family) -> None:
         assert [adapter for _, adapter in jobs] == [None]
         assert engine.arch.qkv_bias  # what this case is here for
     got = run_mixed(engine, nf4_family.adapters, jobs, max_tokens)
-    # Greedy: the first tokens of the oracle's eight.
+    # Greedy: the first tokens of the oracle's.
     assert got == [nf4_family.expected[i][:max_tokens] for i in picked]
 
 

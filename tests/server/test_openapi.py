@@ -26,7 +26,7 @@ USER, ADMIN = "user-key", "admin-key"
 # Examples per route and phase the fuzzer generates for each key (`st run --max-examples`;
 # about 10 s a key on 2 cores), and a bound on a run's time that only a hang would reach
 # (`--max-time` would repeat the run until it is spent).
-FUZZ_EXAMPLES, FUZZ_SECONDS = 12, 180
+FUZZ_EXAMPLES, FUZZ_SECONDS = 8, 180
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance"
 CHECKS += ",response_schema_conformance"
 

@@ -74,9 +74,9 @@ class Placement:
             only the slot).
         slot: its row in the device page tables.
         targets: the rows to write, per target it touches.
-        ranks: ``(num_layers, len(TARGETS))`` int32, host: the slot's new rank row (0 where
+        ranks: ``(num_layers, len(LINEAR_TARGETS))`` int32, host: the slot's new rank row (0 where
             untouched).
-        scalings: ``(num_layers, len(TARGETS))`` float32, host: its scalings.
+        scalings: ``(num_layers, len(LINEAR_TARGETS))`` float32, host: its scalings.
         blocks: its other rows (DoRA and IA³ vectors, virtual tokens, ...), each layer's
             rows written at the block's pages of that layer's pool.
     """

@@ -47,9 +47,6 @@ from adapters.weights import RowBlock
 
 logger = logging.getLogger(__name__)
 
-# The linear layers an adapter may target, in the order of the rank/scaling tables' last axis.
-TARGETS = LINEAR_TARGETS
-
 
 class PageLender(Protocol):
     """The adapter tenant's view of the page pool (``engine.page_pool.TenantPages``)."""
@@ -114,8 +111,8 @@ class LoraTables:
             int32: the pages of each row of A.
         b_pages: per target, ``(max_slots, max_lora_rank, ceil(out_features / page_width))``
             int32: the pages of each row of Bᵀ.
-        ranks: ``(max_slots, num_layers, len(TARGETS))`` int32; 0 where untouched.
-        scalings: ``(max_slots, num_layers, len(TARGETS))`` float32.
+        ranks: ``(max_slots, num_layers, len(LINEAR_TARGETS))`` int32; 0 where untouched.
+        scalings: ``(max_slots, num_layers, len(LINEAR_TARGETS))`` float32.
         host_ranks, host_scalings: host mirrors of those two (distinct tensors, even on a
             CPU device), so the runner plans a step without reading the device.
         a_first, b_first: per target, per slot (host lists): the first page of the adapter's
@@ -159,16 +156,18 @@ class LoraTables:
         own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
         up's) from one pointer (`kernels.lora_layout.packed_tables`).
         """
-        ranks = torch.zeros(max_slots, num_layers, len(TARGETS), dtype=torch.int32, device=device)
-        scalings = torch.zeros(max_slots, num_layers, len(TARGETS), device=device)
-        stacked = (len(TARGETS), max_slots, max_lora_rank)
+        ranks = torch.zeros(
+            max_slots, num_layers, len(LINEAR_TARGETS), dtype=torch.int32, device=device
+        )
+        scalings = torch.zeros(max_slots, num_layers, len(LINEAR_TARGETS), device=device)
+        stacked = (len(LINEAR_TARGETS), max_slots, max_lora_rank)
         a_chunks = max((a for a, _ in chunks.values()), default=0)
         b_chunks = max((b for _, b in chunks.values()), default=0)
         a_stack = torch.zeros(*stacked, a_chunks, dtype=torch.int32, device=device)
         b_stack = torch.zeros(*stacked, b_chunks, dtype=torch.int32, device=device)
         return cls(
-            a_pages={t: a_stack[TARGETS.index(t), ..., :a] for t, (a, _) in chunks.items()},
-            b_pages={t: b_stack[TARGETS.index(t), ..., :b] for t, (_, b) in chunks.items()},
+            a_pages={t: a_stack[LINEAR_TARGETS.index(t), ..., :a] for t, (a, _) in chunks.items()},
+            b_pages={t: b_stack[LINEAR_TARGETS.index(t), ..., :b] for t, (_, b) in chunks.items()},
             ranks=ranks,
             scalings=scalings,
             host_ranks=torch.zeros_like(ranks, device="cpu"),
@@ -338,8 +337,8 @@ class AdapterResidency:
         tables = self.tables
         offset = 0
         targets = []
-        host_ranks = torch.zeros(self.num_layers, len(TARGETS), dtype=torch.int32)
-        host_scalings = torch.zeros(self.num_layers, len(TARGETS))
+        host_ranks = torch.zeros(self.num_layers, len(LINEAR_TARGETS), dtype=torch.int32)
+        host_scalings = torch.zeros(self.num_layers, len(LINEAR_TARGETS))
         for target, rank in ranks.items():
             a_chunks, b_chunks = self._chunks[target]
             a_list = pages[offset : offset + rank * a_chunks]
@@ -349,7 +348,7 @@ class AdapterResidency:
             tables.a_first[target][slot] = _first_if_consecutive(a_list)
             tables.b_first[target][slot] = _first_if_consecutive(b_list)
             per_layer = [modules.get((layer, target)) for layer in range(self.num_layers)]
-            t = TARGETS.index(target)
+            t = LINEAR_TARGETS.index(target)
             for layer, module in enumerate(per_layer):
                 if module is not None:
                     host_ranks[layer, t] = int(module.lora_a.shape[0])

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from adapters.residency import TARGETS, LoraTables
+from adapters.base_layout import LINEAR_TARGETS
+from adapters.residency import LoraTables
 from kernels import lora as kernels
 from kernels.lora_grouped import (
     Segment,
@@ -43,7 +44,7 @@ from kernels.lora_grouped import (
     stacked_rows,
 )
 
-TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
+TARGET_INDEX = {name: i for i, name in enumerate(LINEAR_TARGETS)}
 # Stacked rows per target, all their A pages, each column's slot and per-layer scaling.
 _StackPlan = tuple[tuple[StackedRows, ...], torch.Tensor, torch.Tensor, torch.Tensor]
 _MAX_VIEWS = 1 << 16  # cached adapter views (small objects; cleared when full)
@@ -148,7 +149,7 @@ class LoraBackend(abc.ABC):
         ``targets[s]``'s into columns ``column_offsets[s] .. column_offsets[s + 1]``.
 
         Args:
-            targets: consecutive in :data:`TARGETS` (q, k, v; gate, up), sharing ``x``.
+            targets: consecutive in :data:`LINEAR_TARGETS` (q, k, v; gate, up), sharing ``x``.
             out: (num_tokens, column_offsets[-1]) the packed base layer's output.
             column_offsets: (len(targets) + 1,) from 0 to out's width.
         """
@@ -328,7 +329,9 @@ class TorchLora(LoraBackend):
         int32 and (num_layers, Σ rows) float32."""
         tables = meta.tables
         stacked = tuple(
-            stacked_rows(tables.a_pages[TARGETS[t]], tables.b_pages[TARGETS[t]], slots, list(r))
+            stacked_rows(
+                tables.a_pages[LINEAR_TARGETS[t]], tables.b_pages[LINEAR_TARGETS[t]], slots, list(r)
+            )
             for t, r in zip(ts, rows, strict=True)
         )
         column_slots: list[int] = []
@@ -415,12 +418,12 @@ class TritonLora(LoraBackend):
 def packed_views(
     tables: LoraTables, layer: int, targets: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """What the packed segmented ops take for ``targets`` (consecutive in :data:`TARGETS`) in
+    """What the packed segmented ops take for ``targets`` (consecutive in :data:`LINEAR_TARGETS`) in
     ``layer``: (max_slots, num_slices) views of the ranks and scalings (the slices' columns of
     the per-layer tables), and each slice's A and Bᵀ page tables."""
     t = TARGET_INDEX[targets[0]]
     end = t + len(targets)
-    assert TARGETS[t:end] == targets, f"{targets} are not consecutive in {TARGETS}"
+    assert LINEAR_TARGETS[t:end] == targets, f"{targets} are not consecutive in {LINEAR_TARGETS}"
     return (
         tables.ranks[:, layer, t:end],
         tables.scalings[:, layer, t:end],

@@ -238,7 +238,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from server.bench.compare import CompareArgs, format_table, run_compare  # needs peft
 
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    threads = _threads(args)
     result = run_compare(
         CompareArgs(
             model_dir=args.model,
@@ -271,23 +271,12 @@ def prefix_command(args: argparse.Namespace) -> int:
     from server.bench.prefix import SMOKE, PrefixArgs, run_prefix
     from server.bench.prefix_report import format_ratios, format_system
 
-    sizes = {
-        key: value
-        for key in (
-            "num_requests",
-            "concurrency",
-            "num_adapters",
-            "prefix_len",
-            "question_range",
-            "output_range",
-            "ranks",
-            "on_flags",
-            "off_flags",
-            "server_flags",
-        )
-        if (value := getattr(args, key)) is not None
-    }
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    sizes = _given(
+        args,
+        ("num_requests", "concurrency", "num_adapters", "prefix_len", "question_range"),
+        ("output_range", "ranks", "on_flags", "off_flags", "server_flags"),
+    )
+    threads = _threads(args)
     result = run_prefix(
         PrefixArgs(
             model_dir=args.model,
@@ -313,25 +302,14 @@ def fairness_command(args: argparse.Namespace) -> int:
     from server.bench.fairness import SMOKE, FairnessArgs, run_fairness
     from server.bench.fairness_report import format_ratios, format_system
 
+    sizes = _given(
+        args,
+        ("num_adapters", "flood_requests", "flood_concurrency", "modest_rate", "duration"),
+        ("modest_start", "input_range", "output_range", "max_num_seqs", "rank", "server_flags"),
+    )
     renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
-    sizes = {
-        renamed.get(key, key): value
-        for key in (
-            "num_adapters",
-            "flood_requests",
-            "flood_concurrency",
-            "modest_rate",
-            "duration",
-            "modest_start",
-            "input_range",
-            "output_range",
-            "max_num_seqs",
-            "rank",
-            "server_flags",
-        )
-        if (value := getattr(args, key)) is not None
-    }
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    sizes = {renamed.get(key, key): value for key, value in sizes.items()}
+    threads = _threads(args)
     result = run_fairness(
         FairnessArgs(
             model_dir=args.model,
@@ -351,6 +329,18 @@ def fairness_command(args: argparse.Namespace) -> int:
     print(format_ratios(result))
     print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
     return _every_request_failed("fairness", result["systems"])
+
+
+def _given(args: argparse.Namespace, *names: tuple[str, ...]) -> dict[str, Any]:
+    """The flags among ``names`` the user gave (left out: None), by name."""
+    return {
+        key: value for group in names for key in group if (value := getattr(args, key)) is not None
+    }
+
+
+def _threads(args: argparse.Namespace) -> int:
+    """``--threads``, else ``OMP_NUM_THREADS``, else 1."""
+    return int(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
 def _every_request_failed(command: str, systems: list[dict[str, Any]]) -> int:

@@ -43,10 +43,10 @@ import torch
 
 from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
-from engine.batch import ScheduledChunk
 from engine.forward_batch import ForwardBatch
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
+from engine.scheduler_output import ScheduledChunk
 from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from adapters.residency import BlockTable, LoraTables
-from engine.batch import ScheduledChunk
+from engine.scheduler_output import ScheduledChunk
 from kernels.lora import read_rows
 
 # A packed layer's slice s recomputed for some rows: (x rows, s) -> (rows, slice width).

@@ -22,11 +22,10 @@ from adapters.registry import AdapterEntry
 from adapters.residency import AdapterResidency
 from adapters.weights import AdapterWeights
 from engine.base_weights import ServedBaseWeights
-from engine.batch import SchedulerOutput
 from engine.config import EngineConfig, LoraConfig
 from engine.cuda_graph import DecodeGraphs, capture_sizes
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
-from engine.kv_cache import PAGES_PER_TOKEN, KVCache
+from engine.kv_cache_manager import PAGES_PER_TOKEN, KVCacheManager
 from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
 from engine.model import Backends, CausalLM, ModelArch
 from engine.model_runner import ModelRunner
@@ -43,6 +42,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import SchedulerOutput
 from engine.scheduling import token_cost
 from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
 from engine.slot_tables import SlotTables
@@ -110,14 +110,16 @@ class LLMEngine:
                 self.freed_pages,
             )
         cache = config.cache
-        self.kv_cache = KVCache(self.pool, cache.block_size, cache.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(
+            self.pool, cache.block_size, cache.enable_prefix_caching
+        )
         self.adapters = self._adapter_manager(config.lora)
         # Adapters and unused cached blocks are reclaimed in one least-recently-used order.
-        self.adapters.residency.spare = self.kv_cache.prefix
+        self.adapters.residency.spare = self.kv_cache_manager.prefix
         self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
         self.scheduler = Scheduler(
             config.scheduler,
-            self.kv_cache,
+            self.kv_cache_manager,
             self.eos_token_ids,
             self.adapters,
             max_loras=config.lora.max_loras,
@@ -441,8 +443,8 @@ class LLMEngine:
         # atomic, and a snapshot may lag a step).
         residency = self.adapters.residency
         prefetch = self.adapters.prefetcher.stats
-        prefix = self.kv_cache.prefix
-        cached_pages = self.kv_cache.num_cached_pages
+        prefix = self.kv_cache_manager.prefix
+        cached_pages = self.kv_cache_manager.num_cached_pages
         ledger = self.scheduler.ledger
         step_seconds, collectives = (
             (0.0, {}) if self.executor is None else worker_counters(self.executor)
@@ -582,9 +584,9 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Assert the page pool's invariants across both tenants, and the adapter pins."""
         self.pool.check_integrity()
-        self.kv_cache.check_integrity()
+        self.kv_cache_manager.check_integrity()
         self.scheduler.check_integrity()
-        assert self.kv_cache.num_requests() <= len(self.scheduler.running)
+        assert self.kv_cache_manager.num_requests() <= len(self.scheduler.running)
         pins: dict[int, int] = {}
         for request in self.scheduler.running:
             if request.adapter is not None:

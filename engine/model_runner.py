@@ -18,7 +18,6 @@ import torch
 
 from adapters.residency import LoraTables
 from engine.attention import AttentionMetadata
-from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.cuda_graph import DecodeGraphs
 from engine.embed_head import HeadLora
 from engine.forward_batch import ForwardBatch
@@ -27,6 +26,7 @@ from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
 from engine.placement import PlacementWriter
 from engine.sampler import Sampler, token_logprobs
+from engine.scheduler_output import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.slot_tables import SlotTables
 from engine.step_upload import StepUpload
 from kernels.lora_grouped import Segment

@@ -5,9 +5,9 @@ is the same row index in every layer's tensor: a fixed-width vector slot of
 ``page_width = num_kv_heads * head_dim`` elements per layer. Tenants see the same pages
 through typed views:
 
-* the KV cache (``engine/kv_cache.py``) stores one token's K in one page and its V in another
-  (the view ``[num_pages, num_kv_heads, head_dim]``);
-* adapter weights (the next tenant) store an adapter's rank-rows in pages, a rank-r adapter
+* the KV cache (``engine/kv_cache_manager.py``) stores one token's K in one page and its V
+  in another (the view ``[num_pages, num_kv_heads, head_dim]``);
+* adapter weights store an adapter's rank-rows in pages, a rank-r adapter
   taking pages in proportion to r.
 
 Ownership. The pool owns the storage, the free list and per-page reference counts; it never

@@ -46,7 +46,7 @@ from engine.page_pool import PagePool
 # The root of the base model's chains (adapter identities are SHA-256 digests: never this).
 BASE_ROOT = b"loraserve-base-model"
 
-PAGES_PER_TOKEN = 2  # one for K, one for V (as in engine/kv_cache.py)
+PAGES_PER_TOKEN = 2  # one for K, one for V (as in engine/kv_cache_manager.py)
 
 
 def chain_keys(

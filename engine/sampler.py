@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.batch import ScheduledChunk
 from engine.outputs import TokenLogprob
+from engine.scheduler_output import ScheduledChunk
 
 
 class Sampler:

@@ -46,12 +46,12 @@ import time
 
 from adapters.errors import AdapterError
 from adapters.manager import AdapterManager, Readiness
-from engine.batch import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.config import SchedulerConfig
-from engine.kv_cache import KVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.page_pool import OutOfPages
 from engine.prefix_cache import BASE_ROOT, chain_keys
 from engine.request import Request, RequestStatus
+from engine.scheduler_output import ChunkResult, ScheduledChunk, SchedulerOutput
 from engine.scheduling import ClientLedger, make_policy
 from engine.virtual_tokens import prefix_pages
 
@@ -64,7 +64,7 @@ class Scheduler:
 
     Args:
         config: batch limits and the scheduling policy.
-        kv_cache: the KV tenant's page lists.
+        kv_cache_manager: the KV tenant's page lists.
         eos_token_ids: tokens that end a request.
         adapters: the adapter side of the engine.
         max_loras: the most distinct adapters in one batch (None: no cap).
@@ -73,13 +73,13 @@ class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
-        kv_cache: KVCache,
+        kv_cache_manager: KVCacheManager,
         eos_token_ids: set[int],
         adapters: AdapterManager,
         max_loras: int | None = None,
     ) -> None:
         self.config = config
-        self.kv_cache = kv_cache
+        self.kv_cache_manager = kv_cache_manager
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters
         self.max_loras = max_loras
@@ -197,7 +197,7 @@ class Scheduler:
             cached = self._match(request)
             num_new = min(request.num_tokens - cached, budget)
             if not self._grow(request, cached + num_new, keep_adapter=True):
-                self.kv_cache.free(request.request_id)  # lets go of the matched blocks
+                self.kv_cache_manager.free(request.request_id)  # lets go of the matched blocks
                 break
             self._count_lookup(request, cached)
             request.num_computed_tokens = cached
@@ -228,7 +228,7 @@ class Scheduler:
         """The root of the request's chain keys; None when it must not use the cache (no
         prefix cache; it wants every prompt token's log-probability; an adapter without an
         identity)."""
-        if self.kv_cache.prefix is None or request.params.prompt_logprobs is not None:
+        if self.kv_cache_manager.prefix is None or request.params.prompt_logprobs is not None:
             return None
         if request.adapter is None:
             return BASE_ROOT
@@ -236,7 +236,11 @@ class Scheduler:
 
     def _keys(self, request: Request, root: bytes, num_blocks: int) -> list[bytes]:
         return chain_keys(
-            request.block_keys, root, request.token_ids, num_blocks, self.kv_cache.block_size
+            request.block_keys,
+            root,
+            request.token_ids,
+            num_blocks,
+            self.kv_cache_manager.block_size,
         )
 
     def _adapter_ids(self, request: Request) -> tuple[int, ...]:
@@ -250,12 +254,12 @@ class Scheduler:
         root = self._root(request)
         if root is None:
             return 0
-        num_blocks = (request.num_tokens - 1) // self.kv_cache.block_size
+        num_blocks = (request.num_tokens - 1) // self.kv_cache_manager.block_size
         keys = self._keys(request, root, num_blocks)
-        return self.kv_cache.match(request.request_id, keys, self._adapter_ids(request))
+        return self.kv_cache_manager.match(request.request_id, keys, self._adapter_ids(request))
 
     def _count_lookup(self, request: Request, cached: int) -> None:
-        prefix = self.kv_cache.prefix
+        prefix = self.kv_cache_manager.prefix
         if prefix is None or self._root(request) is None:
             return
         prefix.queries += request.num_tokens
@@ -266,13 +270,13 @@ class Scheduler:
 
     def _commit(self, request: Request) -> None:
         """Offer the prefix cache the blocks the request's computed tokens fill."""
-        num_blocks = request.num_computed_tokens // self.kv_cache.block_size
+        num_blocks = request.num_computed_tokens // self.kv_cache_manager.block_size
         root = self._root(request)
-        if root is None or num_blocks <= self.kv_cache.num_offered(request.request_id):
+        if root is None or num_blocks <= self.kv_cache_manager.num_offered(request.request_id):
             return  # (most steps: a decode that fills no block)
         keys = self._keys(request, root, num_blocks)
         label = request.adapter.name if request.adapter is not None else ""
-        self.kv_cache.commit(
+        self.kv_cache_manager.commit(
             request.request_id,
             keys,
             request.num_computed_tokens,
@@ -304,14 +308,14 @@ class Scheduler:
     def _grow(self, request: Request, num_tokens: int, keep_adapter: bool = False) -> bool:
         """Give the request KV pages for ``num_tokens`` tokens, evicting unused adapters."""
         try:
-            self.kv_cache.grow(request.request_id, num_tokens)
+            self.kv_cache_manager.grow(request.request_id, num_tokens)
             return True
         except OutOfPages as e:
             # Unused adapters and unused cached blocks, least recently used first.
             keep = request.adapter if keep_adapter else None
             if not self.adapters.reclaim(e.requested, keep=keep):
                 return False
-        self.kv_cache.grow(request.request_id, num_tokens)
+        self.kv_cache_manager.grow(request.request_id, num_tokens)
         return True
 
     def _reserve(
@@ -337,7 +341,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv_cache.free(request.request_id)
+        self.kv_cache_manager.free(request.request_id)
         if request.adapter is not None:
             self.adapters.unpin(request.adapter)
         request.num_computed_tokens = 0
@@ -349,12 +353,12 @@ class Scheduler:
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        k_slots, v_slots = self.kv_cache.slots(request.request_id, start, end)
+        k_slots, v_slots = self.kv_cache_manager.slots(request.request_id, start, end)
         first, request.just_admitted = request.just_admitted, False
         cached_k: list[int] = []
         cached_v: list[int] = []
         if first and start:
-            cached_k, cached_v = self.kv_cache.slots(request.request_id, 0, start)
+            cached_k, cached_v = self.kv_cache_manager.slots(request.request_id, 0, start)
         slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
         if request.adapter is not None:
             slots = self.adapters.slots(request.adapter)
@@ -460,7 +464,7 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         del self._requests[request.request_id]
-        self.kv_cache.free(request.request_id)
+        self.kv_cache_manager.free(request.request_id)
         if request.adapter is not None:
             self.adapters.release(request.adapter)
         self.waiting.finished(request)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.batch import ScheduledChunk
+from engine.scheduler_output import ScheduledChunk
 
 
 class SlotTables:

@@ -3,8 +3,8 @@
 One private socket pair per worker (the child inherits its end; nothing else can reach it).
 Each frame is an 8-byte big-endian length and one msgspec Struct of :data:`ToWorker` or
 :data:`FromWorker` as MessagePack. A step travels as the scheduler wrote it
-(:class:`engine.batch.SchedulerOutput`), except that each worker gets its own part of each
-placement (its weight tensors as raw bytes with their dtype and shape); the per-request
+(:class:`engine.scheduler_output.SchedulerOutput`), except that each worker gets its own
+part of each placement (its weight tensors as raw bytes with their dtype and shape); the per-request
 random generators stay behind (each worker keeps its own, seeded alike, so all draw the same
 numbers). Nothing is pickled.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 import torch
 
-from engine.batch import ChunkResult, SchedulerOutput
 from engine.quantization import QuantizationReport
+from engine.scheduler_output import ChunkResult, SchedulerOutput
 
 _LENGTH = struct.Struct(">Q")
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int32,

@@ -29,7 +29,6 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from engine.batch import ChunkResult, SchedulerOutput
 from engine.config import DTYPES, EngineConfig
 from engine.outputs import CollectiveStats
 from engine.parallel.channel import (
@@ -48,6 +47,7 @@ from engine.parallel.channel import (
 from engine.parallel.group import Shard
 from engine.parallel.sharding import shard_placement
 from engine.quantization import QuantizationReport
+from engine.scheduler_output import ChunkResult, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 _POLL_S = 1.0  # how often a wait for results also checks that every worker still runs

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from adapters.placement import Placement
 from adapters.residency import LoraTables, PageCost
 from engine.attention import ATTENTION_BACKENDS
-from engine.batch import SchedulerOutput
 from engine.config import DTYPES
 from engine.loader import load_config, load_model
 from engine.model import NF4_BACKENDS, Backends, ModelArch, kernel_name
@@ -55,6 +54,7 @@ from engine.parallel.group import ProcessGroupCollectives, Shard
 from engine.parallel.lora import ShardedLora
 from engine.quantization import memory_report
 from engine.sampler import Sampler
+from engine.scheduler_output import SchedulerOutput
 from engine.sizing import decoder_layout
 from engine.slot_tables import SlotTables
 

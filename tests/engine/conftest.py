@@ -7,7 +7,7 @@ import pytest
 from adapters.base_layout import BaseModelLayout
 from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
-from engine.kv_cache import KVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.page_pool import PagePool, Tenant
 from tests.tiny_models import make_model
 
@@ -24,7 +24,7 @@ def llama_dir(model_dirs: dict[str, Path]) -> Path:
     return model_dirs["llama"]
 
 
-def adapter_manager(pool: PagePool, kv_cache: KVCache) -> AdapterManager:
+def adapter_manager(pool: PagePool, kv_cache_manager: KVCacheManager) -> AdapterManager:
     """The adapter side of a scheduler tested without a model: a real manager over the pool
     (one layer's ``q_proj``), nothing loaded, reclaiming unused cached blocks in one order
     with the adapters as the engine's does."""
@@ -34,5 +34,5 @@ def adapter_manager(pool: PagePool, kv_cache: KVCache) -> AdapterManager:
         pool.tenant(Tenant.ADAPTER), 1, layout.linear_shapes, max_slots=2, max_lora_rank=8
     )
     pool.register(Tenant.ADAPTER, residency)
-    residency.spare = kv_cache.prefix
+    residency.spare = kv_cache_manager.prefix
     return AdapterManager(residency, layout, max_lora_rank=8, max_adapter_pages=pool.num_pages)

@@ -70,8 +70,8 @@ def test_churn_through_a_small_pool(llama_dir: Path, many_adapters: list[Path]) 
     assert residency.num_placed >= 2 * 200 - 16  # round two reloaded what round one evicted
     stats = tight.adapters.prefetcher.stats
     assert stats.loads >= 200 - 40  # and most of those came back from disk, past the host cap
-    assert tight.pool.num_used(Tenant.KV) == tight.kv_cache.num_cached_pages
-    assert tight.pool.num_free + tight.kv_cache.num_cached_pages + residency.num_pages == (
+    assert tight.pool.num_used(Tenant.KV) == tight.kv_cache_manager.num_cached_pages
+    assert tight.pool.num_free + tight.kv_cache_manager.num_cached_pages + residency.num_pages == (
         tight.pool.num_pages
     )
 
@@ -221,7 +221,7 @@ def test_unload_on_an_idle_engine_frees_pages_at_the_next_step(
     assert engine.has_unfinished()  # the loop owes one step to apply the unload
     engine.step()
     assert not engine.has_unfinished()
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages
 
 
 def test_an_adapter_in_a_fresh_pool_takes_consecutive_pages(

@@ -60,7 +60,7 @@ def test_tiny_preset_serves_without_weights_or_tokenizer() -> None:
     assert [len(o) for o in outputs] == [GREEDY.max_tokens] * 2
     assert all(0 <= t < 320 for o in outputs for t in o)
     assert engine.eos_token_ids == {2}
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages
 
 
 def test_synthetic_tokenizer_covers_the_vocabulary() -> None:

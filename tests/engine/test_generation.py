@@ -47,7 +47,7 @@ def test_greedy_matches_transformers(model_dirs: dict[str, Path], family: str) -
     done = run_staggered(engine, prompts, GREEDY)
     for i, prompt in enumerate(prompts):
         assert done[str(i)].token_ids == hf_greedy(model_dir, prompt, GREEDY.max_tokens), i
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages
 
 
 def test_tiny_pool_preempts_and_changes_nothing(llama_dir: Path) -> None:
@@ -59,7 +59,7 @@ def test_tiny_pool_preempts_and_changes_nothing(llama_dir: Path) -> None:
     got = run_staggered(tight, prompts, GREEDY)
     assert tight.scheduler.num_preemptions > 0
     assert {k: v.token_ids for k, v in got.items()} == {k: v.token_ids for k, v in expected.items()}
-    assert tight.pool.num_free + tight.kv_cache.num_cached_pages == tight.pool.num_pages
+    assert tight.pool.num_free + tight.kv_cache_manager.num_cached_pages == tight.pool.num_pages
 
 
 def test_abort_mid_generation_frees_pages(llama_dir: Path) -> None:
@@ -79,7 +79,7 @@ def test_abort_mid_generation_frees_pages(llama_dir: Path) -> None:
         finished = [o for o in engine.step() if o.finished]
         assert all(o.finish_reason == "length" for o in finished)
         engine.check_integrity()
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages
 
 
 def test_requests_that_cannot_fit_are_refused(llama_dir: Path) -> None:

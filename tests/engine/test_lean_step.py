@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from engine import LLMEngine, SamplingParams
-from engine.batch import ChunkResult, SchedulerOutput
 from engine.config import EngineConfig
 from engine.lora import LORA_BACKENDS, TorchLora
 from engine.outputs import RequestOutput
+from engine.scheduler_output import ChunkResult, SchedulerOutput
 from kernels import lora_expand, lora_layout, lora_shrink
 from tests.engine.test_generation import random_prompts
 from tests.engine.test_multilora import ADAPTERS, peft_greedy

@@ -88,4 +88,4 @@ def test_a_failing_step_aborts_its_requests_and_serving_continues(llama_dir: Pat
         engine.check_integrity()
     assert [o.finish_reason for o in finished] == ["length"]
     assert engine.stats().num_failed_steps == 1
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages

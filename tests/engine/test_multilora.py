@@ -101,7 +101,7 @@ def test_mixed_batch_matches_peft_alone(family_adapters: tuple[Path, dict[str, P
     expected = peft_greedy(base, paths, jobs, params.max_tokens)
     for i, (_, adapter) in enumerate(jobs):
         assert done[str(i)] == expected[i], (i, adapter)
-    cached = engine.kv_cache.num_cached_pages
+    cached = engine.kv_cache_manager.num_cached_pages
     assert (
         engine.pool.num_free + cached == engine.pool.num_pages - engine.adapters.residency.num_pages
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.page_pool import OutOfPages, PagePool, Tenant
 
 
@@ -71,7 +71,7 @@ def test_integrity_catches_a_leak_and_a_stray_holder() -> None:
 
 def test_kv_cache_gives_each_token_a_k_and_a_v_page() -> None:
     pool = make_pool(12)
-    kv = KVCache(pool)
+    kv = KVCacheManager(pool)
     kv.grow("a", 3)
     kv.grow("b", 2)
     k, v = kv.slots("a", 0, 3)

@@ -16,8 +16,8 @@ from adapters.errors import AdapterError
 from adapters.placement import Placement
 from adapters.residency import AdapterResidency
 from engine import LLMEngine, SamplingParams
-from engine.batch import ChunkResult, SchedulerOutput
 from engine.config import EngineConfig
+from engine.scheduler_output import ChunkResult, SchedulerOutput
 from kernels.lora import read_rows
 from tests.engine.test_generation import random_prompts
 from tests.engine.test_multilora import peft_greedy

@@ -14,7 +14,7 @@ import torch
 
 from adapters.residency import AdapterResidency
 from adapters.weights import LoraModuleWeights
-from engine.kv_cache import KVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.page_pool import PagePool, Tenant
 from engine.prefix_cache import BASE_ROOT, PrefixCache, chain_keys
 
@@ -27,12 +27,12 @@ def keys_of(tokens: list[int], root: bytes = BASE_ROOT) -> list[bytes]:
     return chain_keys([], root, lambda s, e: tokens[s:e], len(tokens) // BLOCK, BLOCK)
 
 
-def make_kv(num_pages: int = 64) -> tuple[PagePool, KVCache]:
+def make_kv(num_pages: int = 64) -> tuple[PagePool, KVCacheManager]:
     pool = PagePool(1, num_pages, 4, torch.float32, torch.device("cpu"))
-    return pool, KVCache(pool, BLOCK, enable_prefix_caching=True)
+    return pool, KVCacheManager(pool, BLOCK, enable_prefix_caching=True)
 
 
-def compute(kv: KVCache, rid: str, tokens: list[int], adapters: tuple[int, ...] = ()) -> int:
+def compute(kv: KVCacheManager, rid: str, tokens: list[int], adapters: tuple[int, ...] = ()) -> int:
     """A request over ``tokens``: match, compute the rest, offer its blocks; returns the
     tokens it found cached (its last token is always computed, as the scheduler does)."""
     keys = keys_of(tokens)
@@ -42,7 +42,7 @@ def compute(kv: KVCache, rid: str, tokens: list[int], adapters: tuple[int, ...] 
     return cached
 
 
-def audit(pool: PagePool, kv: KVCache) -> None:
+def audit(pool: PagePool, kv: KVCacheManager) -> None:
     pool.check_integrity()
     kv.check_integrity()
 
@@ -221,7 +221,7 @@ def test_a_request_that_never_grows_lets_go_of_its_match() -> None:
 
 def test_caching_off_has_no_prefix_cache() -> None:
     pool = PagePool(1, 16, 4, torch.float32, torch.device("cpu"))
-    kv = KVCache(pool, BLOCK, enable_prefix_caching=False)
+    kv = KVCacheManager(pool, BLOCK, enable_prefix_caching=False)
     assert kv.prefix is None and kv.num_cached_pages == 0
     kv.grow("a", 5)
     kv.free("a")
@@ -232,10 +232,10 @@ def test_caching_off_has_no_prefix_cache() -> None:
 # -- one eviction order with the adapters --------------------------------------------------
 
 
-def wired(num_pages: int) -> tuple[PagePool, KVCache, AdapterResidency, PrefixCache]:
+def wired(num_pages: int) -> tuple[PagePool, KVCacheManager, AdapterResidency, PrefixCache]:
     """A pool with the KV cache and the adapter residency, reclaimed in one order."""
     pool = PagePool(1, num_pages, 16, torch.float32, torch.device("cpu"))
-    kv = KVCache(pool, BLOCK, enable_prefix_caching=True)
+    kv = KVCacheManager(pool, BLOCK, enable_prefix_caching=True)
     residency = AdapterResidency(
         pool.tenant(Tenant.ADAPTER), 1, {"q_proj": (16, 16)}, max_slots=4, max_lora_rank=8
     )

@@ -92,7 +92,7 @@ def make_engine(
     config = EngineConfig.create(llama_dir, dtype="float32", max_num_batched_tokens=32, **options)
     engine = LLMEngine(config)
     # Adapters and unused cached blocks are reclaimed in one order.
-    assert engine.adapters.residency.spare is engine.kv_cache.prefix
+    assert engine.adapters.residency.spare is engine.kv_cache_manager.prefix
     for name in names:
         engine.load_lora(name, adapters[name])
     return engine
@@ -133,9 +133,9 @@ def run_one(
 def assert_no_leak(engine: LLMEngine) -> None:
     """Idle: every page is free, an unused cached block's, or a resident adapter's."""
     engine.check_integrity()
-    assert engine.kv_cache.num_requests() == 0
+    assert engine.kv_cache_manager.num_requests() == 0
     pool = engine.pool
-    cached = engine.kv_cache.num_cached_pages
+    cached = engine.kv_cache_manager.num_cached_pages
     assert pool.num_free + cached + engine.adapters.residency.num_pages == pool.num_pages
     stats = engine.stats()
     assert stats.cached_pages == cached and stats.kv_pages == 0
@@ -187,7 +187,7 @@ def test_mixed_batches_on_a_shared_prefix_equal_peft(
     for (prompt, adapter), out in zip(mixed_jobs, outs, strict=True):
         assert out.token_ids == peft(prompt, adapter, GREEDY.max_tokens), (adapter, pool)
     stats = engine.stats()
-    prefix = engine.kv_cache.prefix
+    prefix = engine.kv_cache_manager.prefix
     cached = [out.num_cached_tokens for out in outs]
     if pool == "off":
         assert prefix is None
@@ -336,7 +336,7 @@ def test_prompt_logprobs_requests_never_use_the_cache(
     engine = make_engine(llama_dir, adapters, ())
     plain = run_one(engine, LONG, None)
     assert run_one(engine, LONG, None).num_cached_tokens == 3 * BLOCK
-    prefix = engine.kv_cache.prefix
+    prefix = engine.kv_cache_manager.prefix
     assert prefix is not None
     blocks, queries = len(prefix), engine.stats().prefix_cache_queries
     out = run_one(engine, LONG, None, asking)
@@ -386,7 +386,7 @@ def test_replace_while_running_serves_each_request_its_own_version(
     # The old version's last request is done: its pages are gone, its cached blocks first
     # in line for eviction (no request can ever match them again).
     assert old.refs == 0 and old.id not in engine.adapters.residency
-    prefix = engine.kv_cache.prefix
+    prefix = engine.kv_cache_manager.prefix
     assert prefix is not None and prefix.oldest() == float("-inf")
     while engine.has_unfinished():
         step()
@@ -420,4 +420,7 @@ def test_a_pool_full_of_one_adapters_cached_blocks_keeps_admitting_it() -> None:
         else:
             raise AssertionError(f"request {i} was never admitted: {engine.stats()}")
         engine.check_integrity()
-    assert engine.kv_cache.prefix is not None and engine.kv_cache.prefix.num_evicted > 0
+    assert (
+        engine.kv_cache_manager.prefix is not None
+        and engine.kv_cache_manager.prefix.num_evicted > 0
+    )

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.batch import ScheduledChunk
 from engine.sampler import Sampler
+from engine.scheduler_output import ScheduledChunk
 from tests.engine.test_generation import random_prompts
 
 

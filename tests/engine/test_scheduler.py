@@ -10,13 +10,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from engine import LLMEngine, SamplingParams
-from engine.batch import ChunkResult
 from engine.config import EngineConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import KVCache
+from engine.kv_cache_manager import KVCacheManager
 from engine.page_pool import PagePool
 from engine.request import Request
 from engine.scheduler import Scheduler
+from engine.scheduler_output import ChunkResult
 from tests.engine.conftest import adapter_manager
 from tests.tiny_models import save_byte_tokenizer
 
@@ -31,9 +31,9 @@ POOLS: dict[int, PagePool] = {}  # scheduler id -> its pool, for integrity check
 
 def make_scheduler(num_pages: int, max_seqs: int = 8, budget: int = 16) -> Scheduler:
     pool = PagePool(1, num_pages, 4, torch.float32, torch.device("cpu"))
-    kv_cache = KVCache(pool)
+    kv_cache_manager = KVCacheManager(pool)
     config = SchedulerConfig(max_seqs, budget)
-    scheduler = Scheduler(config, kv_cache, {2}, adapter_manager(pool, kv_cache))
+    scheduler = Scheduler(config, kv_cache_manager, {2}, adapter_manager(pool, kv_cache_manager))
     POOLS[id(scheduler)] = pool
     return scheduler
 
@@ -128,4 +128,4 @@ def test_add_and_abort_from_another_thread(llama_dir: Path) -> None:
     assert set(finished) == {str(i) for i in range(12)}
     assert all(finished[str(i)] == ("abort" if i % 3 == 0 else "length") for i in range(12))
     engine.check_integrity()
-    assert engine.pool.num_free + engine.kv_cache.num_cached_pages == engine.pool.num_pages
+    assert engine.pool.num_free + engine.kv_cache_manager.num_cached_pages == engine.pool.num_pages

@@ -9,8 +9,8 @@ import pytest
 
 from adapters.errors import AdapterError
 from engine import LLMEngine, SamplingParams
-from engine.batch import SchedulerOutput
 from engine.config import EngineConfig
+from engine.scheduler_output import SchedulerOutput
 from tests.tiny_models import write_random_adapter
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

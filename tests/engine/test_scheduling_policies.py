@@ -15,13 +15,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from engine import SamplingParams
-from engine.batch import ChunkResult
 from engine.config import SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import PAGES_PER_TOKEN, KVCache
+from engine.kv_cache_manager import PAGES_PER_TOKEN, KVCacheManager
 from engine.page_pool import PagePool
 from engine.request import Request
 from engine.scheduler import Scheduler
+from engine.scheduler_output import ChunkResult
 from engine.scheduling import OTHER_CLIENTS, ClientLedger, FairPolicy
 from tests.engine.conftest import adapter_manager
 from tests.tiny_models import save_byte_tokenizer
@@ -48,9 +48,9 @@ class Trace:
         self.tokenizer = tokenizer
         self.pool = PagePool(1, num_pages, 4, torch.float32, torch.device("cpu"))
         config = SchedulerConfig(max_seqs, budget, policy, "adapter", W_IN, W_OUT)
-        kv_cache = KVCache(self.pool, enable_prefix_caching=False)
-        adapters = adapter_manager(self.pool, kv_cache)
-        self.scheduler = Scheduler(config, kv_cache, {2}, adapters)
+        kv_cache_manager = KVCacheManager(self.pool, enable_prefix_caching=False)
+        adapters = adapter_manager(self.pool, kv_cache_manager)
+        self.scheduler = Scheduler(config, kv_cache_manager, {2}, adapters)
         self.requests: dict[str, Request] = {}
         self.added_at: dict[str, int] = {}
         self.admitted_at: dict[str, int] = {}

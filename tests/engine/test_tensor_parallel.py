@@ -24,11 +24,11 @@ import pytest
 
 from adapters.errors import AdapterError
 from engine import LLMEngine, SamplingParams
-from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.config import EngineConfig
 from engine.outputs import RequestOutput
 from engine.page_pool import Tenant
 from engine.parallel.executor import WorkerDied
+from engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from tests.engine.test_generation import random_prompts
 from tests.engine.test_multilora import ADAPTERS, peft_greedy
 from tests.tiny_models import make_adapter, make_model

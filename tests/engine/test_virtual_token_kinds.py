@@ -101,7 +101,7 @@ def run(
             if out.finished:
                 done[out.request_id] = out
         engine.check_integrity()
-        assert not adapter_prefix_pages(engine) & set(engine.kv_cache.held_pages())
+        assert not adapter_prefix_pages(engine) & set(engine.kv_cache_manager.held_pages())
     return done
 
 
@@ -207,7 +207,7 @@ def test_prefix_pages_stay_the_adapters(model_dirs: dict[str, Path], tmp_path: P
                 done[out.request_id] = out.token_ids
         engine.check_integrity()
         assert adapter_prefix_pages(engine) == pages
-        assert not pages & set(engine.kv_cache.held_pages())
+        assert not pages & set(engine.kv_cache_manager.held_pages())
     assert done["b"] == peft_forward_greedy(base, paths["prefix"], jobs[1][0], 3)
     assert engine.stats().prefix_cache_hits == 16  # "b" reused "a"'s first block
     engine.unload_lora("prefix")

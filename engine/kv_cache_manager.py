@@ -1,4 +1,7 @@
-"""The KV-cache tenant of the page pool: which pages hold each request's keys and values.
+"""Which pool pages hold each request's keys and values: the KV tenant's page lists.
+
+The tensors themselves live in the page pool (``engine/page_pool.py``); this module only
+hands out and takes back page ids, as vLLM's KV-cache manager does with blocks.
 
 A token of a request takes two pages (its K and its V, in every layer). The request's page
 list interleaves them: token t's K lives in ``pages[2t]`` and its V in ``pages[2t + 1]``.
@@ -16,10 +19,10 @@ from collections.abc import Iterator
 from engine.page_pool import PagePool, Tenant
 from engine.prefix_cache import PAGES_PER_TOKEN, Block, PrefixCache
 
-__all__ = ["PAGES_PER_TOKEN", "KVCache"]
+__all__ = ["PAGES_PER_TOKEN", "KVCacheManager"]
 
 
-class KVCache:
+class KVCacheManager:
     """Grows and frees the per-request page lists of the KV cache, and the prefix cache.
 
     Args:

@@ -24,6 +24,9 @@ class Sized(Protocol):
 
 W = TypeVar("W", bound=Sized)
 
+# What the host tier holds by default: parsed adapters kept in memory off the pool.
+DEFAULT_HOST_CACHE_BYTES = 2 << 30
+
 
 class HostCache(Generic[W]):
     """A thread-safe, byte-capped LRU of parsed adapters (the prefetch thread fills it)."""

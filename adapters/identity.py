@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from adapters.residency import ModuleWeights
+from adapters.page_cost import ModuleWeights
 from adapters.weights import AdapterWeights
 
 

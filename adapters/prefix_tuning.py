@@ -6,7 +6,7 @@ read the same. Its forward views row t as ``(num_layers, 2, kv_heads, head_dim)`
 is layer l's key and ``[l, 1]`` its value for virtual token t, given to the base model as an
 already computed cache (``peft_model.py``'s ``get_prompt``, peft 0.21). So the prefix keys
 get no rotary embedding, the request's own tokens start at position n, and every query
-attends to all n prefix slots.
+attends to all n prefix positions.
 
 loraserve stores each layer's n keys and n values once, as the adapter's ``"prefix"`` rows
 in the pool (one page per row: a key is as wide as a page), and every request on the adapter

@@ -7,12 +7,13 @@ Layout. For each target layer an adapter touches, with rank r (its largest over 
 
 The pages are allocated once from the same free list as the KV cache; a page id addresses the
 same row in every layer's tensor, so layer ℓ's A and B live at those pages in layer ℓ's pool.
-A rank-r adapter thus takes pages in proportion to r; nothing is padded to a maximum rank.
+A rank-r adapter thus takes pages in proportion to r; nothing is padded to a maximum rank
+(:class:`~adapters.page_cost.PageCost` counts them).
 
 Every resident adapter also gets a *slot*: a row in the device page tables the kernels read
-(:class:`LoraTables`), holding its page ids, and its rank and scaling per (layer, target).
-Rank 0 marks a (layer, target) it does not touch; rows past a layer's own rank (with a
-per-layer ``rank_pattern``) are allocated but never read.
+(:class:`~adapters.lora_tables.LoraTables`), holding its page ids, and its rank and scaling
+per (layer, target). Rank 0 marks a (layer, target) it does not touch; rows past a layer's
+own rank (with a per-layer ``rank_pattern``) are allocated but never read.
 
 Residency policy: adapters pinned by running requests, and adapters the operator pinned
 (:attr:`Resident.pinned`: loaded with ``"pinned": true``), are never evicted; the rest are evicted
@@ -42,6 +43,8 @@ from typing import Protocol
 import torch
 
 from adapters.base_layout import LINEAR_TARGETS
+from adapters.lora_tables import BlockTable, LoraTables
+from adapters.page_cost import ModuleWeights, PageCost, ranks_by_target
 from adapters.placement import BlockPlacement, Placement, TargetPlacement
 from adapters.weights import RowBlock
 
@@ -87,150 +90,6 @@ class SparePages(Protocol):
     def adapter_placed(self, adapter_id: int) -> None:
         """An adapter came back to the pool."""
         ...
-
-
-class ModuleWeights(Protocol):
-    """One LoRA module: ``lora_a`` (rank, in_features), ``lora_b`` (out_features, rank)."""
-
-    @property
-    def lora_a(self) -> torch.Tensor: ...
-
-    @property
-    def lora_b(self) -> torch.Tensor: ...
-
-    @property
-    def scaling(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class LoraTables:
-    """Where resident adapters' weights are, by slot (device tensors the kernels read).
-
-    Attributes:
-        a_pages: per target, ``(max_slots, max_lora_rank, ceil(in_features / page_width))``
-            int32: the pages of each row of A.
-        b_pages: per target, ``(max_slots, max_lora_rank, ceil(out_features / page_width))``
-            int32: the pages of each row of Bᵀ.
-        ranks: ``(max_slots, num_layers, len(LINEAR_TARGETS))`` int32; 0 where untouched.
-        scalings: ``(max_slots, num_layers, len(LINEAR_TARGETS))`` float32.
-        host_ranks, host_scalings: host mirrors of those two (distinct tensors, even on a
-            CPU device), so the runner plans a step without reading the device.
-        a_first, b_first: per target, per slot (host lists): the first page of the adapter's
-            rows when they lie in consecutive pages in order (A row j chunk c at page
-            ``first + j · chunks + c``), so they can be read as a view of the pool without a
-            gather; -1 otherwise.
-        generation: a one-element list, bumped whenever a slot's adapter changes (placed or
-            evicted): what is derived from the tables and kept across steps keys on it.
-        blocks: per slot (host), its adapter's rows besides the LoRA matrices, by key
-            (`adapters/weights.py`): where they are in the pool. Empty for plain LoRA.
-
-    Writers: the device tensors (the first four) only by the runner, applying placements;
-    the host fields only by the residency, when the scheduler places or evicts. Between a
-    schedule and the runner's writes the two disagree for the slots placed in that
-    schedule, which no one reads in between.
-    """
-
-    a_pages: dict[str, torch.Tensor]
-    b_pages: dict[str, torch.Tensor]
-    ranks: torch.Tensor
-    scalings: torch.Tensor
-    host_ranks: torch.Tensor
-    host_scalings: torch.Tensor
-    a_first: dict[str, list[int]]
-    b_first: dict[str, list[int]]
-    generation: list[int]
-    blocks: list[dict[str, BlockTable]]
-
-    @classmethod
-    def allocate(
-        cls,
-        chunks: Mapping[str, tuple[int, int]],
-        num_layers: int,
-        max_slots: int,
-        max_lora_rank: int,
-        device: torch.device,
-    ) -> LoraTables:
-        """Empty tables for targets whose A and Bᵀ rows take ``chunks`` pages each.
-
-        Every target's page tables are views of one tensor per matrix (target i at [i], its
-        own chunks first), so the packed LoRA kernels reach q, k and v's tables (gate and
-        up's) from one pointer (`kernels.lora_layout.packed_tables`).
-        """
-        ranks = torch.zeros(
-            max_slots, num_layers, len(LINEAR_TARGETS), dtype=torch.int32, device=device
-        )
-        scalings = torch.zeros(max_slots, num_layers, len(LINEAR_TARGETS), device=device)
-        stacked = (len(LINEAR_TARGETS), max_slots, max_lora_rank)
-        a_chunks = max((a for a, _ in chunks.values()), default=0)
-        b_chunks = max((b for _, b in chunks.values()), default=0)
-        a_stack = torch.zeros(*stacked, a_chunks, dtype=torch.int32, device=device)
-        b_stack = torch.zeros(*stacked, b_chunks, dtype=torch.int32, device=device)
-        return cls(
-            a_pages={t: a_stack[LINEAR_TARGETS.index(t), ..., :a] for t, (a, _) in chunks.items()},
-            b_pages={t: b_stack[LINEAR_TARGETS.index(t), ..., :b] for t, (_, b) in chunks.items()},
-            ranks=ranks,
-            scalings=scalings,
-            host_ranks=torch.zeros_like(ranks, device="cpu"),
-            host_scalings=torch.zeros_like(scalings, device="cpu"),
-            a_first={t: [-1] * max_slots for t in chunks},
-            b_first={t: [-1] * max_slots for t in chunks},
-            generation=[0],
-            blocks=[{} for _ in range(max_slots)],
-        )
-
-
-@dataclass(frozen=True)
-class BlockTable:
-    """Where a resident adapter's block of rows is (`adapters/weights.py`'s ``RowBlock``).
-
-    Attributes:
-        pages: ``(rows, ceil(features / page_width))`` int64, host: row j of layer ℓ at
-            pages ``pages[j]`` of layer ℓ's pool.
-        rows: per layer, how many of those rows hold something.
-        scaling: the block's ``RowBlock.scaling``.
-    """
-
-    pages: torch.Tensor
-    rows: tuple[int, ...]
-    scaling: float = 1.0
-
-
-@dataclass(frozen=True)
-class PageCost:
-    """Pages an adapter takes: for each target, its rank times the pages of one A row and
-    one Bᵀ row. Fixed by the model and the page width, so any thread may ask.
-
-    Attributes:
-        chunks: per target, (pages of one A row, pages of one Bᵀ row).
-        page_width: elements of a page in one layer (the width other rows are cut into).
-    """
-
-    chunks: Mapping[str, tuple[int, int]]
-    page_width: int
-
-    @classmethod
-    def for_shapes(cls, shapes: Mapping[str, tuple[int, int]], page_width: int) -> PageCost:
-        """The cost for target layers of these ``(in_features, out_features)``."""
-        chunks = {
-            t: (math.ceil(fan_in / page_width), math.ceil(fan_out / page_width))
-            for t, (fan_in, fan_out) in shapes.items()
-        }
-        return cls(chunks, page_width)
-
-    def pages(
-        self, modules: Mapping[tuple[int, str], ModuleWeights], blocks: Sequence[RowBlock] = ()
-    ) -> int:
-        """Pages an adapter with these LoRA modules and other rows takes."""
-        lora = self.lora_pages(_ranks_by_target(modules))
-        return lora + sum(self.block_pages(block) for block in blocks)
-
-    def lora_pages(self, ranks: Mapping[str, int]) -> int:
-        """Pages of the LoRA matrices of an adapter with these ranks by target (the largest
-        over its layers): rank rows of A and of Bᵀ per target, for every layer at once."""
-        return sum(rank * sum(self.chunks[t]) for t, rank in ranks.items())
-
-    def block_pages(self, block: RowBlock) -> int:
-        return block.num_rows * math.ceil(block.features / self.page_width)
 
 
 @dataclass
@@ -331,7 +190,7 @@ class AdapterResidency:
         """
         if not self._free_slots:
             raise RuntimeError("every adapter slot is in use")
-        ranks = _ranks_by_target(modules)
+        ranks = ranks_by_target(modules)
         pages = self.pages.allocate(self.pages_needed(modules, blocks))
         slot = self._free_slots.pop()
         tables = self.tables
@@ -489,11 +348,3 @@ def _first_if_consecutive(pages: list[int]) -> int:
     if pages and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages):
         return pages[0]
     return -1
-
-
-def _ranks_by_target(modules: Mapping[tuple[int, str], ModuleWeights]) -> dict[str, int]:
-    """Each target's rank: the largest over the layers the adapter touches."""
-    ranks: dict[str, int] = {}
-    for (_, target), module in modules.items():
-        ranks[target] = max(ranks.get(target, 0), int(module.lora_a.shape[0]))
-    return ranks

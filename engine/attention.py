@@ -22,30 +22,30 @@ class AttentionMetadata:
     """Where this forward's tokens read and write the KV cache.
 
     Attributes:
-        new_k_slots: (num_tokens,) the page each new token's K is written to.
-        new_v_slots: (num_tokens,) the page each new token's V is written to.
+        new_k_pages: (num_tokens,) the page each new token's K is written to.
+        new_v_pages: (num_tokens,) the page each new token's V is written to.
         num_decodes: how many leading tokens are single-token decodes.
         decode_seq_lens: (num_decodes,) int32 context length including the new token.
-        decode_k_slots: (num_decodes, max_len) int32 K page of every position.
-        decode_v_slots: (num_decodes, max_len) int32 V page of every position.
+        decode_k_pages: (num_decodes, max_len) int32 K page of every position.
+        decode_v_pages: (num_decodes, max_len) int32 V page of every position.
         prefill_cu_seqlens: (num_prefills + 1,) int32 offsets of each chunk among the
             prefill tokens.
         prefill_seq_lens: (num_prefills,) int32 context length after the chunk.
-        prefill_k_slots: (num_prefills, max_len) int32.
-        prefill_v_slots: (num_prefills, max_len) int32.
+        prefill_k_pages: (num_prefills, max_len) int32.
+        prefill_v_pages: (num_prefills, max_len) int32.
         cache: what a backend derives from this metadata once and reuses in every layer.
     """
 
-    new_k_slots: torch.Tensor
-    new_v_slots: torch.Tensor
+    new_k_pages: torch.Tensor
+    new_v_pages: torch.Tensor
     num_decodes: int
     decode_seq_lens: torch.Tensor
-    decode_k_slots: torch.Tensor
-    decode_v_slots: torch.Tensor
+    decode_k_pages: torch.Tensor
+    decode_v_pages: torch.Tensor
     prefill_cu_seqlens: torch.Tensor
     prefill_seq_lens: torch.Tensor
-    prefill_k_slots: torch.Tensor
-    prefill_v_slots: torch.Tensor
+    prefill_k_pages: torch.Tensor
+    prefill_v_pages: torch.Tensor
     cache: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -62,8 +62,8 @@ class AttentionBackend:
     """A pair of paged-attention ops (see ``kernels/paged_attention.py`` for their math).
 
     Attributes:
-        decode: ``(q, pool, k_slots, v_slots, seq_lens, scale, **plan) -> out``.
-        prefill: ``(q, pool, k_slots, v_slots, cu_seqlens, seq_lens, scale, **plan) -> out``.
+        decode: ``(q, pool, k_pages, v_pages, seq_lens, scale, **plan) -> out``.
+        prefill: ``(q, pool, k_pages, v_pages, cu_seqlens, seq_lens, scale, **plan) -> out``.
         plans: whether the ops take a ``plan`` (the torch references: their gather indices
             and masks, computed from the metadata once per forward instead of per layer).
     """
@@ -82,14 +82,14 @@ class AttentionBackend:
         parts = []
         if nd:
             plan = self._plan(meta, "decode", lambda: kernels.plan_decode(
-                meta.decode_k_slots, meta.decode_v_slots, meta.decode_seq_lens, num_kv_heads
+                meta.decode_k_pages, meta.decode_v_pages, meta.decode_seq_lens, num_kv_heads
             ))  # fmt: skip
             parts.append(
                 self.decode(
                     q[:nd],
                     pool,
-                    meta.decode_k_slots,
-                    meta.decode_v_slots,
+                    meta.decode_k_pages,
+                    meta.decode_v_pages,
                     meta.decode_seq_lens,
                     scale,
                     **plan,
@@ -97,15 +97,15 @@ class AttentionBackend:
             )
         if meta.num_prefills:
             plan = self._plan(meta, "prefill", lambda: kernels.plan_prefill(
-                meta.prefill_k_slots, meta.prefill_v_slots, meta.prefill_cu_seqlens,
+                meta.prefill_k_pages, meta.prefill_v_pages, meta.prefill_cu_seqlens,
                 meta.prefill_seq_lens, num_kv_heads, group,
             ))  # fmt: skip
             parts.append(
                 self.prefill(
                     q[nd:],
                     pool,
-                    meta.prefill_k_slots,
-                    meta.prefill_v_slots,
+                    meta.prefill_k_pages,
+                    meta.prefill_v_pages,
                     meta.prefill_cu_seqlens,
                     meta.prefill_seq_lens,
                     scale,

@@ -16,34 +16,38 @@ from typing import Any
 
 import torch
 
+from adapters.host_cache import DEFAULT_HOST_CACHE_BYTES
+from engine.arch import ModelArch
+from engine.checkpoint import (
+    QUANTIZATIONS,
+    check_tensor_parallel,
+    resolve_dtype,
+    resolve_quantization,
+)
 from engine.cuda_graph import GRAPH_MODES, capture_sizes
-from engine.parallel.group import check_divisible
-from engine.sizing import PageGeometry, PoolSizing, size_pool, startup_adapters
-from kernels.nf4 import DEFAULT_BLOCKSIZE
+from engine.sizing import PoolSizing, size_pool, startup_adapters
 
-QUANTIZATIONS = ("none", "nf4")
 # Which waiting request is admitted next (see ``engine/scheduling.py``).
 SCHEDULING_POLICIES = ("fcfs", "fair", "priority")
 # What the fair policy shares the engine between: adapters, or the OpenAI ``user`` field.
 FAIRNESS_KEYS = ("adapter", "user")
 # "auto": the safetensors checkpoint; "dummy": random weights from config.json alone.
 LOAD_FORMATS = ("auto", "dummy")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The engine's defaults, in one place: the config dataclasses, EngineConfig.create and the
+# command line's flags (``server/engine_args.py``) all read these.
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+DEFAULT_MAX_LORA_RANK = 64
+DEFAULT_MAX_RESIDENT_LORAS = 256
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_SCHEDULING_POLICY = "fair"
+DEFAULT_FAIRNESS_KEY = "adapter"
+DEFAULT_INPUT_TOKEN_WEIGHT = 1.0
+DEFAULT_OUTPUT_TOKEN_WEIGHT = 2.0
 
 # Where the bundled demo model lives: served when no model directory is given.
 DEMO_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
-
-
-def resolve_dtype(name: str, model_dir: Path) -> torch.dtype:
-    """Map ``--dtype`` to a torch dtype; "auto" takes the checkpoint's ``torch_dtype``."""
-    if name == "auto":
-        config = json.loads((model_dir / "config.json").read_text())
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
-        if name not in DTYPES:
-            name = "float32"
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class ModelConfig:
 class CacheConfig:
     """The unified page pool's size, as a page count.
 
-    A page is one vector slot of ``num_kv_heads * head_dim`` elements in every layer: one
+    A page is one vector of ``num_kv_heads * head_dim`` elements in every layer: one
     token's K, or one token's V, or rank-rows of an adapter.
 
     Attributes:
@@ -101,7 +105,7 @@ class CacheConfig:
 
     num_pages: int
     enable_prefix_caching: bool = True
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     sizing: PoolSizing | None = None
 
     def __post_init__(self) -> None:
@@ -130,12 +134,12 @@ class SchedulerConfig:
             token cost a client's counter under "fair" (before its adapter's rank factor).
     """
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    policy: str = "fair"
-    fairness_key: str = "adapter"
-    input_token_weight: float = 1.0
-    output_token_weight: float = 2.0
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    policy: str = DEFAULT_SCHEDULING_POLICY
+    fairness_key: str = DEFAULT_FAIRNESS_KEY
+    input_token_weight: float = DEFAULT_INPUT_TOKEN_WEIGHT
+    output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -169,10 +173,10 @@ class LoraConfig:
         host_cache_bytes: capacity of the host-memory tier of parsed adapters.
     """
 
-    max_lora_rank: int = 64
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     max_loras: int | None = None
-    max_resident_loras: int = 256
-    host_cache_bytes: int = 2 << 30
+    max_resident_loras: int = DEFAULT_MAX_RESIDENT_LORAS
+    host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
 
     def __post_init__(self) -> None:
         if self.max_lora_rank <= 0 or self.max_resident_loras <= 0 or self.host_cache_bytes <= 0:
@@ -253,20 +257,20 @@ class EngineConfig:
         max_model_len: int | None = None,
         num_pages: int | None = None,
         pool_memory: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_lora_rank: int = 64,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
         max_loras: int | None = None,
         max_resident_loras: int | None = None,
-        scheduling_policy: str = "fair",
-        fairness_key: str = "adapter",
-        input_token_weight: float = 1.0,
-        output_token_weight: float = 2.0,
+        scheduling_policy: str = DEFAULT_SCHEDULING_POLICY,
+        fairness_key: str = DEFAULT_FAIRNESS_KEY,
+        input_token_weight: float = DEFAULT_INPUT_TOKEN_WEIGHT,
+        output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
         enforce_eager: bool = False,
         graph_mode: str | None = None,
         cuda_graph_sizes: tuple[int, ...] = (),
         enable_prefix_caching: bool = True,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         seed: int = 0,
         device_memory: int | None = None,
         tensor_parallel_size: int = 1,
@@ -296,16 +300,16 @@ class EngineConfig:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path.name}: not a model directory (no config.json)")
         hf = json.loads((path / "config.json").read_text())
+        arch = ModelArch.from_config(hf)
         torch_dtype = resolve_dtype(dtype, path)
         quantization = resolve_quantization(quantization, hf, path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if tensor_parallel_size > 1:
             # (a plan for a GPU this machine lacks gives device_memory: nothing to count)
-            _check_tensor_parallel(
-                tensor_parallel_size, hf, quantization, dev, device_memory is None
+            check_tensor_parallel(
+                tensor_parallel_size, arch, quantization, dev, device_memory is None
             )
-        limit = _context_limit(hf)
-        model_len = min(max_model_len or limit, limit)
+        model_len = min(max_model_len or arch.context_limit, arch.context_limit)
         mode = graph_mode or ("graphs" if dev.type == "cuda" else "eager")
         if enforce_eager or tensor_parallel_size > 1:  # workers run every step eagerly
             mode = "eager"
@@ -315,15 +319,14 @@ class EngineConfig:
         elif device_memory is None and num_pages is None and pool_memory is None:
             device_memory = torch.cuda.get_device_properties(dev).total_memory
         adapters = startup_adapters(
-            path,
+            arch,
             [(name, Path(adapter)) for name, adapter in lora_modules],
             pinned_lora_modules,
-            PageGeometry.from_config(hf, torch_dtype).page_width,  # the whole page, unsplit
             max_lora_rank,
         )
         sizing = size_pool(
             model_dir=path,
-            hf=hf,
+            arch=arch,
             dtype=torch_dtype,
             quantization=quantization,
             load_format=load_format,
@@ -354,7 +357,7 @@ class EngineConfig:
             lora=LoraConfig(
                 max_lora_rank,
                 max_loras,
-                max_resident_loras or max(256, max_loras or 0),
+                max_resident_loras or max(DEFAULT_MAX_RESIDENT_LORAS, max_loras or 0),
             ),
             graphs=graphs,
             parallel=ParallelConfig(tensor_parallel_size),
@@ -363,81 +366,3 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _check_tensor_parallel(
-    size: int, hf: dict[str, Any], quantization: str, device: torch.device, count_gpus: bool
-) -> None:
-    """Refuse a split the model's shape or the machine cannot take, before anything loads."""
-    heads, intermediate = int(hf["num_attention_heads"]), int(hf["intermediate_size"])
-    check_divisible(
-        size,
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=intermediate,
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-    )
-    if quantization == "nf4":
-        # Each worker's part of an NF4 weight holds whole 64-value blocks: its rows whole
-        # (q, k, v, gate, up: the hidden size), or its part of them (o, down: their inputs / N).
-        hidden = int(hf["hidden_size"])
-        head_dim = int(hf.get("head_dim") or hidden // heads)
-        rows = {
-            "q/k/v/gate/up": (hidden, hidden),
-            "o_proj": (heads * head_dim, heads * head_dim // size),
-            "down_proj": (intermediate, intermediate // size),
-        }
-        for name, (features, part) in rows.items():
-            if part % DEFAULT_BLOCKSIZE:
-                raise ValueError(
-                    f"--tensor-parallel-size {size} with nf4 cuts {name}'s {features} inputs "
-                    f"into parts of {part}, not whole {DEFAULT_BLOCKSIZE}-value blocks; choose "
-                    "a size that does, or serve without nf4"
-                )
-    if count_gpus and device.type == "cuda" and size > torch.cuda.device_count():
-        raise ValueError(
-            f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
-            f"{torch.cuda.device_count()}"
-        )
-
-
-def _context_limit(hf: dict[str, Any]) -> int:
-    """The longest context the checkpoint supports exactly.
-
-    A Mistral-style sliding window is not implemented, so contexts stop at the window, where
-    full attention and windowed attention still agree.
-    """
-    limit = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    if window and hf.get("use_sliding_window", True):
-        limit = min(limit, int(window))
-    return limit
-
-
-def resolve_quantization(name: str | None, hf: dict[str, Any], model_dir: Path) -> str:
-    """``--quantization``: None takes the checkpoint's; a 4-bit checkpoint must stay 4-bit."""
-    stored = "nf4" if hf.get("quantization_config") else "none"
-    if stored == "nf4":
-        _check_quantization_config(hf["quantization_config"])
-    if name is None:
-        return stored
-    if stored == "nf4" and name != "nf4":
-        raise ValueError(
-            f"{model_dir.name} is stored in nf4 (bitsandbytes); it can only be served with "
-            "quantization nf4"
-        )
-    return name
-
-
-def _check_quantization_config(qc: dict[str, Any]) -> None:
-    """Refuse every bitsandbytes variant but 4-bit NF4 in uint8 storage, with the reason."""
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
-        kind = "8-bit bitsandbytes" if qc.get("load_in_8bit") else repr(qc.get("quant_method"))
-        raise ValueError(f"{kind} quantization is not supported; bitsandbytes nf4 only")
-    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise ValueError(
-            f"bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r} is not supported; nf4 only"
-        )
-    storage = qc.get("bnb_4bit_quant_storage", "uint8")
-    if storage != "uint8":
-        raise ValueError(f"bnb_4bit_quant_storage {storage!r} is not supported; uint8 only")

@@ -10,7 +10,7 @@ What a step changes lives in those buffers, written by one host-to-device copy:
 
     input_ids, positions           the new token of each row and its position
     new_k, new_v                   the pages its K and V go to
-    rows                           its row of the runner's page tables (``SlotTables``)
+    rows                           its row of the runner's page tables (``PageTables``)
     seq_lens                       its context length, the new token included
     adapters                       its adapter slot, -1 for none
 
@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.residency import LoraTables
+from adapters.lora_tables import LoraTables
 from engine.attention import AttentionMetadata
 from engine.forward_batch import ForwardBatch
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
+from engine.page_tables import PageTables
 from engine.scheduler_output import ScheduledChunk
-from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class DecodeGraphs:
     Args:
         model: the model (its LoRA and attention backends are those it was built with).
         pools: the page pool's per-layer tensors (the last row is the scratch page).
-        slot_tables: the runner's page tables (their padding row points at the scratch page).
+        page_tables: the runner's page tables (their padding row points at the scratch page).
         lora_tables: the adapters' page tables, ranks and scalings.
         lora_backend: the model's LoRA backend.
         sizes: the batch sizes of the ladder, ascending.
@@ -138,7 +138,7 @@ class DecodeGraphs:
         self,
         model: CausalLM,
         pools: list[torch.Tensor],
-        slot_tables: SlotTables,
+        page_tables: PageTables,
         lora_tables: LoraTables,
         lora_backend: LoraBackend,
         sizes: Sequence[int],
@@ -149,7 +149,7 @@ class DecodeGraphs:
             raise ValueError("no batch sizes to run decode graphs at")
         self.model = model
         self.pools = pools
-        self.slot_tables = slot_tables
+        self.page_tables = page_tables
         self.lora_tables = lora_tables
         self.lora_backend = lora_backend
         self.sizes = tuple(sorted(sizes))
@@ -190,7 +190,7 @@ class DecodeGraphs:
         if not chunks or len(chunks) > self.max_size:
             return False
         for c in chunks:
-            if c.num_tokens != 1 or not c.sample or c.prompt_targets or c.cached_k_slots:
+            if c.num_tokens != 1 or not c.sample or c.prompt_targets or c.cached_k_pages:
                 return False
             if len(c.adapter_slots) > 1 or any(w != 1.0 for w in c.adapter_weights):
                 return False
@@ -201,7 +201,7 @@ class DecodeGraphs:
     def run(self, chunks: Sequence[ScheduledChunk], rows: Sequence[int]) -> torch.Tensor:
         """Hidden states (len(chunks), hidden_size) of a decode step, rows in chunk order.
 
-        ``rows`` are the chunks' page-table rows (``SlotTables.assign``); the new tokens'
+        ``rows`` are the chunks' page-table rows (``PageTables.assign``); the new tokens'
         pages are recorded in the tables by the forward itself.
         """
         n = len(chunks)
@@ -226,9 +226,9 @@ class DecodeGraphs:
         values = [
             [c.token_ids[0] for c in chunks] + [0] * pad,
             [c.start_pos for c in chunks] + [0] * pad,
-            [c.new_k_slots[0] for c in chunks] + [scratch] * pad,
-            [c.new_v_slots[0] for c in chunks] + [scratch] * pad,
-            list(rows) + [self.slot_tables.pad_row] * pad,
+            [c.new_k_pages[0] for c in chunks] + [scratch] * pad,
+            [c.new_v_pages[0] for c in chunks] + [scratch] * pad,
+            list(rows) + [self.page_tables.pad_row] * pad,
             [c.seq_len for c in chunks] + [1] * pad,
             [c.adapter_slots[0] if c.adapter_slots else -1 for c in chunks] + [-1] * pad,
         ]
@@ -243,21 +243,21 @@ class DecodeGraphs:
         is captured, and what ``static`` mode runs eagerly."""
         rows, positions = self.rows[:size], self.positions[:size]
         new_k, new_v = self.new_k[:size], self.new_v[:size]
-        tables = self.slot_tables
+        tables = self.page_tables
         # Record the new tokens' pages (the padding row's entry 0 is the scratch page again).
         tables.k[rows, positions] = new_k
         tables.v[rows, positions] = new_v
         attn = AttentionMetadata(
-            new_k_slots=new_k,
-            new_v_slots=new_v,
+            new_k_pages=new_k,
+            new_v_pages=new_v,
             num_decodes=size,
             decode_seq_lens=self.seq_lens[:size],
-            decode_k_slots=tables.k.index_select(0, rows),
-            decode_v_slots=tables.v.index_select(0, rows),
+            decode_k_pages=tables.k.index_select(0, rows),
+            decode_v_pages=tables.v.index_select(0, rows),
             prefill_cu_seqlens=self._no_prefill,
             prefill_seq_lens=self._no_prefill[:0],
-            prefill_k_slots=self._no_tables,
-            prefill_v_slots=self._no_tables,
+            prefill_k_pages=self._no_tables,
+            prefill_v_pages=self._no_tables,
         )
         batch = ForwardBatch(attn, self.pools, lora)
         hidden: torch.Tensor = self.model(self.input_ids[:size], positions, batch)

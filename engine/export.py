@@ -35,10 +35,10 @@ from adapters.atomic_dir import write_directory
 from adapters.base_layout import BaseModelLayout
 from adapters.kinds import LoadContext, read_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
+from engine.arch import ModelArch
 from engine.base_weights import CheckpointBaseWeights
-from engine.config import QUANTIZATIONS, resolve_quantization
-from engine.loader import iterate_weights, load_config, quantized_modules, safetensors_files
-from engine.model import ModelArch
+from engine.checkpoint import QUANTIZATIONS, resolve_quantization
+from engine.loader import iterate_weights, quantized_modules, safetensors_files
 from engine.naming import is_quantized_linear
 from engine.quantization import (
     QUANT_STATE_KEY,
@@ -48,7 +48,6 @@ from engine.quantization import (
     quantize_nf4,
     unpack_quant_state,
 )
-from engine.sizing import decoder_layout
 from kernels.nf4 import NF4Weight, dequantize_nf4
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,9 @@ def merge_checkpoint(
         ValueError: the base or ``out_dir`` is unusable.
     """
     _check_out_dir(out_dir)
-    context = LoadContext(base_layout(model_dir), _ANY_RANK, base=CheckpointBaseWeights(model_dir))
+    context = LoadContext(
+        ModelArch.load(model_dir).layout(), _ANY_RANK, base=CheckpointBaseWeights(model_dir)
+    )
     adapter = read_adapter(adapter_dir, context)  # any kind; merged_tensors refuses the rest
     return write_merged(model_dir, adapter, out_dir, dtype, quantization, device)
 
@@ -160,7 +161,7 @@ def merged_tensors(
     config = json.loads((model_dir / "config.json").read_text())
     stored = resolve_quantization(None, config, model_dir)  # refuses all 4-bit formats but nf4
     packed = quantized_modules(model_dir) if stored == "nf4" else set()
-    layout = base_layout(model_dir)
+    layout = ModelArch.load(model_dir).layout()
     _check_mergeable(adapter, layout)
     loras = {
         f"{layout.module_path(layer, target)}.weight": module
@@ -215,11 +216,6 @@ def merged_tensors(
         lacking = sorted([*loras, *embed_head])[0]
         raise ValueError(f"{model_dir.name} lacks {lacking}, which the adapter adapts")
     logger.info("merged %s into %s: %d modules", adapter.name, model_dir.name, len(adapter.modules))
-
-
-def base_layout(model_dir: Path) -> BaseModelLayout:
-    """The target linear layers of the model in ``model_dir``, that adapters must fit."""
-    return decoder_layout(ModelArch.from_config(load_config(model_dir)))
 
 
 def _base_tensors(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from adapters.residency import BlockTable, LoraTables
+from adapters.lora_tables import BlockTable, LoraTables
 from engine.scheduler_output import ScheduledChunk
 from kernels.lora import read_rows
 
@@ -72,11 +72,11 @@ class KindMetadata:
                 slot = c.adapter_slots[0]
                 blocks[slot] = tables.blocks[slot]
                 for key in blocks[slot]:
-                    slot_runs = runs.setdefault(key, [])
-                    if slot_runs and slot_runs[-1][0] == slot and slot_runs[-1][2] == lo:
-                        slot_runs[-1] = (slot, slot_runs[-1][1], hi)
+                    key_runs = runs.setdefault(key, [])
+                    if key_runs and key_runs[-1][0] == slot and key_runs[-1][2] == lo:
+                        key_runs[-1] = (slot, key_runs[-1][1], hi)
                     else:
-                        slot_runs.append((slot, lo, hi))
+                        key_runs.append((slot, lo, hi))
             lo = hi
         return cls(runs, blocks, {} if cache is None else cache) if blocks else None
 

@@ -108,7 +108,7 @@ class KVCacheManager:
             self.prefix.release(blocks)
         self._offered.pop(request_id, None)
 
-    def slots(self, request_id: str, start: int, end: int) -> tuple[list[int], list[int]]:
+    def token_pages(self, request_id: str, start: int, end: int) -> tuple[list[int], list[int]]:
         """The K pages and the V pages of the request's tokens ``start .. end - 1``."""
         pages = self._pages[request_id][PAGES_PER_TOKEN * start : PAGES_PER_TOKEN * end]
         return pages[0::2], pages[1::2]

@@ -10,46 +10,26 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from adapters.manager import AdapterManager
 from adapters.registry import AdapterEntry
-from adapters.residency import AdapterResidency
 from adapters.weights import AdapterWeights
-from engine.base_weights import ServedBaseWeights
-from engine.config import EngineConfig, LoraConfig
-from engine.cuda_graph import DecodeGraphs, capture_sizes
+from engine.assembly import assemble
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
-from engine.kv_cache_manager import PAGES_PER_TOKEN, KVCacheManager
-from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
-from engine.model import Backends, CausalLM, ModelArch
-from engine.model_runner import ModelRunner
-from engine.outputs import AdapterStatus, EngineStats, RequestOutput
-from engine.page_pool import PagePool, Tenant
-from engine.parallel.executor import (
-    TensorParallelExecutor,
-    WorkerDied,
-    combined_weights,
-    worker_counters,
-)
-from engine.quantization import memory_report
+from engine.engine_stats import collect_stats
+from engine.kv_cache_manager import PAGES_PER_TOKEN
+from engine.outputs import EngineStats, RequestOutput
+from engine.parallel.executor import WorkerDied
 from engine.request import Request
-from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
 from engine.scheduling import token_cost
-from engine.sizing import decoder_layout, max_adapter_pages, pin_capacity
-from engine.slot_tables import SlotTables
 from engine.virtual_tokens import virtual_positions
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class LLMEngine:
@@ -62,92 +42,18 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, kernels: str | None = None) -> None:
         self.config = config
-        self.executor: TensorParallelExecutor | None = None
-        try:
-            self._build(config, kernels)
-        except BaseException:
-            self.shutdown()  # a split model's workers, if they started
-            raise
-
-    def _build(self, config: EngineConfig, kernels: str | None) -> None:
-        mc = config.model
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(mc.model_dir, mc.load_format)
-        backends = Backends.select(kernels, mc.device)
-        self.arch = arch = ModelArch.from_config(load_config(mc.model_dir))
-        workers = config.parallel.tensor_parallel_size
-        # With tensor parallelism the model and the pool's storage live in the workers; here
-        # the pool is bookkeeping only (pages of the whole width, on the meta device).
-        self.model: CausalLM | None = None
-        if workers == 1:
-            self.model = load_model(
-                mc.model_dir,
-                mc.dtype,
-                mc.device,
-                backends,
-                mc.quantization,
-                mc.load_format,
-                config.seed,
-            )
-            self.weights = memory_report(self.model, mc.dtype)
-        else:
-            self.executor = TensorParallelExecutor(config, kernels)
-            self.weights = combined_weights(self.executor.reports)
-        self.pool = PagePool(
-            arch.num_layers,
-            config.cache.num_pages,
-            arch.kv_width,
-            mc.dtype,
-            mc.device if self.model is not None else torch.device("meta"),
-        )
-        if self.weights.quantized_params:
-            logger.info(
-                "nf4 base: %.3f bits per parameter over %.1fM parameters; weights %.1f MiB "
-                "instead of %.1f MiB, room for %d more pages",
-                self.weights.bits_per_param,
-                self.weights.quantized_params / 1e6,
-                self.weights.base_bytes / 2**20,
-                self.weights.unquantized_bytes / 2**20,
-                self.freed_pages,
-            )
-        cache = config.cache
-        self.kv_cache_manager = KVCacheManager(
-            self.pool, cache.block_size, cache.enable_prefix_caching
-        )
-        self.adapters = self._adapter_manager(config.lora)
-        # Adapters and unused cached blocks are reclaimed in one least-recently-used order.
-        self.adapters.residency.spare = self.kv_cache_manager.prefix
-        self.eos_token_ids = eos_token_ids(mc.model_dir, self.tokenizer)
-        self.scheduler = Scheduler(
-            config.scheduler,
-            self.kv_cache_manager,
-            self.eos_token_ids,
-            self.adapters,
-            max_loras=config.lora.max_loras,
-        )
-        self.runner: ModelRunner | TensorParallelExecutor
-        if self.model is None:
-            assert self.executor is not None
-            self.runner = self.executor
-        else:
-            sampler = Sampler(torch.Generator(device=mc.device).manual_seed(config.seed))
-            slot_tables = SlotTables(
-                config.scheduler.max_num_seqs,
-                config.model.max_model_len,
-                mc.device,
-                scratch_page=self.pool.scratch_page,
-            )
-            graphs = self._decode_graphs(self.model, config, backends, slot_tables)
-            self.runner = ModelRunner(
-                self.model,
-                self.pool.layers,
-                sampler,
-                slot_tables,
-                self.adapters.tables,
-                backends.lora,
-                graphs,
-            )
-            if graphs is not None and config.graphs.mode == "graphs":
-                graphs.capture()
+        parts = assemble(config, kernels)
+        self.tokenizer = parts.tokenizer
+        self.arch = parts.arch
+        self.model = parts.model
+        self.executor = parts.executor
+        self.weights = parts.weights
+        self.pool = parts.pool
+        self.kv_cache_manager = parts.kv_cache_manager
+        self.adapters = parts.adapters
+        self.scheduler = parts.scheduler
+        self.runner = parts.runner
+        self.eos_token_ids = parts.eos_token_ids
         self._inbox: list[Request] = []
         # Running and waiting requests by adapter, counted after a step when stats asked
         self._adapter_load: dict[str, tuple[int, int]] = {}
@@ -159,68 +65,11 @@ class LLMEngine:
         self.num_failed_steps = 0
         self.prompt_tokens = 0  # prompt tokens of accepted requests
         self.generation_tokens = 0
-        logger.info(
-            "page pool: %d pages of %d elements per layer (%.1f MiB)",
-            self.pool.num_pages,
-            self.pool.page_width,
-            self.pool.num_pages * self.pool.page_bytes / 2**20,
-        )
-
-    def _decode_graphs(
-        self, model: CausalLM, config: EngineConfig, backends: Backends, slot_tables: SlotTables
-    ) -> DecodeGraphs | None:
-        """The static-shape decode path, when the config asks for one (None: eager).
-
-        Capture needs a CUDA device and the Triton kernels (the torch references read their
-        metadata on the host); elsewhere "graphs" falls back to eager steps, with a warning.
-        """
-        mode = config.graphs.mode
-        if mode == "graphs" and not (
-            config.model.device.type == "cuda" and backends.lora.needs_device_passes
-        ):
-            logger.warning(
-                "CUDA graphs need a CUDA device and the Triton kernels; decoding eagerly"
-            )
-            mode = "eager"
-        if mode == "eager":
-            return None
-        return DecodeGraphs(
-            model,
-            self.pool.layers,
-            slot_tables,
-            self.adapters.tables,
-            backends.lora,
-            config.graphs.sizes or capture_sizes(config.scheduler.max_num_seqs),
-            config.lora.max_lora_rank,
-            self.pool.scratch_page,
-        )
 
     @property
     def freed_pages(self) -> int:
         """Pages the quantized base leaves for the pool, against the same base unquantized."""
         return self.weights.saved_bytes // self.pool.page_bytes
-
-    def _adapter_manager(self, config: LoraConfig) -> AdapterManager:
-        layout = decoder_layout(self.arch)
-        residency = AdapterResidency(
-            self.pool.tenant(Tenant.ADAPTER),
-            layout.num_layers,
-            layout.linear_shapes,
-            max_slots=config.max_resident_loras,
-            max_lora_rank=config.max_lora_rank,
-        )
-        self.pool.register(Tenant.ADAPTER, residency)
-        return AdapterManager(
-            residency,
-            layout,
-            config.max_lora_rank,
-            max_adapter_pages=max_adapter_pages(self.pool.num_pages),
-            host_cache_bytes=config.host_cache_bytes,
-            pin_capacity=pin_capacity(self.pool.num_pages, self.config.model.max_model_len),
-            max_loras=config.max_loras,
-            base=None if self.model is None else ServedBaseWeights(self.model, layout),
-            lora_only=self.model is None,
-        )
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -402,7 +251,7 @@ class LLMEngine:
         """Schedule → run → update. Returns the outputs of requests that advanced."""
         aborted = self._drain_inbox()
         scheduled, failed = self.scheduler.schedule()
-        aborted += [self._output(r) for r in failed]
+        aborted += [r.take_output() for r in failed]
         try:
             results = self.runner.execute(scheduled)
         except WorkerDied:
@@ -424,7 +273,7 @@ class LLMEngine:
         if self._load_wanted:  # someone asked for stats since the last count
             self._load_wanted = False
             self._adapter_load = self.scheduler.count_by_adapter()
-        return aborted + [self._output(r) for r in advanced]
+        return aborted + [r.take_output() for r in advanced]
 
     def _fail(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         """Abort every request of a step the runner failed."""
@@ -434,90 +283,30 @@ class LLMEngine:
                 chunk.request_id, "internal error while running the batch", "engine_error"
             )
             assert request is not None, "a scheduled request is unfinished until update()"
-            outputs.append(self._output(request))
+            outputs.append(request.take_output())
         return outputs
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (safe to call from any thread)."""
-        # Counters only: the residency's structures are the engine thread's (an int read is
-        # atomic, and a snapshot may lag a step).
-        residency = self.adapters.residency
-        prefetch = self.adapters.prefetcher.stats
-        prefix = self.kv_cache_manager.prefix
-        cached_pages = self.kv_cache_manager.num_cached_pages
-        ledger = self.scheduler.ledger
-        step_seconds, collectives = (
-            (0.0, {}) if self.executor is None else worker_counters(self.executor)
-        )
-        return EngineStats(
-            num_running=self.num_running,
-            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
-            num_pages=self.pool.num_pages,
-            free_pages=self.pool.num_free,
-            # Live keys and values; unused cached blocks are counted apart (cached_pages).
-            kv_pages=self.pool.num_used(Tenant.KV) - cached_pages,
-            adapter_pages=self.pool.num_used(Tenant.ADAPTER),
-            resident_adapters=residency.num_placed - residency.num_evicted,
-            loaded_adapters=len(self.adapters.registry),
-            num_preemptions=self.scheduler.num_preemptions,
-            prefetch_hits=self.scheduler.prefetch_hits,
-            prefetch_misses=self.scheduler.prefetch_misses,
-            adapter_loads=prefetch.loads,
-            adapter_evictions=residency.num_evicted,
-            adapter_load_seconds=prefetch.load_seconds,
-            prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens,
-            num_steps=self.num_steps,
-            num_failed_steps=self.num_failed_steps,
-            weight_bytes=self.weights.base_bytes,
-            unquantized_weight_bytes=self.weights.unquantized_bytes,
-            quantized_bits_per_param=self.weights.bits_per_param,
-            quantization_freed_pages=self.freed_pages,
-            prefix_cache_queries=0 if prefix is None else prefix.queries,
-            prefix_cache_hits=0 if prefix is None else prefix.hits,
-            cached_pages=cached_pages,
-            cached_pages_by_adapter={} if prefix is None else _snapshot(prefix.pages_by_label),
-            adapter_versions={e.name: e.version for e in self.adapters.registry.entries()},
-            pinned_adapters=self.adapters.pinned_names(),
-            client_prompt_tokens=_snapshot(ledger.prompt_tokens),
-            client_output_tokens=_snapshot(ledger.output_tokens),
-            client_virtual_tokens=ledger.labelled(_snapshot(self.scheduler.waiting.counters())),
-            # One device's (a page split across workers holds 1/N of its width on each).
-            page_bytes=self.pool.page_bytes // self.config.parallel.tensor_parallel_size,
-            adapters=self._adapter_statuses(),
-            max_loras=self.config.lora.max_loras or self.config.lora.max_resident_loras,
-            tensor_parallel_size=self.config.parallel.tensor_parallel_size,
-            worker_step_seconds=step_seconds,
-            collectives=collectives,
-        )
+        return collect_stats(self)
 
-    def _adapter_statuses(self) -> list[AdapterStatus]:
-        """Every registered adapter's tier, size and load (any thread: membership tests and
-        the engine thread's last count, which this asks to be taken again)."""
+    def adapter_load(self) -> dict[str, tuple[int, int]]:
+        """Running and waiting requests by adapter name (any thread): the engine thread's
+        last count, which this asks to be taken again after the next step, plus the
+        requests queued since."""
         self._load_wanted = True
-        load = self._adapter_load if self.has_unfinished() else {}
+        load = dict(self._adapter_load) if self.has_unfinished() else {}
         with self._lock:
             queued = [r.adapter.name for r in self._inbox if r.adapter is not None]
-        residency, host = self.adapters.residency, self.adapters.host_cache
-        pinned = set(self.adapters.pinned_names())
-        statuses = []
-        for entry in self.adapters.registry.entries():
-            tier = "pool" if entry.id in residency else "host" if entry.id in host else "disk"
-            running, waiting = load.get(entry.name, (0, 0))
-            statuses.append(
-                AdapterStatus(
-                    name=entry.name,
-                    kind=entry.kind,
-                    version=entry.version,
-                    pinned=entry.name in pinned,
-                    tier=tier,
-                    rank=entry.max_rank,
-                    pages=entry.pages,
-                    running=running,
-                    waiting=waiting + queued.count(entry.name),
-                )
-            )
-        return statuses
+        for name in queued:
+            running, waiting = load.get(name, (0, 0))
+            load[name] = (running, waiting + 1)
+        return load
+
+    @property
+    def num_queued(self) -> int:
+        """Requests added but not yet handed to the scheduler (any thread)."""
+        return len(self._inbox)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._lock:
@@ -533,41 +322,8 @@ class LLMEngine:
         for request_id in aborts:
             aborted = self.scheduler.abort(request_id)
             if aborted is not None:
-                outputs.append(self._output(aborted))
+                outputs.append(aborted.take_output())
         return outputs
-
-    def _output(self, request: Request) -> RequestOutput:
-        """The request's news since its previous output (and the whole record when done)."""
-        finished = request.finished
-        delta = request.detokenizer.release(finished)
-        first = request.num_reported == 0
-        start, end = request.num_reported, len(request.output_token_ids)
-        request.num_reported = end
-        logprobs = request.logprobs
-        prompt_logprobs = request.prompt_logprobs if first or finished else None
-        return RequestOutput(
-            request_id=request.request_id,
-            delta=delta,
-            new_token_ids=request.output_token_ids[start:end],
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_output_tokens=end,
-            finished=finished,
-            finish_reason=request.finish_reason,
-            error=request.error,
-            error_code=request.error_code,
-            queue_time=(
-                None
-                if request.first_scheduled_time is None
-                else request.first_scheduled_time - request.arrival_time
-            ),
-            new_logprobs=None if logprobs is None else logprobs[start:end],
-            prompt_token_ids=request.prompt_token_ids if first or finished else None,
-            prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
-            text=request.detokenizer.released_text if finished else "",
-            token_ids=list(request.output_token_ids) if finished else [],
-            logprobs=None if logprobs is None or not finished else list(logprobs),
-            num_cached_tokens=request.num_cached_tokens or 0,
-        )
 
     def check_workers(self) -> None:
         """Raise :class:`engine.parallel.executor.WorkerDied` if a tensor-parallel worker has
@@ -597,13 +353,3 @@ class LLMEngine:
             resident = residency.get(adapter_id)
             assert resident is not None and resident.pins == count, "adapter pins drifted"
         assert sum(r.pins for r in residency.residents()) == sum(pins.values())
-
-
-def _snapshot(counts: Mapping[str, T]) -> dict[str, T]:
-    """A copy of a dict the engine thread may be changing (for stats from another thread)."""
-    for _ in range(8):
-        try:
-            return dict(counts)
-        except RuntimeError:  # changed size during the copy
-            continue
-    return {}

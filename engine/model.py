@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.arch import ModelArch
 from engine.attention import ATTENTION_BACKENDS, AttentionBackend
 from engine.embed_head import HeadLora, add_embedding_lora
 from engine.forward_batch import ForwardBatch
 from engine.kinds import adjust_output, adjust_packed, scale_input
-from engine.lora import LORA_BACKENDS, LoraBackend
+from engine.lora import LoraBackend
+from engine.lora_backends import LORA_BACKENDS
 from engine.naming import PACKED
 from engine.packed import PackedLinear
 from engine.parallel.group import SINGLE, Collectives
@@ -34,65 +36,6 @@ NF4Matmul = Callable[[torch.Tensor, NF4Weight], torch.Tensor]
 # The dequantize-matmul of NF4 linear layers: the row-tiled torch form on the CPU, the fused
 # Triton kernels on GPUs.
 NF4_BACKENDS: dict[str, NF4Matmul] = {"torch": nf4_linear_tiled, "triton": nf4_linear}
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-@dataclass(frozen=True)
-class ModelArch:
-    """The shape of a supported decoder, read from its transformers config."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    tie_word_embeddings: bool
-    max_positions: int
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    @property
-    def kv_width(self) -> int:
-        """Elements of one token's K (or V) in one layer: the page width."""
-        return self.num_kv_heads * self.head_dim
-
-    @classmethod
-    def from_config(cls, config: PretrainedConfig) -> ModelArch:
-        arch = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {arch} is not supported; one of {SUPPORTED_ARCHITECTURES}"
-            )
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported (silu only)")
-        num_heads = config.num_attention_heads
-        is_qwen2 = arch == "Qwen2ForCausalLM"
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return cls(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            qkv_bias=is_qwen2 or attention_bias,  # Qwen2 always biases q, k and v
-            o_bias=attention_bias and not is_qwen2,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            max_positions=config.max_position_embeddings,
-        )
 
 
 @dataclass(frozen=True)
@@ -173,8 +116,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, arch.head_dim)
         q, k = self.rope(positions, q, k)
         kv_pool = pool.view(-1, self.num_kv_heads, arch.head_dim)  # (num_pages, kv_heads, hd)
-        kv_pool[batch.attn.new_k_slots] = k
-        kv_pool[batch.attn.new_v_slots] = v
+        kv_pool[batch.attn.new_k_pages] = k
+        kv_pool[batch.attn.new_v_pages] = v
         attn = self.backends.attention.forward(q, kv_pool, batch.attn, self.scale)
         attn = attn.reshape(num_tokens, self.num_heads * arch.head_dim)
         if kinds is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from adapters.residency import LoraTables
+from adapters.lora_tables import LoraTables
 from engine.attention import AttentionMetadata
 from engine.cuda_graph import DecodeGraphs
 from engine.embed_head import HeadLora
@@ -24,10 +24,10 @@ from engine.forward_batch import ForwardBatch
 from engine.kinds import KindMetadata
 from engine.lora import LoraBackend, LoraMetadata, LoraPass
 from engine.model import CausalLM
+from engine.page_tables import PageTables
 from engine.placement import PlacementWriter
 from engine.sampler import Sampler, token_logprobs
 from engine.scheduler_output import ChunkResult, ScheduledChunk, SchedulerOutput
-from engine.slot_tables import SlotTables
 from engine.step_upload import StepUpload
 from kernels.lora_grouped import Segment
 
@@ -50,7 +50,7 @@ class ModelRunner:
         model: the loaded model.
         pools: the page pool's per-layer tensors.
         sampler: picks next tokens from logits.
-        slot_tables: the runner's copy of each running request's page table.
+        page_tables: the runner's copy of each running request's page table.
         lora_tables: where resident adapters' weights are (the device tensors written here,
             by the placements of each step; the host mirrors by the residency).
         lora_backend: the model's LoRA backend (whether it needs device segments).
@@ -62,7 +62,7 @@ class ModelRunner:
         model: CausalLM,
         pools: list[torch.Tensor],
         sampler: Sampler,
-        slot_tables: SlotTables,
+        page_tables: PageTables,
         lora_tables: LoraTables,
         lora_backend: LoraBackend,
         graphs: DecodeGraphs | None = None,
@@ -70,7 +70,7 @@ class ModelRunner:
         self.model = model
         self.pools = pools
         self.sampler = sampler
-        self.slot_tables = slot_tables
+        self.page_tables = page_tables
         self.lora_tables = lora_tables
         self.lora_backend = lora_backend
         self.graphs = graphs
@@ -89,7 +89,7 @@ class ModelRunner:
             output.placements, (s for c in output.chunks for s in c.adapter_slots)
         )
         gone = output.finished_ids + output.preempted_ids
-        self.slot_tables.release(gone)
+        self.page_tables.release(gone)
         for request_id in gone:
             self._counts.pop(request_id, None)
         if output.is_empty:
@@ -101,7 +101,7 @@ class ModelRunner:
         kinds = KindMetadata.build(chunks, self.lora_tables, self._kinds_cache())
         if kinds is None and self.graphs is not None and self.graphs.accepts(chunks):
             # Every chunk is one sampling token: the hidden rows are the rows to sample.
-            hidden = self.graphs.run(chunks, self.slot_tables.assign(chunks))
+            hidden = self.graphs.run(chunks, self.page_tables.assign(chunks))
             results: dict[str, ChunkResult] = {}
             sampled_hidden = hidden
         else:
@@ -165,8 +165,8 @@ class ModelRunner:
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Pack the step's integers, upload them once, and view them as the metadata."""
-        rows = self.slot_tables.assign(chunks)
-        max_len = self.slot_tables.max_len
+        rows = self.page_tables.assign(chunks)
+        max_len = self.page_tables.max_len
         ids: list[int] = []
         positions: list[int] = []
         new_k: list[int] = []
@@ -174,7 +174,7 @@ class ModelRunner:
         table_index: list[int] = []  # flat (row, position) entries of the page tables
         # Pages that the tables record beside the new tokens' own: a request starting on
         # cached blocks records theirs at its first chunk.
-        cached = any(c.cached_k_slots for c in chunks)
+        cached = any(c.cached_k_pages for c in chunks)
         table_k: list[int] = []  # with ``cached``: the K page of every table_index entry
         table_v: list[int] = []
         last_rows: list[int] = []
@@ -183,16 +183,16 @@ class ModelRunner:
             span = range(c.start_pos, c.seq_len)
             positions.extend(span)
             base = row * max_len
-            if c.cached_k_slots:  # positions 0 .. start_pos - 1 come from the prefix cache
+            if c.cached_k_pages:  # positions 0 .. start_pos - 1 come from the prefix cache
                 table_index.extend(range(base, base + c.start_pos))
-                table_k.extend(c.cached_k_slots)
-                table_v.extend(c.cached_v_slots)
+                table_k.extend(c.cached_k_pages)
+                table_v.extend(c.cached_v_pages)
             table_index.extend(range(base + c.start_pos, base + c.seq_len))
             if cached:
-                table_k.extend(c.new_k_slots)
-                table_v.extend(c.new_v_slots)
-            new_k.extend(c.new_k_slots)
-            new_v.extend(c.new_v_slots)
+                table_k.extend(c.new_k_pages)
+                table_v.extend(c.new_v_pages)
+            new_k.extend(c.new_k_pages)
+            new_v.extend(c.new_v_pages)
             if c.sample:
                 last_rows.append(len(ids) - 1)
         nd = sum(1 for c in chunks if c.num_tokens == 1)
@@ -220,27 +220,27 @@ class ModelRunner:
         )
         (ids_t, pos_t, k_t, v_t, index_t, rows_t, d_lens, cu_t, p_lens, last_t) = views[:10]
         if cached:
-            self.slot_tables.write(index_t, views[10], views[11])
+            self.page_tables.write(index_t, views[10], views[11])
             views = views[:10] + views[12:]
         else:
-            self.slot_tables.write(index_t, k_t, v_t)
-        decode_k, decode_v = self.slot_tables.gather(
+            self.page_tables.write(index_t, k_t, v_t)
+        decode_k, decode_v = self.page_tables.gather(
             rows_t[:nd], max((c.seq_len for c in decodes), default=0)
         )
-        prefill_k, prefill_v = self.slot_tables.gather(
+        prefill_k, prefill_v = self.page_tables.gather(
             rows_t[nd:], max((c.seq_len for c in prefills), default=0)
         )
         attn = AttentionMetadata(
-            new_k_slots=k_t,
-            new_v_slots=v_t,
+            new_k_pages=k_t,
+            new_v_pages=v_t,
             num_decodes=nd,
             decode_seq_lens=d_lens,
-            decode_k_slots=decode_k,
-            decode_v_slots=decode_v,
+            decode_k_pages=decode_k,
+            decode_v_pages=decode_v,
             prefill_cu_seqlens=cu_t,
             prefill_seq_lens=p_lens,
-            prefill_k_slots=prefill_k,
-            prefill_v_slots=prefill_v,
+            prefill_k_pages=prefill_k,
+            prefill_v_pages=prefill_v,
         )
         meta = None if lora is None else lora.metadata(views[10:], self.device)
         return StepInputs(ids_t, pos_t, attn, meta, last_t)

@@ -1,7 +1,7 @@
 """The unified page pool: one allocator for every tenant of GPU memory.
 
 Layout. Each layer owns one preallocated tensor of shape ``[num_pages, page_width]``. A page
-is the same row index in every layer's tensor: a fixed-width vector slot of
+is the same row index in every layer's tensor: a fixed-width vector of
 ``page_width = num_kv_heads * head_dim`` elements per layer. Tenants see the same pages
 through typed views:
 

@@ -26,8 +26,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from adapters.lora_tables import LoraTables
 from adapters.placement import Placement, TargetPlacement
-from adapters.residency import LoraTables
 from kernels.lora import write_rows
 
 

@@ -8,13 +8,12 @@ adapters. Every number comes from the engine's own code: the config from
 :meth:`EngineConfig.create` (given ``device_memory`` in place of asking a GPU; its
 ``lora_modules``, the adapters a server loads at start-up, count in the default pool as
 they do when serving), the sizes from ``engine/sizing.py``, an adapter's pages from the
-residency's :class:`adapters.residency.PageCost` (real adapters read by
+residency's :class:`adapters.page_cost.PageCost` (real adapters read by
 ``adapters.kinds.read_adapter``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -25,21 +24,17 @@ from typing import Any
 from adapters.base_layout import LINEAR_TARGETS, BaseModelLayout
 from adapters.errors import AdapterError
 from adapters.kinds import LoadContext, read_adapter
-from adapters.residency import PageCost
+from adapters.page_cost import PageCost
+from engine.arch import ModelArch
 from engine.config import EngineConfig
-from engine.loader import load_config
-from engine.model import ModelArch
 from engine.prefix_cache import PAGES_PER_TOKEN
 from engine.sizing import (
     PageGeometry,
     PoolSizing,
-    WeightMemory,
-    decoder_layout,
-    device_weights,
     pin_capacity,
     tokens_beside,
-    weight_memory,
 )
+from engine.weight_memory import WeightMemory, device_weights, weight_memory
 
 logger = logging.getLogger(__name__)
 
@@ -208,16 +203,15 @@ def plan_for(
     """The plan of an engine built from ``config`` (a running server's plan: its status
     route shows it beside what is live). Arguments as :func:`make_plan`'s."""
     mc = config.model
-    hf = json.loads((mc.model_dir / "config.json").read_text())
-    whole = PageGeometry.from_config(hf, mc.dtype)
+    arch = ModelArch.load(mc.model_dir)
+    whole = PageGeometry.of(arch, mc.dtype)
     # Split across N devices, each holds 1/N of every page: the figures are one device's.
     split = config.parallel.tensor_parallel_size
     geometry = PageGeometry(whole.num_layers, whole.page_width // split, whole.itemsize)
     pool = config.cache.sizing or PoolSizing(
         config.cache.num_pages, geometry.page_bytes, "num_pages", tensor_parallel_size=split
     )
-    arch = ModelArch.from_config(load_config(mc.model_dir))
-    layout = decoder_layout(arch)
+    layout = arch.layout()
     cost = PageCost.for_shapes(layout.linear_shapes, whole.page_width)  # pages: the same ids
 
     def fits(pages: int) -> tuple[tuple[int, int], ...]:

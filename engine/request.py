@@ -16,7 +16,7 @@ import torch
 
 from adapters.registry import AdapterEntry
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import TokenLogprob
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 # The token id a prompt-tuned request's virtual positions carry in its token sequence: never
@@ -140,3 +140,36 @@ class Request:
         head = prompt[start:] if start < len(prompt) else []
         lo = max(start - len(prompt), 0)
         return head + self.output_token_ids[lo : end - len(prompt)]
+
+    def take_output(self) -> RequestOutput:
+        """The request's news since its previous output (and the whole record when done)."""
+        finished = self.finished
+        delta = self.detokenizer.release(finished)
+        first = self.num_reported == 0
+        start, end = self.num_reported, len(self.output_token_ids)
+        self.num_reported = end
+        logprobs = self.logprobs
+        prompt_logprobs = self.prompt_logprobs if first or finished else None
+        return RequestOutput(
+            request_id=self.request_id,
+            delta=delta,
+            new_token_ids=self.output_token_ids[start:end],
+            num_prompt_tokens=len(self.prompt_token_ids),
+            num_output_tokens=end,
+            finished=finished,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            error_code=self.error_code,
+            queue_time=(
+                None
+                if self.first_scheduled_time is None
+                else self.first_scheduled_time - self.arrival_time
+            ),
+            new_logprobs=None if logprobs is None else logprobs[start:end],
+            prompt_token_ids=self.prompt_token_ids if first or finished else None,
+            prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+            text=self.detokenizer.released_text if finished else "",
+            token_ids=list(self.output_token_ids) if finished else [],
+            logprobs=None if logprobs is None or not finished else list(logprobs),
+            num_cached_tokens=self.num_cached_tokens or 0,
+        )

@@ -353,12 +353,12 @@ class Scheduler:
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new
-        k_slots, v_slots = self.kv_cache_manager.slots(request.request_id, start, end)
+        k_pages, v_pages = self.kv_cache_manager.token_pages(request.request_id, start, end)
         first, request.just_admitted = request.just_admitted, False
         cached_k: list[int] = []
         cached_v: list[int] = []
         if first and start:
-            cached_k, cached_v = self.kv_cache_manager.slots(request.request_id, 0, start)
+            cached_k, cached_v = self.kv_cache_manager.token_pages(request.request_id, 0, start)
         slots: list[tuple[int, int, float]] = []  # (slot, rank, weight) per component
         if request.adapter is not None:
             slots = self.adapters.slots(request.adapter)
@@ -371,8 +371,8 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=request.token_ids(start, end),
             start_pos=request.num_prefix_positions + start,
-            new_k_slots=k_slots,
-            new_v_slots=v_slots,
+            new_k_pages=k_pages,
+            new_v_pages=v_pages,
             sample=end == request.num_tokens,
             params=request.params,
             generator=request.generator,
@@ -386,8 +386,8 @@ class Scheduler:
                 tuple(request.output_token_ids) if request.params.penalized and first else ()
             ),
             prompt_targets=self._prompt_targets(request, start, end),
-            cached_k_slots=cached_k,
-            cached_v_slots=cached_v,
+            cached_k_pages=cached_k,
+            cached_v_pages=cached_v,
         )
 
     @staticmethod

@@ -23,23 +23,23 @@ class ScheduledChunk:
         request_id: whose tokens these are.
         token_ids: the tokens to run, at positions ``start_pos .. start_pos + len - 1``.
         start_pos: tokens of this request already in the KV cache.
-        new_k_slots: the K page of each of this chunk's tokens.
-        new_v_slots: the V page of each of this chunk's tokens (earlier tokens' pages were
+        new_k_pages: the K page of each of this chunk's tokens.
+        new_v_pages: the V page of each of this chunk's tokens (earlier tokens' pages were
             sent with earlier chunks; the runner keeps them).
         sample: True when the chunk reaches the request's last token, so the step samples
             the next token; a prefill chunk that stops short samples nothing.
         params: how to sample.
         generator: the request's private random stream (seeded requests), else None.
         banned_token_ids: ids the sampler must not pick (stop tokens before ``min_tokens``).
-        adapter_slots: the slot of its adapter in the LoRA page tables (empty for the base
-            model), or of each component of a mixture.
+        adapter_slots: its adapter's slot, its row of the residency's ``LoraTables`` (empty
+            for the base model), or the slot of each component of a mixture.
         adapter_weights: the weight of each slot (1.0 for a plain adapter).
         adapter_rank: the largest rank among those adapters (0 for the base model).
         output_token_ids: the tokens generated so far, on the first chunk after admission of
             a request with penalties (the runner counts later tokens itself); else empty.
         prompt_targets: with ``prompt_logprobs``, the prompt tokens this chunk's positions
             predict (position ``start_pos + i`` predicts ``prompt_targets[i]``); else empty.
-        cached_k_slots, cached_v_slots: on the first chunk after an admission that reused
+        cached_k_pages, cached_v_pages: on the first chunk after an admission that reused
             cached blocks, the K and V pages of positions ``0 .. start_pos - 1`` (computed by
             earlier requests: the runner records them but computes nothing for them).
     """
@@ -47,8 +47,8 @@ class ScheduledChunk:
     request_id: str
     token_ids: list[int]
     start_pos: int
-    new_k_slots: list[int]
-    new_v_slots: list[int]
+    new_k_pages: list[int]
+    new_v_pages: list[int]
     sample: bool
     params: SamplingParams
     generator: torch.Generator | None
@@ -58,8 +58,8 @@ class ScheduledChunk:
     adapter_rank: int = 0
     output_token_ids: tuple[int, ...] = ()
     prompt_targets: tuple[int, ...] = ()
-    cached_k_slots: list[int] = field(default_factory=list)
-    cached_v_slots: list[int] = field(default_factory=list)
+    cached_k_pages: list[int] = field(default_factory=list)
+    cached_v_pages: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from adapters.lora_tables import BlockTable, LoraTables
 from adapters.registry import AdapterEntry
-from adapters.residency import BlockTable, LoraTables
 from adapters.weights import PREFIX_TUNING, PROMPT_TUNING
 from engine.kinds import KindMetadata
 from kernels.lora import read_rows

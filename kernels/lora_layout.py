@@ -92,7 +92,7 @@ def token_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(slots, keep)`` for the per-token references.
 
-    slots (num_tokens,): each token's adapter index with -1 mapped to 0 (safe to gather
+    slots (num_tokens,): each token's adapter slot with -1 mapped to 0 (safe to gather
     with); keep (num_tokens, num_rows) bool: True for rows j < ranks[a], False everywhere
     for tokens without LoRA.
     """

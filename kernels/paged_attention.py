@@ -1,8 +1,8 @@
 """Paged attention over the unified page pool: chunked prefill and decode.
 
 The KV cache shares one page pool per layer with the adapter weights (S-LoRA's unified paging).
-A page is one vector slot of `num_kv_heads * head_dim` elements holding one token's K *or* one
-token's V for one layer. Per sequence, `k_slots` and `v_slots` map a token position to the page
+A page is one vector of `num_kv_heads * head_dim` elements holding one token's K *or* one
+token's V for one layer. Per sequence, `k_pages` and `v_pages` map a token position to the page
 holding its K and its V. The K/V of the tokens in this forward are in the pool before attention.
 
 Semantics:
@@ -10,18 +10,18 @@ Semantics:
     For sequence s with context length L = seq_lens[s] (cached + new tokens) and chunk length
     Q = cu_seqlens_q[s + 1] - cu_seqlens_q[s], query row t = cu_seqlens_q[s] + i (0 <= i < Q)
     sits at position p = L - Q + i, and for every query head h:
-        K[j] = pool[k_slots[s, j], h // G, :]           V[j] = pool[v_slots[s, j], h // G, :]
+        K[j] = pool[k_pages[s, j], h // G, :]           V[j] = pool[v_pages[s, j], h // G, :]
         score[j] = scale * dot(q[t, h, :], K[j])         for j in 0 .. p (causal, inclusive)
         out[t, h, :] = sum_j softmax(score)[j] * V[j]
     Decode is the same with Q = 1: q row s sits at position L - 1 and sees keys 0 .. L - 1.
-    Products and softmax accumulate in float32; out has q's dtype. Slot entries at positions
+    Products and softmax accumulate in float32; out has q's dtype. Page-table entries at positions
     >= L are never read, so they may hold anything (stale or out-of-range page ids).
 
 Args (shared by every op here):
     q: (num_tokens, num_heads, head_dim) for prefill, (num_seqs, num_heads, head_dim) for decode;
         float32, bfloat16 or float16.
     pool: (num_pages, num_kv_heads, head_dim), q's dtype; num_heads % num_kv_heads == 0.
-    k_slots, v_slots: int32 (num_seqs, max_slots): page id of position j's K / V, max_slots >= L.
+    k_pages, v_pages: int32 (num_seqs, table_len): page id of position j's K / V, table_len >= L.
     cu_seqlens_q: int32 (num_seqs + 1,): chunk offsets into q's rows, cu_seqlens_q[0] == 0.
     seq_lens: int32 (num_seqs,): context length after this step, 1 <= Q <= L.
     scale: softmax scale, usually 1 / sqrt(head_dim).
@@ -68,10 +68,10 @@ class GatherPlan:
     max_q: int = 1
 
 
-def _head_major_index(slots: torch.Tensor, valid: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def _head_major_index(table: torch.Tensor, valid: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(num_seqs · num_kv_heads · max_len,) pool rows for a (num_seqs, max_len) page table."""
-    heads = torch.arange(num_kv_heads, device=slots.device, dtype=slots.dtype)
-    pages = torch.where(valid, slots, 0)
+    heads = torch.arange(num_kv_heads, device=table.device, dtype=table.dtype)
+    pages = torch.where(valid, table, 0)
     return (pages[:, None, :] * num_kv_heads + heads[None, :, None]).view(-1)
 
 
@@ -84,23 +84,23 @@ def _gather(pool: torch.Tensor, index: torch.Tensor, num_seqs: int) -> torch.Ten
 
 
 def plan_decode(
-    k_slots: torch.Tensor, v_slots: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int
+    k_pages: torch.Tensor, v_pages: torch.Tensor, seq_lens: torch.Tensor, num_kv_heads: int
 ) -> GatherPlan:
     """The decode reference's :class:`GatherPlan` (one device read: the longest context)."""
     max_len = int(seq_lens.max())
-    assert int(seq_lens.min()) >= 1 and max_len <= k_slots.shape[1], "bad seq_lens"
-    valid = torch.arange(max_len, device=k_slots.device)[None, :] < seq_lens[:, None]
+    assert int(seq_lens.min()) >= 1 and max_len <= k_pages.shape[1], "bad seq_lens"
+    valid = torch.arange(max_len, device=k_pages.device)[None, :] < seq_lens[:, None]
     return GatherPlan(
-        k_index=_head_major_index(k_slots[:, :max_len], valid, num_kv_heads),
-        v_index=_head_major_index(v_slots[:, :max_len], valid, num_kv_heads),
+        k_index=_head_major_index(k_pages[:, :max_len], valid, num_kv_heads),
+        v_index=_head_major_index(v_pages[:, :max_len], valid, num_kv_heads),
         mask=valid[:, None, None, :],  # (num_seqs, 1, 1, max_len)
         max_len=max_len,
     )
 
 
 def plan_prefill(
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     num_kv_heads: int,
@@ -113,9 +113,9 @@ def plan_prefill(
     num_seqs = len(lens)
     q_lens = [q_starts[s + 1] - q_starts[s] for s in range(num_seqs)]
     for q_len, seq_len in zip(q_lens, lens, strict=True):
-        assert 0 <= q_len <= seq_len <= k_slots.shape[1], "bad lengths for a sequence"
+        assert 0 <= q_len <= seq_len <= k_pages.shape[1], "bad lengths for a sequence"
     max_q, max_len = max(q_lens), max(lens)
-    device = k_slots.device
+    device = k_pages.device
     rows = torch.tensor(
         [s * max_q + i for s, q_len in enumerate(q_lens) for i in range(q_len)], device=device
     )
@@ -131,8 +131,8 @@ def plan_prefill(
     allowed[:, :, 0] |= ~q_real
     mask = allowed[:, None].expand(num_seqs, group, max_q, max_len)
     return GatherPlan(
-        k_index=_head_major_index(k_slots[:, :max_len], valid, num_kv_heads),
-        v_index=_head_major_index(v_slots[:, :max_len], valid, num_kv_heads),
+        k_index=_head_major_index(k_pages[:, :max_len], valid, num_kv_heads),
+        v_index=_head_major_index(v_pages[:, :max_len], valid, num_kv_heads),
         mask=mask.reshape(num_seqs, 1, group * max_q, max_len),
         max_len=max_len,
         rows=rows,
@@ -143,8 +143,8 @@ def plan_prefill(
 def paged_prefill_attention_ref(
     q: torch.Tensor,
     pool: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
@@ -157,8 +157,8 @@ def paged_prefill_attention_ref(
     padding costs in arithmetic at the sizes a CPU serves). ``plan``: this batch's
     :func:`plan_prefill`, computed here when None.
     """
-    _check_inputs(q, pool, k_slots, v_slots, seq_lens)
-    _check_int32_vector(cu_seqlens_q, k_slots.shape[0] + 1, "cu_seqlens_q")
+    _check_inputs(q, pool, k_pages, v_pages, seq_lens)
+    _check_int32_vector(cu_seqlens_q, k_pages.shape[0] + 1, "cu_seqlens_q")
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
         return torch.empty_like(q)
@@ -169,7 +169,7 @@ def paged_prefill_attention_ref(
         assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0], (
             "cu_seqlens_q must span q's rows"
         )
-        plan = plan_prefill(k_slots, v_slots, cu_seqlens_q, seq_lens, num_kv_heads, group)
+        plan = plan_prefill(k_pages, v_pages, cu_seqlens_q, seq_lens, num_kv_heads, group)
     assert plan.rows is not None and plan.rows.shape[0] == q.shape[0], "plan of another batch"
     max_q = plan.max_q
     padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim).index_copy_(0, plan.rows, q)
@@ -195,23 +195,23 @@ def paged_prefill_attention_ref(
 def paged_decode_attention_ref(
     q: torch.Tensor,
     pool: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     plan: GatherPlan | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its paged context, batched over sequences (see
     `Semantics`). ``plan``: this batch's :func:`plan_decode`, computed here when None."""
-    _check_inputs(q, pool, k_slots, v_slots, seq_lens)
-    assert q.shape[0] == k_slots.shape[0], "decode takes exactly one query row per sequence"
+    _check_inputs(q, pool, k_pages, v_pages, seq_lens)
+    assert q.shape[0] == k_pages.shape[0], "decode takes exactly one query row per sequence"
     if q.shape[0] == 0:
         return torch.empty_like(q)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1]
     group = num_heads // num_kv_heads
     if plan is None:
-        plan = plan_decode(k_slots, v_slots, seq_lens, num_kv_heads)
+        plan = plan_decode(k_pages, v_pages, seq_lens, num_kv_heads)
     k, v = _gather(pool, plan.k_index, num_seqs), _gather(pool, plan.v_index, num_seqs)
     # Grouped-query attention without repeating K/V: a kv head's `group` query heads are its
     # `group` query rows. (num_seqs, num_kv_heads, group, head_dim)
@@ -233,8 +233,8 @@ def _check_int32_vector(t: torch.Tensor, length: int, name: str) -> None:
 def _check_inputs(
     q: torch.Tensor,
     pool: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
     assert q.dtype in _DTYPES, f"unsupported dtype {q.dtype}"
@@ -242,21 +242,21 @@ def _check_inputs(
     assert q.dim() == 3 and pool.dim() == 3, "q and pool must be 3-D (rows, heads, head_dim)"
     assert q.shape[2] == pool.shape[2], f"head_dim differs: q {q.shape[2]}, pool {pool.shape[2]}"
     assert q.shape[1] % pool.shape[1] == 0, "num_heads must be a multiple of num_kv_heads"
-    for name, slots in (("k_slots", k_slots), ("v_slots", v_slots)):
-        assert slots.dtype == torch.int32, f"{name} must be int32, got {slots.dtype}"
-        assert slots.dim() == 2, f"{name} must be (num_seqs, max_slots)"
-    assert k_slots.shape == v_slots.shape, "k_slots and v_slots shapes differ"
-    _check_int32_vector(seq_lens, k_slots.shape[0], "seq_lens")
+    for name, table in (("k_pages", k_pages), ("v_pages", v_pages)):
+        assert table.dtype == torch.int32, f"{name} must be int32, got {table.dtype}"
+        assert table.dim() == 2, f"{name} must be (num_seqs, table_len)"
+    assert k_pages.shape == v_pages.shape, "k_pages and v_pages shapes differ"
+    _check_int32_vector(seq_lens, k_pages.shape[0], "seq_lens")
 
 
 def _check_launch(q: torch.Tensor, pool: torch.Tensor, *metadata: torch.Tensor) -> None:
-    """Layout the kernels rely on: unit stride along head_dim, slot rows, 1-D metadata."""
+    """Layout the kernels rely on: unit stride along head_dim, page-table rows, 1-D metadata."""
     assert can_launch_triton(q.device), f"no Triton for {q.device} tensors: use the *_ref ops"
     assert q.stride(2) == 1 and pool.stride(2) == 1, "q and pool need a unit head_dim stride"
     for t in (pool, *metadata):
         assert t.device == q.device, f"tensors on different devices: {t.device} vs {q.device}"
     for t in metadata:
-        assert t.stride(-1) == 1, "slot tables and length vectors need a unit last stride"
+        assert t.stride(-1) == 1, "page tables and length vectors need a unit last stride"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,10 +306,10 @@ if HAS_TRITON:
     # interpreter (see `dot_operand_dtype`), so the casts to it are no-ops on GPUs.
     @triton.jit
     def _paged_prefill_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, pool_ptr, k_slots_ptr, v_slots_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
+        q_ptr, pool_ptr, k_pages_ptr, v_pages_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
         scale_log2,  # scale * log2(e): the softmax runs on exp2
         stride_q_tok, stride_q_head, stride_pool_page, stride_pool_head,
-        stride_k_slots_seq, stride_v_slots_seq, stride_out_tok, stride_out_head,
+        stride_k_pages_seq, stride_v_pages_seq, stride_out_tok, stride_out_head,
         head_dim,
         GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -337,8 +337,8 @@ if HAS_TRITON:
         q = tl.load(q_ptrs, mask=md_mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_M, BLOCK_D)
 
         kv_head_ptr = pool_ptr + (head // GROUP_SIZE) * stride_pool_head
-        k_slots_row = k_slots_ptr + seq * stride_k_slots_seq
-        v_slots_row = v_slots_ptr + seq * stride_v_slots_seq
+        k_table = k_pages_ptr + seq * stride_k_pages_seq
+        v_table = v_pages_ptr + seq * stride_v_pages_seq
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running softmax denominator
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -349,7 +349,7 @@ if HAS_TRITON:
             kv_pos = kv_start + offs_n  # (BLOCK_N,)
             kv_mask = kv_pos < kv_end
             kv_d_mask = kv_mask[:, None] & d_mask[None, :]
-            k_pages = tl.load(k_slots_row + kv_pos, mask=kv_mask, other=0).to(tl.int64)
+            k_pages = tl.load(k_table + kv_pos, mask=kv_mask, other=0).to(tl.int64)
             k_ptrs = kv_head_ptr + k_pages[:, None] * stride_pool_page + offs_d[None, :]
             k = tl.load(k_ptrs, mask=kv_d_mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
@@ -360,7 +360,7 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v_pages = tl.load(v_slots_row + kv_pos, mask=kv_mask, other=0).to(tl.int64)
+            v_pages = tl.load(v_table + kv_pos, mask=kv_mask, other=0).to(tl.int64)
             v_ptrs = kv_head_ptr + v_pages[:, None] * stride_pool_page + offs_d[None, :]
             v = tl.load(v_ptrs, mask=kv_d_mask, other=0.0).to(DOT_DTYPE)
             p = p.to(pool_ptr.dtype.element_ty).to(DOT_DTYPE)  # rounded like the inputs
@@ -375,10 +375,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, pool_ptr, k_slots_ptr, v_slots_ptr, seq_lens_ptr, out_ptr,
+        q_ptr, pool_ptr, k_pages_ptr, v_pages_ptr, seq_lens_ptr, out_ptr,
         scale_log2,  # scale * log2(e): the softmax runs on exp2
         stride_q_seq, stride_q_head, stride_pool_page, stride_pool_head,
-        stride_k_slots_seq, stride_v_slots_seq, stride_out_seq, stride_out_head,
+        stride_k_pages_seq, stride_v_pages_seq, stride_out_seq, stride_out_head,
         head_dim,
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -398,8 +398,8 @@ if HAS_TRITON:
         q = tl.load(q_ptrs, mask=hd_mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_H, BLOCK_D)
 
         kv_head_ptr = pool_ptr + kv_head * stride_pool_head
-        k_slots_row = k_slots_ptr + seq * stride_k_slots_seq
-        v_slots_row = v_slots_ptr + seq * stride_v_slots_seq
+        k_table = k_pages_ptr + seq * stride_k_pages_seq
+        v_table = v_pages_ptr + seq * stride_v_pages_seq
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -408,7 +408,7 @@ if HAS_TRITON:
             kv_pos = kv_start + offs_n
             kv_mask = kv_pos < seq_len
             kv_d_mask = kv_mask[:, None] & (offs_d < head_dim)[None, :]
-            k_pages = tl.load(k_slots_row + kv_pos, mask=kv_mask, other=0).to(tl.int64)
+            k_pages = tl.load(k_table + kv_pos, mask=kv_mask, other=0).to(tl.int64)
             k_ptrs = kv_head_ptr + k_pages[:, None] * stride_pool_page + offs_d[None, :]
             k = tl.load(k_ptrs, mask=kv_d_mask, other=0.0).to(DOT_DTYPE)  # (BLOCK_N, BLOCK_D)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
@@ -418,7 +418,7 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v_pages = tl.load(v_slots_row + kv_pos, mask=kv_mask, other=0).to(tl.int64)
+            v_pages = tl.load(v_table + kv_pos, mask=kv_mask, other=0).to(tl.int64)
             v_ptrs = kv_head_ptr + v_pages[:, None] * stride_pool_page + offs_d[None, :]
             v = tl.load(v_ptrs, mask=kv_d_mask, other=0.0).to(DOT_DTYPE)
             p = p.to(pool_ptr.dtype.element_ty).to(DOT_DTYPE)  # rounded like the inputs
@@ -440,8 +440,8 @@ if HAS_TRITON:
 def paged_prefill_attention(
     q: torch.Tensor,
     pool: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
@@ -452,11 +452,11 @@ def paged_prefill_attention(
     `max_seqlen_q`, the longest chunk, sizes the grid; pass it when the caller knows it, since
     otherwise it is read from `cu_seqlens_q` with one device sync.
     """
-    _check_inputs(q, pool, k_slots, v_slots, seq_lens)
-    _check_int32_vector(cu_seqlens_q, k_slots.shape[0] + 1, "cu_seqlens_q")
-    _check_launch(q, pool, k_slots, v_slots, cu_seqlens_q, seq_lens)
+    _check_inputs(q, pool, k_pages, v_pages, seq_lens)
+    _check_int32_vector(cu_seqlens_q, k_pages.shape[0] + 1, "cu_seqlens_q")
+    _check_launch(q, pool, k_pages, v_pages, cu_seqlens_q, seq_lens)
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs = k_slots.shape[0]
+    num_seqs = k_pages.shape[0]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -466,10 +466,10 @@ def paged_prefill_attention(
     blocks = _blocks_for(q.device, block_d)
     grid = (triton.cdiv(max_seqlen_q, blocks.block_m), num_seqs, num_heads)
     _paged_prefill_kernel[grid](
-        q, pool, k_slots, v_slots, cu_seqlens_q, seq_lens, out,
+        q, pool, k_pages, v_pages, cu_seqlens_q, seq_lens, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), pool.stride(0), pool.stride(1),
-        k_slots.stride(0), v_slots.stride(0), out.stride(0), out.stride(1),
+        k_pages.stride(0), v_pages.stride(0), out.stride(0), out.stride(1),
         head_dim,
         GROUP_SIZE=num_heads // pool.shape[1], BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
         BLOCK_D=block_d, DOT_DTYPE=dot_operand_dtype(q.dtype),
@@ -481,17 +481,17 @@ def paged_prefill_attention(
 def paged_decode_attention(
     q: torch.Tensor,
     pool: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Triton `paged_decode_attention_ref`: one query per sequence over its paged K/V."""
-    _check_inputs(q, pool, k_slots, v_slots, seq_lens)
-    _check_launch(q, pool, k_slots, v_slots, seq_lens)
+    _check_inputs(q, pool, k_pages, v_pages, seq_lens)
+    _check_launch(q, pool, k_pages, v_pages, seq_lens)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[1]
-    assert num_seqs == k_slots.shape[0], "decode takes exactly one query row per sequence"
+    assert num_seqs == k_pages.shape[0], "decode takes exactly one query row per sequence"
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_seqs == 0:
         return out
@@ -499,10 +499,10 @@ def paged_decode_attention(
     block_d = max(16, next_power_of_2(head_dim))
     blocks = _blocks_for(q.device, block_d)
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, pool, k_slots, v_slots, seq_lens, out,
+        q, pool, k_pages, v_pages, seq_lens, out,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), pool.stride(0), pool.stride(1),
-        k_slots.stride(0), v_slots.stride(0), out.stride(0), out.stride(1),
+        k_pages.stride(0), v_pages.stride(0), out.stride(0), out.stride(1),
         head_dim,
         GROUP_SIZE=group_size, BLOCK_H=max(16, next_power_of_2(group_size)),
         BLOCK_N=blocks.block_n, BLOCK_D=block_d, DOT_DTYPE=dot_operand_dtype(q.dtype),

@@ -84,7 +84,7 @@ prefix_tuning (``PrefixTuningConfig``)
     ``modeling_llama.py:249``) and attention sees them as already-rotated cached keys. The
     request's own tokens start at position n: ``past_seen_tokens = cache.get_seq_length()``
     = n (``modeling_llama.py:377-380``; Qwen2 the same at ``modeling_qwen2.py:356-357``).
-    Every query attends to all n prefix slots (causal mask over past + current).
+    Every query attends to all n prefix positions (causal mask over past + current).
 
 lora_embed_head (``LoraConfig`` targeting ``embed_tokens`` and ``lm_head``)
     Tensors: ``<embed>.lora_embedding_A`` (r, vocab), ``<embed>.lora_embedding_B``
@@ -310,7 +310,7 @@ def peft_logits(base_dir: Path, adapter_dir: Path | None, tokens: list[int]) -> 
     """Float32 logits (vocab,) at the last of ``tokens`` from one full PEFT forward, no cache.
 
     For prompt tuning the virtual tokens come first (positions 0..n-1, ``tokens`` at n..);
-    for prefix tuning the n prefix KV slots are a cache, ``tokens`` again at positions n...
+    for prefix tuning the n prefix KV positions are a cache, ``tokens`` again at positions n...
     """
     model = _load(str(base_dir), None if adapter_dir is None else str(adapter_dir))
     with torch.inference_mode():

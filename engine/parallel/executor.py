@@ -29,7 +29,8 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from engine.config import DTYPES, EngineConfig
+from engine.checkpoint import DTYPES
+from engine.config import EngineConfig
 from engine.outputs import CollectiveStats
 from engine.parallel.channel import (
     Failed,

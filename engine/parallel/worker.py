@@ -30,14 +30,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from adapters.lora_tables import LoraTables
+from adapters.page_cost import PageCost
 from adapters.placement import Placement
-from adapters.residency import LoraTables, PageCost
+from engine.arch import ModelArch
 from engine.attention import ATTENTION_BACKENDS
-from engine.config import DTYPES
+from engine.checkpoint import DTYPES
 from engine.loader import load_config, load_model
-from engine.model import NF4_BACKENDS, Backends, ModelArch, kernel_name
+from engine.model import NF4_BACKENDS, Backends, kernel_name
 from engine.model_runner import ModelRunner
 from engine.page_pool import PagePool
+from engine.page_tables import PageTables
 from engine.parallel.channel import (
     Failed,
     Report,
@@ -55,8 +58,6 @@ from engine.parallel.lora import ShardedLora
 from engine.quantization import memory_report
 from engine.sampler import Sampler
 from engine.scheduler_output import SchedulerOutput
-from engine.sizing import decoder_layout
-from engine.slot_tables import SlotTables
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +91,17 @@ class Worker:
         self.pool = PagePool(arch.num_layers, spec.num_pages, width, dtype, self.device)
         # The engine process's tables, page for page: a row of a part is 1/N as wide as the
         # whole row, in pages 1/N as wide, so it takes as many pages.
-        layout = decoder_layout(arch)
+        layout = arch.layout()
         chunks = PageCost.for_shapes(layout.linear_shapes, arch.kv_width).chunks
         self.tables = LoraTables.allocate(
             chunks, arch.num_layers, spec.max_slots, spec.max_lora_rank, self.device
         )
         sampler = Sampler(torch.Generator(device=self.device).manual_seed(spec.seed))
-        slot_tables = SlotTables(
+        page_tables = PageTables(
             spec.max_num_seqs, spec.max_model_len, self.device, scratch_page=self.pool.scratch_page
         )
         self.runner = ModelRunner(
-            self.model, self.pool.layers, sampler, slot_tables, self.tables, lora, None
+            self.model, self.pool.layers, sampler, page_tables, self.tables, lora, None
         )
         self.generators: dict[str, torch.Generator] = {}
         self.adapter_elements = 0

@@ -48,9 +48,9 @@ class HfBase:
 
 
 def layout_of(model_dir: Path) -> BaseModelLayout:
-    from engine.export import base_layout
+    from engine.arch import ModelArch
 
-    return base_layout(model_dir)
+    return ModelArch.load(model_dir).layout()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from adapters.base_layout import BaseModelLayout
+from adapters.catalog import AdapterCatalog
 from adapters.manager import AdapterManager
 from adapters.residency import AdapterResidency
 from engine.kv_cache_manager import KVCacheManager
@@ -35,4 +36,7 @@ def adapter_manager(pool: PagePool, kv_cache_manager: KVCacheManager) -> Adapter
     )
     pool.register(Tenant.ADAPTER, residency)
     residency.spare = kv_cache_manager.prefix
-    return AdapterManager(residency, layout, max_lora_rank=8, max_adapter_pages=pool.num_pages)
+    catalog = AdapterCatalog(
+        residency.cost, residency.max_slots, layout, 8, max_adapter_pages=pool.num_pages
+    )
+    return AdapterManager(residency, catalog)

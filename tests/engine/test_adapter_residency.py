@@ -85,13 +85,13 @@ def test_prefetch_overlaps_with_running_requests(
     slow = engine.adapters.get("slow")
     engine.adapters.host_cache.drop(slow.id)  # as if evicted from host memory
     gate = threading.Event()
-    source = engine.adapters.source
+    source = engine.adapters.catalog.source
 
     def slow_source(path: Path) -> AdapterWeights:
         assert gate.wait(timeout=60)
         return source(path)
 
-    engine.adapters.source = slow_source
+    engine.adapters.catalog.source = slow_source
     long_run = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     engine.add_request([5, 6, 7], long_run, request_id="slow", lora="slow")
     engine.add_request([5, 6, 7], long_run, request_id="fast", lora="fast")

@@ -7,7 +7,6 @@ touch only the scratch page.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from engine import LLMEngine, SamplingParams, sizing
+from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.cuda_graph import (
     CAPTURE_LADDER,
@@ -23,6 +23,7 @@ from engine.cuda_graph import (
     capture_sizes,
     graph_memory_bytes,
 )
+from engine.weight_memory import weight_bytes
 from tests.tiny_models import make_adapter
 
 LADDER_16 = (1, 2, 4, 8, 16)
@@ -69,7 +70,7 @@ def test_graph_memory_grows_with_the_largest_batch_and_the_rank() -> None:
 
 def test_graph_memory_is_set_aside_before_the_pool_is_sized(llama_dir: Path) -> None:
     # A device whose default budget, after the weights and the headroom, is about 60 MiB.
-    weights = sizing.weight_bytes(llama_dir, torch.float32, "none")
+    weights = weight_bytes(llama_dir, torch.float32, "none")
     device_memory = int(((60 << 20) + weights + sizing.GPU_HEADROOM_BYTES) / 0.85)
     budget = int(device_memory * 0.85) - weights - sizing.GPU_HEADROOM_BYTES
     common = {
@@ -82,9 +83,9 @@ def test_graph_memory_is_set_aside_before_the_pool_is_sized(llama_dir: Path) -> 
     graphs = EngineConfig.create(llama_dir, **common)
     eager = EngineConfig.create(llama_dir, enforce_eager=True, **common)
     assert graphs.graphs.mode == "graphs" and eager.graphs.mode == "eager"
-    hf = json.loads((llama_dir / "config.json").read_text())
-    page = sizing.PageGeometry.from_config(hf, torch.float32).page_bytes
-    shape = sizing.graph_shape(hf, torch.float32, 64, graphs.graphs.sizes)
+    arch = ModelArch.load(llama_dir)
+    page = sizing.PageGeometry.of(arch, torch.float32).page_bytes
+    shape = sizing.graph_shape(arch, torch.float32, 64, graphs.graphs.sizes)
     cap = 2 * 256 * 256 * page  # every sequence at full length: the pool never needs more
     set_aside = graph_memory_bytes(shape)
     assert budget - set_aside < cap < budget  # so the set-aside shows in the pool's size
@@ -180,7 +181,7 @@ def test_static_decode_equals_eager_at_every_ladder_size(
         assert graphs.runs[bucket_for(n, LADDER_16), lora] - before == 4, n
     assert eager.runner.graphs is None
     # The padding row still points at the scratch page only, which no request was lent.
-    tables = static.runner.slot_tables
+    tables = static.runner.page_tables
     assert bool((tables.k[tables.pad_row] == static.pool.scratch_page).all())
     assert static.pool.num_free == eager.pool.num_free
 
@@ -217,7 +218,7 @@ def test_static_buffers_hold_the_padded_batch(llama_dir: Path, adapters: dict[st
     assert graphs._static.shape == (7, 16) and graphs._static.dtype == torch.int32
     assert not graphs.captured
     _generate(static, _jobs(3, ["r8-all", None], seed=1), 2)
-    scratch, pad_row = static.pool.scratch_page, static.runner.slot_tables.pad_row
+    scratch, pad_row = static.pool.scratch_page, static.runner.page_tables.pad_row
     assert scratch == static.pool.num_pages and static.pool.layers[0].shape[0] == scratch + 1
     assert graphs.new_k[3] == scratch and graphs.new_v[3] == scratch
     assert graphs.rows[3] == pad_row and graphs.seq_lens[3] == 1 and graphs.adapters[3] == -1

@@ -18,24 +18,21 @@ from typing import Any
 import pytest
 import torch
 
-import engine.llm_engine
+import engine.assembly
 import server.serve
+from adapters.footprint import adapter_pages
 from engine import LLMEngine, SamplingParams
+from engine.arch import ModelArch
 from engine.config import DEMO_DIR, EngineConfig
-from engine.loader import load_config
-from engine.model import ModelArch
 from engine.plan import make_plan
 from engine.sizing import (
     GPU_HEADROOM_BYTES,
     GPU_MEMORY_FRACTION,
-    PageGeometry,
     StartupAdapter,
-    adapter_pages,
-    decoder_layout,
     resident_at_once,
     size_pool,
-    weight_bytes,
 )
+from engine.weight_memory import weight_bytes
 from server.cli import main
 from server.engine_args import engine_config
 from server.engine_core import build_from_spec
@@ -74,9 +71,8 @@ def demo_startup() -> list[tuple[str, Path]]:
 
 
 def layout_and_width(model_dir: Path) -> tuple[Any, int]:
-    hf = json.loads((model_dir / "config.json").read_text())
-    layout = decoder_layout(ModelArch.from_config(load_config(model_dir)))
-    return layout, PageGeometry.from_config(hf, torch.float32).page_width
+    arch = ModelArch.load(model_dir)
+    return arch.layout(), arch.kv_width
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +137,10 @@ def test_the_cpu_default_rises_to_the_floor() -> None:
     """The CPU's 1 GiB is a default, not a limit: a startup adapter larger than that still
     gets a pool holding it beside one full-length request."""
     big = [StartupAdapter("big", 3 << 20)]  # 3 Mi pages of 1 KiB: 3 GiB
-    hf = json.loads((DEMO_MODEL / "config.json").read_text())
     raised = size_pool(
-        model_dir=DEMO_MODEL, hf=hf, dtype=torch.float32, quantization="none",
-        load_format="auto", device_memory=None, graph_mode="eager", graph_sizes=(),
-        max_lora_rank=64, max_model_len=128, max_num_seqs=1, startup_adapters=big,
+        model_dir=DEMO_MODEL, arch=ModelArch.load(DEMO_MODEL), dtype=torch.float32,
+        quantization="none", load_format="auto", device_memory=None, graph_mode="eager",
+        graph_sizes=(), max_lora_rank=64, max_model_len=128, max_num_seqs=1, startup_adapters=big,
     )  # fmt: skip
     assert raised.budget == 1 << 30 and raised.num_pages == raised.floor_pages == 256 + (3 << 20)
 
@@ -180,7 +175,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object, **__: object) -> Any:
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(engine.llm_engine, "load_model", refuse)
+    monkeypatch.setattr(engine.assembly, "load_model", refuse)
     monkeypatch.setattr(server.serve, "LLMEngine", refuse)
     monkeypatch.setattr(server.serve.EngineProcess, "spawn", refuse)
 

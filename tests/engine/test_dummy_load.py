@@ -17,7 +17,7 @@ from engine.loader import load_config, load_model, load_tokenizer
 from engine.model import Backends, CausalLM
 from engine.packed import checkpoint_tensors
 from engine.quantization import NF4Linear, nf4_layer, quantize_nf4
-from engine.sizing import weight_bytes
+from engine.weight_memory import weight_bytes
 from server.engine_args import add_engine_args, engine_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "presets"

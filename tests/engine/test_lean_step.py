@@ -10,7 +10,8 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
-from engine.lora import LORA_BACKENDS, TorchLora
+from engine.lora_backends import LORA_BACKENDS
+from engine.lora_torch import TorchLora
 from engine.outputs import RequestOutput
 from engine.scheduler_output import ChunkResult, SchedulerOutput
 from kernels import lora_expand, lora_layout, lora_shrink

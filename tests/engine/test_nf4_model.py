@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from engine.quantization import QUANT_STATE_KEY, NF4Linear, nf4_from_checkpoint
-from engine.sizing import weight_bytes
+from engine.weight_memory import weight_bytes
 from kernels.nf4 import dequantize_nf4
 from server.cli import main as cli_main
 from server.metrics import ServerMetrics
@@ -228,7 +228,7 @@ def test_quantize_command_writes_what_transformers_loads(
 def test_memory_accounting(nf4_family: Family, caplog: pytest.LogCaptureFixture) -> None:
     quantized = nf4_family.quantized
     plain = LLMEngine(EngineConfig.create(nf4_family.base, dtype="float32", num_pages=64))
-    with caplog.at_level(logging.INFO, logger="engine.llm_engine"):
+    with caplog.at_level(logging.INFO, logger="engine.assembly"):
         nf4 = LLMEngine(EngineConfig.create(quantized, dtype="float32", num_pages=64))
     assert f"room for {nf4.freed_pages} more pages" in caplog.text
     s, p = nf4.stats(), plain.stats()

@@ -74,12 +74,12 @@ def test_kv_cache_gives_each_token_a_k_and_a_v_page() -> None:
     kv = KVCacheManager(pool)
     kv.grow("a", 3)
     kv.grow("b", 2)
-    k, v = kv.slots("a", 0, 3)
+    k, v = kv.token_pages("a", 0, 3)
     assert len(k) == len(v) == 3 and not set(k) & set(v)
     assert kv.pages_needed("a", 5) == 4
     with pytest.raises(OutOfPages):
         kv.grow("a", 5)  # 6 + 4 + 4 > 12
-    assert len(kv.slots("a", 0, 3)[0]) == 3  # a failed grow keeps what the request had
+    assert len(kv.token_pages("a", 0, 3)[0]) == 3  # a failed grow keeps what the request had
     pool.check_integrity()
     kv.free("a")
     kv.free("b")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LLMEngine
+from engine.arch import ModelArch
 from engine.config import DEMO_DIR, EngineConfig
 from engine.cuda_graph import capture_sizes, graph_memory_bytes
 from engine.export import quantize_checkpoint
@@ -123,8 +124,8 @@ def test_7b_plan_is_what_create_computes(plans_7b: dict[str, dict[str, object]])
         pool, weights = plan["pool"], plan["weights"]
         assert isinstance(pool, dict) and isinstance(weights, dict)
         assert pool["num_pages"] == config.cache.num_pages
-        hf = json.loads((PRESET_7B / "config.json").read_text())
-        graphs = graph_memory_bytes(graph_shape(hf, torch.bfloat16, 64, capture_sizes(64)))
+        arch = ModelArch.load(PRESET_7B)
+        graphs = graph_memory_bytes(graph_shape(arch, torch.bfloat16, 64, capture_sizes(64)))
         assert pool["graph_bytes"] == graphs > 0
         budget = int(80 * GIB * 0.85) - weights["bytes"] - GIB - graphs
         assert pool["num_pages"] == budget // page_bytes

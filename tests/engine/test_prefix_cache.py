@@ -115,7 +115,7 @@ def test_insert_of_a_cached_key_returns_none_and_the_request_keeps_its_pages() -
     prefix = kv.prefix
     assert prefix is not None
     assert len(prefix) == 2
-    assert prefix.insert(keys[0], kv.slots("b", 0, 1)[0], (), "") is None
+    assert prefix.insert(keys[0], kv.token_pages("b", 0, 1)[0], (), "") is None
     audit(pool, kv)
     # b's pages were never cached: freeing it returns all 10 of them.
     free = pool.num_free
@@ -185,10 +185,10 @@ def test_shared_pages_are_counted_and_never_freed_under_another_holder() -> None
     assert prefix is not None
     prompt = [5, 6, 7, 8, 9]
     compute(kv, "a", prompt)
-    shared = kv.slots("a", 0, 4)  # the K and V pages of the two cached blocks
+    shared = kv.token_pages("a", 0, 4)  # the K and V pages of the two cached blocks
     assert compute(kv, "b", [*prompt[:4], 30]) == 2 * BLOCK
     assert compute(kv, "c", [*prompt[:4], 31, 32]) == 2 * BLOCK
-    assert kv.slots("b", 0, 4) == kv.slots("c", 0, 4) == shared
+    assert kv.token_pages("b", 0, 4) == kv.token_pages("c", 0, 4) == shared
     audit(pool, kv)  # refcount 4 (cache, a, b, c) on each shared page
     # Three requests and the cache on 8 pages; each request's own pages beside them.
     assert pool.num_free == 48 - (2 * SPAN + 2 + 2 + 2 * 2)
@@ -198,7 +198,7 @@ def test_shared_pages_are_counted_and_never_freed_under_another_holder() -> None
         kv.free(rid)
         audit(pool, kv)
         assert pool.num_free == free + 2  # only its own last token's pages
-        assert kv.slots("c", 0, 4) == shared
+        assert kv.token_pages("c", 0, 4) == shared
     kv.free("c")  # c's third block was cached too: the cache now holds every page left
     audit(pool, kv)
     assert kv.num_cached_pages == 3 * SPAN

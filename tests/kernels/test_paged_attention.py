@@ -33,17 +33,17 @@ class PagedBatch:
 
     q: Tensor  # (num_tokens, num_heads, head_dim)
     pool: Tensor  # (num_pages, num_kv_heads, head_dim)
-    k_slots: Tensor  # int32 (num_seqs, max_slots)
-    v_slots: Tensor  # int32 (num_seqs, max_slots)
+    k_pages: Tensor  # int32 (num_seqs, table_len)
+    v_pages: Tensor  # int32 (num_seqs, table_len)
     cu_seqlens_q: Tensor  # int32 (num_seqs + 1,)
     seq_lens: Tensor  # int32 (num_seqs,)
     scale: float
 
     def prefill_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return self.q, self.pool, self.k_slots, self.v_slots, self.cu_seqlens_q, self.seq_lens
+        return self.q, self.pool, self.k_pages, self.v_pages, self.cu_seqlens_q, self.seq_lens
 
     def decode_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return self.q, self.pool, self.k_slots, self.v_slots, self.seq_lens
+        return self.q, self.pool, self.k_pages, self.v_pages, self.seq_lens
 
 
 def make_batch(
@@ -63,15 +63,15 @@ def make_batch(
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [cached + chunk for cached, chunk in chunks]
     num_pages = 2 * sum(seq_lens) + 7
-    max_slots = max(seq_lens) + 3
-    slots_shape = (len(chunks), max_slots)
-    k_slots = torch.randint(-num_pages, 2 * num_pages, slots_shape, generator=gen)
-    v_slots = torch.randint(-num_pages, 2 * num_pages, slots_shape, generator=gen)
+    table_len = max(seq_lens) + 3
+    table_shape = (len(chunks), table_len)
+    k_pages = torch.randint(-num_pages, 2 * num_pages, table_shape, generator=gen)
+    v_pages = torch.randint(-num_pages, 2 * num_pages, table_shape, generator=gen)
     pages = torch.randperm(num_pages, generator=gen)
     next_page = 0
     for seq, seq_len in enumerate(seq_lens):
         token_pages = pages[next_page : next_page + 2 * seq_len].view(seq_len, 2)
-        k_slots[seq, :seq_len], v_slots[seq, :seq_len] = token_pages[:, 0], token_pages[:, 1]
+        k_pages[seq, :seq_len], v_pages[seq, :seq_len] = token_pages[:, 0], token_pages[:, 1]
         next_page += 2 * seq_len
     chunk_lens = torch.tensor([chunk for _, chunk in chunks])
     cu_seqlens_q = torch.cat([torch.zeros(1, dtype=torch.int64), chunk_lens.cumsum(0)])
@@ -80,8 +80,8 @@ def make_batch(
     return PagedBatch(
         q=q.to(DEVICE, dtype),
         pool=pool.to(DEVICE, dtype),
-        k_slots=k_slots.to(DEVICE, torch.int32),
-        v_slots=v_slots.to(DEVICE, torch.int32),
+        k_pages=k_pages.to(DEVICE, torch.int32),
+        v_pages=v_pages.to(DEVICE, torch.int32),
         cu_seqlens_q=cu_seqlens_q.to(DEVICE, torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         scale=head_dim**-0.5,
@@ -103,7 +103,7 @@ def make_decode_batch(
 def naive_attention(batch: PagedBatch) -> Tensor:
     """The `Semantics:` block, one query token at a time, in float32 on the CPU."""
     q, pool = batch.q.float().cpu(), batch.pool.float().cpu()
-    k_slots, v_slots = batch.k_slots.cpu().long(), batch.v_slots.cpu().long()
+    k_pages, v_pages = batch.k_pages.cpu().long(), batch.v_pages.cpu().long()
     num_heads, num_kv_heads = q.shape[1], pool.shape[1]
     kv_head_of = torch.arange(num_heads) // (num_heads // num_kv_heads)  # (num_heads,)
     q_starts, seq_lens = batch.cu_seqlens_q.tolist(), batch.seq_lens.tolist()
@@ -112,8 +112,8 @@ def naive_attention(batch: PagedBatch) -> Tensor:
         q_len = q_starts[seq + 1] - q_starts[seq]
         for i in range(q_len):
             token, pos = q_starts[seq] + i, seq_len - q_len + i
-            k = pool[k_slots[seq, : pos + 1]][:, kv_head_of]  # (pos + 1, num_heads, head_dim)
-            v = pool[v_slots[seq, : pos + 1]][:, kv_head_of]
+            k = pool[k_pages[seq, : pos + 1]][:, kv_head_of]  # (pos + 1, num_heads, head_dim)
+            v = pool[v_pages[seq, : pos + 1]][:, kv_head_of]
             scores = (k * q[token]).sum(-1) * batch.scale  # (pos + 1, num_heads)
             probs = torch.softmax(scores, dim=0)
             out[token] = (probs[:, :, None] * v).sum(0)
@@ -246,19 +246,19 @@ def test_kernels_low_precision(dtype: torch.dtype, shape: tuple[int, int, int]) 
 
 
 def _strided(batch: PagedBatch) -> PagedBatch:
-    """The same inputs as views: q inside a fused QKV projection, slots inside wider tables."""
+    """The same inputs as views: q inside a fused QKV projection, page tables in wider ones."""
     num_rows, num_heads, head_dim = batch.q.shape
     num_kv_heads = batch.pool.shape[1]
     qkv = torch.zeros(num_rows, num_heads + 2 * num_kv_heads, head_dim, device=DEVICE)
     qkv[:, :num_heads] = batch.q  # (num_rows, q heads | k heads | v heads, head_dim)
-    num_seqs, max_slots = batch.k_slots.shape
-    tables = torch.zeros(2, num_seqs, max_slots + 9, dtype=torch.int32, device=DEVICE)
-    tables[:, :, 4 : 4 + max_slots] = torch.stack([batch.k_slots, batch.v_slots])
+    num_seqs, table_len = batch.k_pages.shape
+    tables = torch.zeros(2, num_seqs, table_len + 9, dtype=torch.int32, device=DEVICE)
+    tables[:, :, 4 : 4 + table_len] = torch.stack([batch.k_pages, batch.v_pages])
     return replace(
         batch,
         q=qkv[:, :num_heads],
-        k_slots=tables[0, :, 4 : 4 + max_slots],
-        v_slots=tables[1, :, 4 : 4 + max_slots],
+        k_pages=tables[0, :, 4 : 4 + table_len],
+        v_pages=tables[1, :, 4 : 4 + table_len],
     )
 
 
@@ -270,7 +270,7 @@ def test_ops_accept_strided_views(use_triton: bool) -> None:
     decode = paged_decode_attention if use_triton else paged_decode_attention_ref
     batch = make_batch(PREFILL_LAYOUTS["three_continued"], 4, 2, 24)
     strided = _strided(batch)
-    assert not strided.q.is_contiguous() and not strided.k_slots.is_contiguous()
+    assert not strided.q.is_contiguous() and not strided.k_pages.is_contiguous()
     out = prefill(*strided.prefill_args(), batch.scale)
     expected = paged_prefill_attention_ref(*batch.prefill_args(), batch.scale)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -300,8 +300,8 @@ def test_kernels_empty_batch() -> None:
     empty = replace(
         batch,
         q=batch.q[:0],
-        k_slots=batch.k_slots[:0],
-        v_slots=batch.v_slots[:0],
+        k_pages=batch.k_pages[:0],
+        v_pages=batch.v_pages[:0],
         cu_seqlens_q=batch.cu_seqlens_q[:1],
         seq_lens=batch.seq_lens[:0],
     )
@@ -313,8 +313,8 @@ def _bad_inputs() -> dict[str, PagedBatch]:
     batch = make_batch([(2, 3), (0, 1)], 4, 2, 24)
     return {
         "pool_dtype": replace(batch, pool=batch.pool.half()),
-        "int64_slots": replace(batch, k_slots=batch.k_slots.long()),
-        "slot_rows": replace(batch, v_slots=batch.v_slots[:1]),
+        "int64_pages": replace(batch, k_pages=batch.k_pages.long()),
+        "page_table_rows": replace(batch, v_pages=batch.v_pages[:1]),
         "seq_lens_length": replace(batch, seq_lens=batch.seq_lens[:1]),
         "seq_lens_dtype": replace(batch, seq_lens=batch.seq_lens.long()),
         "cu_seqlens_length": replace(batch, cu_seqlens_q=batch.cu_seqlens_q[:2]),

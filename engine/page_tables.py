@@ -15,7 +15,7 @@ import torch
 from engine.scheduler_output import ScheduledChunk
 
 
-class SlotTables:
+class PageTables:
     """Per-request K/V page tables on the device, updated incrementally.
 
     Args:

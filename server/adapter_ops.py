@@ -18,12 +18,12 @@ from adapters.atomic_dir import write_directory
 from adapters.compose import ComposeJob, ComposeSpec, mixture_as_adapter
 from adapters.errors import INVALID_MERGE, AdapterError
 from adapters.ia3 import merge_ia3, save_ia3_adapter
-from adapters.manager import MIXABLE_KINDS
 from adapters.merge import MIXTURE, MergeSpec, check_merge, merge_adapters
+from adapters.mixture import MIXABLE_KINDS
 from adapters.peft_writer import save_peft_adapter
 from adapters.weights import IA3, AdapterWeights
+from engine.checkpoint import DTYPES
 from engine.composition import RunBatch, start_composition
-from engine.config import DTYPES
 from engine.export import write_merged
 from engine.llm_engine import LLMEngine
 from server.errors import APIError, from_storage_error

@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
@@ -21,21 +21,23 @@ from starlette.datastructures import Headers
 from engine.llm_engine import LLMEngine
 from engine.loader import load_tokenizer
 from engine.plan import served_plan
-from server.adapter_routes import adapter_router
-from server.admin_routes import admin_router
 from server.auth import KeyAuthMiddleware
-from server.bridge import EngineBridge
 from server.config import ServerConfig
 from server.console_routes import console_router
-from server.engine_client import EngineProcess, ProcessBridge, RemoteEngine
+from server.engine_client import ProcessBridge
 from server.engine_handle import LocalEngine
+from server.engine_process import EngineProcess
+from server.engine_thread import EngineBridge
 from server.errors import APIError, install_error_handlers
 from server.formatting import TokenText
+from server.lora_loading_routes import lora_loading_router
 from server.lora_sources import adapter_cache
+from server.merge_routes import merge_router
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openai_routes import openai_router
 from server.openapi import openapi_spec
-from server.state import ServerState
+from server.remote_engine import RemoteEngine
+from server.state import ServerState, server_state
 from server.status import status_router
 
 
@@ -49,9 +51,12 @@ class _CORSMiddleware(CORSMiddleware):
         return response
 
 
-def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: LLMEngine, config: ServerConfig, on_dead: Callable[[], None] | None = None
+) -> FastAPI:
     """Build the server for a constructed engine (adapters given at startup already loaded),
-    stepped by a thread of this process.
+    stepped by a thread of this process. ``on_dead`` runs (on the event loop) if that thread
+    dies.
 
     The returned app's ``state.server`` holds the :class:`ServerState` (tests and the load
     test reach the bridge through it).
@@ -60,7 +65,7 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         engine.stats, config.max_metric_adapters, config.model_name, config.metrics_compat
     )
     max_pending = engine.config.scheduler.max_num_seqs + config.max_waiting
-    bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics)
+    bridge = EngineBridge(engine, max_pending, config.watchdog_s, metrics, on_dead)
     handle = LocalEngine(engine, bridge)
     text = TokenText(engine.tokenizer)
     plan = served_plan(engine.config)
@@ -80,8 +85,12 @@ def create_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 def build_app(
     state: ServerState, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ) -> FastAPI:
-    """The routes over ``state``; ``lifespan`` starts and stops its bridge."""
-    config, bridge, metrics = state.config, state.bridge, state.metrics
+    """The routes over ``state``; ``lifespan`` starts and stops its bridge.
+
+    The routes reach ``state`` through the app (:func:`server.state.server_state`), so
+    nothing outside the app holds it once the app is gone.
+    """
+    config = state.config
     app = FastAPI(
         title="loraserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -96,37 +105,39 @@ def build_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-
-    @app.get("/health")
-    async def health() -> Response:
-        status = bridge.health()
-        if not status.ok:
-            return APIError(503, "unhealthy", status.reason).response()
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        await state.handle.refresh_stats()
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    app.include_router(openai_router(state))
-    app.include_router(status_router(state))
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/openapi.json", openapi, methods=["GET"])
+    app.include_router(openai_router)
+    app.include_router(status_router)
     if config.console:
-        app.include_router(console_router(config.api_key is not None))
-    if config.lora_routes_enabled:
-        app.include_router(admin_router(state))
-        app.include_router(adapter_router(state))
-
-    described: dict[str, Any] = {}
-
-    @app.get("/openapi.json")
-    async def openapi() -> dict[str, Any]:
-        """The API as this server serves it (``server/openapi.py``), built once."""
-        if not described:
-            described.update(openapi_spec(app, config))
-        return described
-
+        app.include_router(console_router)
+    if config.admin_routes_enabled:
+        app.include_router(lora_loading_router)
+        app.include_router(merge_router)
     return app
+
+
+async def health(request: Request) -> Response:
+    status = server_state(request).bridge.health()
+    if not status.ok:
+        return APIError(503, "unhealthy", status.reason).response()
+    return JSONResponse({"status": "ok"})
+
+
+async def prometheus(request: Request) -> Response:
+    state = server_state(request)
+    await state.handle.refresh_stats()
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def openapi(request: Request) -> dict[str, Any]:
+    """The API as this server serves it (``server/openapi.py``), built once."""
+    app = request.app
+    if getattr(app.state, "openapi", None) is None:
+        app.state.openapi = openapi_spec(app, server_state(request).config)
+    spec: dict[str, Any] = app.state.openapi
+    return spec
 
 
 def create_app_for_process(

@@ -88,7 +88,7 @@ class KeyAuthMiddleware:
 
 def is_admin(config: ServerConfig, headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether a request that passed the key check may use the management routes."""
-    if not config.lora_routes_enabled:
+    if not config.admin_routes_enabled:
         return False
     if config.admin_api_key is None:
         return True

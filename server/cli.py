@@ -27,7 +27,7 @@ import torch
 
 from adapters.errors import AdapterError
 from engine import LLM, SamplingParams
-from engine.config import resolve_dtype
+from engine.checkpoint import resolve_dtype
 from engine.export import merge_checkpoint, quantize_checkpoint
 from server.bench.cli import add_bench_parser
 from server.engine_args import add_engine_args, engine_config

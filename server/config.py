@@ -86,6 +86,8 @@ class ServerConfig:
             raise ValueError("lora_fetch_timeout_s must be > 0")
 
     @property
-    def lora_routes_enabled(self) -> bool:
-        """Whether ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` exist."""
+    def admin_routes_enabled(self) -> bool:
+        """Whether the adapter management routes exist: loading and unloading
+        (:mod:`server.lora_loading_routes`) and merge, compose and export
+        (:mod:`server.merge_routes`)."""
         return self.admin_api_key is not None or self.allow_runtime_lora

@@ -10,12 +10,14 @@ and, with the admin key, the composition jobs and the load and unload routes.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.errors import APIError
+from server.state import server_state
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 _TYPES = {
@@ -36,25 +38,26 @@ _HEADERS = {
 }
 
 
-def console_router(key_required: bool) -> APIRouter:
-    """The console's routes; ``key_required``: the page asks for a key before anything."""
-    router = APIRouter()
-    files = {p.name: p for p in CONSOLE_DIR.iterdir() if p.suffix in _TYPES}
+console_router = APIRouter()
+_FILES = {p.name: p for p in CONSOLE_DIR.iterdir() if p.suffix in _TYPES}
+
+
+@functools.cache
+def _index(key_required: bool) -> bytes:
+    """The page; ``key_required``: it asks for a key before anything."""
     required = b"1" if key_required else b"0"
-    index = files["index.html"].read_bytes().replace(b"{{KEY_REQUIRED}}", required)
+    return _FILES["index.html"].read_bytes().replace(b"{{KEY_REQUIRED}}", required)
 
-    def serve(name: str) -> Response:
-        path = files.get(name)
-        if path is None or name == "index.html":
-            raise APIError(404, "not_found", "no such console file")
-        return Response(path.read_bytes(), media_type=_TYPES[path.suffix], headers=_HEADERS)
 
-    @router.get("/", include_in_schema=False)
-    async def page() -> Response:
-        return Response(index, media_type=_TYPES[".html"], headers=_HEADERS)
+@console_router.get("/", include_in_schema=False)
+async def page(request: Request) -> Response:
+    key_required = server_state(request).config.api_key is not None
+    return Response(_index(key_required), media_type=_TYPES[".html"], headers=_HEADERS)
 
-    @router.get("/console/{name}", include_in_schema=False)
-    async def asset(name: str) -> Response:
-        return serve(name)
 
-    return router
+@console_router.get("/console/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    path = _FILES.get(name)
+    if path is None or name == "index.html":
+        raise APIError(404, "not_found", "no such console file")
+    return Response(path.read_bytes(), media_type=_TYPES[path.suffix], headers=_HEADERS)

@@ -6,15 +6,24 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from engine.config import EngineConfig
+from engine import config as defaults
+from engine.checkpoint import DTYPES, QUANTIZATIONS
+from engine.config import FAIRNESS_KEYS, LOAD_FORMATS, SCHEDULING_POLICIES, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shaped after ``vllm serve``'s: dtype, quantization, load format, limits and the
     pool's size."""
     add_sizing_args(parser)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=defaults.DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        help="the tokens one step computes, prefill chunks and decodes together "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -25,34 +34,35 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size",
         type=_positive,
-        default=16,
+        default=defaults.DEFAULT_BLOCK_SIZE,
         metavar="N",
-        help="tokens per prefix-cache block: what is hashed and reused as one",
+        help="tokens per prefix-cache block: what is hashed and reused as one "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--scheduling-policy",
-        default="fair",
-        choices=["fcfs", "fair", "priority"],
+        default=defaults.DEFAULT_SCHEDULING_POLICY,
+        choices=SCHEDULING_POLICIES,
         help="which waiting request runs next: fair shares between clients (the Virtual "
         "Token Counter), fcfs in arrival order, priority by the request's priority field",
     )
     parser.add_argument(
         "--fairness-key",
-        default="adapter",
-        choices=["adapter", "user"],
+        default=defaults.DEFAULT_FAIRNESS_KEY,
+        choices=FAIRNESS_KEYS,
         help="what the fair policy calls a client: the request's adapter, or its user field",
     )
     parser.add_argument(
         "--fairness-input-weight",
         type=_weight,
-        default=1.0,
+        default=defaults.DEFAULT_INPUT_TOKEN_WEIGHT,
         metavar="W",
         help="what one prompt token costs a client under the fair policy",
     )
     parser.add_argument(
         "--fairness-output-weight",
         type=_weight,
-        default=2.0,
+        default=defaults.DEFAULT_OUTPUT_TOKEN_WEIGHT,
         metavar="W",
         help="what one generated token costs a client under the fair policy",
     )
@@ -60,22 +70,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_sizing_args(parser: argparse.ArgumentParser) -> None:
     """The flags that decide what the engine allocates (``serve`` and ``plan`` share them)."""
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument(
         "--quantization",
         default=None,
-        choices=["none", "nf4"],
+        choices=QUANTIZATIONS,
         help="nf4 quantizes a float checkpoint at load; by default, as the checkpoint is stored",
     )
     parser.add_argument(
         "--load-format",
         default="auto",
-        choices=["auto", "dummy"],
+        choices=LOAD_FORMATS,
         help="dummy: random weights from config.json alone (no checkpoint or tokenizer needed)",
     )
-    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=defaults.DEFAULT_MAX_LORA_RANK,
+        help="adapters of a larger rank are refused (default %(default)s)",
+    )
     parser.add_argument(
         "--tensor-parallel-size",
         "-tp",
@@ -90,8 +103,8 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=None,
         metavar="N",
-        help="the most adapters resident in the page pool at once (default 256, or "
-        "--max-loras if larger)",
+        help="the most adapters resident in the page pool at once (default "
+        f"{defaults.DEFAULT_MAX_RESIDENT_LORAS}, or --max-loras if larger)",
     )
     parser.add_argument(
         "--max-loras",
@@ -101,8 +114,18 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
         help="the most distinct adapters in one batch; requests past it wait for a later "
         "step (default: no cap but --max-resident-loras)",
     )
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=defaults.DEFAULT_MAX_NUM_SEQS,
+        help="the most requests running at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="the longest prompt plus output, in tokens (default: what the model supports)",
+    )
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -125,6 +148,26 @@ def add_sizing_args(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--num-pages", type=int, default=None, help="page pool size in pages")
 
 
+def sizing_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :meth:`EngineConfig.create` that :func:`add_sizing_args`'
+    flags give (``serve`` and ``plan`` pass them alike)."""
+    return {
+        "dtype": args.dtype,
+        "quantization": args.quantization,
+        "load_format": args.load_format,
+        "max_model_len": args.max_model_len,
+        "num_pages": args.num_pages,
+        "pool_memory": args.pool_memory,
+        "max_num_seqs": args.max_num_seqs,
+        "max_lora_rank": args.max_lora_rank,
+        "max_loras": args.max_loras,
+        "max_resident_loras": args.max_resident_loras,
+        "enforce_eager": args.enforce_eager,
+        "cuda_graph_sizes": args.cuda_graph_sizes,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
+
+
 def engine_config(
     args: argparse.Namespace,
     model_dir: str | Path | None,
@@ -137,27 +180,15 @@ def engine_config(
     resident: the pool is sized to hold them (``EngineConfig.create``'s ``lora_modules``)."""
     return EngineConfig.create(
         model_dir,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        pool_memory=args.pool_memory,
-        max_num_seqs=args.max_num_seqs,
+        **sizing_options(args),
         max_num_batched_tokens=args.max_num_batched_tokens,
-        max_lora_rank=args.max_lora_rank,
-        max_loras=args.max_loras,
-        max_resident_loras=args.max_resident_loras,
         scheduling_policy=args.scheduling_policy,
         fairness_key=args.fairness_key,
         input_token_weight=args.fairness_input_weight,
         output_token_weight=args.fairness_output_weight,
-        enforce_eager=args.enforce_eager,
-        cuda_graph_sizes=args.cuda_graph_sizes,
         enable_prefix_caching=args.enable_prefix_caching,
         block_size=args.block_size,
         seed=seed,
-        tensor_parallel_size=args.tensor_parallel_size,
         lora_modules=adapters,
         pinned_lora_modules=pinned,
     )

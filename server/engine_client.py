@@ -1,13 +1,10 @@
-"""The API process's side of the engine process: spawning it, the bridge, the handle.
+"""The API process's side of the engine process's channel: the bridge.
 
-:class:`EngineProcess` starts ``python -m server.engine_core`` (a fresh interpreter, never a
-fork), in a private directory made for its socket, with the token in its environment; it
-connects, authenticates (the token goes through an inherited pipe) and waits for
-:class:`Ready` (a startup error in the engine
-process ends here as a ``ValueError`` with its message). :class:`ProcessBridge` then reads
-the socket on the event loop: each step's outputs go to the request groups as with the
-in-process bridge, replies complete the calls awaiting them. :class:`RemoteEngine` is the
-routes' :class:`~server.engine_handle.EngineHandle` made of calls.
+:class:`ProcessBridge` owns a ready :class:`~server.engine_process.EngineProcess` and reads
+its socket on the event loop: each step's outputs go to the request groups as with the
+in-process bridge, replies complete the calls awaiting them; a call's failure in the engine
+process is raised here again (:func:`raise_remote`). The routes reach it through
+:class:`~server.remote_engine.RemoteEngine`.
 
 When the engine process dies, every wait ends: pending calls and new requests get 503
 ``engine_unavailable``, requests in flight get a final output carrying that error, health
@@ -17,63 +14,34 @@ fails, and ``on_dead`` lets ``loraserve serve`` exit non-zero.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import logging
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from adapters.compose import ComposeSpec
 from adapters.errors import AdapterError
-from adapters.merge import MergeSpec
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from server.adapter_ops import AdapterInfo
 from server.bridge import BridgeBase, Health
-from server.engine_core import ENV_SOCKET, ENV_TOKEN_FD
+from server.engine_process import EngineProcess
 from server.engine_protocol import (
     HEADER_BYTES,
     Abort,
     AddRequests,
     Call,
-    CheckIntegrity,
-    Compose,
-    ComposeStatus,
-    EngineInfo,
-    EngineSpec,
-    Export,
-    FrameDecoder,
-    GetStats,
     Heartbeat,
-    Hello,
-    ListAdapters,
-    ListCompositions,
-    LoadLora,
-    Merge,
     NewRequest,
     ProtocolError,
-    Ready,
-    RegisterMixture,
     RemoteError,
     Reply,
-    StartupFailed,
     StepFailed,
     StepOutputs,
-    UnloadLora,
     decode_to_api,
     decode_value,
     frame,
@@ -87,19 +55,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_CONNECT_S = 120.0  # for the engine process to start listening (imports torch first)
-_CLOSE_S = 10.0  # for the engine process to exit once its socket is closed
 QUICK_CALL_S = 30.0  # calls answered between two steps
 SLOW_CALL_S = 1800.0  # loads, merges and exports (worker threads of the engine process)
-
-
-# Zeros (a pool of one page, so that ratios are defined), until the engine answers.
-_REQUIRED_STATS: dict[str, Any] = {
-    f.name: 0
-    for f in dataclasses.fields(EngineStats)
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-}
-_EMPTY_STATS = EngineStats(**_REQUIRED_STATS | {"num_pages": 1})
 
 
 class EngineCallError(RuntimeError):
@@ -115,137 +72,6 @@ def raise_remote(error: RemoteError) -> None:
     if error.kind == "value":
         raise ValueError(error.message)
     raise EngineCallError(error.message)
-
-
-class EngineProcess:
-    """A started, authenticated and ready engine process, and its connection.
-
-    Use :meth:`spawn`; :meth:`close` ends the process (closing the socket ends it; past
-    ``_CLOSE_S`` it is killed) and removes the private directory.
-    """
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        sock: socket.socket,
-        directory: Path,
-        info: EngineInfo,
-    ) -> None:
-        self.proc = proc
-        self.sock = sock
-        self.directory = directory
-        self.info = info
-
-    @classmethod
-    def spawn(cls, spec: EngineSpec, startup_timeout_s: float = 1800.0) -> EngineProcess:
-        """Start the engine process and wait until its engine is built.
-
-        Raises:
-            ValueError: the engine process could not build the engine (its message), or it
-                exited or timed out while starting.
-        """
-        directory = Path(tempfile.mkdtemp(prefix="loraserve-engine-"))  # 0700
-        path = directory / "engine.sock"
-        token = secrets.token_urlsafe(32)
-        token_r, token_w = os.pipe()
-        env = dict(os.environ)
-        env[ENV_SOCKET] = str(path)
-        env[ENV_TOKEN_FD] = str(token_r)
-        root = str(Path(__file__).resolve().parents[1])  # this checkout, importable
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "server.engine_core"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(token_r,),
-            )
-        except BaseException:
-            os.close(token_w)
-            raise
-        finally:
-            os.close(token_r)
-        with os.fdopen(token_w, "w") as pipe:  # a token fits the pipe's buffer
-            pipe.write(token)
-        deadline = time.monotonic() + startup_timeout_s
-        try:
-            sock = _connect(path, proc, min(deadline, time.monotonic() + _CONNECT_S))
-            try:
-                sock.sendall(frame(Hello(token, spec)))
-                info = _await_ready(sock, proc, deadline)
-            except BaseException:
-                sock.close()
-                raise
-        except BaseException:
-            _end(proc, 5.0)  # it exits by itself after a startup error
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        logger.info("engine process %d is ready", proc.pid)
-        return cls(proc, sock, directory, info)
-
-    def close(self, timeout: float = _CLOSE_S) -> int | None:
-        """Close the connection, wait for the process (kill it past ``timeout``); returns
-        its exit code."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        code = _end(self.proc, timeout)
-        shutil.rmtree(self.directory, ignore_errors=True)
-        return code
-
-
-def _end(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        logger.warning("engine process %d did not exit; killing it", proc.pid)
-        proc.kill()
-        try:
-            return proc.wait(10)
-        except subprocess.TimeoutExpired:
-            return None
-
-
-def _connect(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> socket.socket:
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise ValueError(f"the engine process exited with code {code} while starting")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-        if time.monotonic() > deadline:
-            raise ValueError("the engine process did not start listening in time")
-        time.sleep(0.05)
-
-
-def _await_ready(sock: socket.socket, proc: subprocess.Popen[bytes], deadline: float) -> EngineInfo:
-    decoder = FrameDecoder()
-    sock.settimeout(0.5)
-    while True:
-        try:
-            data = sock.recv(1 << 16)
-        except TimeoutError:
-            if proc.poll() is not None:
-                raise ValueError(
-                    f"the engine process exited with code {proc.returncode} while starting"
-                ) from None
-            if time.monotonic() > deadline:
-                raise ValueError("the engine process did not become ready in time") from None
-            continue
-        if not data:
-            code = _end(proc, 5.0)
-            raise ValueError(f"the engine process exited with code {code} while starting")
-        for payload in decoder.feed(data):
-            message = decode_to_api(payload)
-            if isinstance(message, StartupFailed):
-                raise ValueError(message.message)
-            if not isinstance(message, Ready):
-                raise ProtocolError(f"unexpected {type(message).__name__} before Ready")
-            sock.settimeout(None)
-            return message.info
 
 
 class ProcessBridge(BridgeBase):
@@ -414,13 +240,6 @@ class ProcessBridge(BridgeBase):
             raise_remote(reply.error)
         return decode_value(reply.result, result)
 
-    def submit_call(
-        self, make: Callable[[int], Call], result: type[T], timeout: float = QUICK_CALL_S
-    ) -> concurrent.futures.Future[T]:
-        """:meth:`call` from any thread but the event loop's (tests)."""
-        assert self._loop is not None, "the bridge has not started"
-        return asyncio.run_coroutine_threadsafe(self.call(make, result, timeout), self._loop)
-
     # -- requests (event loop) ------------------------------------------------------------
 
     async def submit_async(
@@ -487,86 +306,3 @@ class ProcessBridge(BridgeBase):
         if request_ids and self._dead is None and not self._stopping:
             with contextlib.suppress(APIError):
                 self._write(Abort(request_ids))
-
-
-class RemoteEngine:
-    """:class:`~server.engine_handle.EngineHandle` over the engine process."""
-
-    def __init__(
-        self, bridge: ProcessBridge, info: EngineInfo, tokenizer: PreTrainedTokenizerBase
-    ) -> None:
-        self.bridge = bridge
-        self.info = info
-        self._tokenizer = tokenizer
-        self._stats: EngineStats | None = None
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.info.max_model_len
-
-    @property
-    def scheduling_policy(self) -> str:
-        return self.info.scheduling_policy
-
-    def stats(self) -> EngineStats:
-        if self._stats is None:  # before the first answer (refreshed at startup)
-            return _EMPTY_STATS
-        return self._stats
-
-    async def refresh_stats(self) -> None:
-        with contextlib.suppress(APIError):  # a dead engine: its last numbers
-            self._stats = await self.bridge.call(GetStats, EngineStats, QUICK_CALL_S)
-
-    async def check_integrity(self) -> None:
-        await self.bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
-
-    async def adapters(self) -> dict[str, AdapterInfo]:
-        return await self.bridge.call(ListAdapters, dict[str, AdapterInfo], QUICK_CALL_S)  # type: ignore[arg-type]
-
-    async def load_lora(self, name: str, path: Path, replace: bool, pinned: bool = False) -> int:
-        make = lambda cid: LoadLora(cid, name, str(path), replace, pinned)  # noqa: E731
-        return await self.bridge.call(make, int, SLOW_CALL_S)
-
-    async def unload_lora(self, name: str) -> None:
-        await self.bridge.call(lambda cid: UnloadLora(cid, name), type(None), QUICK_CALL_S)
-
-    async def register_mixture(
-        self, name: str, components: list[tuple[str, float]], replace: bool = False
-    ) -> None:
-        make = lambda cid: RegisterMixture(cid, name, components, replace)  # noqa: E731
-        await self.bridge.call(make, type(None), QUICK_CALL_S)
-
-    async def merge(self, name: str, spec: MergeSpec, save_to: Path | None) -> int:
-        save = None if save_to is None else str(save_to)
-        return await self.bridge.call(lambda cid: Merge(cid, name, spec, save), int, SLOW_CALL_S)
-
-    async def compose(
-        self,
-        spec: ComposeSpec,
-        default_candidates: bool,
-        save_dir: Path | None,
-        max_candidates: int,
-        max_steps: int,
-        max_jobs: int,
-    ) -> dict[str, Any]:
-        save = None if save_dir is None else str(save_dir)
-
-        def make(cid: int) -> Compose:
-            return Compose(cid, spec, default_candidates, save, max_candidates, max_steps, max_jobs)
-
-        return await self.bridge.call(make, dict[str, Any], QUICK_CALL_S)  # type: ignore[arg-type]
-
-    async def compose_status(self, job_id: str) -> dict[str, Any] | None:
-        make = lambda cid: ComposeStatus(cid, job_id)  # noqa: E731
-        return await self.bridge.call(make, dict[str, Any] | None, QUICK_CALL_S)  # type: ignore[arg-type]
-
-    async def compositions(self) -> list[dict[str, Any]]:
-        return await self.bridge.call(ListCompositions, list[dict[str, Any]], QUICK_CALL_S)
-
-    async def export(self, name: str, out: Path, dtype: str, quantization: str) -> None:
-        make = lambda cid: Export(cid, name, str(out), dtype, quantization)  # noqa: E731
-        await self.bridge.call(make, type(None), SLOW_CALL_S)

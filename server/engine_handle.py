@@ -2,7 +2,7 @@
 
 :class:`EngineHandle` is the interface; :class:`LocalEngine` serves it from an in-process
 :class:`~engine.LLMEngine` (slow work in worker threads, compositions scoring through the
-bridge), :class:`server.engine_client.RemoteEngine` by calls to the engine process. Both
+bridge), :class:`server.remote_engine.RemoteEngine` by calls to the engine process. Both
 raise the same exceptions (``AdapterError``, ``ValueError``, :class:`APIError`), so the
 routes map them onto the same responses.
 """

@@ -1,8 +1,8 @@
 """The OpenAI routes: ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``.
 
-Each generation route validates its body completely (the models in :mod:`server.protocol`),
-queues one engine request per choice through the bridge (all or none), then either streams
-the outputs or collects them into one response.
+Each generation route validates its body completely (the models in
+:mod:`server.request_models`), queues one engine request per choice through the bridge (all
+or none), then either streams the outputs or collects them into one response.
 """
 
 from __future__ import annotations
@@ -21,77 +21,81 @@ from server.body import read_body
 from server.errors import APIError, from_adapter_error, from_engine_value_error
 from server.formatting import ChatRenderer, CompletionRenderer, Renderer
 from server.generation import EventStream, Generation
-from server.protocol import (
+from server.request_models import (
     ChatCompletionRequest,
     CompletionRequest,
     Prompt,
     SamplingFields,
     parse_body,
 )
-from server.state import ServerState
+from server.state import ServerState, server_state
 
 _INLINE_TOKENIZE_CHARS = 4096  # longer prompts are tokenized off the event loop
 
 
-def openai_router(state: ServerState) -> APIRouter:
-    router = APIRouter()
+openai_router = APIRouter()
+
+
+@openai_router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    state = server_state(request)
     config = state.config
+    body = parse_body(await read_body(request, config.max_request_bytes), CompletionRequest)
+    body.check()
+    prompts = body.prompts()
+    _check_choices(len(prompts) * body.n, config.max_choices)
+    ids = await _tokenize(state, prompts)
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    jobs = [
+        (p, body.sampling_params(max_tokens, i, body.logprobs, prompt_logprobs))
+        for p in ids
+        for i in range(body.n)
+    ]
+    renderer = CompletionRenderer(body.model, state.token_text, body.logprobs is not None)
+    echo = [_prompt_text(state, p) for p in prompts] if body.echo else None
+    return await _generate(request, state, body, jobs, renderer, "prompt", echo)
 
-    @router.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, config.max_request_bytes), CompletionRequest)
-        body.check()
-        prompts = body.prompts()
-        _check_choices(len(prompts) * body.n, config.max_choices)
-        ids = await _tokenize(state, prompts)
-        max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-        jobs = [
-            (p, body.sampling_params(max_tokens, i, body.logprobs, prompt_logprobs))
-            for p in ids
-            for i in range(body.n)
-        ]
-        renderer = CompletionRenderer(body.model, state.token_text, body.logprobs is not None)
-        echo = [_prompt_text(state, p) for p in prompts] if body.echo else None
-        return await _generate(request, state, body, jobs, renderer, "prompt", echo)
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, config.max_request_bytes), ChatCompletionRequest)
-        body.check()
-        _check_choices(body.n, config.max_choices)
-        ids = _render_chat(state, body)
-        max_tokens = body.max_new_tokens
-        if max_tokens is None:  # fill the context, as the OpenAI API does
-            info = (await state.handle.adapters()).get(body.model)
-            virtual = 0 if info is None else info.num_virtual_tokens  # prompt/prefix tuning
-            max_tokens = state.handle.max_model_len - virtual - len(ids)
-            if max_tokens < 1:
-                beside = f" beside the adapter's {virtual} virtual tokens" if virtual else ""
-                raise APIError(
-                    400,
-                    "context_length_exceeded",
-                    f"the messages ({len(ids)} tokens){beside} fill the context length",
-                    "messages",
-                )
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = [(ids, body.sampling_params(max_tokens, i, top, None)) for i in range(body.n)]
-        renderer = ChatRenderer(body.model, state.token_text, body.logprobs)
-        return await _generate(request, state, body, jobs, renderer, "messages", None)
+@openai_router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = server_state(request)
+    config = state.config
+    body = parse_body(await read_body(request, config.max_request_bytes), ChatCompletionRequest)
+    body.check()
+    _check_choices(body.n, config.max_choices)
+    ids = _render_chat(state, body)
+    max_tokens = body.max_new_tokens
+    if max_tokens is None:  # fill the context, as the OpenAI API does
+        info = (await state.handle.adapters()).get(body.model)
+        virtual = 0 if info is None else info.num_virtual_tokens  # prompt/prefix tuning
+        max_tokens = state.handle.max_model_len - virtual - len(ids)
+        if max_tokens < 1:
+            beside = f" beside the adapter's {virtual} virtual tokens" if virtual else ""
+            raise APIError(
+                400,
+                "context_length_exceeded",
+                f"the messages ({len(ids)} tokens){beside} fill the context length",
+                "messages",
+            )
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = [(ids, body.sampling_params(max_tokens, i, top, None)) for i in range(body.n)]
+    renderer = ChatRenderer(body.model, state.token_text, body.logprobs)
+    return await _generate(request, state, body, jobs, renderer, "messages", None)
 
-    @router.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        """The base (``parent: null``) and every adapter, with the version it serves,
-        whether it is pinned, and (prompt and prefix tuning) the virtual tokens each of its
-        requests takes of the context."""
-        adapters = {
-            name: {"version": info.version, "pinned": info.pinned, "kind": info.kind}
-            | ({"num_virtual_tokens": info.num_virtual_tokens} if info.num_virtual_tokens else {})
-            for name, info in (await state.handle.adapters()).items()
-        }
-        return model_list(config.model_name, state.handle.max_model_len, adapters)
 
-    return router
+@openai_router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    """The base (``parent: null``) and every adapter, with the version it serves,
+    whether it is pinned, and (prompt and prefix tuning) the virtual tokens each of its
+    requests takes of the context."""
+    state = server_state(request)
+    adapters = {
+        name: {"version": info.version, "pinned": info.pinned, "kind": info.kind}
+        | ({"num_virtual_tokens": info.num_virtual_tokens} if info.num_virtual_tokens else {})
+        for name, info in (await state.handle.adapters()).items()
+    }
+    return model_list(state.config.model_name, state.handle.max_model_len, adapters)
 
 
 def model_list(

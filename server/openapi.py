@@ -1,8 +1,8 @@
 """The published description of the API: ``GET /openapi.json``, OpenAPI 3.1.
 
 Request bodies are described by the same pydantic models that validate them
-(``server/protocol.py``), so the spec says exactly what the server accepts: strict types,
-bounds, the vLLM extensions. Every operation documents the OpenAI error envelope for its
+(``server/request_models.py``), so the spec says exactly what the server accepts: strict
+types, bounds, the vLLM extensions. Every operation documents the OpenAI error envelope for its
 4xx and 5xx answers, and a success body whose required fields are the ones clients read.
 Only the routes this server serves are listed: the adapter routes with runtime loading on,
 the key scheme with a key set. ``tests/server/test_openapi.py`` checks that every route is
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from server.config import ServerConfig
-from server.protocol import (
+from server.request_models import (
     ChatCompletionRequest,
     CompletionRequest,
     ComposeRequest,

@@ -23,7 +23,7 @@ import torch
 
 from adapters.base_layout import LINEAR_TARGETS
 from engine.plan import Plan, adapter_dirs_under, make_plan, parse_size
-from server.engine_args import add_sizing_args
+from server.engine_args import add_sizing_args, sizing_options
 from server.serve_args import add_startup_adapter_args, lora_modules, pinned_modules
 
 
@@ -42,19 +42,7 @@ def _plan(args: argparse.Namespace) -> int:
         ranks=args.ranks,
         targets=args.targets,
         adapter_dirs=adapter_dirs_under(Path(args.adapters)) if args.adapters else (),
-        dtype=args.dtype,
-        quantization=args.quantization,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        pool_memory=args.pool_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_lora_rank=args.max_lora_rank,
-        max_resident_loras=args.max_resident_loras,
-        max_loras=args.max_loras,
-        enforce_eager=args.enforce_eager,
-        cuda_graph_sizes=args.cuda_graph_sizes,
-        tensor_parallel_size=args.tensor_parallel_size,
+        **sizing_options(args),
         lora_modules=startup,
         pinned_lora_modules=pinned_modules(args, startup),
     )

@@ -28,8 +28,8 @@ from server.config import ServerConfig
 from server.errors import APIError
 from server.lora_sources import adapter_cache, resolve_lora
 from server.openai_routes import model_list
-from server.protocol import LoadLoraRequest, UnloadLoraRequest, parse_body
 from server.ray_replica import CatalogEntry, Forwarded, Start
+from server.request_models import LoadLoraRequest, UnloadLoraRequest, parse_body
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LoraServeIngress:
         return model_list(self.config.model_name, self.max_model_len, adapters)
 
     async def _load(self, request: Request) -> Response:
-        if not self.config.lora_routes_enabled:
+        if not self.config.admin_routes_enabled:
             raise APIError(404, "not_found", "no such route")
         require_admin(self.config, request.headers.raw)
         body = parse_body(await read_body(request, self.config.max_request_bytes), LoadLoraRequest)
@@ -133,7 +133,7 @@ class LoraServeIngress:
         )
 
     async def _unload(self, request: Request) -> Response:
-        if not self.config.lora_routes_enabled:
+        if not self.config.admin_routes_enabled:
             raise APIError(404, "not_found", "no such route")
         require_admin(self.config, request.headers.raw)
         raw = await read_body(request, self.config.max_request_bytes)

@@ -92,7 +92,7 @@ class LoraServeReplica:
     async def __init__(self, args: argparse.Namespace, max_adapters: int) -> None:  # type: ignore[misc]
         # Imported here: the app pulls in torch and the engine, which only replicas need.
         from server.app import create_app, create_app_for_process
-        from server.engine_client import EngineProcess
+        from server.engine_process import EngineProcess
         from server.serve import build_engine, engine_spec, server_config
 
         config = server_config(args)

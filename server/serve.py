@@ -12,9 +12,9 @@ then aborts the rest (``finish_reason: "abort"``).
 
 The engine runs in its own process (:mod:`server.engine_core`; this one keeps HTTP,
 tokenization and streaming), so that the event loop and the engine do not share a GIL;
-``--engine-in-process`` steps it in a thread of this process instead. If the engine process
-dies, the server answers 503 for ``--engine-failure-exit-delay`` seconds (so that health
-checks see it), then exits with status 1 for its supervisor to restart it.
+``--engine-in-process`` steps it in a thread of this process instead. If the engine dies (its
+process, or its thread), the server answers 503 for ``--engine-failure-exit-delay`` seconds
+(so that health checks see it), then exits with status 1 for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from server.app import create_app, create_app_for_process
 from server.bridge import BridgeBase
 from server.config import ServerConfig
 from server.engine_args import add_engine_args, engine_config
-from server.engine_client import EngineProcess, ProcessBridge
+from server.engine_process import EngineProcess
 from server.engine_protocol import EngineSpec
 
 # The startup adapters and their pins are read by serve_args (no HTTP stack there, so that
@@ -157,7 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def on_engine_death() -> None:
         delay = args.engine_failure_exit_delay
-        logger.error("the engine process died; exiting in %.0f s", delay)
+        logger.error("the engine died; exiting in %.0f s", delay)
         asyncio.get_running_loop().call_later(delay, lambda: setattr(server, "should_exit", True))
 
     if args.num_pages is not None or args.pool_memory is not None:
@@ -167,7 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine_config(args, args.model_dir, args.seed, adapters, pinned)
     if args.engine_in_process:
         engine = build_engine(args, adapters, pinned)
-        app = create_app(engine, config)
+        app = create_app(engine, config, on_engine_death)
         names = engine.adapters.registry.names()
     else:
         spec = engine_spec(args, adapters, pinned)
@@ -207,6 +207,4 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if process is not None and process.proc.poll() is None:
             process.close()  # the app never started (a port in use), so never ended it
-    if isinstance(bridge, ProcessBridge) and bridge.dead:
-        return 1
-    return 0
+    return 1 if bridge.dead else 0

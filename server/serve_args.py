@@ -203,5 +203,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--engine-failure-exit-delay",
         type=float,
         default=5.0,
-        help="seconds of 503s after the engine process dies, before exiting with status 1",
+        help="seconds of 503s after the engine (its process or, in process, its thread) dies, "
+        "before exiting with status 1",
     )

@@ -21,25 +21,24 @@ from engine.outputs import AdapterStatus, EngineStats
 from engine.sizing import tokens_beside
 from server.auth import is_admin
 from server.metrics import AdapterTiming
-from server.state import ServerState
+from server.state import server_state
 
 OTHERS = "(others)"
 
 
-def status_router(state: ServerState) -> APIRouter:
-    router = APIRouter()
+status_router = APIRouter()
 
-    @router.get("/v1/status")
-    async def status(request: Request) -> dict[str, Any]:
-        await state.handle.refresh_stats()
-        stats = state.handle.stats()
-        timings = state.metrics.adapter_timings()
-        body = build_status(stats, timings, state.config.model_name, state.metrics.own_label)
-        body["plan"] = state.plan
-        body["access"] = {"admin": is_admin(state.config, request.headers.raw)}
-        return body
 
-    return router
+@status_router.get("/v1/status")
+async def status(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    await state.handle.refresh_stats()
+    stats = state.handle.stats()
+    timings = state.metrics.adapter_timings()
+    body = build_status(stats, timings, state.config.model_name, state.metrics.own_label)
+    body["plan"] = state.plan
+    body["access"] = {"admin": is_admin(state.config, request.headers.raw)}
+    return body
 
 
 def build_status(

@@ -30,7 +30,7 @@ def test_demo_defaults() -> None:
     assert config.model_name == DEMO_MODEL_NAME
     assert config.adapter_roots == (DEMO_DIR / "adapters",)
     assert config.api_key is None and config.admin_api_key is None
-    assert not config.lora_routes_enabled and config.cors_origins == ()
+    assert not config.admin_routes_enabled and config.cors_origins == ()
 
 
 def test_access_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
@@ -42,11 +42,11 @@ def test_access_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None
     config = server_config(args)
     assert config.model_name == "model_dir"
     assert config.api_key == "from-env" and config.admin_api_key == "adm"
-    assert config.lora_routes_enabled
+    assert config.admin_routes_enabled
     assert [str(r) for r in config.adapter_roots] == ["/a", "/b"]
     assert config.cors_origins == ("https://x.example",)
     assert args.lora_modules == ["a=/p", "b=/q"]
-    assert server_config(parse("--enable-runtime-lora-loading")).lora_routes_enabled
+    assert server_config(parse("--enable-runtime-lora-loading")).admin_routes_enabled
     assert server_config(parse("--max-metric-adapters", "5")).max_metric_adapters == 5
     assert server_config(parse()).console and not server_config(parse("--disable-console")).console
 

@@ -30,7 +30,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats
 from engine.sampling_params import SamplingParams
 from server.adapter_ops import AdapterInfo
-from server.engine_core import EngineCore, EngineSocketServer
+from server.engine_loop import EngineCore
 from server.engine_protocol import (
     Abort,
     AddRequests,
@@ -49,6 +49,7 @@ from server.engine_protocol import (
     decode_value,
     frame,
 )
+from server.engine_socket import EngineSocketServer
 from server.errors import from_engine_value_error
 from tests.server.conftest import (
     BASE,

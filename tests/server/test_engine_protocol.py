@@ -24,7 +24,7 @@ from engine.outputs import (
     TokenLogprob,
 )
 from engine.sampling_params import SamplingParams
-from server.engine_core import EngineCore
+from server.engine_loop import EngineCore
 from server.engine_protocol import (
     HEADER,
     HEADER_BYTES,

@@ -9,7 +9,7 @@ read, a step that keeps raising, the pool filled with pins, and a full disk unde
 an export. (The engine process killed outright: tests/server/test_engine_process.py.)
 
 In the engine-process form the real API side (:class:`~server.engine_client.ProcessBridge`)
-talks over a socket pair to the real engine side (:class:`~server.engine_core.EngineCore`),
+talks over a socket pair to the real engine side (:class:`~server.engine_loop.EngineCore`),
 whose loop runs in a thread of this process where a subprocess would run it: the tests reach
 into its engine (evict an adapter, slow a read, break a step, fill the disk) with no hook in
 the package. Counts are asserted, never durations; every wait is bounded.
@@ -17,6 +17,7 @@ the package. Counts are asserted, never durations; every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -40,11 +41,13 @@ from adapters import peft_writer
 from engine import export as model_export
 from engine.llm_engine import LLMEngine
 from server.app import create_app, create_app_for_process
-from server.bridge import EngineBridge
 from server.config import ServerConfig
-from server.engine_client import EngineProcess, ProcessBridge
-from server.engine_core import _MAX_STEP_FAILURES, EngineCore, engine_info
+from server.engine_client import QUICK_CALL_S, ProcessBridge
+from server.engine_core import engine_info
+from server.engine_loop import _MAX_STEP_FAILURES, EngineCore
+from server.engine_process import EngineProcess
 from server.engine_protocol import CheckIntegrity
+from server.engine_thread import EngineBridge
 from server.errors import from_storage_error
 from server.state import ServerState
 from tests.server.conftest import (
@@ -140,7 +143,9 @@ class Live:
             check()
 
         engine.check_integrity = fn_then_check  # type: ignore[method-assign]
-        bridge.submit_call(CheckIntegrity, type(None)).result(10)
+        assert bridge._loop is not None, "the bridge has not started"
+        call = bridge.call(CheckIntegrity, type(None), QUICK_CALL_S)
+        asyncio.run_coroutine_threadsafe(call, bridge._loop).result(10)
         return result[0]
 
     def wait_idle(self) -> None:
@@ -257,13 +262,13 @@ def test_damaged_files_fail_only_that_adapters_requests(
         weights = (path / WEIGHTS).read_bytes()
         (path / WEIGHTS).write_bytes(weights[: len(weights) // 2])
     live.on_engine(lambda: evict(live.engine, name))
-    read, reads = manager.source, []
+    read, reads = manager.catalog.source, []
 
     def counted_read(where: Path) -> Any:
         reads.append(where.name)
         return read(where)
 
-    monkeypatch.setattr(manager, "source", counted_read)
+    monkeypatch.setattr(manager.catalog, "source", counted_read)
     with live.http() as http:
         body = {"model": name, "prompt": "twice=", "temperature": 0}
         for _ in range(2):
@@ -299,7 +304,7 @@ def test_a_slow_adapter_read_holds_up_only_its_requests(
         assert load(live, name, name).status_code == 200
     entry = manager.get("sluggish")
     live.on_engine(lambda: [evict(live.engine, name) for name in ("sluggish", "brisk")])
-    read, entered, release = manager.source, threading.Event(), threading.Event()
+    read, entered, release = manager.catalog.source, threading.Event(), threading.Event()
     reads: list[Path] = []
 
     def slow_read(path: Path) -> Any:
@@ -309,7 +314,7 @@ def test_a_slow_adapter_read_holds_up_only_its_requests(
             assert release.wait(30)
         return read(path)
 
-    monkeypatch.setattr(manager, "source", slow_read)
+    monkeypatch.setattr(manager.catalog, "source", slow_read)
     loads, steps = manager.prefetcher.stats.loads, live.engine.num_steps
     client = live.openai()
     try:

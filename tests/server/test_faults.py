@@ -3,6 +3,7 @@ queue, adapters that do not fit together, failing and stuck steps, and draining.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import subprocess
@@ -19,8 +20,10 @@ import httpx
 import openai
 import pytest
 
-from server.bridge import _MAX_STEP_FAILURES
+import server.serve
+from server.cli import main
 from server.config import ServerConfig
+from server.engine_thread import _MAX_STEP_FAILURES
 from tests.server.conftest import (
     BASE,
     WORDS,
@@ -253,9 +256,36 @@ def test_an_engine_that_cannot_recover_turns_health_503() -> None:
             assert_error(http.post("/v1/completions", json=body), 503, "engine_unavailable")
         assert len(attempts) == _MAX_STEP_FAILURES
         assert served.state.bridge.num_pending == 0
+        assert served.state.bridge.dead  # so `loraserve serve` exits 1, as with a process
     finally:
         served.stop()
     assert len(attempts) == _MAX_STEP_FAILURES
+
+
+def test_loraserve_serve_in_process_exits_1_when_its_engine_dies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--engine-in-process``: an engine thread that dies ends ``loraserve serve`` with
+    status 1, as a dead engine process does (a supervisor restarts it)."""
+    real_build = server.serve.build_engine
+
+    def broken_build(*args: Any, **kwargs: Any) -> Any:
+        engine = real_build(*args, **kwargs)
+
+        def broken_step() -> Any:
+            raise ZeroDivisionError("injected")
+
+        engine.step = broken_step
+        engine.has_unfinished = lambda: True  # step at once, no request needed
+        return engine
+
+    monkeypatch.setattr(server.serve, "build_engine", broken_build)
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # the test process's heap stays collectable
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flags = ["--engine-in-process", "--engine-failure-exit-delay", "0", "--port", str(port)]
+    assert main(["serve", *flags, "--max-num-seqs", "4", "--no-access-log"]) == 1
 
 
 def test_drain_stops_admitting_then_aborts_the_rest() -> None:

@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from server.config import ServerConfig
 from server.openapi import OPERATIONS, ErrorResponse, served_routes
-from server.protocol import CompletionRequest, LoadLoraRequest
+from server.request_models import CompletionRequest, LoadLoraRequest
 from tests.server.conftest import BASE, Served, assert_error, assert_good, make_engine, serve
 from tests.server.live_server import ServeProcess, loraserve
 

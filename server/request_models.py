@@ -2,7 +2,8 @@
 
 Models are strict (no "5" for 5, no 1.0 for an int) and ignore unknown fields, as the OpenAI
 API does. Field errors become a 400 whose ``param`` names the field; cross-field rules are
-checked by each model's ``check()``, which raises :class:`APIError` itself.
+checked by each model's ``check()``, which raises :class:`APIError` itself. (The messages
+between the API process and the engine process are :mod:`server.engine_protocol`'s.)
 """
 
 from __future__ import annotations

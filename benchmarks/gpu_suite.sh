@@ -18,14 +18,16 @@
 #                   bf16 and NF4; decode step graphs vs eager, base vs LoRA; NF4 vs bf16 at
 #                   batch 1)
 #   sweep-bf16      loraserve bench sweep, bf16 base, n in SWEEP_ADAPTERS, decode graphs on
+#                   (SMOKE: python benchmarks/sweep_baselines.py, the PEFT server beside it)
 #   sweep-bf16-eager  the same with --enforce-eager (not in SMOKE runs: the CPU is eager anyway)
 #   sweep-nf4       loraserve bench sweep, NF4 base, n in SWEEP_ADAPTERS, graphs on
 #   tp-collectives  only with 2 or more GPUs visible: benchmarks/tp_collectives.py over NCCL
 #   sweep-tp        only with 2 or more GPUs visible: sweep-bf16's loraserve run split across
 #                   TP (default: every visible GPU, at most 8) devices, --enforce-eager (a split
 #                   model steps eagerly)
-#   sweep-baselines only when BASELINES is set: the HF baselines at n in
-#                   BASELINE_ADAPTERS. They run transformers generate on the 7B model and load
+#   sweep-baselines only when BASELINES is set: python benchmarks/sweep_baselines.py, the HF
+#                   baselines beside loraserve at n in BASELINE_ADAPTERS. They run
+#                   transformers generate on the 7B model and load
 #                   every adapter into PEFT, so they do not fit the 9 minutes beside the rest.
 #                   (SMOKE runs the PEFT server inside sweep-bf16 instead, and sweep-nf4 at n=2.)
 #
@@ -138,18 +140,23 @@ step graphs "$T_GRAPHS" "$PY" benchmarks/decode_graphs.py --out "$OUT/graphs" "$
 if [[ "$SKIP_SWEEP" == 1 ]]; then
   echo "== sweeps skipped (SKIP_SWEEP=1)"
 else
-  step sweep-bf16 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-    --adapters "$SWEEP_ADAPTERS" --baselines "$BF16_BASELINES" --distinct-adapters "$DISTINCT" \
-    --out "$OUT/sweep-bf16"
+  # The baselines are benchmark code, not part of loraserve bench: a sweep with them beside
+  # loraserve is benchmarks/sweep_baselines.py (loraserve bench sweep's flags and --baselines).
+  if [[ -n "$BF16_BASELINES" ]]; then
+    BF16_SWEEP=("$PY" benchmarks/sweep_baselines.py --baselines "$BF16_BASELINES")
+  else
+    BF16_SWEEP=("${LS[@]}" bench sweep)
+  fi
+  step sweep-bf16 "$T_SWEEP" "${BF16_SWEEP[@]}" "${W2[@]}" --quantization none \
+    --adapters "$SWEEP_ADAPTERS" --distinct-adapters "$DISTINCT" --out "$OUT/sweep-bf16"
   # On the CPU every step is eager already: the smoke run skips this repeat of sweep-bf16.
   if [[ "$SMOKE" != 1 ]]; then
     step sweep-bf16-eager "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-      --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+      --adapters "$SWEEP_ADAPTERS" --distinct-adapters "$DISTINCT" \
       --enforce-eager --out "$OUT/sweep-bf16-eager"
   fi
   step sweep-nf4 "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization nf4 \
-    --adapters "$NF4_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
-    --out "$OUT/sweep-nf4"
+    --adapters "$NF4_ADAPTERS" --distinct-adapters "$DISTINCT" --out "$OUT/sweep-nf4"
   # Tensor parallelism needs several GPUs: with one (or the CPU of a smoke run), N = 1 only.
   GPUS=0
   if [[ "$SMOKE" != 1 ]] && command -v nvidia-smi >/dev/null; then
@@ -160,14 +167,15 @@ else
     step tp-collectives 60 "$PY" benchmarks/tp_collectives.py --world "$TP" --backend nccl \
       --out "$OUT/tp-collectives/tp_collectives.json"
     step sweep-tp "$T_SWEEP" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-      --adapters "$SWEEP_ADAPTERS" --baselines "" --distinct-adapters "$DISTINCT" \
+      --adapters "$SWEEP_ADAPTERS" --distinct-adapters "$DISTINCT" \
       --tensor-parallel-size "$TP" --enforce-eager --out "$OUT/sweep-tp$TP"
   else
     echo "== sweep-tp skipped: $GPUS GPU(s) here, tensor parallelism needs 2 or more"
   fi
   if [[ -n "$BASELINES" ]]; then
-    step sweep-baselines "$T_BASELINES" "${LS[@]}" bench sweep "${W2[@]}" --quantization none \
-      --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" --out "$OUT/sweep-baselines"
+    step sweep-baselines "$T_BASELINES" "$PY" benchmarks/sweep_baselines.py "${W2[@]}" \
+      --quantization none --adapters "$BASELINE_ADAPTERS" --baselines "$BASELINES" \
+      --out "$OUT/sweep-baselines"
   fi
   # The adapters are scratch: regenerated from the seed, and up to GBs each.
   rm -rf "$OUT"/sweep-*/adapters

@@ -31,26 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.arch import ModelArch
+
 PRESET = Path(__file__).resolve().parent / "presets" / "llama-30m" / "config.json"
 Lora = tuple[torch.Tensor, torch.Tensor]  # A (r, in), B (out, r)
-
-
-def linear_shapes(hf: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each decoder linear."""
-    h, inter = hf["hidden_size"], hf["intermediate_size"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    kv = (hf.get("num_key_value_heads") or heads) * head_dim
-    q = heads * head_dim
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
 
 
 def median_ms(step: Callable[[], None], repeats: int) -> float:
@@ -65,9 +49,9 @@ def median_ms(step: Callable[[], None], repeats: int) -> float:
 
 
 def bench(args: argparse.Namespace, tokens: int, label: str) -> None:
-    hf = json.loads(Path(args.config).read_text())
-    shapes = linear_shapes(hf)
-    layers = int(hf["num_hidden_layers"])
+    arch = ModelArch.from_config(json.loads(Path(args.config).read_text()))
+    shapes = dict(arch.layout().linear_shapes)  # (in_features, out_features) of each linear
+    layers = arch.num_layers
     gen = torch.Generator().manual_seed(args.seed)
     # Each layer's weights (out, in) and one input per target, as F.linear takes them.
     weights = [

@@ -53,10 +53,12 @@ import torch
 
 from adapters.base_layout import LINEAR_TARGETS
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.config import DEMO_DIR, DTYPES
+from engine.arch import ModelArch
+from engine.checkpoint import DTYPES
+from engine.config import DEMO_DIR
 from engine.request import Request
 from engine.scheduling import RANK_COST_COEFFICIENT
-from server.bench.make_adapters import base_layout, make_random_adapters
+from server.bench.make_adapters import make_random_adapters
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 MODELS = {  # name: (directory, load format)
@@ -112,8 +114,7 @@ class Bench:
 def max_visit_steps(model_dir: Path, args: argparse.Namespace) -> int:
     """The most steps one visit may take: ``--max-steps``, or fewer where the decode requests
     would outgrow the model's context over all the rounds."""
-    hf = json.loads((model_dir / "config.json").read_text())
-    room = int(hf.get("max_position_embeddings", 2048)) - args.context - args.warmup - 8
+    room = ModelArch.load(model_dir).max_positions - args.context - args.warmup - 8
     steps = min(args.max_steps, room // args.rounds)
     if steps < args.steps:
         raise ValueError(f"{model_dir.name}: context too short for {args.rounds} rounds")
@@ -123,12 +124,8 @@ def max_visit_steps(model_dir: Path, args: argparse.Namespace) -> int:
 def pages_needed(model_dir: Path, args: argparse.Namespace, decode_tokens: int) -> int:
     """Pool pages for the decode batch, one prefill batch and the largest configuration's
     adapters (a page holds one vector of ``num_kv_heads · head_dim`` in every layer)."""
-    hf = json.loads((model_dir / "config.json").read_text())
-    heads = int(hf["num_attention_heads"])
-    width = int(hf.get("num_key_value_heads") or heads) * int(
-        hf.get("head_dim") or hf["hidden_size"] // heads
-    )
-    layout = base_layout(model_dir)
+    arch = ModelArch.load(model_dir)
+    width, layout = arch.kv_width, arch.layout()
     rows = sum(
         math.ceil(i / width) + math.ceil(o / width) for i, o in layout.linear_shapes.values()
     )

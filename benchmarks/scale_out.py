@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
+from server.bench.generators import synthetic_w2  # noqa: E402
 from server.bench.harness import (  # noqa: E402
     SERVED_BASE,
     ServerSpec,
@@ -45,7 +46,6 @@ from server.bench.harness import (  # noqa: E402
     server_command,
 )
 from server.bench.metrics import summarize  # noqa: E402
-from server.bench.workloads import synthetic_w2  # noqa: E402
 
 ADAPTERS = ("upper", "swapcase", "caesar", "reverse", "lower")
 SYSTEMS = {"serve": 0, "ray-1": 1, "ray-2": 2}  # name → --ray-replicas

@@ -19,7 +19,6 @@ decode step beside the floor. Median of ``--repeats`` steps after a warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.arch import ModelArch
 from engine.config import DEMO_DIR
 
 
@@ -43,18 +43,11 @@ def median_ms(step: Callable[[], None], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def floor_step(args: argparse.Namespace, hf: dict[str, int]) -> Callable[[], None]:
+def floor_step(args: argparse.Namespace, arch: ModelArch) -> Callable[[], None]:
     """One decode step of the bare decoder (and LoRA when ``--adapters``)."""
-    h, inter, vocab = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-    heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads") or 0
-    kv_heads = kv_heads or heads
-    hd = hf.get("head_dim") or h // heads
-    layers, batch, ctx = hf["num_hidden_layers"], args.batch, args.context
-    shapes = {
-        "q_proj": (h, heads * hd), "k_proj": (h, kv_heads * hd), "v_proj": (h, kv_heads * hd),
-        "o_proj": (heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }  # fmt: skip
+    h, vocab, heads, hd = arch.hidden_size, arch.vocab_size, arch.num_heads, arch.head_dim
+    kv_heads, layers, batch, ctx = arch.num_kv_heads, arch.num_layers, args.batch, args.context
+    shapes = dict(arch.layout().linear_shapes)  # (in_features, out_features) of each linear
     w = [{t: torch.randn(o, i) * 0.02 for t, (i, o) in shapes.items()} for _ in range(layers)]
     norms = [torch.ones(h) for _ in range(2 * layers + 1)]
     embed, head = torch.randn(vocab, h) * 0.02, torch.randn(vocab, h) * 0.02
@@ -155,17 +148,19 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="also time loraserve's engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    hf = json.loads((args.model / "config.json").read_text())
+    arch = ModelArch.load(args.model)
     print(f"{args.model.name}: decode step, batch {args.batch}, context {args.context}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")  # fmt: skip
     with torch.inference_mode():
         rows = {
             "floor, base": median_ms(
-                floor_step(argparse.Namespace(**{**vars(args), "adapters": 0}), hf), args.repeats
+                floor_step(argparse.Namespace(**{**vars(args), "adapters": 0}), arch), args.repeats
             )
         }
         if args.adapters:
-            rows[f"floor, {args.adapters} adapters"] = median_ms(floor_step(args, hf), args.repeats)
+            rows[f"floor, {args.adapters} adapters"] = median_ms(
+                floor_step(args, arch), args.repeats
+            )
     if args.engine:
         rows["loraserve engine, base"] = engine_step_ms(
             argparse.Namespace(**{**vars(args), "adapters": 0}), args.model

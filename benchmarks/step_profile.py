@@ -3,7 +3,7 @@
     python benchmarks/step_profile.py                         # the demo, 64 requests, 8 adapters
     python benchmarks/step_profile.py --model benchmarks/presets/llama-30m --load-format dummy \\
         --num-adapters 32 --ranks 8,16,32,64 --targets all --out benchmarks/results/profile-30m
-    python benchmarks/step_profile.py --http    # also the same workload over HTTP (bench compare)
+    python benchmarks/step_profile.py --http    # also the same workload over HTTP (compare.py)
 
 Runs one seeded W2 request list (every request arriving at once, EOS ignored) through the
 engine in this process with timers wrapped around each phase, and prints each phase's share
@@ -22,7 +22,7 @@ of the stepping time:
 
 The wrappers add a little time of their own (a few microseconds per call), so the shares are
 for diagnosis; the throughput printed first comes from a run without them. ``--http`` then
-runs the same workload through ``loraserve bench compare`` over HTTP (a ``loraserve serve``
+runs the same workload through ``benchmarks/compare.py`` over HTTP (a ``loraserve serve``
 subprocess, streamed) and in-process, so what the process boundary, HTTP and streaming cost
 shows as their ratio. ``--out DIR`` writes ``profile.json`` and a bar chart ``profile.png``.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -40,10 +41,12 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLMEngine, SamplingParams
 from engine.config import DEMO_DIR, EngineConfig
+from server.bench.generators import synthetic_w2
 from server.bench.make_adapters import make_random_adapters
-from server.bench.workloads import Workload, synthetic_w2
+from server.bench.workload import Workload
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHASES = (
@@ -181,7 +184,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--adapter-dir", type=Path, default=None)
-    parser.add_argument("--http", action="store_true", help="also over HTTP (bench compare)")
+    parser.add_argument("--http", action="store_true", help="also over HTTP (compare.py)")
     parser.add_argument(
         "--before", type=Path, default=None, help="an earlier profile.json to plot beside this one"
     )
@@ -231,7 +234,7 @@ def main() -> None:
     if args.http:
         http = over_http(args, (lo_in, hi_in), (lo_out, hi_out), adapter_dir)
         print(
-            f"bench compare, same workload: over HTTP {http['http']:.0f} tok/s, in-process "
+            f"compare.py, same workload: over HTTP {http['http']:.0f} tok/s, in-process "
             f"{http['in_process']:.0f} tok/s: HTTP / in-process = "
             f"{http['http'] / http['in_process']:.2f} (the boundary: IPC, HTTP, streaming)"
         )
@@ -261,7 +264,7 @@ def over_http(
     adapter_dir: Path,
 ) -> dict[str, float]:
     """Output tok/s of the same workload over HTTP and in-process, from one compare run."""
-    from server.bench.compare import CompareArgs, run_compare
+    from benchmarks.compare import CompareArgs, run_compare  # needs peft
 
     targets = ALL_TARGETS if args.targets == "all" else tuple(args.targets.split(","))
     result = run_compare(

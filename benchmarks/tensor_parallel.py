@@ -65,10 +65,11 @@ sys.path.insert(0, str(REPO))
 
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
+from server.bench.generators import synthetic_w2  # noqa: E402
 from server.bench.harness import SERVED_BASE, free_port, machine_info  # noqa: E402
 from server.bench.make_adapters import make_random_adapters  # noqa: E402
 from server.bench.metrics import summarize  # noqa: E402
-from server.bench.workloads import Workload, synthetic_w2  # noqa: E402
+from server.bench.workload import Workload  # noqa: E402
 from server.serve import DEMO_MODEL_NAME  # noqa: E402
 
 SIZES = (1, 2)  # --tensor-parallel-size values, measured in this order

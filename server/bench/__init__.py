@@ -1,7 +1,8 @@
-"""The data side of ``loraserve bench``: seeded request lists and the latency arithmetic.
+"""``loraserve bench``: loraserve's own throughput and latency benchmarks.
 
-``workloads`` generates the request lists of docs/benchmarks.md (W2: S-LoRA's synthetic
-serving, W3: Punica's closed loop, W4: adapter churn) and saves them to disk so every system
-replays the same list; ``metrics`` turns per-request timings into the numbers ``vllm bench
-serve`` prints. Neither talks to a server.
+The data side: ``workload`` is a seeded request list as data (saved to disk so every run
+replays the same list), ``generators`` draws the lists of docs/benchmarks.md (W2: S-LoRA's
+synthetic serving, W3: Punica's closed loop, W4: adapter churn, the shared-prefix list), and
+``metrics`` turns per-request timings into the numbers ``vllm bench serve`` prints. The
+comparisons with the Hugging Face baselines are scripts in ``benchmarks/``, not installed.
 """

@@ -1,11 +1,12 @@
-"""``loraserve bench``'s arguments: serve, sweep, compare, prefix, fairness and make-adapters.
+"""``loraserve bench``'s arguments: serve, sweep, prefix, fairness and make-adapters.
 
-Each subcommand's parser sets ``run`` to its function in :mod:`server.bench.commands`.
+Each subcommand's parser sets ``run`` to its function in :mod:`server.bench.commands`. The
+benchmarks against the Hugging Face baselines (``benchmarks/sweep_baselines.py``,
+``benchmarks/compare.py``) build their parsers from the pieces here.
 
 loraserve bench serve --url URL [--workload FILE | W2 parameters] [--out FILE]
 loraserve bench sweep --model DIR [--load-format dummy] --adapters 0,1,8,64 ... --out DIR
 loraserve bench make-adapters --model DIR --n N --ranks 8,16,32,64 --targets ... --out DIR
-loraserve bench compare --model DIR [--load-format dummy] [--systems ...] [--base] --out DIR
 loraserve bench prefix --model DIR [--load-format dummy] [--prefix-len 1000] [--smoke] --out DIR
 loraserve bench fairness --model DIR [--load-format dummy] [--flood-requests N] [--smoke] --out DIR
 """
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from server.bench.commands import (
     DEFAULT_RANGE,
-    compare_command,
     fairness_command,
     make_adapters_command,
     prefix_command,
@@ -29,18 +29,20 @@ from server.bench.commands import (
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """``--ranks 8,16``: comma-separated integers."""
     return [int(v) for v in text.split(",") if v]
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, hi = _ints(text)
+def token_range(text: str) -> tuple[int, int]:
+    """``--input-range 8,64``: a [LO, HI) range of token counts."""
+    lo, hi = int_list(text)
     if not 0 < lo < hi:
         raise argparse.ArgumentTypeError(f"a range is LO,HI with 0 < LO < HI; got {text!r}")
     return lo, hi
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--load-format`` and ``--dtype`` of the benchmarks that load a base."""
     parser.add_argument("--model", type=Path, required=True, help="a model dir or a preset")
     parser.add_argument(
@@ -90,13 +92,13 @@ def _workload_args(parser: argparse.ArgumentParser, serve: bool) -> None:
     lo, hi = DEFAULT_RANGE
     w.add_argument(
         "--input-range",
-        type=_range,
+        type=token_range,
         default=None,
         help=f"LO,HI: prompt tokens drawn in [LO, HI) (W3: at most HI) (default {lo},{hi}{fit})",
     )
     w.add_argument(
         "--output-range",
-        type=_range,
+        type=token_range,
         default=None,
         help=f"LO,HI: output tokens drawn in [LO, HI) (default {lo},{hi}{fit})",
     )
@@ -109,6 +111,50 @@ def _workload_args(parser: argparse.ArgumentParser, serve: bool) -> None:
     w.add_argument(
         "--seed", type=int, default=42, help="the same seed gives the same requests (default 42)"
     )
+
+
+def add_sweep_args(sweep: argparse.ArgumentParser) -> None:
+    """``bench sweep``'s flags (``benchmarks/sweep_baselines.py`` adds ``--baselines``)."""
+    add_model_args(sweep)
+    sweep.add_argument(
+        "--quantization", choices=["none", "nf4"], default=None, help="the base's (default: auto)"
+    )
+    sweep.add_argument(
+        "--adapters", type=int_list, default=[0, 1, 8, 64], help="values of n, comma-separated"
+    )
+    sweep.add_argument(
+        "--ranks", type=int_list, default=[8], help="random adapters' ranks, round-robin"
+    )
+    sweep.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
+    sweep.add_argument(
+        "--distinct-adapters",
+        type=int,
+        default=None,
+        help="write only this many adapter dirs, shared round-robin (default: one each)",
+    )
+    sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
+    sweep.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="loraserve's max_num_seqs (and the baselines' batch size, where there are any)",
+    )
+    sweep.add_argument(
+        "--kernels",
+        default=None,
+        help="loraserve's kernels: torch (the references) or triton (default: triton on CUDA, "
+        "else torch)",
+    )
+    sweep.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs for loraserve's decodes"
+    )
+    sweep.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="loraserve split across N devices"
+    )
+    sweep.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/sweep"), help="results dir"
+    )
+    _workload_args(sweep, serve=False)
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -144,48 +190,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     _workload_args(serve, serve=True)
     serve.set_defaults(run=serve_command)
 
-    sweep = sub.add_parser("sweep", help="loraserve and the PEFT baselines on one request list")
-    _model_args(sweep)
-    sweep.add_argument(
-        "--quantization", choices=["none", "nf4"], default=None, help="the base's (default: auto)"
+    sweep = sub.add_parser(
+        "sweep", help="loraserve over numbers of adapters (and request rates), one request list"
     )
-    sweep.add_argument(
-        "--adapters", type=_ints, default=[0, 1, 8, 64], help="values of n, comma-separated"
-    )
-    sweep.add_argument(
-        "--ranks", type=_ints, default=[8], help="random adapters' ranks, round-robin"
-    )
-    sweep.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
-    sweep.add_argument(
-        "--distinct-adapters",
-        type=int,
-        default=None,
-        help="write only this many adapter dirs, shared round-robin (default: one each)",
-    )
-    sweep.add_argument(
-        "--baselines", default="peft,peft-mixed,merge-swap", help="comma-separated baselines"
-    )
-    sweep.add_argument("--rates", default="", help="a rate sweep for SLO attainment")
-    sweep.add_argument("--batch-size", type=int, default=32, help="the baselines' batches")
-    sweep.add_argument(
-        "--kernels",
-        default=None,
-        help="loraserve's kernels: torch (the references) or triton (default: triton on CUDA, "
-        "else torch)",
-    )
-    sweep.add_argument(
-        "--enforce-eager", action="store_true", help="no CUDA graphs for loraserve's decodes"
-    )
-    sweep.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="loraserve split across N devices"
-    )
-    sweep.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/sweep"), help="results dir"
-    )
-    _workload_args(sweep, serve=False)
+    add_sweep_args(sweep)
     sweep.set_defaults(run=sweep_command)
 
-    _add_compare_parser(sub)
     _add_prefix_parser(sub)
     _add_fairness_parser(sub)
 
@@ -193,7 +203,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     make.add_argument("--model", type=Path, required=True, help="a dir with config.json")
     make.add_argument("--n", type=int, required=True, help="adapters to make")
     make.add_argument(
-        "--ranks", type=_ints, default=[8, 16, 32, 64], help="ranks, round-robin over the n"
+        "--ranks", type=int_list, default=[8, 16, 32, 64], help="ranks, round-robin over the n"
     )
     make.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
     make.add_argument("--distinct", type=int, default=None, help="write only this many dirs")
@@ -202,59 +212,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     make.set_defaults(run=make_adapters_command)
 
 
-def _add_compare_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    compare = sub.add_parser(
-        "compare",
-        help="loraserve over HTTP and in-process against the PEFT baselines, one request list",
-    )
-    _model_args(compare)
-    compare.add_argument(
-        "--systems",
-        default="loraserve-http,loraserve,peft-mixed,peft",
-        help="some of loraserve-http, loraserve, peft-mixed, peft (default: all)",
-    )
-    compare.add_argument(
-        "--base", action="store_true", help="also run every system on the base (n = 0)"
-    )
-    compare.add_argument("--num-requests", type=int, default=64, help="requests in the list")
-    compare.add_argument("--num-adapters", type=int, default=8, help="adapters (n)")
-    compare.add_argument(
-        "--ranks", type=_ints, default=[4, 8, 16], help="random adapters' ranks, round-robin"
-    )
-    compare.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
-    compare.add_argument("--adapter-dir", type=Path, default=None, help="existing adapters")
-    compare.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
-    compare.add_argument(
-        "--input-range", type=_range, default=(8, 120), help="[LO, HI) prompt tokens"
-    )
-    compare.add_argument(
-        "--output-range",
-        type=_range,
-        default=(8, 64),
-        help="[LO, HI) output tokens, clamped so prompt + output fit the context",
-    )
-    compare.add_argument("--seed", type=int, default=42, help="seeds the list and adapters")
-    compare.add_argument("--batch-size", type=int, default=64, help="the baselines' batches")
-    compare.add_argument("--max-num-seqs", type=int, default=None, help="default: --batch-size")
-    compare.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads for every system (default: $OMP_NUM_THREADS, else 1)",
-    )
-    compare.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
-    compare.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/compare"), help="results dir"
-    )
-    compare.set_defaults(run=compare_command)
-
-
 def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prefix = sub.add_parser(
         "prefix",
         help="prefix caching on against off over HTTP: a shared system prompt over 8 adapters",
     )
-    _model_args(prefix)
+    add_model_args(prefix)
     # Sizes default to None: --smoke's or PrefixArgs' defaults (in the help) fill them in.
     prefix.add_argument("--num-requests", type=int, default=None, help="default 64")
     prefix.add_argument(
@@ -265,12 +228,12 @@ def _add_prefix_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--prefix-len", type=int, default=None, help="system prompt tokens (default 1000)"
     )
     prefix.add_argument(
-        "--question-range", type=_range, default=None, help="[lo, hi) tokens (default 16,49)"
+        "--question-range", type=token_range, default=None, help="[lo, hi) tokens (default 16,49)"
     )
     prefix.add_argument(
-        "--output-range", type=_range, default=None, help="[lo, hi) tokens (default 16,33)"
+        "--output-range", type=token_range, default=None, help="[lo, hi) tokens (default 16,33)"
     )
-    prefix.add_argument("--ranks", type=_ints, default=None, help="round-robin (default 4,8,16)")
+    prefix.add_argument("--ranks", type=int_list, default=None, help="round-robin (default 4,8,16)")
     prefix.add_argument("--targets", default=ATTENTION, help="modules the adapters adapt")
     prefix.add_argument("--seed", type=int, default=42, help="seeds the list and adapters")
     prefix.add_argument(
@@ -324,7 +287,7 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "fairness_series.json, workload.json, fairness_ttft.png, fairness_tokens.png, "
         "fairness_summary.png and the servers' logs into --out.",
     )
-    _model_args(fairness)
+    add_model_args(fairness)
     # Sizes default to None: --smoke's or FairnessArgs' defaults (in the help) fill them in.
     fairness.add_argument(
         "--num-adapters", type=int, default=None, help="clients: 1 flooder + n-1 modest (8)"
@@ -348,10 +311,10 @@ def _add_fairness_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         help="seconds after the flood's start that the modest clients begin (5)",
     )
     fairness.add_argument(
-        "--input-range", type=_range, default=None, help="[lo, hi) prompt tokens (16,64)"
+        "--input-range", type=token_range, default=None, help="[lo, hi) prompt tokens (16,64)"
     )
     fairness.add_argument(
-        "--output-range", type=_range, default=None, help="[lo, hi) output tokens (16,48)"
+        "--output-range", type=token_range, default=None, help="[lo, hi) output tokens (16,48)"
     )
     fairness.add_argument(
         "--max-num-seqs", type=int, default=None, help="the servers' --max-num-seqs (32)"

@@ -1,7 +1,7 @@
 """``loraserve bench serve``: drive a running server over HTTP with a workload.
 
 Each request goes to ``/v1/completions`` at its arrival time (open loop), or as soon as one
-of ``max_concurrency`` slots frees (closed loop; or one of its client's slots, for the clients
+of ``max_concurrency`` places frees (closed loop; or one of its client's places, for the clients
 ``run_workload``'s ``closed_loops`` names), with the prompt as token ids, streaming,
 ``ignore_eos`` and ``min_tokens`` = ``max_tokens`` = its planned output length. Times are
 taken at the client: TTFT when the first streamed chunk with text arrives, each chunk's
@@ -30,7 +30,7 @@ import httpx
 from tqdm import tqdm
 
 from server.bench.metrics import CONNECTION_ERROR, RequestRecord
-from server.bench.workloads import BenchRequest, Workload
+from server.bench.workload import BenchRequest, Workload
 
 MAX_ERROR_BODY = 65536  # bytes of an error answer read for its message
 
@@ -341,7 +341,7 @@ async def run_workload(
         )
         for r in workload.requests
     ]
-    slots = asyncio.Semaphore(workload.max_concurrency or len(workload.requests) or 1)
+    places = asyncio.Semaphore(workload.max_concurrency or len(workload.requests) or 1)
     loops = {a: asyncio.Semaphore(n) for a, n in (closed_loops or {}).items()}
     with tqdm(total=len(records), desc="requests", unit="req", disable=not progress) as bar:
         start = time.perf_counter()
@@ -351,7 +351,7 @@ async def run_workload(
             if own is None and workload.max_concurrency is None:
                 await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
             # The semaphores wake waiters in the order they came, which is list order.
-            async with own if own is not None else slots:
+            async with own if own is not None else places:
                 model = records[i].adapter or base_model
                 fields = extra_body[i] if extra_body is not None else {}
                 await _one(base, request, model, records[i], bar, headers, fields)

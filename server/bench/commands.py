@@ -11,12 +11,16 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from server.bench.generators import churn_w4, closed_loop_w3, synthetic_w2
 from server.bench.metrics import SLO, all_failed, describe_failures, format_summary, summarize
-from server.bench.workloads import Workload, churn_w4, closed_loop_w3, describe, synthetic_w2
+from server.bench.workload import Workload, describe
 
-# The commands import their heavier parts (httpx, torch, peft) when they run, so that the
+if TYPE_CHECKING:
+    from server.bench.replay import System
+
+# The commands import their heavier parts (httpx, torch, matplotlib) when they run, so that the
 # rest of the command line (``loraserve serve``) does not depend on them.
 
 DEFAULT_RANGE = (8, 512)  # --input-range and --output-range of serve and sweep
@@ -195,9 +199,18 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_command(args: argparse.Namespace) -> int:
-    from server.bench.sweep import SweepArgs, run_sweep  # needs peft for the baselines
+def sweep_command(args: argparse.Namespace, others: dict[str, System] | None = None) -> int:
+    """``bench sweep``; ``others`` are replayed beside loraserve (``run_sweep``)."""
+    from engine.arch import ModelArch
+    from server.bench.sweep import SweepArgs, run_sweep  # torch and matplotlib
 
+    # The engine serves the model's whole context (the sweep sets no --max-model-len).
+    room = ModelArch.load(args.model).context_limit
+    inputs, outputs, note = fit_ranges(
+        "W2", args.input_range, args.output_range, room, f"the model's context of {room} tokens"
+    )
+    if note:
+        print(f"note: {note}")
     result = run_sweep(
         SweepArgs(
             model_dir=args.model,
@@ -209,10 +222,9 @@ def sweep_command(args: argparse.Namespace) -> int:
             rate=args.rate,
             cv=args.cv,
             alpha=args.alpha,
-            input_range=args.input_range or DEFAULT_RANGE,
-            output_range=args.output_range or DEFAULT_RANGE,
+            input_range=inputs,
+            output_range=outputs,
             seed=args.seed,
-            baselines=[b for b in args.baselines.split(",") if b],
             rates=[float(r) for r in args.rates.split(",") if r],
             dtype=args.dtype,
             quantization=args.quantization,
@@ -222,7 +234,8 @@ def sweep_command(args: argparse.Namespace) -> int:
             distinct_adapters=args.distinct_adapters,
             enforce_eager=args.enforce_eager,
             tensor_parallel_size=args.tensor_parallel_size,
-        )
+        ),
+        others,
     )
     for run in result["runs"]:
         print(
@@ -235,38 +248,6 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare_command(args: argparse.Namespace) -> int:
-    from server.bench.compare import CompareArgs, format_table, run_compare  # needs peft
-
-    threads = _threads(args)
-    result = run_compare(
-        CompareArgs(
-            model_dir=args.model,
-            out=args.out,
-            num_requests=args.num_requests,
-            num_adapters=args.num_adapters,
-            ranks=args.ranks,
-            targets=args.targets.split(","),
-            input_range=args.input_range,
-            output_range=args.output_range,
-            alpha=args.alpha,
-            seed=args.seed,
-            systems=[s for s in args.systems.split(",") if s],
-            base=args.base,
-            batch_size=args.batch_size,
-            max_num_seqs=args.max_num_seqs,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            adapter_dir=args.adapter_dir,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
-        )
-    )
-    print(format_table(result))
-    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
-    return _every_request_failed("compare", result["systems"])
-
-
 def prefix_command(args: argparse.Namespace) -> int:
     from server.bench.prefix import SMOKE, PrefixArgs, run_prefix
     from server.bench.prefix_report import format_ratios, format_system
@@ -276,7 +257,7 @@ def prefix_command(args: argparse.Namespace) -> int:
         ("num_requests", "concurrency", "num_adapters", "prefix_len", "question_range"),
         ("output_range", "ranks", "on_flags", "off_flags", "server_flags"),
     )
-    threads = _threads(args)
+    threads = torch_threads(args)
     result = run_prefix(
         PrefixArgs(
             model_dir=args.model,
@@ -295,7 +276,7 @@ def prefix_command(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(format_ratios(result))
     print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
-    return _every_request_failed("prefix", result["systems"])
+    return every_request_failed("loraserve bench prefix", result["systems"])
 
 
 def fairness_command(args: argparse.Namespace) -> int:
@@ -309,7 +290,7 @@ def fairness_command(args: argparse.Namespace) -> int:
     )
     renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
     sizes = {renamed.get(key, key): value for key, value in sizes.items()}
-    threads = _threads(args)
+    threads = torch_threads(args)
     result = run_fairness(
         FairnessArgs(
             model_dir=args.model,
@@ -328,7 +309,7 @@ def fairness_command(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(format_ratios(result))
     print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
-    return _every_request_failed("fairness", result["systems"])
+    return every_request_failed("loraserve bench fairness", result["systems"])
 
 
 def _given(args: argparse.Namespace, *names: tuple[str, ...]) -> dict[str, Any]:
@@ -338,18 +319,18 @@ def _given(args: argparse.Namespace, *names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def _threads(args: argparse.Namespace) -> int:
+def torch_threads(args: argparse.Namespace) -> int:
     """``--threads``, else ``OMP_NUM_THREADS``, else 1."""
     return int(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 
-def _every_request_failed(command: str, systems: list[dict[str, Any]]) -> int:
-    """1, saying which, when a system completed none of its requests (its numbers measure
-    nothing); else 0."""
+def every_request_failed(program: str, systems: list[dict[str, Any]]) -> int:
+    """1, saying which (after ``program``'s name), when a system completed none of its
+    requests (its numbers measure nothing); else 0."""
     failed = [s for s in systems if all_failed(s)]
     for s in failed:
         label = s.get("label", s["system"])
-        print(f"loraserve bench {command}: {label}: {describe_failures(s)}", file=sys.stderr)
+        print(f"{program}: {label}: {describe_failures(s)}", file=sys.stderr)
     return 1 if failed else 0
 
 

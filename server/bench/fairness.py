@@ -41,11 +41,12 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.arch import ModelArch
 from server.bench.client import check_fits, read_models, run_workload, sample_gauges
 from server.bench.fairness_metrics import (
     GAUGES,
@@ -61,8 +62,8 @@ from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_
 from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import RequestRecord, describe_failures
 from server.bench.prefix import check_serve_flags
-from server.bench.workloads import Workload, describe
-from server.protocol import CompletionRequest
+from server.bench.workload import Workload, describe
+from server.request_models import CompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ def run_fairness(
     flags = {key: [*args.server_flags, "--scheduling-policy", key] for key in SYSTEMS}
     for key, system_flags in flags.items():
         check_serve_flags(model_dir, system_flags, key)
-    hf = json.loads((model_dir / "config.json").read_text())
-    workload = fairness_workload(args, hf)
+    arch = ModelArch.load(model_dir)
+    workload = fairness_workload(args, arch)
     args.out.mkdir(parents=True, exist_ok=True)
     workload.save(args.out / "workload.json")
     paths = make_random_adapters(
@@ -139,7 +140,7 @@ def run_fairness(
     )
     adapters = tuple(zip(workload.adapter_names(), (p.resolve() for p in paths), strict=True))
     names: list[str | None] = [name for name, _ in adapters]
-    header = _header(args, workload, hf, flags)
+    header = _header(args, workload, arch, flags)
     systems = []
     for key, label in SYSTEMS.items():
         spec = ServerSpec(
@@ -193,16 +194,16 @@ def load_result(out: Path) -> dict[str, Any]:
     return result
 
 
-def fairness_workload(args: FairnessArgs, hf: Mapping[str, Any]) -> Workload:
-    """The flooding list for the model whose ``config.json`` is ``hf``; a ``ValueError`` when
-    its longest request does not fit the model's context."""
-    limit = int(hf.get("max_position_embeddings", 2048))
+def fairness_workload(args: FairnessArgs, arch: ModelArch) -> Workload:
+    """The flooding list for a model of shape ``arch``; a ``ValueError`` when its longest
+    request does not fit the model's context."""
+    limit = arch.context_limit
     longest = args.input_range[1] - 1 + args.output_range[1] - 1
     if longest > limit:
         raise ValueError(
             f"{args.model_dir}: a prompt of up to {args.input_range[1] - 1} tokens and an "
             f"output of up to {args.output_range[1] - 1} need {longest} positions, more than "
-            f"the model's context (max_position_embeddings {limit})"
+            f"the model's context of {limit} positions"
         )
     return flooding(
         num_adapters=args.num_adapters,
@@ -214,7 +215,7 @@ def fairness_workload(args: FairnessArgs, hf: Mapping[str, Any]) -> Workload:
         input_range=args.input_range,
         output_range=args.output_range,
         seed=args.seed,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=arch.vocab_size,
     )
 
 
@@ -267,7 +268,7 @@ async def _replay(
 
 
 def _header(
-    args: FairnessArgs, workload: Workload, hf: Mapping[str, Any], flags: dict[str, list[str]]
+    args: FairnessArgs, workload: Workload, arch: ModelArch, flags: dict[str, list[str]]
 ) -> list[str]:
     stats = describe(workload)
     modest = sum(r.adapter != FLOODER for r in workload.requests)
@@ -275,7 +276,7 @@ def _header(
     o_lo, o_hi = args.output_range
     return [
         f"model {args.model_dir} (dtype {args.dtype}, load format {args.load_format}, "
-        f"context {hf.get('max_position_embeddings', 2048)}), {args.threads} torch thread(s), "
+        f"context {arch.context_limit}), {args.threads} torch thread(s), "
         f"--max-num-seqs {args.max_num_seqs}",
         f"flooding: adapter-0 sends {args.flood_requests} requests, {args.flood_concurrency} "
         f"in flight; adapters 1-{args.num_adapters - 1} each {args.modest_rate:g} req/s "

@@ -16,7 +16,7 @@ import numpy as np
 
 from server.bench.fairness_workload import FLOODER, GROUPS, client_group
 from server.bench.metrics import RequestRecord, replay_span, summarize
-from server.bench.workloads import Workload
+from server.bench.workload import Workload
 
 # The targets on 2 CPU cores: the modest clients' p99 TTFT at least 5× lower under fair than
 # under fcfs, at a total output throughput within 5% of fcfs's.

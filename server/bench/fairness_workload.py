@@ -14,7 +14,7 @@ Clients are adapters (the fair policy's default ``--fairness-key adapter``): ada
   over [``modest_start_s``, ``modest_start_s + duration_s``), independent of the others, so
   its requests arrive at the same times in every system, whatever the flooder gets. They
   start once the flood is under way: at 0 the flooder's first ``flood_concurrency``
-  requests arrive at once, the server admits a full batch of them together, and no slot
+  requests arrive at once, the server admits a full batch of them together, and no place
   frees until that batch finishes, together too; a request arriving then waits for it
   whatever the policy (a policy orders admissions, it does not interrupt running
   requests). From then on the flooder's requests finish one by one, as they would in a
@@ -25,7 +25,7 @@ Every request draws its prompt length from ``input_range`` and its output length
 in how much they ask; prompt ids are uniform in [vocab_offset, vocab_size). Outputs are
 exact (greedy, EOS ignored, ``min_tokens = max_tokens``), so every system does the same work.
 
-The list is a :class:`~server.bench.workloads.Workload` of kind "fairness" (saved as JSON
+The list is a :class:`~server.bench.workload.Workload` of kind "fairness" (saved as JSON
 like the others): the flooder's requests first, all at arrival 0, then the modest clients'
 requests merged in arrival order. ``max_concurrency`` is None (the modest clients are an
 open loop) and ``params["flood_concurrency"]`` says how to replay the flooder;
@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.bench.workloads import BenchRequest, Workload, _check_range, _prompts
+from server.bench.generators import check_range, draw_prompts
+from server.bench.workload import BenchRequest, Workload
 
 FLOODER = 0  # the flooding client's adapter index
 GROUPS = ("flooder", "modest")
@@ -71,8 +72,8 @@ def flooding(
         raise ValueError("flood_requests and flood_concurrency must be at least 1")
     if modest_rate <= 0 or duration_s <= 0 or modest_start_s < 0:
         raise ValueError("modest_rate and duration_s must be positive, modest_start_s >= 0")
-    _check_range("input_range", input_range)
-    _check_range("output_range", output_range)
+    check_range("input_range", input_range)
+    check_range("output_range", output_range)
     params = {
         "num_adapters": num_adapters,
         "flooder": FLOODER,
@@ -99,7 +100,7 @@ def flooding(
     count = len(arrivals)
     inputs = rng.integers(*input_range, size=count)
     outputs = rng.integers(*output_range, size=count)
-    prompts = _prompts(rng, inputs, vocab_size, vocab_offset)
+    prompts = draw_prompts(rng, inputs, vocab_size, vocab_offset)
     requests = tuple(
         BenchRequest(t, a, p, int(o), (a + 0.5) / num_adapters)
         for (t, a), p, o in zip(arrivals, prompts, outputs, strict=True)

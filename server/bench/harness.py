@@ -1,11 +1,12 @@
 """A ``loraserve serve`` subprocess for the benchmarks that measure through the HTTP API.
 
-``bench compare`` and ``bench prefix`` replay a request list against a real server as users
-reach it: :func:`running_server` starts ``python -m server.cli serve`` on a free loopback port
-with the flags of a :class:`ServerSpec`, waits until ``/health`` answers 200, sends one short
-warm-up request, yields the base URL, and stops the server on the way out (SIGTERM, a
-bounded wait, then kill). The server's output goes to a log file, and a server that exits
-during start-up (a bad flag, say) raises with the log's tail.
+``bench prefix``, ``bench fairness`` and ``benchmarks/compare.py`` replay a request list
+against a real server as users reach it: :func:`running_server` starts ``python -m server.cli
+serve`` on a free loopback port with the flags of a :class:`ServerSpec`, waits until
+``/health`` answers 200, sends one short warm-up request, yields the base URL, and stops the
+server on the way out (SIGTERM, a bounded wait, then kill). The server's output goes to a
+log file, and a server that exits during start-up (a bad flag, say) raises with the log's
+tail.
 
 Every system of a run gets the same number of torch threads: ``OMP_NUM_THREADS`` and
 ``MKL_NUM_THREADS`` in the server's environment (:func:`thread_env`), and

@@ -23,7 +23,6 @@ disk load times are optimistic.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,22 +33,9 @@ from adapters.base_layout import LINEAR_TARGETS, BaseModelLayout
 from adapters.peft_config import LoraAdapterConfig
 from adapters.peft_writer import save_peft_adapter
 from adapters.weights import AdapterWeights, LoraModuleWeights
+from engine.arch import ModelArch
 
 B_STD = 0.01
-
-
-def base_layout(base_config_dir: Path) -> BaseModelLayout:
-    """The base's target linear layers, from the ``config.json`` in ``base_config_dir``."""
-    hf = json.loads((Path(base_config_dir) / "config.json").read_text())
-    num_heads = int(hf["num_attention_heads"])
-    return BaseModelLayout.for_decoder(
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
-    )
 
 
 def make_random_adapters(
@@ -92,7 +78,7 @@ def make_random_adapters(
         raise ValueError(
             f"distinct must be a positive multiple of the {len(ranks)} ranks, got {distinct}"
         )
-    layout = base_layout(base_config_dir)
+    layout = ModelArch.load(base_config_dir).layout()
     out_dir = Path(out_dir)
     base_name = Path(base_config_dir).resolve().name
     dirs = [

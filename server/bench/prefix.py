@@ -1,6 +1,6 @@
 """``loraserve bench prefix``: prefix caching on against off, through the HTTP API, one run.
 
-The workload (:func:`server.bench.workloads.shared_prefix`): a system prompt of about 1,000
+The workload (:func:`server.bench.generators.shared_prefix`): a system prompt of about 1,000
 tokens shared by every request, each request adding a short question (16–48 tokens) and
 generating a short answer (16–32 tokens, greedy, EOS ignored, ``min_tokens = max_tokens``),
 spread evenly over 8 adapters, sent by 8 clients in a closed loop. Since the cache is keyed
@@ -43,12 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.arch import ModelArch
 from server.bench.client import check_fits, read_models, run_workload
+from server.bench.generators import shared_prefix
 from server.bench.harness import SERVED_BASE, ServerSpec, machine_info, running_server
-from server.bench.make_adapters import base_layout, make_random_adapters
+from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import describe_failures, replay_span, summarize
 from server.bench.prefix_report import plot_prefix
-from server.bench.workloads import Workload, describe, shared_prefix
+from server.bench.workload import Workload, describe
 from server.serve_args import add_serve_args
 
 logger = logging.getLogger(__name__)
@@ -111,8 +113,8 @@ def run_prefix(
     flags = {key: [*args.server_flags, *_system_flags(args, key)] for key in SYSTEMS}
     for key, system_flags in flags.items():
         check_serve_flags(model_dir, system_flags, SYSTEMS[key])
-    hf = json.loads((model_dir / "config.json").read_text())
-    workload = prefix_workload(args, hf)
+    arch = ModelArch.load(model_dir)
+    workload = prefix_workload(args, arch)
     args.out.mkdir(parents=True, exist_ok=True)
     workload.save(args.out / "workload.json")
     paths = make_random_adapters(
@@ -121,8 +123,8 @@ def run_prefix(
     adapters = tuple(zip(workload.adapter_names(), (p.resolve() for p in paths), strict=True))
     for system_flags in flags.values():
         if not any(f.startswith(("--num-pages", "--pool-memory")) for f in system_flags):
-            system_flags += ["--num-pages", str(_num_pages(args, model_dir, hf))]
-    header = _header(args, workload, hf, flags)
+            system_flags += ["--num-pages", str(_num_pages(args, arch))]
+    header = _header(args, workload, arch, flags)
     systems = []
     for key, label in SYSTEMS.items():
         spec = ServerSpec(
@@ -195,10 +197,10 @@ def check_serve_flags(model_dir: Path, flags: list[str], label: str) -> None:
         raise ValueError(f"loraserve serve does not know {shlex.join(unknown)} (the {label} flags)")
 
 
-def prefix_workload(args: PrefixArgs, hf: dict[str, Any]) -> Workload:
-    """The shared-prefix list for the model whose ``config.json`` is ``hf``; a ``ValueError``
-    when its longest request does not fit the model's context."""
-    limit = int(hf.get("max_position_embeddings", 2048))
+def prefix_workload(args: PrefixArgs, arch: ModelArch) -> Workload:
+    """The shared-prefix list for a model of shape ``arch``; a ``ValueError`` when its
+    longest request does not fit the model's context."""
+    limit = arch.context_limit
     longest_tail = args.question_range[1] - 1 + args.output_range[1] - 1
     if args.prefix_len + longest_tail > limit:
         fit = limit - longest_tail
@@ -211,7 +213,7 @@ def prefix_workload(args: PrefixArgs, hf: dict[str, Any]) -> Workload:
             f"{args.model_dir}: a {args.prefix_len}-token system prompt, a question of up to "
             f"{args.question_range[1] - 1} tokens and an answer of up to "
             f"{args.output_range[1] - 1} need {args.prefix_len + longest_tail} positions, "
-            f"more than the model's context (max_position_embeddings {limit}); "
+            f"more than the model's context of {limit} positions; "
             + hint
             + "a model with a longer context: benchmarks/presets/tiny is the demo model's "
             "shape with a context of 2048 (--model benchmarks/presets/tiny --load-format dummy)"
@@ -224,11 +226,11 @@ def prefix_workload(args: PrefixArgs, hf: dict[str, Any]) -> Workload:
         output_range=args.output_range,
         concurrency=args.concurrency,
         seed=args.seed,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=arch.vocab_size,
     )
 
 
-def _num_pages(args: PrefixArgs, model_dir: Path, hf: dict[str, Any]) -> int:
+def _num_pages(args: PrefixArgs, arch: ModelArch) -> int:
     """Room for a full-context sequence per adapter (its cached system prompt) and per client
     (a running request), plus the adapters' weights.
 
@@ -236,9 +238,7 @@ def _num_pages(args: PrefixArgs, model_dir: Path, hf: dict[str, Any]) -> int:
     values per layer); an adapter of rank r takes r · (in + out) values per layer and target,
     rounded up to pages here target by target.
     """
-    context = int(hf.get("max_position_embeddings", 2048))
-    layout = base_layout(model_dir)
-    width = layout.linear_shapes["k_proj"][1]  # num_kv_heads · head_dim
+    context, layout, width = arch.context_limit, arch.layout(), arch.kv_width
     weights = sum(
         -(-args.ranks[i % len(args.ranks)] * sum(layout.linear_shapes[t]) // width)
         for i in range(args.num_adapters)
@@ -248,14 +248,14 @@ def _num_pages(args: PrefixArgs, model_dir: Path, hf: dict[str, Any]) -> int:
 
 
 def _header(
-    args: PrefixArgs, workload: Workload, hf: dict[str, Any], flags: dict[str, list[str]]
+    args: PrefixArgs, workload: Workload, arch: ModelArch, flags: dict[str, list[str]]
 ) -> list[str]:
     stats = describe(workload)
     q_lo, q_hi = args.question_range
     o_lo, o_hi = args.output_range
     return [
         f"model {args.model_dir} (dtype {args.dtype}, load format {args.load_format}, "
-        f"context {hf.get('max_position_embeddings', 2048)}), {args.threads} torch thread(s)",
+        f"context {arch.context_limit}), {args.threads} torch thread(s)",
         f"shared prefix: {stats['requests']} requests, a {args.prefix_len}-token system prompt "
         f"+ questions of {q_lo}-{q_hi - 1} tokens, answers of {o_lo}-{o_hi - 1}, over "
         f"{args.num_adapters} adapters (uniform; ranks {','.join(map(str, args.ranks))} on "

@@ -1,12 +1,15 @@
-"""``loraserve bench sweep``: loraserve against the Hugging Face baselines, one request list.
+"""``loraserve bench sweep``: loraserve over numbers of adapters, one request list.
 
 One W2 request list (S-LoRA's synthetic workload) is generated for the largest n and saved;
-every system replays it in this process, in turn: loraserve with n adapters for each n of
-``--adapters`` (n = 0 is the base model, the ceiling for the LoRA overhead), and the
-baselines of ``--baselines`` (``peft``: the PEFT server, ``peft-mixed``: PEFT mixed batches,
-``merge-swap``: merge-and-swap). For n adapters each request keeps its own power-law draw,
-so the lists for different n differ only in which adapter a request names. A rate sweep
-(``--rates``) replays the list at other arrival rates, for SLO attainment against the rate.
+loraserve replays it in this process with n adapters for each n of ``--adapters`` (n = 0 is
+the base model, the ceiling for the LoRA overhead). For n adapters each request keeps its own
+power-law draw, so the lists for different n differ only in which adapter a request names.
+A rate sweep (``--rates``) replays the list at other arrival rates, for SLO attainment
+against the rate.
+
+:func:`run_sweep` also replays the same lists through any other :data:`System` it is given,
+after loraserve at each n: ``benchmarks/sweep_baselines.py`` passes the Hugging Face
+baselines that way, which are benchmark code and not installed.
 
 Writes ``sweep.json`` (every summary, the arguments, the machine) and PNG plots: throughput
 against n for every system, loraserve's LoRA overhead throughput(n) / throughput(0),
@@ -25,24 +28,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from engine.arch import ModelArch
 from engine.config import EngineConfig
+from server.bench.generators import synthetic_w2
 from server.bench.make_adapters import make_random_adapters
 from server.bench.metrics import SLO, RequestRecord, latency_cdf, summarize
-from server.bench.systems import BASELINE_SYSTEMS, peft_model, release_memory, run_loraserve
-from server.bench.workloads import Workload, synthetic_w2
+from server.bench.replay import System, run_loraserve
+from server.bench.workload import Workload
 
-BASELINES = BASELINE_SYSTEMS
-SYSTEM_NAMES = {
-    "loraserve": "loraserve",
-    "peft": "PEFT server",
-    "peft-mixed": "PEFT mixed batches",
-    "merge-swap": "merge-and-swap",
-}
 DEFAULT_SLOS = {"ttft<6s": SLO(ttft_s=6.0, tpot_s=None), "ttft<1s,tpot<50ms": SLO(1.0, 0.05)}
 
 
 @dataclass
 class SweepArgs:
+    """What ``loraserve bench sweep`` runs (``server.bench.cli`` documents each flag)."""
+
     model_dir: Path
     out: Path
     adapters: list[int]
@@ -55,7 +55,6 @@ class SweepArgs:
     input_range: tuple[int, int]
     output_range: tuple[int, int]
     seed: int = 42
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     rates: list[float] = field(default_factory=list)
     dtype: str = "auto"
     quantization: str | None = None
@@ -68,8 +67,9 @@ class SweepArgs:
     tensor_parallel_size: int = 1
 
 
-def run_sweep(args: SweepArgs) -> dict[str, Any]:
-    """Run every system of the sweep; returns what ``sweep.json`` holds."""
+def run_sweep(args: SweepArgs, others: dict[str, System] | None = None) -> dict[str, Any]:
+    """Run loraserve, and each of ``others`` (by its label in the results), over every n and
+    rate of the sweep; returns what ``sweep.json`` holds."""
     args.out.mkdir(parents=True, exist_ok=True)
     config = EngineConfig.create(
         args.model_dir,
@@ -82,19 +82,30 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    vocab = int(json.loads((args.model_dir / "config.json").read_text())["vocab_size"])
+
+    def loraserve(
+        config: EngineConfig, workload: Workload, adapters: list[tuple[str, Path]]
+    ) -> list[RequestRecord]:
+        return run_loraserve(config, workload, adapters, args.kernels)
+
+    systems: dict[str, System] = {"loraserve": loraserve, **(others or {})}
+    vocab = ModelArch.load(args.model_dir).vocab_size
     top = max(args.adapters)
-    workload = synthetic_w2(
-        num_adapters=max(top, 1),
-        alpha=args.alpha,
-        rate=args.rate,
-        cv=args.cv,
-        num_requests=args.num_requests,
-        input_range=args.input_range,
-        output_range=args.output_range,
-        seed=args.seed,
-        vocab_size=vocab,
-    )
+
+    def w2(rate: float) -> Workload:
+        return synthetic_w2(
+            num_adapters=max(top, 1),
+            alpha=args.alpha,
+            rate=rate,
+            cv=args.cv,
+            num_requests=args.num_requests,
+            input_range=args.input_range,
+            output_range=args.output_range,
+            seed=args.seed,
+            vocab_size=vocab,
+        )
+
+    workload = w2(args.rate)
     workload.save(args.out / "workload.json")
     adapter_dir = args.adapter_dir or args.out / "adapters"
     paths = (
@@ -113,54 +124,29 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
     names = workload.adapter_names()[:top]
     runs: list[dict[str, Any]] = []
     records_at_top: dict[str, list[RequestRecord]] = {}
-    plan = [("loraserve", n) for n in args.adapters] + [
-        (b, n) for n in args.adapters for b in args.baselines
-    ]
-    hf_dtype = config.model.dtype
+    # loraserve at every n first, then the others n by n.
+    plan = [("loraserve", n) for n in args.adapters]
+    plan += [(system, n) for n in args.adapters for system in others or {}]
     with tqdm(plan, desc="sweep", unit="run") as bar:
         for system, n in bar:
             bar.set_postfix_str(f"{system} n={n}")
-            wl = workload.with_num_adapters(n)
             adapters = list(zip(names[:n], paths[:n], strict=True))
             started = time.perf_counter()
-            if system == "loraserve":
-                records = run_loraserve(config, wl, adapters, args.kernels)
-            else:
-                model = peft_model(args.model_dir, adapters, hf_dtype)
-                records = BASELINES[system](model, wl, names[:n], args.batch_size)
-                del model
-                release_memory()
+            records = systems[system](config, workload.with_num_adapters(n), adapters)
             duration = time.perf_counter() - started
             summary = summarize(records, _duration(records, duration), DEFAULT_SLOS)
-            runs.append({"system": SYSTEM_NAMES[system], "n": n, "rate": args.rate, **summary})
+            runs.append({"system": system, "n": n, "rate": args.rate, **summary})
             # What has run so far, in case the sweep is cut short (the GPU suite's timeouts).
             _write(args, workload, runs, [])
             if n == top:
-                records_at_top[SYSTEM_NAMES[system]] = records
+                records_at_top[system] = records
     rate_runs = []
-    rate_plan = [(rate, system) for rate in args.rates for system in ["loraserve", *args.baselines]]
+    rate_plan = [(rate, system) for rate in args.rates for system in systems]
     adapters = list(zip(names, paths, strict=True))
     for rate, system in tqdm(rate_plan, desc="rate sweep", unit="run", disable=not rate_plan):
-        wl = synthetic_w2(
-            num_adapters=max(top, 1),
-            alpha=args.alpha,
-            rate=rate,
-            cv=args.cv,
-            num_requests=args.num_requests,
-            input_range=args.input_range,
-            output_range=args.output_range,
-            seed=args.seed,
-            vocab_size=vocab,
-        ).with_num_adapters(top)
-        if system == "loraserve":
-            records = run_loraserve(config, wl, adapters, args.kernels)
-        else:
-            model = peft_model(args.model_dir, adapters, hf_dtype)
-            records = BASELINES[system](model, wl, names, args.batch_size)
-            del model
-            release_memory()
+        records = systems[system](config, w2(rate).with_num_adapters(top), adapters)
         summary = summarize(records, _duration(records, 0.0), DEFAULT_SLOS)
-        rate_runs.append({"system": SYSTEM_NAMES[system], "n": top, "rate": rate, **summary})
+        rate_runs.append({"system": system, "n": top, "rate": rate, **summary})
     result = _write(args, workload, runs, rate_runs)
     plot_sweep(result, records_at_top, args.out)
     return result

@@ -1,10 +1,12 @@
-"""Every ``loraserve bench`` option, in every subcommand, says what it is for in ``--help``."""
+"""Every ``loraserve bench`` option, in every subcommand, says what it is for in ``--help``;
+so does every option of the comparisons with the baselines in ``benchmarks/``."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
 
+from benchmarks import compare, sweep_baselines
 from server.bench.cli import add_bench_parser
 
 
@@ -26,8 +28,10 @@ def test_every_bench_option_has_help() -> None:
         a.choices["bench"] for a in root._actions if isinstance(a, argparse._SubParsersAction)
     )
     found = dict(_parsers(bench, "loraserve bench"))
-    for command in ("serve", "sweep", "compare", "prefix", "fairness", "make-adapters"):
+    for command in ("serve", "sweep", "prefix", "fairness", "make-adapters"):
         assert f"loraserve bench {command}" in found
+    for script in (compare.parser(), sweep_baselines.parser()):
+        found.update(_parsers(script, script.prog))
     missing = []
     for prog, parser in found.items():
         parser.format_help()  # renders: no stray % in a help string

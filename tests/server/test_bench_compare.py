@@ -1,4 +1,4 @@
-"""``loraserve bench compare``: every selected system replays the request list and generates
+"""``benchmarks/compare.py``: every selected system replays the request list and generates
 exactly the planned tokens, the ratios are there (no timing is asserted); and the
 llama-30m preset loads with dummy weights at its advertised size."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from benchmarks.compare import main as compare_main
 from engine import LLM
 from engine.config import DEMO_DIR
-from server.cli import main as cli_main
 
 PRESET = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "llama-30m"
 SYSTEMS = ("loraserve-http", "loraserve", "peft-mixed")
@@ -20,12 +20,12 @@ SYSTEMS = ("loraserve-http", "loraserve", "peft-mixed")
 
 def test_bench_compare_smoke(tmp_path: Path) -> None:
     out = tmp_path / "compare"
-    argv = ["bench", "compare", "--model", str(DEMO_DIR / "model"), "--dtype", "float32"]
+    argv = ["--model", str(DEMO_DIR / "model"), "--dtype", "float32"]
     argv += ["--num-requests", "6", "--num-adapters", "2", "--ranks", "4,8"]
     argv += ["--input-range", "4,12", "--output-range", "2,6", "--seed", "3"]
     argv += ["--systems", ",".join(SYSTEMS), "--threads", "1", "--out", str(out)]
     threads = torch.get_num_threads()
-    assert cli_main(argv) == 0
+    assert compare_main(argv) == 0
     assert torch.get_num_threads() == threads  # the run puts the caller's setting back
     result = json.loads((out / "compare.json").read_text())
     planned = [r["output_len"] for r in json.loads((out / "workload.json").read_text())["requests"]]

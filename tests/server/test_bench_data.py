@@ -14,15 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.bench.generators import churn_w4, closed_loop_w3, synthetic_w2
 from server.bench.metrics import SLO, RequestRecord, format_summary, latency_cdf, summarize
-from server.bench.workloads import (
-    BenchRequest,
-    Workload,
-    churn_w4,
-    closed_loop_w3,
-    describe,
-    synthetic_w2,
-)
+from server.bench.workload import BenchRequest, Workload, describe
 
 VOCAB = 1000
 

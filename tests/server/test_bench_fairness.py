@@ -8,6 +8,7 @@ asserted)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shlex
 from collections import Counter
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from engine.arch import ModelArch
 from server.bench.client import run_workload, sample_gauges
 from server.bench.fairness import (
     SMOKE,
@@ -39,7 +41,7 @@ from server.bench.fairness_metrics import (
 )
 from server.bench.fairness_workload import FLOODER, client_group, flooding
 from server.bench.metrics import RequestRecord
-from server.bench.workloads import Workload
+from server.bench.workload import Workload
 from server.cli import main as cli_main
 
 PRESET = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "tiny"
@@ -94,11 +96,11 @@ def test_flooding_workload(tmp_path: Path) -> None:
 
 def test_fairness_workload_fits_the_context(tmp_path: Path) -> None:
     args = FairnessArgs(model_dir=PRESET, out=tmp_path, input_range=(100, 120))
-    hf = {"max_position_embeddings": 128, "vocab_size": 320}
-    with pytest.raises(ValueError, match="max_position_embeddings 128"):
-        fairness_workload(args, hf)
+    arch = dataclasses.replace(ModelArch.load(PRESET), max_positions=128, vocab_size=320)
+    with pytest.raises(ValueError, match="context of 128 positions"):
+        fairness_workload(args, arch)
     args.input_range = (16, 64)
-    assert len(fairness_workload(args, hf).requests) > args.flood_requests
+    assert len(fairness_workload(args, arch).requests) > args.flood_requests
 
 
 @asynccontextmanager

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.arch import ModelArch
 from engine.config import DEMO_DIR
 from server.bench.client import run_workload
+from server.bench.generators import shared_prefix
 from server.bench.metrics import summarize
 from server.bench.prefix import (
     SMOKE,
@@ -27,7 +29,7 @@ from server.bench.prefix import (
     check_serve_flags,
     prefix_workload,
 )
-from server.bench.workloads import Workload, describe, shared_prefix
+from server.bench.workload import Workload, describe
 from server.cli import main as cli_main
 
 PRESET = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "tiny"
@@ -153,9 +155,9 @@ def test_bench_prefix_refuses_what_cannot_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not know --no-such-flag"):
         check_serve_flags(PRESET, ["--no-such-flag"], "off")
     check_serve_flags(PRESET, ["--engine-in-process", "--num-pages", "64"], "on")
-    demo = json.loads((DEMO_DIR / "model" / "config.json").read_text())
+    demo = ModelArch.load(DEMO_DIR / "model")
     args = PrefixArgs(model_dir=DEMO_DIR / "model", out=tmp_path)
-    with pytest.raises(ValueError, match=r"max_position_embeddings 128.*--prefix-len 48"):
+    with pytest.raises(ValueError, match=r"context of 128 positions.*--prefix-len 48"):
         prefix_workload(args, demo)
     args.prefix_len = 48
     assert all(len(r.prompt) + r.output_len <= 128 for r in prefix_workload(args, demo).requests)

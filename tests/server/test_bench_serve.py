@@ -17,6 +17,7 @@ import pytest
 
 from server.bench.client import ServedModels, check_fits, run_workload
 from server.bench.commands import fit_ranges
+from server.bench.generators import synthetic_w2
 from server.bench.harness import free_port
 from server.bench.metrics import (
     CONNECTION_ERROR,
@@ -25,7 +26,7 @@ from server.bench.metrics import (
     format_summary,
     summarize,
 )
-from server.bench.workloads import Workload, synthetic_w2
+from server.bench.workload import Workload
 from server.cli import main as cli_main
 from tests.server.conftest import BASE, Served, demo_adapters, make_engine, serve
 

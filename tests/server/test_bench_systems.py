@@ -1,15 +1,18 @@
-"""The sweep's systems replay a workload and time every planned token (nothing timed here
-is asserted): loraserve and each Hugging Face baseline."""
+"""The systems a sweep replays a workload through time every planned token (nothing timed
+here is asserted): loraserve (server/bench/replay.py) and each Hugging Face baseline
+(benchmarks/baselines.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from benchmarks.baselines import BASELINES, peft_model
 from engine.config import DEMO_DIR, EngineConfig
+from server.bench.generators import synthetic_w2
 from server.bench.metrics import RequestRecord
-from server.bench.systems import BASELINE_SYSTEMS, peft_model, run_loraserve
-from server.bench.workloads import synthetic_w2
+from server.bench.replay import run_loraserve
+from server.cli import main
 from tests.server.conftest import demo_adapters
 
 WORKLOAD = synthetic_w2(
@@ -40,11 +43,21 @@ def test_loraserve_replay() -> None:
     assert {r.adapter for r in records} == {"upper", "swapcase"}
 
 
-@pytest.mark.parametrize("system", sorted(BASELINE_SYSTEMS))
+@pytest.mark.parametrize("system", sorted(BASELINES))
 def test_baseline_replay(system: str) -> None:
     adapters = list(demo_adapters("upper", "swapcase").items())
     model = peft_model(DEMO_DIR / "model", adapters, torch.float32)
     names = [name for name, _ in adapters]
-    check(BASELINE_SYSTEMS[system](model, WORKLOAD, names, batch_size=4))
+    check(BASELINES[system](model, WORKLOAD, names, batch_size=4))
     # merge-and-swap leaves no adapter merged behind it
     assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_sweep_fits_its_lengths_to_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """Given ranges that cannot fit the model's context are refused before any engine is
+    built (exit 2, the reason on stderr); ranges left out are clipped (``fit_ranges``)."""
+    base = ["bench", "sweep", "--model", str(DEMO_DIR / "model"), "--adapters", "0"]
+    too_long = ["--input-range", "8,200", "--output-range", "8,100"]
+    assert main([*base, *too_long]) == 2
+    err = capsys.readouterr().err
+    assert "298 in all, more than the model's context of 128 tokens" in err

@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapters.base_layout import LINEAR_TARGETS
 from adapters.loader import load_lora_adapter
-from server.bench.make_adapters import base_layout, make_random_adapters
+from engine.arch import ModelArch
+from server.bench.make_adapters import make_random_adapters
 
 TINY = Path(__file__).resolve().parents[2] / "benchmarks" / "presets" / "tiny"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -24,7 +25,7 @@ def test_adapters_load_in_loraserve_with_their_ranks_and_values(tmp_path: Path) 
     ranks = [8, 4, 16]
     paths = make_random_adapters(TINY, tmp_path, 5, ranks, LINEAR_TARGETS, seed=7)
     assert [p.name for p in paths] == [f"lora-{i:04d}" for i in range(5)]
-    layout = base_layout(TINY)
+    layout = ModelArch.load(TINY).layout()
     for i, path in enumerate(paths):
         weights = load_lora_adapter(path, layout, max_lora_rank=64)
         rank = ranks[i % len(ranks)]
@@ -50,7 +51,7 @@ def test_adapters_load_in_loraserve_with_their_ranks_and_values(tmp_path: Path) 
 
 
 def test_adapters_are_seeded_per_index(tmp_path: Path) -> None:
-    layout = base_layout(TINY)
+    layout = ModelArch.load(TINY).layout()
     first = make_random_adapters(TINY, tmp_path / "a", 2, [8], ATTENTION, seed=1)
     more = make_random_adapters(TINY, tmp_path / "b", 3, [8], ATTENTION, seed=1)
     other = make_random_adapters(TINY, tmp_path / "c", 1, [8], ATTENTION, seed=2)
@@ -71,7 +72,7 @@ def test_distinct_reuses_directories_round_robin(tmp_path: Path) -> None:
     assert len(paths) == 9
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"lora-{i:04d}" for i in range(4)]
     assert paths == [tmp_path / f"lora-{i % 4:04d}" for i in range(9)]
-    layout = base_layout(TINY)
+    layout = ModelArch.load(TINY).layout()
     for i, path in enumerate(paths):  # the round-robin rank holds for every path
         assert load_lora_adapter(path, layout, 64).max_rank == ranks[i % len(ranks)]
     # distinct >= n writes n directories; a distinct that breaks the ranks' cycle is refused
@@ -89,7 +90,7 @@ def test_peft_loads_them_on_a_model_built_from_the_preset(tmp_path: Path) -> Non
     base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
     model.load_adapter(paths[1], adapter_name="a1")
-    layout = base_layout(TINY)
+    layout = ModelArch.load(TINY).layout()
     for name, path, rank in (("a0", paths[0], 8), ("a1", paths[1], 16)):
         ours = load_lora_adapter(path, layout, 64)
         for (layer, target), module in ours.modules.items():

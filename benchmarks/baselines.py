@@ -1,11 +1,9 @@
-"""The systems a sweep compares, each replaying one request list in this process.
+"""The Hugging Face baselines loraserve is compared with: transformers + PEFT, in this process.
 
-Every system receives the same :class:`~server.bench.workloads.Workload` and returns one
-:class:`~server.bench.metrics.RequestRecord` per request: sent at its arrival time, with the
-time of each generated token (exactly ``output_len`` of them: EOS is ignored everywhere).
+Each replays a :class:`~server.bench.workload.Workload` the way
+:func:`server.bench.replay.run_loraserve` does and returns the same
+:class:`~server.bench.metrics.RequestRecord` per request:
 
-* :func:`run_loraserve`: the engine, requests added as they arrive, stepped continuously
-  (the same engine the server runs, without HTTP in between).
 * :func:`run_peft_server`: "PEFT server", S-LoRA's PEFT column: the waiting requests of one
   adapter (the one waiting longest) form a padded static batch, ``set_adapter`` between
   batches, each batch runs to its longest request.
@@ -14,12 +12,13 @@ time of each generated token (exactly ``output_len`` of them: EOS is ignored eve
 * :func:`run_merge_swap`: merge-and-swap: like the PEFT server, but the batch's adapter is
   merged into the base weights first and unmerged after, so the batch runs at base speed.
 
-The Hugging Face baselines time each token with a stopping criterion called once per step.
+Each times its tokens with a stopping criterion called once per step. They are benchmark
+code, not part of the installed server: ``benchmarks/sweep_baselines.py`` and
+``benchmarks/compare.py`` run them beside loraserve.
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,87 +34,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from engine import LLMEngine, SamplingParams
 from engine.config import EngineConfig
 from engine.dummy import init_dummy_weights, init_std
 from server.bench.metrics import RequestRecord
-from server.bench.workloads import BenchRequest, Workload
+from server.bench.replay import System, release_memory, wait_until
+from server.bench.workload import BenchRequest, Workload
 
-System = Callable[..., list[RequestRecord]]
-
-
-def release_memory() -> None:
-    """Free what a finished run held before the next one starts: an engine sizes its page
-    pool to what the device has, so the last run's engine (reference cycles keep it alive
-    until a collection) and the allocator's cached blocks must be gone first."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _wait_until(t: float) -> None:
-    delay = t - time.perf_counter()
-    if delay > 0:
-        time.sleep(delay)
-
-
-def run_loraserve(
-    config: EngineConfig,
-    workload: Workload,
-    adapters: list[tuple[str, Path]],
-    kernels: str | None = None,
-) -> list[RequestRecord]:
-    """Replay through the engine; ``adapters[i]`` serves workload adapter i."""
-    engine = LLMEngine(config, kernels=kernels)
-    for name, path in adapters:
-        engine.load_lora(name, path)
-    # Warm-up, untimed: a base request and, with adapters, a LoRA one, so the first timed
-    # requests do not pay for compiling the kernels (on a GPU, seconds of Triton JIT).
-    warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    engine.add_request([5, 6, 7], warm)
-    if adapters:
-        engine.add_request([5, 6, 7, 8], warm, lora=adapters[0][0])
-    while engine.has_unfinished():
-        engine.step()
-    names = [name for name, _ in adapters]
-    requests = workload.requests
-    records: dict[str, RequestRecord] = {}
-    pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
-    start = time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while pending and requests[pending[0]].arrival <= now:
-            i = pending.pop(0)
-            r = requests[i]
-            params = SamplingParams(
-                temperature=0.0, max_tokens=r.output_len, min_tokens=r.output_len, ignore_eos=True
-            )
-            lora = None if r.adapter is None else names[r.adapter]
-            rid = engine.add_request(list(r.prompt), params, request_id=str(i), lora=lora)
-            records[rid] = RequestRecord(
-                adapter=lora,
-                prompt_len=len(r.prompt),
-                start=start + r.arrival,
-                token_times=[],
-                end=0.0,
-                output_len=0,
-                error=None,
-            )
-        if not engine.has_unfinished():
-            _wait_until(start + requests[pending[0]].arrival)
-            continue
-        for out in engine.step():
-            record = records[out.request_id]
-            t = time.perf_counter()
-            record.token_times.extend([t] * len(out.new_token_ids))
-            record.output_len = out.num_output_tokens
-            if out.finished:
-                record.end = t
-                record.error = out.error
-    engine.shutdown()  # a split model's workers
-    del engine
-    release_memory()
-    return [records[str(i)] for i in range(len(requests))]
+# A baseline: (the model peft_model loaded, the list, the adapters' names, the batch size).
+Baseline = Callable[[Any, Workload, list[str], int], list[RequestRecord]]
 
 
 class _TokenClock(StoppingCriteria):
@@ -149,6 +75,13 @@ def peft_model(base: Path, adapters: list[tuple[str, Path]], dtype: torch.dtype)
     for name, p in rest:
         model.load_adapter(p, adapter_name=name)
     return model.eval()
+
+
+def _warm_up(model: Any) -> None:
+    """One short generate, so no system's first batch pays one-off setup costs."""
+    ids = torch.tensor([[5, 6, 7]], device=model.device)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def _generate(
@@ -196,7 +129,7 @@ def _replay_batches(
         while order and requests[order[0]].arrival <= now:
             waiting.append(order.pop(0))
         if not waiting:
-            _wait_until(start + requests[order[0]].arrival)
+            wait_until(start + requests[order[0]].arrival)
             continue
         batch = pick(waiting)
         waiting = [i for i in waiting if i not in batch]
@@ -284,9 +217,30 @@ def run_merge_swap(
     return run_peft_server(model, workload, names, batch_size, merge=True)
 
 
-# The baselines by their ``--baselines`` name.
-BASELINE_SYSTEMS: dict[str, System] = {
+# The baselines by their ``--baselines`` name, and their labels in results.
+BASELINES: dict[str, Baseline] = {
     "peft": run_peft_server,
     "peft-mixed": run_peft_mixed,
     "merge-swap": run_merge_swap,
 }
+LABELS = {"peft": "PEFT server", "peft-mixed": "PEFT mixed batches", "merge-swap": "merge-and-swap"}
+
+
+def as_system(name: str, model_dir: Path, batch_size: int, warm: bool = False) -> System:
+    """Baseline ``name`` as a :data:`~server.bench.replay.System`: it loads the model with the
+    run's adapters in the engine's dtype (``warm``: then runs one short generate, untimed),
+    replays, and frees the model before returning."""
+    baseline = BASELINES[name]
+
+    def replay(
+        config: EngineConfig, workload: Workload, adapters: list[tuple[str, Path]]
+    ) -> list[RequestRecord]:
+        model = peft_model(model_dir, adapters, config.model.dtype)
+        if warm:
+            _warm_up(model)
+        records = baseline(model, workload, [n for n, _ in adapters], batch_size)
+        del model
+        release_memory()
+        return records
+
+    return replay

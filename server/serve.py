@@ -205,6 +205,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        # Back in the collector's sight, so that the interpreter's exit frees it (extension
+        # modules such as Triton's report frozen objects as leaks).
+        gc.unfreeze()
         if process is not None and process.proc.poll() is None:
             process.close()  # the app never started (a port in use), so never ended it
     return 1 if bridge.dead else 0

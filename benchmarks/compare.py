@@ -24,7 +24,7 @@ system's throughput with adapters over its throughput on the base.
 
 Requests are greedy, with EOS ignored and ``min_tokens = max_tokens``, so every system
 generates exactly the planned tokens; a request whose prompt plus output would exceed the
-model's ``max_position_embeddings`` has its output length clamped to fit
+model's context has its output length clamped to fit
 (:mod:`benchmarks.compare_inputs`). Every system runs with the same number of torch threads:
 ``torch.set_num_threads`` here, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in the server's
 environment.
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.baselines import as_system
 from benchmarks.compare_inputs import compare_adapters, compare_workload, max_rank
 from benchmarks.compare_report import compare_result, format_table, header_lines, plot_compare
+from engine.arch import ModelArch
 from engine.config import EngineConfig
 from server.bench.cli import ATTENTION, add_model_args, int_list, token_range
 from server.bench.client import check_fits, read_models, run_workload
@@ -135,8 +136,7 @@ def run_compare(args: CompareArgs) -> dict[str, Any]:
 def _run(args: CompareArgs) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir.resolve()
-    hf = json.loads((model_dir / "config.json").read_text())
-    workload, clamped = compare_workload(args, hf)
+    workload, clamped = compare_workload(args, ModelArch.load(model_dir))
     workload.save(args.out / "workload.json")
     adapters = compare_adapters(args, model_dir, workload.adapter_names())
     rank = max(max_rank(path) for _, path in adapters)
@@ -149,7 +149,7 @@ def _run(args: CompareArgs) -> dict[str, Any]:
         max_lora_rank=rank,
         max_loras=len(adapters),
     )
-    header = header_lines(args, workload, clamped, hf, config, max_num_seqs)
+    header = header_lines(args, workload, clamped, config, max_num_seqs)
     counts = [len(adapters), 0] if args.base else [len(adapters)]
     plan = _dedupe_base([(key, n) for n in counts for key in _order(args.systems)])
     runs: list[Run] = []

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from engine.arch import ModelArch
 from server.bench.generators import synthetic_w2
 from server.bench.make_adapters import make_random_adapters
 from server.bench.workload import Workload
@@ -22,10 +23,10 @@ if TYPE_CHECKING:
 ALL_AT_ONCE = 1e6  # req/s: every request has arrived within a few microseconds
 
 
-def compare_workload(args: CompareArgs, hf: dict[str, Any]) -> tuple[Workload, int]:
+def compare_workload(args: CompareArgs, arch: ModelArch) -> tuple[Workload, int]:
     """The W2 list, all requests at once, outputs clamped to the context; and how many
     requests were clamped."""
-    limit = int(hf.get("max_position_embeddings", 2048))
+    limit = arch.context_limit
     if args.input_range[1] > limit:
         raise ValueError(f"--input-range {args.input_range} leaves no room in context {limit}")
     w2 = synthetic_w2(
@@ -37,13 +38,13 @@ def compare_workload(args: CompareArgs, hf: dict[str, Any]) -> tuple[Workload, i
         input_range=args.input_range,
         output_range=args.output_range,
         seed=args.seed,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=arch.vocab_size,
     )
     requests = tuple(
         replace(r, output_len=min(r.output_len, limit - len(r.prompt))) for r in w2.requests
     )
     clamped = sum(a.output_len != b.output_len for a, b in zip(w2.requests, requests, strict=True))
-    params = {**w2.params, "max_position_embeddings": limit, "clamped_outputs": clamped}
+    params = {**w2.params, "context": limit, "clamped_outputs": clamped}
     return replace(w2, params=params, requests=requests), clamped
 
 

@@ -71,7 +71,6 @@ def header_lines(
     args: CompareArgs,
     workload: Workload,
     clamped: int,
-    hf: dict[str, Any],
     config: EngineConfig,
     max_num_seqs: int,
 ) -> list[str]:
@@ -94,8 +93,8 @@ def header_lines(
     ]
     if clamped:
         lines.append(
-            f"{clamped} output lengths clamped so prompt + output <= "
-            f"max_position_embeddings ({hf.get('max_position_embeddings')})"
+            f"{clamped} output lengths clamped so prompt + output <= the context "
+            f"({config.model.max_model_len})"
         )
     return lines
 

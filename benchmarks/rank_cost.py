@@ -114,7 +114,7 @@ class Bench:
 def max_visit_steps(model_dir: Path, args: argparse.Namespace) -> int:
     """The most steps one visit may take: ``--max-steps``, or fewer where the decode requests
     would outgrow the model's context over all the rounds."""
-    room = ModelArch.load(model_dir).max_positions - args.context - args.warmup - 8
+    room = ModelArch.load(model_dir).context_limit - args.context - args.warmup - 8
     steps = min(args.max_steps, room // args.rounds)
     if steps < args.steps:
         raise ValueError(f"{model_dir.name}: context too short for {args.rounds} rounds")

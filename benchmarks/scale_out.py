@@ -35,6 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.arch import ModelArch  # noqa: E402
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
 from server.bench.generators import synthetic_w2  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "servers.log"
     log.write_text("")
-    vocab = json.loads((DEMO_DIR / "model" / "config.json").read_text())["vocab_size"]
+    vocab = ModelArch.load(DEMO_DIR / "model").vocab_size
     workload = synthetic_w2(
         num_adapters=len(ADAPTERS),
         alpha=1.0,

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLMEngine, SamplingParams
+from engine.arch import ModelArch
 from engine.config import DEMO_DIR, EngineConfig
 from server.bench.generators import synthetic_w2
 from server.bench.make_adapters import make_random_adapters
@@ -191,8 +192,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = json.loads((args.model / "config.json").read_text())
-    max_len = int(config["max_position_embeddings"])
+    arch = ModelArch.load(args.model)
+    max_len = arch.context_limit
     lo_in, hi_in = (int(v) for v in args.input_range.split(","))
     lo_out, hi_out = (int(v) for v in args.output_range.split(","))
     workload = synthetic_w2(
@@ -203,7 +204,7 @@ def main() -> None:
         num_requests=args.num_requests,
         input_range=(lo_in, hi_in),
         output_range=(lo_out, hi_out),
-        vocab_size=int(config["vocab_size"]),
+        vocab_size=arch.vocab_size,
     )
     targets = ALL_TARGETS if args.targets == "all" else tuple(args.targets.split(","))
     adapter_dir = args.adapter_dir or Path(args.out or "/tmp") / "profile-adapters"

@@ -63,6 +63,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.arch import ModelArch  # noqa: E402
 from engine.config import DEMO_DIR  # noqa: E402
 from server.bench.client import run_workload  # noqa: E402
 from server.bench.generators import synthetic_w2  # noqa: E402
@@ -127,7 +128,7 @@ class Shape:
 
 def demo_shape(num_requests: int, max_num_seqs: int) -> Shape:
     """The bundled demo: no model directory, so ``serve`` loads the demo's adapters itself."""
-    vocab = json.loads((DEMO_DIR / "model" / "config.json").read_text())["vocab_size"]
+    vocab = ModelArch.load(DEMO_DIR / "model").vocab_size
     workload = synthetic_w2(
         num_adapters=1 + len(DEMO_ADAPTERS),
         alpha=1.0,

@@ -7,13 +7,12 @@ from :class:`ModelArch`; nothing else parses the config's shape fields.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from adapters.base_layout import BaseModelLayout
 
@@ -81,12 +80,16 @@ class ModelArch:
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelArch:
-        """The shape of the checkpoint in ``model_dir`` (its ``config.json`` alone)."""
-        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        """The shape of the checkpoint in ``model_dir``, from its ``config.json`` read as
+        transformers reads it (its defaults for keys the file leaves out, as the model gets
+        them; remote code never trusted)."""
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        return cls.from_config(config)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | Mapping[str, Any]) -> ModelArch:
-        """From a transformers config or the dictionary of a ``config.json``.
+        """From a transformers config, or the dictionary of a ``config.json`` (where keys it
+        leaves out take Llama's defaults rather than its class's: prefer :meth:`load`).
 
         Raises:
             ValueError: an architecture or activation the model does not implement.

@@ -23,7 +23,7 @@ from engine.base_weights import ServedBaseWeights
 from engine.config import EngineConfig
 from engine.cuda_graph import DecodeGraphs, capture_sizes
 from engine.kv_cache_manager import KVCacheManager
-from engine.loader import eos_token_ids, load_config, load_model, load_tokenizer
+from engine.loader import eos_token_ids, load_model, load_tokenizer
 from engine.model import Backends, CausalLM
 from engine.model_runner import ModelRunner
 from engine.page_pool import PagePool, Tenant
@@ -68,9 +68,7 @@ def assemble(config: EngineConfig, kernels: str | None) -> EngineParts:
     mc = config.model
     tokenizer: PreTrainedTokenizerBase = load_tokenizer(mc.model_dir, mc.load_format)
     backends = Backends.select(kernels, mc.device)
-    arch = ModelArch.from_config(load_config(mc.model_dir))
-    model: CausalLM | None = None
-    executor: TensorParallelExecutor | None = None
+    arch = ModelArch.load(mc.model_dir)
     if config.parallel.tensor_parallel_size == 1:
         model = load_model(
             mc.model_dir,
@@ -82,14 +80,13 @@ def assemble(config: EngineConfig, kernels: str | None) -> EngineParts:
             config.seed,
         )
         weights = memory_report(model, mc.dtype)
-    else:
-        executor = TensorParallelExecutor(config, kernels)
-        weights = combined_weights(executor.reports)
+        return _wire(config, backends, tokenizer, arch, model, None, weights)
+    executor = TensorParallelExecutor(config, kernels)
     try:
-        return _wire(config, backends, tokenizer, arch, model, executor, weights)
+        weights = combined_weights(executor.reports)
+        return _wire(config, backends, tokenizer, arch, None, executor, weights)
     except BaseException:
-        if executor is not None:
-            executor.close()
+        executor.close()
         raise
 
 

@@ -300,7 +300,7 @@ class EngineConfig:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path.name}: not a model directory (no config.json)")
         hf = json.loads((path / "config.json").read_text())
-        arch = ModelArch.from_config(hf)
+        arch = ModelArch.load(path)
         torch_dtype = resolve_dtype(dtype, path)
         quantization = resolve_quantization(quantization, hf, path)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
+from engine.config import DEFAULT_BLOCK_SIZE
 from engine.page_pool import PagePool, Tenant
 from engine.prefix_cache import PAGES_PER_TOKEN, Block, PrefixCache
 
@@ -32,7 +33,10 @@ class KVCacheManager:
     """
 
     def __init__(
-        self, pool: PagePool, block_size: int = 16, enable_prefix_caching: bool = False
+        self,
+        pool: PagePool,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        enable_prefix_caching: bool = False,
     ) -> None:
         self._pool = pool
         self._pages: dict[str, list[int]] = {}

@@ -36,7 +36,7 @@ from adapters.placement import Placement
 from engine.arch import ModelArch
 from engine.attention import ATTENTION_BACKENDS
 from engine.checkpoint import DTYPES
-from engine.loader import load_config, load_model
+from engine.loader import load_model
 from engine.model import NF4_BACKENDS, Backends, kernel_name
 from engine.model_runner import ModelRunner
 from engine.page_pool import PagePool
@@ -72,7 +72,7 @@ class Worker:
         dtype = DTYPES[spec.dtype]
         model_dir = Path(spec.model_dir)
         self.collectives = ProcessGroupCollectives(self.shard)
-        arch = ModelArch.from_config(load_config(model_dir))
+        arch = ModelArch.load(model_dir)
         name = kernel_name(spec.kernels or None, self.device)
         lora = ShardedLora(self.collectives, arch.hidden_size, triton=name == "triton")
         backends = Backends(ATTENTION_BACKENDS[name], lora, NF4_BACKENDS[name], self.collectives)

@@ -94,10 +94,14 @@ class Pins:
             self._pinned.pop(adapter_id, None)
 
     def pages(self, excluding: Iterable[int] = ()) -> int:
-        """Pages the pinned adapters hold, but those of the ids in ``excluding``."""
+        """Pages the pinned adapters keep, but those of the ids in ``excluding``: an adapter
+        being unloaded (or replaced) no longer counts, since its pages go back to the pool
+        once the requests still using it end."""
         skip = set(excluding)
         with self._lock:
-            return sum(e.pages for e in self._pinned.values() if e.id not in skip)
+            return sum(
+                e.pages for e in self._pinned.values() if e.id not in skip and not e.unloading
+            )
 
     def names(self) -> list[str]:
         """The names of the pinned adapters not being unloaded, sorted."""

@@ -302,3 +302,10 @@ def test_pins_that_leave_no_room_for_a_request_are_refused(
     with pytest.raises(ValueError, match="pinned adapters' 182"):
         # 2 * 60 pages of its own + 104 of its adapter + 182 pinned > 400
         engine.add_request([5] * 56, SamplingParams(max_tokens=4), lora="p2")
+    # Unloaded, a pin stops counting at once (its pages go back once nothing uses them):
+    # the same request is accepted before the engine has stepped (120 + 104 + 78 <= 400).
+    engine.unload_lora("p1")
+    engine.add_request([5] * 56, SamplingParams(max_tokens=4), request_id="fits", lora="p2")
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_integrity()

@@ -72,6 +72,8 @@ def merge_adapter(engine: LLMEngine, name: str, spec: MergeSpec, save_to: Path |
             could not be written.
     """
     manager = engine.adapters
+    if name in manager.registry.names():  # before any work (registration checks again)
+        raise AdapterError("adapter_already_loaded", f"an adapter named {name!r} is already loaded")
     entries = [manager.get(n) for n in spec.adapters]
     for entry in entries:
         if entry.is_mixture:

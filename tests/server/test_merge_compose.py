@@ -144,6 +144,20 @@ def test_merge_refusals_name_the_rule(
     assert_good(served, "user")
 
 
+def test_a_taken_name_is_refused_before_any_work(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is checked before the adapters' weights are read or merged."""
+    reads: list[str] = []
+    manager = served.state.engine.adapters
+    weights_of = manager.weights_of
+    monkeypatch.setattr(manager, "weights_of", lambda e: reads.append(e.name) or weights_of(e))
+    request = {"name": "upper", "adapters": ["upper", "swapcase"], "weights": [0.5, 0.5]}
+    assert_error(post(served, "/v1/adapters/merge", request), 409, "adapter_already_loaded")
+    assert reads == []
+    assert_good(served, "user")
+
+
 def test_user_key_gets_403_on_every_new_route(served: Served) -> None:
     for path, body in (
         ("/v1/adapters/merge", {"name": "x", "adapters": ["upper"], "weights": [1.0]}),

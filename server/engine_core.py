@@ -50,7 +50,8 @@ def build_from_spec(spec: EngineSpec) -> LLMEngine:
 
     args = argparse.Namespace(**spec.engine_args, model_dir=spec.model_dir, seed=spec.seed)
     adapters = [(name, Path(path)) for name, path in spec.lora_modules]
-    return build_engine(args, adapters, pinned=spec.pinned_lora_modules)
+    sized_for = [(name, Path(path)) for name, path in spec.sized_for]
+    return build_engine(args, adapters, pinned=spec.pinned_lora_modules, sized_for=sized_for)
 
 
 def engine_info(engine: LLMEngine) -> EngineInfo:

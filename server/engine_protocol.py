@@ -48,7 +48,8 @@ class ProtocolError(Exception):
 class EngineSpec(msgspec.Struct, frozen=True):
     """What the engine process builds: ``server.engine_args`` flags (by their argparse
     destinations), the seed, the adapters to load at startup (``pinned_lora_modules``: the
-    names among them loaded pinned) and the log level."""
+    names among them loaded pinned), the log level, and adapters the default pool is sized
+    for without loading them (``sized_for``: a Ray replica's, which loads on demand)."""
 
     model_dir: str | None
     engine_args: dict[str, Any]  # plain values, whatever flags engine_args defines
@@ -56,6 +57,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     lora_modules: list[tuple[str, str]] = []
     log_level: str = "INFO"
     pinned_lora_modules: list[str] = []
+    sized_for: list[tuple[str, str]] = []
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):

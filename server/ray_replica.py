@@ -93,14 +93,17 @@ class LoraServeReplica:
         # Imported here: the app pulls in torch and the engine, which only replicas need.
         from server.app import create_app, create_app_for_process
         from server.engine_process import EngineProcess
-        from server.serve import build_engine, engine_spec, server_config
+        from server.serve import build_engine, engine_spec, lora_modules, server_config
 
         config = server_config(args)
+        # Adapters load on demand, but the default pool is sized for the startup ones, as
+        # one server's is: one full-length request fits beside the largest of them.
+        startup = lora_modules(args)
         if args.engine_in_process:
-            engine = await asyncio.to_thread(build_engine, args, [])
+            engine = await asyncio.to_thread(build_engine, args, [], (), startup)
             self.app = create_app(engine, config)
         else:
-            spec = engine_spec(args, [])
+            spec = engine_spec(args, [], (), startup)
             process = await asyncio.to_thread(
                 EngineProcess.spawn, spec, args.engine_startup_timeout
             )

@@ -66,8 +66,9 @@ def build_application(args: argparse.Namespace) -> Any:
     if args.pinned_lora_modules:
         raise ValueError("--pinned-lora-modules: pinning is per server, not with --ray-replicas")
     config = server_config(args)
-    engine = engine_config(args, args.model_dir, args.seed)
-    catalog = {name: _catalog_entry(name, path) for name, path in lora_modules(args)}
+    startup = lora_modules(args)
+    engine = engine_config(args, args.model_dir, args.seed, startup)  # as each replica's
+    catalog = {name: _catalog_entry(name, path) for name, path in startup}
     per_replica = args.ray_max_adapters_per_replica or adapters_per_replica(engine)
     replica = serve.deployment(
         name="LoraServeReplica",

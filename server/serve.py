@@ -24,7 +24,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -51,15 +51,19 @@ DEMO_MODEL_NAME = "loraserve-demo"  # what the demo adapters' configs call their
 
 
 def build_engine(
-    args: argparse.Namespace, adapters: list[tuple[str, Path]], pinned: Collection[str] = ()
+    args: argparse.Namespace,
+    adapters: list[tuple[str, Path]],
+    pinned: Collection[str] = (),
+    sized_for: Sequence[tuple[str, Path]] = (),
 ) -> LLMEngine:
     """The engine the flags describe, with ``adapters`` loaded, those named in ``pinned``
     pinned (refusals end the command).
 
-    The pool is sized for the adapters from their configs first, so that one it cannot
-    hold is refused, with the flag and the value that would do, before any weight loads.
+    The pool is sized for the adapters from their configs first (and for ``sized_for``,
+    adapters it must hold when loaded later: a Ray replica's), so that one it cannot hold
+    is refused, with the flag and the value that would do, before any weight loads.
     """
-    config = engine_config(args, args.model_dir, args.seed, adapters, list(pinned))
+    config = engine_config(args, args.model_dir, args.seed, [*adapters, *sized_for], list(pinned))
     engine = LLMEngine(config)
     for name, path in adapters:
         try:
@@ -71,9 +75,13 @@ def build_engine(
 
 
 def engine_spec(
-    args: argparse.Namespace, adapters: list[tuple[str, Path]], pinned: Collection[str] = ()
+    args: argparse.Namespace,
+    adapters: list[tuple[str, Path]],
+    pinned: Collection[str] = (),
+    sized_for: Sequence[tuple[str, Path]] = (),
 ) -> EngineSpec:
-    """What the engine process builds: the engine flags as parsed, and the adapters."""
+    """What the engine process builds: the engine flags as parsed, the adapters it loads,
+    and those its pool is sized for (:func:`build_engine`)."""
     probe = argparse.ArgumentParser(add_help=False)
     add_engine_args(probe)
     names = vars(probe.parse_args([])).keys()
@@ -84,6 +92,7 @@ def engine_spec(
         lora_modules=[(name, str(path)) for name, path in adapters],
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         pinned_lora_modules=list(pinned),
+        sized_for=[(name, str(path)) for name, path in sized_for],
     )
 
 

@@ -168,6 +168,24 @@ def test_serve_max_num_seqs_4_starts_and_answers_on_every_demo_adapter() -> None
         built.shutdown()
 
 
+def test_a_ray_replica_sizes_its_pool_for_the_adapters_it_loads_on_demand() -> None:
+    """A spec with ``sized_for`` (a Ray replica's: the startup adapters, loaded later by the
+    multiplexer) gives the pool the same floor as one server's, and loads nothing."""
+    args = parse("--max-num-seqs", "4")
+    spec = engine_spec(args, [], (), demo_startup())
+    hello = decode_to_engine(frame(Hello("token", spec))[HEADER_BYTES:])
+    assert isinstance(hello, Hello)
+    built = build_from_spec(hello.spec)
+    try:
+        assert built.adapters.registry.names() == []
+        served = engine_config(args, None, 0, demo_startup()).cache
+        assert built.config.cache.num_pages == served.num_pages
+        assert built.config.cache.sizing is not None
+        assert built.config.cache.sizing.floor_pages == FLOOR
+    finally:
+        built.shutdown()
+
+
 @pytest.fixture
 def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any load of the base's weights, or start of an engine or its process, fails the test."""

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import LLMEngine, SamplingParams
 from engine.config import DEMO_DIR, EngineConfig
+from engine.model_runner import ModelRunner
 from server.bench.make_adapters import make_random_adapters
 
 PRESET_7B = Path(__file__).resolve().parent / "presets" / "llama-2-7b"
@@ -50,7 +51,9 @@ def engine(model: Path, mode: str, **kwargs: Any) -> LLMEngine:
     return LLMEngine(config)
 
 
-def generate(llm: LLMEngine, jobs: list[tuple[list[int], str | None]], max_tokens: int) -> list:
+def generate(
+    llm: LLMEngine, jobs: list[tuple[list[int], str | None]], max_tokens: int
+) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     for i, (prompt, adapter) in enumerate(jobs):
         llm.add_request(prompt, params, request_id=str(i), lora=adapter)
@@ -90,7 +93,9 @@ def equality(dtype: str, quantization: str, sizes: list[int], max_tokens: int) -
         differ = [i for i, (a, b) in enumerate(zip(padded, outs["eager"], strict=True)) if a != b]
         result["sizes"].append({"n": n, "requests": n, "differ": differ})
         print(f"  {dtype:9s} {quantization:4s} n={n:<3d} rows differing: {differ or 'none'}")
-    graphs = runs[graph_mode()].runner.graphs
+    runner = runs[graph_mode()].runner
+    assert isinstance(runner, ModelRunner), "one device: the runner is in this process"
+    graphs = runner.graphs
     assert graphs is not None
     result["padded_steps"] = sum(graphs.runs.values())
     result["replays"] = graphs.replays
@@ -102,6 +107,7 @@ def decode_step_ms(
 ) -> float:
     """Median milliseconds of one decode step of ``batch`` requests (prefill excluded)."""
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    assert llm.model is not None, "one device: the model is in this process"
     vocab = llm.model.arch.vocab_size
     for i in range(batch):
         prompt = [(7 * i + j) % (vocab - 3) + 3 for j in range(context)]

@@ -67,9 +67,10 @@ def run_loraserve(model_dir: Path, prompts: list[list[int]], lengths: list[int])
 def hf_model(model_dir: Path) -> Any:
     """transformers' model; one without weights gets the engine's dummy weights (seed 0)."""
     if has_weights(model_dir):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return hf.eval()  # type: ignore[no-untyped-call]
     config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     init_dummy_weights(model, init_std(config), seed=0)
     return model.eval()
 

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -42,6 +43,16 @@ RANKS = [8, 64]
 NUM_TOKENS = 64
 
 
+class FormRow(TypedDict):
+    """One layer width, adapter count and rank: each form's milliseconds, the one chosen."""
+
+    width: int
+    adapters: int
+    rank: int
+    ms: dict[str, float]
+    chosen: str
+
+
 def median_ms(fn: Callable[[], None], repeats: int) -> float:
     fn()
     times = []
@@ -52,9 +63,7 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def case(
-    width: int, page_width: int, num_adapters: int, rank: int, repeats: int
-) -> dict[str, object]:
+def case(width: int, page_width: int, num_adapters: int, rank: int, repeats: int) -> FormRow:
     chunks = width // page_width
     num_pages = num_adapters * rank * chunks * 2 + 1
     pool = torch.zeros(num_pages, page_width)
@@ -123,7 +132,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows: list[FormRow] = []
     print(f"{NUM_TOKENS} decode rows, one target layer, ms per call (median of {args.repeats})")
     print(
         f"{'width':>5} {'adapters':>8} {'rank':>4} {'per-token':>9} {'grouped':>8} "
@@ -134,7 +143,7 @@ def main() -> None:
             for rank in RANKS:
                 row = case(width, page_width, num_adapters, rank, args.repeats)
                 rows.append(row)
-                ms: dict[str, float] = row["ms"]  # type: ignore[assignment]
+                ms = row["ms"]
                 best = min(("grouped", "stacked"), key=lambda f: ms[f])
                 mark = "" if row["chosen"] == best else f"  (measured best: {best})"
                 print(

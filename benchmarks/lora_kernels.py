@@ -204,23 +204,37 @@ def baseline_expand(c: Case, y: Tensor, out: Tensor) -> None:
 
 def kernel_ops(
     c: Case, form: str, triton: bool
-) -> tuple[Callable[[], Tensor], Callable[..., None]]:
+) -> tuple[Callable[[], Tensor], Callable[[Tensor, Tensor], None]]:
     """(shrink() -> y, expand(y, out)) for the case, Triton or the torch references."""
     if form == "bgmv":
-        shrink_op = lora.lora_shrink_bgmv if triton else lora.lora_shrink_bgmv_ref
-        expand_op = lora.lora_expand_bgmv if triton else lora.lora_expand_bgmv_ref
-        meta: tuple[Tensor, ...] = (c.token_adapters,)
-        extra: tuple[int, ...] = ()
-    else:
-        shrink_op = lora.lora_shrink_sgmv if triton else lora.lora_shrink_sgmv_ref
-        expand_op = lora.lora_expand_sgmv if triton else lora.lora_expand_sgmv_ref
-        meta, extra = (c.seg_starts, c.seg_adapters), (c.seg_len,)
-    shrink = partial(shrink_op, c.x, c.pool, c.a_pages, c.ranks, *meta, c.max_rank, *extra)
+        shrink_bgmv = lora.lora_shrink_bgmv if triton else lora.lora_shrink_bgmv_ref
+        expand_bgmv = lora.lora_expand_bgmv if triton else lora.lora_expand_bgmv_ref
+        shrink = partial(shrink_bgmv, c.x, c.pool, c.a_pages, c.ranks, c.token_adapters, c.max_rank)
 
-    def expand(y: Tensor, out: Tensor) -> None:
-        expand_op(y, c.pool, c.b_pages, c.ranks, c.scalings, *meta, out, *extra)
+        def expand_tokens(y: Tensor, out: Tensor) -> None:
+            expand_bgmv(y, c.pool, c.b_pages, c.ranks, c.scalings, c.token_adapters, out)
 
-    return shrink, expand
+        return shrink, expand_tokens
+    shrink_sgmv = lora.lora_shrink_sgmv if triton else lora.lora_shrink_sgmv_ref
+    expand_sgmv = lora.lora_expand_sgmv if triton else lora.lora_expand_sgmv_ref
+    shrink = partial(
+        shrink_sgmv,
+        c.x,
+        c.pool,
+        c.a_pages,
+        c.ranks,
+        c.seg_starts,
+        c.seg_adapters,
+        c.max_rank,
+        c.seg_len,
+    )
+
+    def expand_segments(y: Tensor, out: Tensor) -> None:
+        expand_sgmv(
+            y, c.pool, c.b_pages, c.ranks, c.scalings, c.seg_starts, c.seg_adapters, out, c.seg_len
+        )
+
+    return shrink, expand_segments
 
 
 class Timer:
@@ -248,13 +262,17 @@ class Timer:
             self.flush.zero_()
             if self.sleep is not None:
                 self.sleep(SLEEP_CYCLES)
-            start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start, stop = (
+                torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                for _ in range(2)
+            )
             start.record()
             fn()
             stop.record()
             events.append((start, stop))
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
+        elapsed: list[float] = [s.elapsed_time(e) for s, e in events]
+        return statistics.median(elapsed)
 
 
 def run_case(c: Case, form: str, triton: bool, timer: Timer, tol: float) -> dict[str, float]:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -39,14 +40,27 @@ from kernels.nf4_matmul import nf4_linear
 LLAMA_7B_LINEARS = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 
 
+class MatmulRow(TypedDict):
+    """One weight shape and batch size, timed three ways (milliseconds) and their ratios."""
+
+    shape: str
+    m: int
+    dense_ms: float
+    dequant_matmul_ms: float
+    fused_ms: float
+    fused_vs_dequant: float
+    fused_vs_dense: float
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median milliseconds of ``fn`` over ``repeats`` runs, after warm-up."""
     for _ in range(2):
         fn()
-    samples = []
+    samples: list[float] = []
     for _ in range(repeats):
         if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            stop = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             fn()
             stop.record()
@@ -61,12 +75,12 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
 
 def bench_shape(
     shape: tuple[int, int], batches: list[int], device: torch.device, repeats: int
-) -> list[dict[str, object]]:
+) -> list[MatmulRow]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fused = nf4_linear if device.type == "cuda" else nf4_linear_tiled
     dense_w = (torch.randn(shape, device=device) * 0.02).to(dtype)
     w: NF4Weight = quantize_nf4(dense_w)
-    rows = []
+    rows: list[MatmulRow] = []
     for m in batches:
         x = torch.randn(m, shape[1], device=device).to(dtype)
         with torch.inference_mode():
@@ -117,16 +131,16 @@ def decode_step(device: torch.device, batch: int, repeats: int) -> dict[str, flo
     return {"batch": batch, "bf16_ms": bf16_ms, "nf4_ms": nf4_ms, "speedup": bf16_ms / nf4_ms}
 
 
-def plot(rows: list[dict[str, object]], path: Path, device: str) -> None:
+def plot(rows: list[MatmulRow], path: Path, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for shape in dict.fromkeys(str(r["shape"]) for r in rows):
+    for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
-        ms = [int(str(r["m"])) for r in mine]
+        ms = [r["m"] for r in mine]
         ax.plot(ms, [r["fused_vs_dense"] for r in mine], "o-", label=f"fused vs dense, {shape}")
         ax.plot(
             ms, [r["fused_vs_dequant"] for r in mine], "s--", label=f"fused vs dequant, {shape}"

@@ -115,7 +115,7 @@ def max_visit_steps(model_dir: Path, args: argparse.Namespace) -> int:
     """The most steps one visit may take: ``--max-steps``, or fewer where the decode requests
     would outgrow the model's context over all the rounds."""
     room = ModelArch.load(model_dir).context_limit - args.context - args.warmup - 8
-    steps = min(args.max_steps, room // args.rounds)
+    steps: int = min(args.max_steps, room // args.rounds)
     if steps < args.steps:
         raise ValueError(f"{model_dir.name}: context too short for {args.rounds} rounds")
     return steps
@@ -129,9 +129,10 @@ def pages_needed(model_dir: Path, args: argparse.Namespace, decode_tokens: int) 
     rows = sum(
         math.ceil(i / width) + math.ceil(o / width) for i, o in layout.linear_shapes.values()
     )
-    kv_tokens = args.decode_batch * (args.context + decode_tokens + 2)
+    kv_tokens: int = args.decode_batch * (args.context + decode_tokens + 2)
     kv_tokens += args.prefill_requests * (args.prefill_len + 2)
-    return 2 * kv_tokens + args.adapters * max(args.ranks) * rows + 64
+    adapter_rows: int = args.adapters * max(args.ranks) * rows
+    return 2 * kv_tokens + adapter_rows + 64
 
 
 def model_source(model: str) -> tuple[Path, str]:
@@ -192,6 +193,7 @@ def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def one_step(bench: Bench, phase: str, args: argparse.Namespace, seed: int) -> float:
     """One timed step of ``phase``: a prefill step gets fresh prompts, which finish in it."""
     if phase == "prefill":
+        assert bench.engine.model is not None, "one device: the model is in this process"
         vocab = bench.engine.model.arch.vocab_size
         bench.add(prompts(args.prefill_requests, args.prefill_len, vocab, seed), max_tokens=1)
     seconds = bench.timed_step()
@@ -202,6 +204,7 @@ def one_step(bench: Bench, phase: str, args: argparse.Namespace, seed: int) -> f
 
 def start_decodes(bench: Bench, args: argparse.Namespace) -> None:
     """Admit the decode batch and step until every request is past its prompt."""
+    assert bench.engine.model is not None, "one device: the model is in this process"
     vocab = bench.engine.model.arch.vocab_size
     bench.add(prompts(args.decode_batch, args.context, vocab, seed=1), bench.max_tokens)
     bench.engine.step()
@@ -246,7 +249,7 @@ def measure(
 
 def unfinished(engine: LLMEngine) -> list[Request]:
     """The engine's requests still waiting or running (the scheduler owns them)."""
-    return [*engine.scheduler.waiting, *engine.scheduler.running]
+    return [*engine.scheduler.waiting.order(), *engine.scheduler.running]
 
 
 def fit_through_base(points: list[tuple[float, float]]) -> float:

@@ -32,7 +32,7 @@ from engine.arch import ModelArch
 from engine.config import DEMO_DIR
 
 
-def median_ms(step: Callable[[], None], repeats: int) -> float:
+def median_ms(step: Callable[[], object], repeats: int) -> float:
     for _ in range(3):
         step()
     times = []

@@ -17,8 +17,9 @@ of the stepping time:
     attention  the paged-attention backend
     other      the rest of the forward: embeddings, norms, rotary embeddings, activations
     sampling   the sampler and log-probabilities
-    update     Scheduler.update and the engine's outputs (detokenization included)
-    rest       everything else inside step(): the inbox, the runner's bookkeeping
+    update     Scheduler.update (detokenization included)
+    rest       everything else inside step(): the inbox, the requests' outputs, the runner's
+               bookkeeping
 
 The wrappers add a little time of their own (a few microseconds per call), so the shares are
 for diagnosis; the throughput printed first comes from a run without them. ``--http`` then
@@ -45,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import LLMEngine, SamplingParams
 from engine.arch import ModelArch
 from engine.config import DEMO_DIR, EngineConfig
+from engine.model import Attention
+from engine.model_runner import ModelRunner
 from server.bench.generators import synthetic_w2
 from server.bench.make_adapters import make_random_adapters
 from server.bench.workload import Workload
@@ -69,7 +72,9 @@ class Timers:
 
     def __init__(self, device: torch.device) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync: Callable[[], object] = (
+            torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        )
 
     def wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -86,10 +91,11 @@ class Timers:
 
 def instrument(engine: LLMEngine, timers: Timers) -> None:
     """Wrap the engine's phases in timers (instance attributes only; the classes are intact)."""
-    scheduler, runner, model = engine.scheduler, engine.runner, engine.runner.model
+    runner = engine.runner
+    assert isinstance(runner, ModelRunner), "one device: the runner is in this process"
+    scheduler, model = engine.scheduler, runner.model
     scheduler.schedule = timers.wrap("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update = timers.wrap("update", scheduler.update)  # type: ignore[method-assign]
-    engine._output = timers.wrap("update", engine._output)  # type: ignore[method-assign]
     runner._prepare = timers.wrap("prepare", runner._prepare)  # type: ignore[method-assign]
     placements = runner.placements
     placements.apply = timers.wrap("placement", placements.apply)  # type: ignore[method-assign]
@@ -107,7 +113,9 @@ def instrument(engine: LLMEngine, timers: Timers) -> None:
                 prefill=timers.wrap("forward.attention", backends.attention.prefill),
             )
             module.backends = replace(backends, attention=attention)
-    lora = model.model.layers[0].self_attn.backends.lora
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention, Attention)
+    lora = attention.backends.lora
     # object.__setattr__: a backend may be a frozen dataclass (older versions' was)
     object.__setattr__(lora, "apply", timers.wrap("forward.lora", lora.apply))
     object.__setattr__(lora, "apply_packed", timers.wrap("forward.lora", lora.apply_packed))
@@ -219,6 +227,7 @@ def main() -> None:
     plain_s = time.perf_counter() - started
 
     engine = build_engine(args, paths)
+    assert isinstance(engine.runner, ModelRunner), "one device: the runner is in this process"
     timers = Timers(engine.runner.device)
     instrument(engine, timers)
     run(engine, workload, args.num_adapters, max_len)
@@ -297,17 +306,19 @@ def plot(bars: dict[str, tuple[dict[str, float], float]], path: Path, title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     fig, ax = plt.subplots(figsize=(9, 1.1 + 0.55 * len(bars)))
-    colors = plt.get_cmap("tab10").colors
+    cmap = plt.get_cmap("tab10")
+    assert isinstance(cmap, ListedColormap)
+    colors = cmap.colors
     labels = []
     for y, (name, (phase_s, tok_s)) in enumerate(bars.items()):
         left = 0.0
         for i, phase in enumerate(PHASES):
             seconds = phase_s.get(phase, 0.0)
-            ax.barh(
-                [y], [seconds], left=left, color=colors[i % 10], label=phase if y == 0 else None
-            )
+            color = colors[i % 10]  # type: ignore[index]  # matplotlib: colors is any ArrayLike
+            ax.barh([y], [seconds], left=left, color=color, label=phase if y == 0 else None)
             left += seconds
         labels.append(f"{name}\n{tok_s:.0f} tok/s")
     ax.set_yticks(range(len(bars)), labels)

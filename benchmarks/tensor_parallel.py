@@ -162,7 +162,13 @@ def large_shape(num_requests: int, max_num_seqs: int, tmp: Path) -> Shape:
         output_range=(32, 33),
         vocab_size=int(LARGE_CONFIG["vocab_size"]),
     )
-    flags = (str(model_dir), "--served-model-name", SERVED_BASE, "--load-format", "dummy")
+    flags: tuple[str, ...] = (
+        str(model_dir),
+        "--served-model-name",
+        SERVED_BASE,
+        "--load-format",
+        "dummy",
+    )
     flags += ("--dtype", "float32", "--max-num-seqs", str(max_num_seqs))
     flags += ("--max-lora-rank", str(max(LARGE_RANKS)))
     flags += ("--lora-modules", *(f"{p.name}={p}" for p in paths))

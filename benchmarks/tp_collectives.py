@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _time(fn: Any, repeats: int) -> float:
+def _time(fn: Callable[..., object], repeats: int) -> float:
     """Median microseconds of ``fn()`` over ``repeats`` calls, after five warm-up calls."""
     for _ in range(5):
         fn()
@@ -51,7 +52,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
     dist.init_process_group(
         args.backend, store=store, rank=rank, world_size=args.world, timeout=timeout
     )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync: Callable[[], object] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for tokens in args.tokens:
         base = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)

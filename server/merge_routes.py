@@ -82,7 +82,8 @@ async def merge(request: Request) -> dict[str, Any]:
         async with state.admin_lock:
             rank = await state.handle.merge(body.name, spec, root)
     except AdapterError as e:
-        raise from_adapter_error(e, "adapters") from None
+        taken = e.code == "adapter_already_loaded"
+        raise from_adapter_error(e, "name" if taken else "adapters") from None
     logger.info(
         "merged %s into %s (%s)", ", ".join(body.adapters), body.name, spec.combination_type
     )

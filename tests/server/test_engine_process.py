@@ -236,8 +236,11 @@ def test_load_unload_merge_compose_export(server: ServeProcess) -> None:
         r = http.post("/v1/adapters/merge", json=merge)
         assert r.status_code == 200 and r.json()["rank"] == 12, r.text
         assert complete(client, "upper-cat", "hello") == "HELLO"
+        linear = {**merge, "name": "upper-linear", "combination_type": "linear"}
+        assert_error(http.post("/v1/adapters/merge", json=linear), 400, "invalid_merge", "adapters")
+        # A taken name is refused first, naming the name.
         r = http.post("/v1/adapters/merge", json={**merge, "combination_type": "linear"})
-        assert_error(r, 400, "invalid_merge", "adapters")
+        assert_error(r, 409, "adapter_already_loaded", "name")
 
         compose = {
             "name": "composed",

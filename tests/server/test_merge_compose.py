@@ -153,7 +153,7 @@ def test_a_taken_name_is_refused_before_any_work(
     weights_of = manager.weights_of
     monkeypatch.setattr(manager, "weights_of", lambda e: reads.append(e.name) or weights_of(e))
     request = {"name": "upper", "adapters": ["upper", "swapcase"], "weights": [0.5, 0.5]}
-    assert_error(post(served, "/v1/adapters/merge", request), 409, "adapter_already_loaded")
+    assert_error(post(served, "/v1/adapters/merge", request), 409, "adapter_already_loaded", "name")
     assert reads == []
     assert_good(served, "user")
 

@@ -257,26 +257,15 @@ def prefix_command(args: argparse.Namespace) -> int:
         ("num_requests", "concurrency", "num_adapters", "prefix_len", "question_range"),
         ("output_range", "ranks", "on_flags", "off_flags", "server_flags"),
     )
-    threads = torch_threads(args)
     result = run_prefix(
         PrefixArgs(
-            model_dir=args.model,
-            out=args.out,
-            targets=args.targets.split(","),
-            seed=args.seed,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
+            **_server_run(args),
             **({**SMOKE, **sizes} if args.smoke else sizes),
         ),
         on_system=lambda entry: print(format_system(entry), flush=True),
     )
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(format_ratios(result))
-    print(f"wrote {args.out}/prefix.json and {args.out}/prefix.png")
-    return every_request_failed("loraserve bench prefix", result["systems"])
+    wrote = f"{args.out}/prefix.json and {args.out}/prefix.png"
+    return _report("loraserve bench prefix", result, format_ratios(result), wrote)
 
 
 def fairness_command(args: argparse.Namespace) -> int:
@@ -290,26 +279,41 @@ def fairness_command(args: argparse.Namespace) -> int:
     )
     renamed = {"duration": "duration_s", "modest_start": "modest_start_s"}
     sizes = {renamed.get(key, key): value for key, value in sizes.items()}
-    threads = torch_threads(args)
     result = run_fairness(
         FairnessArgs(
-            model_dir=args.model,
-            out=args.out,
-            targets=args.targets.split(","),
-            seed=args.seed,
-            dtype=args.dtype,
-            load_format=args.load_format,
-            threads=threads,
-            startup_timeout_s=args.startup_timeout,
+            **_server_run(args),
             **({**SMOKE, **sizes} if args.smoke else sizes),
         ),
         on_system=lambda entry: print(format_system(entry), flush=True),
     )
+    wrote = f"{args.out}/fairness.json and {args.out}/fairness_*.png"
+    return _report("loraserve bench fairness", result, format_ratios(result), wrote)
+
+
+def _server_run(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``bench prefix`` and ``bench fairness`` take alike from their flags: the model,
+    the output folder, the adapters' targets and seed, the servers' dtype, load format,
+    torch threads and start-up timeout."""
+    return {
+        "model_dir": args.model,
+        "out": args.out,
+        "targets": args.targets.split(","),
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "threads": torch_threads(args),
+        "startup_timeout_s": args.startup_timeout,
+    }
+
+
+def _report(program: str, result: dict[str, Any], ratios: str, wrote: str) -> int:
+    """Print the run's notes, its ratios and what it wrote; 1 when a system completed none
+    of its requests."""
     for note in result["notes"]:
         print(f"note: {note}")
-    print(format_ratios(result))
-    print(f"wrote {args.out}/fairness.json and {args.out}/fairness_*.png")
-    return every_request_failed("loraserve bench fairness", result["systems"])
+    print(ratios)
+    print(f"wrote {wrote}")
+    return every_request_failed(program, result["systems"])
 
 
 def _given(args: argparse.Namespace, *names: tuple[str, ...]) -> dict[str, Any]:
